@@ -1,0 +1,20 @@
+"""Distribution-augmented contrastive learning (DisAug CLR) + one-class
+classifiers (Sohn et al. 2021, Sec. 3.2; reference
+script/run_contrastive_da.sh, distaug_type=rot).
+
+  python -m jax_oneclass.main --config=configs/disaug.py:digits --workdir=/tmp/disaug
+  python -m jax_oneclass.main --config=configs/disaug.py:cifar10,normal_class=3 --workdir=...
+"""
+
+from jax_oneclass import configlib
+
+
+def get_config(arg=None):
+  config = configlib.base_config("disaug")
+  config.batch_size = 32  # run_contrastive_da.sh.
+  config.data.num_views = 2
+  config.data.rotation_distaug = True  # 90/180/270 copies as new instances.
+  config.temperature = 0.2
+  config.contrastive_loss = "cross_view"
+  configlib.apply_arg(config, arg)
+  return config

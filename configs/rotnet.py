@@ -1,0 +1,18 @@
+"""RotNet + one-class classifiers (Sohn et al. 2021, Sec. 3; reference
+script/run_rotation.sh).
+
+  python -m jax_oneclass.main --config=configs/rotnet.py:digits --workdir=/tmp/rotnet
+  python -m jax_oneclass.main --config=configs/rotnet.py:cifar10,normal_class=3 --workdir=...
+"""
+
+from jax_oneclass import configlib
+
+
+def get_config(arg=None):
+  config = configlib.base_config("rotnet")
+  config.batch_size = 64  # run_rotation.sh: 64 images = 256 rotated inputs.
+  config.data.num_views = 4  # One augmented view per rotation.
+  # 8 layers of 512; the last one ('embed', with bias) feeds the 4 logits.
+  config.model.head_dims = (512,) * 8
+  configlib.apply_arg(config, arg)
+  return config

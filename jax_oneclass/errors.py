@@ -1,0 +1,21 @@
+"""Errors that tell the user what went wrong and what to do about it."""
+
+
+class OneClassError(Exception):
+  """Base class for every error jax_oneclass raises on purpose."""
+
+
+class ConfigError(OneClassError, ValueError):
+  """A config value is unknown, missing or inconsistent."""
+
+
+class DataError(OneClassError, ValueError):
+  """A data set cannot be found, read, or does not fit the model."""
+
+
+class CheckpointError(OneClassError, RuntimeError):
+  """A checkpoint cannot be restored."""
+
+
+class NonFiniteLossError(OneClassError, FloatingPointError):
+  """Training produced a NaN or infinite loss."""

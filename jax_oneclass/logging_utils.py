@@ -1,0 +1,83 @@
+"""Run output: TensorBoard scalars, JSON files and a progress bar.
+
+Only process 0 writes; the other processes get no-op writers.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import tqdm
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def write_json(path, payload: dict) -> None:
+  """Writes `payload` as indented JSON (process 0 only), atomically."""
+  if not is_main_process():
+    return
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+  tmp.replace(path)
+
+
+def info(message: str) -> None:
+  """Prints a run message on process 0 (absl INFO is left to libraries)."""
+  if is_main_process():
+    tqdm.tqdm.write(message)
+
+
+class MetricWriter:
+  """TensorBoard event files under `logdir` (process 0 only).
+
+  tensorboardX writes the event files without the full TensorBoard package.
+  """
+
+  def __init__(self, logdir):
+    self._writer = None
+    if is_main_process():
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._writer = SummaryWriter(str(logdir))
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    if self._writer is None:
+      return
+    for name, value in scalars.items():
+      self._writer.add_scalar(name, float(value), global_step=step)
+    self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+class Progress:
+  """A tqdm bar over training steps showing loss, images/s and ETA."""
+
+  def __init__(self, total_steps: int, start_step: int, batch_size: int,
+               enabled: bool = True):
+    self.batch_size = batch_size
+    self._bar = tqdm.tqdm(
+        total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+        disable=not (enabled and is_main_process()), mininterval=1.0)
+    self._last_time = time.perf_counter()
+    self._last_step = start_step
+
+  def update(self, step: int, scalars: dict) -> float:
+    """Moves the bar to `step`; returns the images/s since the last call."""
+    now = time.perf_counter()
+    steps = step - self._last_step
+    images_per_sec = steps * self.batch_size / max(now - self._last_time, 1e-9)
+    self._last_time, self._last_step = now, step
+    self._bar.update(steps)
+    self._bar.set_postfix(loss=f"{scalars['loss']:.4f}",
+                          img_per_s=f"{images_per_sec:.0f}", refresh=False)
+    return images_per_sec
+
+  def close(self) -> None:
+    self._bar.close()

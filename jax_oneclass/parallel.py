@@ -1,0 +1,90 @@
+"""Devices and hosts, handled in one place.
+
+Every jitted computation runs over a one-axis `Mesh` named 'data' that spans
+all devices of all hosts. Batches are split over that axis and the state is
+replicated, so `jax.jit` sees global arrays: BatchNorm statistics and
+contrastive negatives cover the whole global batch without collectives in
+the method code.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jax_oneclass.errors import ConfigError
+
+DATA_AXIS = "data"
+
+# Random bits then depend only on the key and the shape, not on how an array
+# is split over devices, so 1 device and 8 devices draw the same numbers.
+jax.config.update("jax_threefry_partitionable", True)
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None,
+                           process_id=None) -> None:
+  """Starts `jax.distributed` when launched as several processes.
+
+  With no arguments nothing happens unless the cluster is auto-detectable
+  (JAX_COORDINATOR_ADDRESS set, SLURM, TPU pod), in which case JAX finds the
+  coordinator itself.
+  """
+  if coordinator_address is None and num_processes is None:
+    import os  # pylint: disable=g-import-not-at-top
+    if not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+      return
+  if jax.default_backend() == "cpu" or coordinator_address:
+    # CPU processes exchange arrays through gloo.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes,
+                             process_id=process_id)
+
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh over every device of every process."""
+  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, name: str = "batch_size") -> None:
+  """Global batches must split evenly over devices and hosts."""
+  devices, hosts = jax.device_count(), jax.process_count()
+  if batch_size <= 0 or batch_size % devices or batch_size % hosts:
+    raise ConfigError(
+        f"config.{name}={batch_size} must be a positive multiple of the "
+        f"number of devices ({devices}) and hosts ({hosts}).")
+
+
+def shard_batch(mesh: Mesh, local_batch: dict) -> dict:
+  """Host-local numpy batch -> global arrays split over the 'data' axis."""
+  sharding = batch_sharded(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x),
+      local_batch)
+
+
+def replicate(mesh: Mesh, tree):
+  """Host values identical on every process -> replicated global arrays."""
+  sharding = replicated(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+      tree)
+
+
+def to_host(tree):
+  """Replicated global arrays -> numpy, on every process."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def sync(name: str = "sync") -> None:
+  """Waits until every process reaches this point."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
