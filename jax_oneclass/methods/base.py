@@ -101,7 +101,7 @@ def step_key(rng: jax.Array, step: jax.Array) -> jax.Array:
 
 def global_norm(tree) -> jax.Array:
   """L2 norm over all leaves of a pytree."""
-  return optax.global_norm(tree)
+  return optax.tree.norm(tree)
 
 
 def merge_views(images: jax.Array) -> jax.Array:

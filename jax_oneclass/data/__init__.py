@@ -1,0 +1,17 @@
+"""Input pipelines: sources, augmentations and one-class batch iterators."""
+
+from jax_oneclass.data.augment import parse_augment
+from jax_oneclass.data.pipeline import DatasetInfo
+from jax_oneclass.data.pipeline import dataset_info
+from jax_oneclass.data.pipeline import eval_batches
+from jax_oneclass.data.pipeline import train_batches
+from jax_oneclass.data.sources import SOURCE_NAMES
+
+__all__ = [
+    'DatasetInfo',
+    'SOURCE_NAMES',
+    'dataset_info',
+    'eval_batches',
+    'parse_augment',
+    'train_batches',
+]

@@ -1,0 +1,266 @@
+"""One-class splits and the train / eval batch iterators the trainer uses.
+
+Train batches are a pure function of (config.seed, step, host): epochs are
+shuffled with a seed derived from the epoch index, every example carries its
+position in the stream, and augmentations use stateless ops seeded from that
+position, so `train_batches(config, start_step=k)` resumes exactly.
+"""
+
+import dataclasses
+from typing import Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from jax_oneclass.data import augment as augment_lib
+from jax_oneclass.data import sources
+from jax_oneclass.errors import ConfigError, DataError
+
+PROTOCOLS = ('one_class_normal', 'one_class_anomalous')
+_EPOCHS = 2**40  # "Forever" without int64 overflow of epoch * size.
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Static facts about the configured one-class task.
+
+  Attributes:
+    image_shape: (H, W, C) after preprocessing.
+    class_names: names of the source classes (label = index).
+    num_train: normal training examples in the whole split (all hosts),
+      before rotation distribution augmentation.
+    num_test: examples in the whole test split.
+  """
+  image_shape: tuple[int, int, int]
+  class_names: tuple[str, ...]
+  num_train: int
+  num_test: int
+
+
+def _protocol(config) -> str:
+  protocol = config.data.get('protocol', 'one_class_normal')
+  if protocol not in PROTOCOLS:
+    raise ConfigError(f'Unknown config.data.protocol={protocol!r}; valid: '
+                      f'{", ".join(PROTOCOLS)}.')
+  return protocol
+
+
+def _check_class(config, source: sources.Source) -> int:
+  c = config.data.normal_class
+  n = len(source.class_names)
+  if not isinstance(c, int) or not 0 <= c < n:
+    names = ', '.join(f'{i}={name}' for i, name in enumerate(source.class_names))
+    raise ConfigError(f'config.data.normal_class={c!r} is out of range for '
+                      f'{source.name!r}: valid range 0..{n - 1} ({names}).')
+  return c
+
+
+def _image_shape(config) -> tuple[int, int, int]:
+  size, channels = config.data.image_size, config.data.channels
+  if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+    raise DataError(f'config.data.image_size={size!r} must be a positive int '
+                    '(the square side in pixels); set it e.g. to 32.')
+  if channels not in (1, 3):
+    raise DataError(f'config.data.channels={channels!r} must be 1 or 3.')
+  return (size, size, channels)
+
+
+def _local_batch(batch_size: int) -> int:
+  n = jax.process_count()
+  if batch_size <= 0 or batch_size % n:
+    raise ConfigError(f'Batch size {batch_size} must be a positive multiple of '
+                      f'the number of hosts ({n}).')
+  return batch_size // n
+
+
+def _is_train_class(label, c: int, protocol: str):
+  """True for the classes trained on (the 'normal' ones)."""
+  return label == c if protocol == 'one_class_normal' else label != c
+
+
+def _is_anomaly(label, c: int, protocol: str):
+  return tf.cast(tf.logical_not(_is_train_class(label, c, protocol)), tf.int32)
+
+
+def dataset_info(config) -> DatasetInfo:
+  """Returns shapes, class names and example counts of the configured task."""
+  source = sources.get_source(config)
+  c = _check_class(config, source)
+  train_counts = source.label_counts['train']
+  normal = train_counts[c]
+  if _protocol(config) == 'one_class_anomalous':
+    normal = train_counts.sum() - normal
+  return DatasetInfo(image_shape=_image_shape(config),
+                     class_names=source.class_names, num_train=int(normal),
+                     num_test=int(source.label_counts['test'].sum()))
+
+
+def _to_float(image, shape, source_name: str):
+  """uint8 [h, w, c] -> float32 [H, W, C] in [0, 1] with the wanted shape."""
+  size, _, channels = shape
+  have = image.shape[-1]
+  if have == 4:  # RGBA: drop alpha.
+    image, have = image[..., :3], 3
+  if have not in (1, 3):
+    raise DataError(f'{source_name!r} images have {have} channels; only 1 '
+                    '(grayscale), 3 (RGB) or 4 (RGBA) can be converted. '
+                    'Convert the images to RGB or grayscale.')
+  image = tf.image.convert_image_dtype(image, tf.float32)
+  image = tf.image.resize(image, (size, size), antialias=True)
+  if have == 1 and channels == 3:
+    image = tf.tile(image, [1, 1, 3])
+  elif have == 3 and channels == 1:
+    image = tf.image.rgb_to_grayscale(image)
+  image = tf.ensure_shape(image, shape)
+  return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def _one_class_records(config, source, split: str):
+  """This host's records of `split`; for 'train' only the trained classes."""
+  c = _check_class(config, source)
+  protocol = _protocol(config)
+  ds = source.records(split, jax.process_count(), jax.process_index())
+  if split == 'train':
+    ds = ds.filter(lambda ex: _is_train_class(ex['label'], c, protocol))
+  return ds
+
+
+def _count(ds: tf.data.Dataset) -> int:
+  return int(ds.map(lambda ex: 1).reduce(np.int64(0), lambda a, x: a + 1))
+
+
+def _with_rotations(ds, distaug: bool):
+  """Adds 'rotation'; with distaug each record becomes 4 rotated copies."""
+  if not distaug:
+    return ds.map(lambda ex: {**ex, 'rotation': tf.constant(0, tf.int32)})
+  return ds.flat_map(lambda ex: tf.data.Dataset.range(4).map(
+      lambda k: {**ex, 'rotation': tf.cast(k, tf.int32)}))
+
+
+def _epoch_seed(seed: int, epoch):
+  pair = tf.random.experimental.stateless_fold_in(
+      tf.constant([seed, jax.process_index()], tf.int64), epoch)
+  return pair[0]
+
+
+def train_batches(config, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """Yields this host's augmented training batches forever, from start_step.
+
+  Each batch: 'image' float32 [b, V, H, W, C] in [0, 1], 'label' int32 [b],
+  'is_anomaly' int32 [b] (all 0), 'rotation' int32 [b] (90-degree turns
+  applied by distribution augmentation, 0 without it).
+  """
+  info = dataset_info(config)
+  source = sources.get_source(config)
+  local_b = _local_batch(config.batch_size)
+  num_views = config.data.get('num_views', 1)
+  if num_views < 1:
+    raise ConfigError(f'config.data.num_views={num_views} must be >= 1.')
+  augment = augment_lib.parse_augment(config.data.get('augment', ''))
+  distaug = bool(config.data.get('rotation_distaug', False))
+  c, protocol = _check_class(config, source), _protocol(config)
+  seed = int(config.seed)
+
+  records = _one_class_records(config, source, 'train')
+  if source.cache_records:
+    # Encoded bytes of the trained classes only; later epochs skip the
+    # per-file reads of the whole split.
+    records = records.cache()
+  base = _with_rotations(records, distaug)
+  if jax.process_count() == 1:
+    epoch_size = info.num_train * (4 if distaug else 1)
+  else:
+    epoch_size = _count(base)
+  if epoch_size == 0:
+    raise DataError(f'No training examples of class {c} on host '
+                    f'{jax.process_index()}; check config.data.normal_class '
+                    'and config.data.protocol.')
+  buffer = max(1, min(config.data.get('shuffle_buffer', 10_000), epoch_size))
+
+  # Skip whole epochs arithmetically and only the remainder element-wise.
+  start = start_step * local_b
+  first_epoch, offset = divmod(start, epoch_size)
+
+  def epoch_ds(epoch):
+    shuffled = base.shuffle(buffer, seed=_epoch_seed(seed, epoch),
+                            reshuffle_each_iteration=False)
+    positions = tf.data.Dataset.range(epoch_size).map(
+        lambda i: epoch * epoch_size + i)
+    return tf.data.Dataset.zip(positions, shuffled)
+
+  ds = tf.data.Dataset.range(first_epoch, _EPOCHS).flat_map(epoch_ds)
+  ds = ds.skip(offset)
+  base_seed = tf.constant([seed, jax.process_index()], tf.int64)
+
+  def preprocess(position, ex):
+    image = _to_float(source.decode(ex['image']), info.image_shape,
+                      source.name)
+    image = tf.image.rot90(image, ex['rotation'])
+    example_seed = tf.random.experimental.stateless_fold_in(base_seed,
+                                                            position)
+    views = [augment(image, tf.random.experimental.stateless_fold_in(
+        example_seed, v)) for v in range(num_views)]
+    return {'image': tf.stack(views), 'label': ex['label'],
+            'is_anomaly': _is_anomaly(ex['label'], c, protocol),
+            'rotation': ex['rotation']}
+
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=True)
+  ds = ds.batch(local_b, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  yield from ds.as_numpy_iterator()
+
+
+def _max_over_hosts(n: int) -> int:
+  if jax.process_count() == 1:
+    return n
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.max(multihost_utils.process_allgather(np.int64(n))))
+
+
+def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  """Pads every field to `size` rows with zeros (mask False)."""
+  n = len(batch['mask'])
+  return {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)])
+          for k, v in batch.items()}
+
+
+def eval_batches(config, split: str,
+                 batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+  """Yields this host's unaugmented batches of 'train' (normal) or 'test'.
+
+  Each batch: 'image' float32 [b, H, W, C] in [0, 1], 'label', 'is_anomaly'
+  int32 [b], 'mask' bool [b] (False on padding). Nothing is dropped: the last
+  batch is zero-padded and all hosts yield the same number of batches.
+  """
+  if split not in sources.SPLITS:
+    raise ConfigError(f'Unknown eval split {split!r}; valid: {sources.SPLITS}.')
+  info = dataset_info(config)
+  source = sources.get_source(config)
+  local_b = _local_batch(batch_size)
+  c, protocol = _check_class(config, source), _protocol(config)
+  ds = _one_class_records(config, source, split)
+  num_batches = None
+  if jax.process_count() > 1:
+    num_batches = _max_over_hosts(-(-_count(ds) // local_b))
+
+  def preprocess(ex):
+    return {'image': _to_float(source.decode(ex['image']), info.image_shape,
+                               source.name),
+            'label': ex['label'],
+            'is_anomaly': _is_anomaly(ex['label'], c, protocol),
+            'mask': tf.constant(True)}
+
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local_b).prefetch(tf.data.AUTOTUNE)
+  emitted = 0
+  for batch in ds.as_numpy_iterator():
+    yield _pad(batch, local_b)
+    emitted += 1
+  if num_batches is not None and emitted < num_batches:
+    empty = {'image': np.zeros((local_b,) + info.image_shape, np.float32),
+             'label': np.zeros(local_b, np.int32),
+             'is_anomaly': np.zeros(local_b, np.int32),
+             'mask': np.zeros(local_b, bool)}
+    for _ in range(num_batches - emitted):
+      yield empty

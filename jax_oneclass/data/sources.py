@@ -1,0 +1,233 @@
+"""Raw image sources: each yields records {'image', 'label': int32}.
+
+`Source.records` returns the *undecoded* records (encoded bytes for tfds and
+image folders, uint8 arrays for in-memory data) so the pipeline can filter,
+shuffle and skip before paying for decoding; `Source.decode` turns the
+'image' field into uint8 [H, W, C]. `load` does both for callers that just
+want decoded images.
+"""
+
+import dataclasses
+import functools
+import os
+from typing import Callable, Mapping
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from jax_oneclass.errors import ConfigError, DataError
+
+# name -> (tfds name, label key, train split, test split).
+_CATALOG = {
+    'cifar10': ('cifar10', 'label', 'train', 'test'),
+    # Sohn et al. 2021 use the 20 CIFAR-100 super-classes as one-class tasks.
+    'cifar100': ('cifar100', 'coarse_label', 'train', 'test'),
+    'fashion_mnist': ('fashion_mnist', 'label', 'train', 'test'),
+    'mnist': ('mnist', 'label', 'train', 'test'),
+    # cats_vs_dogs only ships a 'train' split: the first 80% is our train
+    # split and the last 20% our test split.
+    'cats_vs_dogs': ('cats_vs_dogs', 'label', 'train[:80%]', 'train[80%:]'),
+}
+SOURCE_NAMES = ('digits',) + tuple(_CATALOG) + ('folder',)
+SPLITS = ('train', 'test')
+_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A data set with a 'train' and a 'test' split.
+
+  Attributes:
+    name: source name, one of SOURCE_NAMES.
+    class_names: class names; the label is the index into this tuple.
+    label_counts: split -> int64 [num_classes] examples per class (all hosts).
+    records: (split, num_shards, shard_index) -> tf.data of undecoded records.
+    decode: undecoded 'image' field -> uint8 [H, W, C] tensor.
+    cache_records: whether the (filtered) train records should be cached in
+      memory, for sources that read every file of a split to select a class.
+  """
+  name: str
+  class_names: tuple[str, ...]
+  label_counts: Mapping[str, np.ndarray]
+  records: Callable[[str, int, int], tf.data.Dataset]
+  decode: Callable[[tf.Tensor], tf.Tensor]
+  cache_records: bool = False
+
+
+def get_source(config) -> Source:
+  """Returns the Source named by `config.data.name`."""
+  name = config.data.name
+  if name == 'digits':
+    return _digits_source()
+  if name in _CATALOG:
+    return _catalog_source(name, config.data.get('data_dir'))
+  if name == 'folder':
+    return _folder_source(config.data.get('folder'))
+  raise ConfigError(
+      f'Unknown data set config.data.name={name!r}; valid names: '
+      f'{", ".join(SOURCE_NAMES)}.')
+
+
+def load(config, split: str) -> tf.data.Dataset:
+  """Returns this host's shard of `split` as {'image': uint8, 'label'}."""
+  source = get_source(config)
+  ds = source.records(split, jax.process_count(), jax.process_index())
+  return ds.map(lambda ex: {'image': source.decode(ex['image']),
+                            'label': ex['label']},
+                num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _check_split(split: str) -> None:
+  if split not in SPLITS:
+    raise ConfigError(f'Unknown split {split!r}; valid splits: {SPLITS}.')
+
+
+# ----------------------------------------------------------------- digits ---
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """scikit-learn digits with a fixed stratified 2/3 : 1/3 split."""
+  from sklearn import datasets, model_selection  # pylint: disable=g-import-not-at-top
+  digits = datasets.load_digits()
+  images = np.round(digits.images * 255.0 / 16.0).astype(np.uint8)[..., None]
+  labels = digits.target.astype(np.int32)
+  x_tr, x_te, y_tr, y_te = model_selection.train_test_split(
+      images, labels, test_size=1 / 3, random_state=0, stratify=labels)
+  return {'train': (x_tr, y_tr), 'test': (x_te, y_te)}
+
+
+def _digits_source() -> Source:
+  arrays = _digits_arrays()
+
+  def records(split, num_shards, index):
+    _check_split(split)
+    images, labels = arrays[split]
+    ds = tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels})
+    return ds.shard(num_shards, index)
+
+  return Source(
+      name='digits',
+      class_names=tuple(str(i) for i in range(10)),
+      label_counts={s: np.bincount(y, minlength=10) for s, (_, y) in
+                    arrays.items()},
+      records=records,
+      decode=lambda image: image)
+
+
+# ---------------------------------------------------------------- catalog ---
+
+
+def _not_prepared_error(name: str, data_dir) -> DataError:
+  where = data_dir or '~/tensorflow_datasets (the tfds default)'
+  return DataError(
+      f'Data set {name!r} is not prepared in {where} and nothing is '
+      'downloaded here. Either (1) run `tfds build '
+      f'{name} [--data_dir=/path/to/tensorflow_datasets]` on a machine with '
+      'network access and copy the directory here, (2) pass '
+      '--config.data.data_dir=/path/to/tensorflow_datasets pointing at a '
+      'prepared copy, or (3) use a local image folder with '
+      '--config.data.name=folder '
+      '--config.data.folder=/path/with/train_and_test_subfolders '
+      '(layout <folder>/{train,test}/<class>/*.jpg|png).')
+
+
+def _catalog_builder(name: str, data_dir):
+  tfds_name = _CATALOG[name][0]
+  try:
+    builder = tfds.builder(tfds_name, data_dir=data_dir)
+  except Exception as e:  # tfds raises several types here.
+    raise _not_prepared_error(tfds_name, data_dir) from e
+  if not builder.is_prepared():
+    raise _not_prepared_error(tfds_name, data_dir)
+  return builder
+
+
+@functools.lru_cache(maxsize=None)
+def _catalog_label_counts(name: str, data_dir, split: str) -> np.ndarray:
+  """Counts labels by reading only the label field (images stay encoded)."""
+  _, label_key, *_ = _CATALOG[name]
+  builder = _catalog_builder(name, data_dir)
+  ds = builder.as_dataset(split=split,
+                          decoders={'image': tfds.decode.SkipDecoding()})
+  ds = ds.map(lambda ex: ex[label_key]).batch(8192)
+  num_classes = builder.info.features[label_key].num_classes
+  counts = np.zeros(num_classes, np.int64)
+  for labels in ds.as_numpy_iterator():
+    counts += np.bincount(labels, minlength=num_classes)
+  return counts
+
+
+def _catalog_source(name: str, data_dir) -> Source:
+  _, label_key, train_split, test_split = _CATALOG[name]
+  builder = _catalog_builder(name, data_dir)
+  tfds_splits = {'train': train_split, 'test': test_split}
+  image_feature = builder.info.features['image']
+
+  def records(split, num_shards, index):
+    _check_split(split)
+    shard = tfds.even_splits(tfds_splits[split], n=num_shards)[index]
+    ds = builder.as_dataset(split=shard,
+                            decoders={'image': tfds.decode.SkipDecoding()})
+    return ds.map(lambda ex: {'image': ex['image'],
+                              'label': tf.cast(ex[label_key], tf.int32)})
+
+  return Source(
+      name=name,
+      class_names=tuple(builder.info.features[label_key].names),
+      label_counts={s: _catalog_label_counts(name, data_dir, tfds_splits[s])
+                    for s in SPLITS},
+      records=records,
+      decode=image_feature.decode_example)
+
+
+# ----------------------------------------------------------------- folder ---
+
+_FOLDER_LAYOUT = ('expected layout: <folder>/train/<class>/*.jpg|png and '
+                  '<folder>/test/<class>/*.jpg|png; class indices follow the '
+                  'alphabetical order of the class folder names')
+
+
+def _count_folder_images(split_dir: str, class_names) -> np.ndarray:
+  """Counts images per class the way tfds's ImageFolder selects them."""
+  counts = []
+  for class_name in class_names:
+    class_dir = os.path.join(split_dir, class_name)
+    files = (tf.io.gfile.listdir(class_dir) if tf.io.gfile.isdir(class_dir)
+             else [])
+    counts.append(sum(f.lower().endswith(_IMAGE_EXTENSIONS) for f in files))
+  return np.asarray(counts, np.int64)
+
+
+def _folder_source(root) -> Source:
+  if not root or not tf.io.gfile.isdir(root):
+    raise DataError(f'Image folder config.data.folder={root!r} does not exist '
+                    f'or is not a directory; {_FOLDER_LAYOUT}.')
+  for split in SPLITS:
+    if not tf.io.gfile.isdir(os.path.join(root, split)):
+      raise DataError(f'Image folder {root!r} has no {split!r} subfolder; '
+                      f'{_FOLDER_LAYOUT}.')
+  builder = tfds.folder_dataset.ImageFolder(root)
+  class_names = tuple(builder.info.features['label'].names)
+  counts = {s: _count_folder_images(os.path.join(root, s), class_names)
+            for s in SPLITS}
+  for split, split_counts in counts.items():
+    if split_counts.sum() == 0:
+      raise DataError(f'Image folder {root!r} has no images in its {split!r} '
+                      f'split; {_FOLDER_LAYOUT}.')
+  image_feature = builder.info.features['image']
+
+  def records(split, num_shards, index):
+    _check_split(split)
+    # ImageFolder has no sub-split support, so shard the records instead.
+    ds = builder.as_dataset(split=split,
+                            decoders={'image': tfds.decode.SkipDecoding()})
+    ds = ds.shard(num_shards, index)
+    return ds.map(lambda ex: {'image': ex['image'],
+                              'label': tf.cast(ex['label'], tf.int32)})
+
+  return Source(name='folder', class_names=class_names, label_counts=counts,
+                records=records, decode=image_feature.decode_example,
+                cache_records=True)

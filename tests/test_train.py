@@ -1,0 +1,91 @@
+"""End-to-end training, evaluation, resume and failure handling."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from jax_oneclass import checkpointing, evaluate, train
+from jax_oneclass.errors import CheckpointError, NonFiniteLossError
+from tests.conftest import tiny_config
+
+
+def _params(workdir, config):
+  config, info, method, mesh, ckpt = train.setup(config, workdir)
+  state, meta = ckpt.restore(
+      ckpt.latest_step(), train.initial_state(method, info, mesh, config.seed))
+  ckpt.close()
+  return jax.device_get(state.params), meta
+
+
+def test_each_method_trains_checkpoints_and_evaluates(method_name, tmp_path):
+  config = tiny_config(method_name)
+  results = train.train_and_evaluate(config, tmp_path)
+  on_disk = json.loads((tmp_path / "results.json").read_text())
+  assert on_disk == json.loads(json.dumps(results))
+  assert results["step"] == 4 and results["num_test"] == 599
+  assert results["num_anomalous"] == 540  # 59 zeros in the test split.
+  expected = {"pool/kde", "pool/gde", "pool/ocsvm", "embed/kde/rot_avg"}
+  if method_name == "rotnet":
+    expected |= {"rotation_head", "rotation_head/rot_avg"}
+  assert expected <= set(results["auroc"])
+  assert all(0.0 <= v <= 1.0 for v in results["auroc"].values())
+  assert list((tmp_path / "tensorboard" / "train").glob("events.out.*"))
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()
+                if p.name.isdigit()) == ["2", "4"]
+  # --mode=eval on the finished workdir reproduces the numbers.
+  again = evaluate.evaluate(config, tmp_path)
+  assert again["auroc"] == pytest.approx(results["auroc"], abs=1e-6)
+
+
+def test_resume_continues_exactly(tmp_path):
+  config = tiny_config("disaug", steps=6)
+  train.train(config, tmp_path / "straight")
+  halted = tiny_config("disaug", steps=6)
+  halted.halt_after_step = 3
+  train.train(halted, tmp_path / "resumed")
+  assert checkpointing.Checkpointer(
+      tmp_path / "resumed" / "checkpoints").latest_step() == 3
+  train.train(config, tmp_path / "resumed")  # Continues from step 3.
+  straight, meta = _params(tmp_path / "straight", config)
+  resumed, meta_resumed = _params(tmp_path / "resumed", config)
+  assert meta == meta_resumed and meta["step"] == 6
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               straight, resumed)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = tiny_config("rotnet", steps=30)
+  config.optimizer.learning_rate = 1e12
+  config.optimizer.schedule = "constant"
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 1
+  with pytest.raises(NonFiniteLossError, match="last good checkpoint is step"):
+    train.train(config, tmp_path)
+  params, meta = _params(tmp_path, config)
+  assert 0 < meta["step"] < 30
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_corrupt_checkpoint_gives_clear_error_and_keeps_files(tmp_path):
+  config = tiny_config("clr", steps=2)
+  train.train(config, tmp_path)
+  step_dir = tmp_path / "checkpoints" / "2" / "state"
+  corrupted = 0
+  for path in step_dir.rglob("*"):
+    if path.is_file() and path.stat().st_size > 0:
+      path.write_bytes(b"garbage")
+      corrupted += 1
+  assert corrupted
+  with pytest.raises(CheckpointError, match="Move that folder aside"):
+    train.train(config, tmp_path)
+  assert step_dir.exists()
+
+
+def test_workdir_of_another_method_is_refused(tmp_path):
+  train.train(tiny_config("clr", steps=2), tmp_path)
+  shutil.rmtree(tmp_path / "tensorboard")
+  with pytest.raises(Exception, match="cannot be restored|another --workdir"):
+    train.train(tiny_config("disaug", steps=2), tmp_path)
