@@ -51,6 +51,42 @@ def format_results(results: dict) -> str:
   return "\n".join(lines)
 
 
+def _flag_error_message(error: Exception, argv) -> str:
+  """One clear line for a config that cannot be loaded or overridden."""
+  cause = error
+  while cause.__cause__ is not None or cause.__context__ is not None:
+    cause = cause.__cause__ or cause.__context__
+  if isinstance(cause, (AttributeError, KeyError)):
+    key = str(cause).strip("'\" ")
+    overrides = [a for a in argv if a.startswith("--config.")]
+    return (f"unknown config key {key!r} (in {', '.join(overrides)}). "
+            "The keys are those of the config file's get_config(); "
+            "config.json in a run's workdir lists them all.")
+  text = str(cause)
+  if "No such file" in text or isinstance(cause, FileNotFoundError):
+    return (f"{text.strip()}. Pass an existing config file, e.g. "
+            "--config=configs/disaug.py:digits.")
+  return text.strip()
+
+
+def parse_flags(argv):
+  """absl flag parsing that reports bad configs without a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    if "--debug" in argv:
+      raise
+    print(f"error: {_flag_error_message(e, argv)}", file=sys.stderr)
+    sys.exit(2)
+  except Exception as e:  # pylint: disable=broad-except
+    from jax_oneclass.errors import OneClassError  # pylint: disable=g-import-not-at-top
+    if "--debug" in argv or not isinstance(e, (OneClassError, AttributeError,
+                                               KeyError, OSError)):
+      raise
+    print(f"error: {_flag_error_message(e, argv)}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   del argv
   if not _VERBOSE.value:
@@ -81,4 +117,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -32,9 +32,9 @@ def initialize_distributed(coordinator_address=None, num_processes=None,
     import os  # pylint: disable=g-import-not-at-top
     if not os.environ.get("JAX_COORDINATOR_ADDRESS"):
       return
-  if jax.default_backend() == "cpu" or coordinator_address:
-    # CPU processes exchange arrays through gloo.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # CPU processes exchange arrays through gloo; GPUs and TPUs ignore this.
+  # (Asking for the backend here would start XLA before initialize.)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes,
                              process_id=process_id)

@@ -1,0 +1,43 @@
+"""Runs a few training steps and prints their losses as JSON.
+
+Started by test_parallel.py in a subprocess, so that XLA_FLAGS can give it
+a different number of (virtual CPU) devices.
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+from jax_oneclass import data, parallel, train
+from tests.conftest import tiny_config
+
+
+def main(method: str, steps: int) -> None:
+  config = tiny_config(method, steps=steps)
+  info = data.dataset_info(config)
+  config = train.resolve_duration(config, info)
+  from jax_oneclass import methods  # pylint: disable=g-import-not-at-top
+  method_obj = methods.get_method(config, info)
+  mesh = parallel.make_mesh()
+  state = train.initial_state(method_obj, info, mesh, config.seed)
+  step_fn = jax.jit(
+      method_obj.train_step,
+      in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh),
+                    parallel.replicated(mesh)),
+      out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
+  batches = data.train_batches(config)
+  losses = []
+  for _ in range(steps):
+    state, metrics = step_fn(state, parallel.shard_batch(mesh, next(batches)),
+                             jax.random.key(0))
+    losses.append(float(parallel.to_host(metrics["loss"])))
+  param_sum = float(sum(np.abs(np.asarray(x)).sum()
+                        for x in jax.tree.leaves(parallel.to_host(state.params))))
+  print(json.dumps({"devices": jax.device_count(), "losses": losses,
+                    "param_abs_sum": param_sum}))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1], int(sys.argv[2]))

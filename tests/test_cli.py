@@ -1,0 +1,60 @@
+"""The command line as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+TINY = ["--config.num_train_steps=4", "--config.batch_size=16",
+        "--config.data.image_size=8", "--config.model.stage_sizes=(1,1)",
+        "--config.model.width=4", "--config.model.head_dims=(16,8)",
+        "--config.eval.batch_size=128", "--config.log_every_steps=2",
+        "--config.checkpoint_every_steps=2"]
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, "-m", "jax_oneclass.main", *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=400,
+                        check=False)
+
+
+def test_train_then_eval_from_the_command_line(tmp_path):
+  out = _main("--config=configs/disaug.py:digits,normal_class=2",
+              f"--workdir={tmp_path}", *TINY)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "step 4: 599 test images" in out.stdout
+  assert "pool/ocsvm" in out.stdout
+  assert "loss=" in out.stderr  # The progress bar.
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["normal_class"] == 2 and results["method"] == "disaug"
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["num_train_steps"] == 4 and config["batch_size"] == 16
+  assert list((tmp_path / "tensorboard").rglob("events.out.*"))
+  again = _main("--config=configs/disaug.py:digits,normal_class=2",
+                f"--workdir={tmp_path}", "--mode=eval", *TINY)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert json.loads((tmp_path / "results.json").read_text())["auroc"] == (
+      pytest.approx(results["auroc"], abs=1e-6))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/disaug.py:imagenet"], "Unknown data set 'imagenet'"),
+    (["--config=configs/disaug.py:digits", "--config.lr=1"],
+     "unknown config key 'lr'"),
+    (["--config=configs/disaug.py:digits", "--config.method=gan"],
+     "Unknown method 'gan'"),
+    (["--config=configs/disaug.py:folder,folder=/no/such/dir"],
+     "does not exist"),
+    (["--config=configs/rotnet.py:digits,normal_class=10"], "out of range"),
+    (["--config=configs/clr.py:digits", "--config.data.channels=2"],
+     "must be 1 or 3"),
+    (["--config=configs/clr.py:digits", "--mode=eval"], "train first"),
+])
+def test_bad_input_gives_one_clear_line(tmp_path, args, message):
+  out = _main(*args, f"--workdir={tmp_path / 'run'}", *TINY)
+  assert out.returncode == 2
+  assert message in out.stderr
+  assert "Traceback" not in out.stderr
