@@ -21,23 +21,31 @@ def _main(*args):
                         check=False)
 
 
-def test_train_then_eval_from_the_command_line(tmp_path):
-  out = _main("--config=configs/disaug.py:digits,normal_class=2",
-              f"--workdir={tmp_path}", *TINY)
+@pytest.mark.parametrize("method", ["rotnet", "clr", "disaug"])
+def test_each_method_trains_and_evaluates_from_the_command_line(
+    method, tmp_path):
+  config_arg = f"--config=configs/{method}.py:digits,normal_class=2"
+  out = _main(config_arg, f"--workdir={tmp_path}", *TINY)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "step 4: 599 test images" in out.stdout
-  assert "pool/ocsvm" in out.stdout
+  assert "step 4: 599 test images, 540 anomalous" in out.stdout
   assert "loss=" in out.stderr  # The progress bar.
   results = json.loads((tmp_path / "results.json").read_text())
-  assert results["normal_class"] == 2 and results["method"] == "disaug"
+  assert results["normal_class"] == 2 and results["method"] == method
+  expected = {"pool/kde", "pool/gde", "pool/ocsvm", "embed/kde/rot_avg"}
+  if method == "rotnet":
+    expected |= {"rotation_head", "rotation_head/rot_avg"}
+  assert expected <= set(results["auroc"])
+  assert all(0.0 <= v <= 1.0 for v in results["auroc"].values())
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["num_train_steps"] == 4 and config["batch_size"] == 16
-  assert list((tmp_path / "tensorboard").rglob("events.out.*"))
-  again = _main("--config=configs/disaug.py:digits,normal_class=2",
-                f"--workdir={tmp_path}", "--mode=eval", *TINY)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert json.loads((tmp_path / "results.json").read_text())["auroc"] == (
-      pytest.approx(results["auroc"], abs=1e-6))
+  assert list((tmp_path / "tensorboard" / "train").glob("events.out.*"))
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()
+                if p.name.isdigit()) == ["2", "4"]
+  if method == "disaug":  # --mode=eval on the workdir gives the same numbers.
+    again = _main(config_arg, f"--workdir={tmp_path}", "--mode=eval", *TINY)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "results.json").read_text())["auroc"] == (
+        pytest.approx(results["auroc"], abs=1e-6))
 
 
 @pytest.mark.parametrize("args, message", [
