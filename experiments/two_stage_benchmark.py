@@ -83,15 +83,21 @@ def raw_pixel_baselines(config) -> dict:
 
 # --- runs --------------------------------------------------------------------
 
-def run_method(method, arg, workdir, overrides=None) -> dict:
+def _config(method, arg, overrides=None):
+  """`configs/<method>.py:<arg>` with {'dotted.key': value} overrides."""
   config = load_config(method, arg)
-  config.progress_bar = False
   for key, value in (overrides or {}).items():
-    node, *path = key.split(".")
-    target = config[node] if path else config
-    for part in path[:-1]:
-      target = target[part]
-    target[path[-1] if path else node] = value
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def run_method(method, arg, workdir, overrides=None) -> dict:
+  config = _config(method, arg, overrides)
+  config.progress_bar = False
   start = time.perf_counter()
   results = train.train_and_evaluate(config, workdir)
   results["wall_seconds"] = round(time.perf_counter() - start, 1)
@@ -153,20 +159,12 @@ def part_cifar10(args):
 
 
 def _throughput(method, arg, overrides, steps) -> dict:
-  config = load_config(method, arg)
-  for key, value in overrides.items():
-    node, *path = key.split(".")
-    (config[node] if path else config)[path[0] if path else node] = value
+  config = _config(method, arg, overrides)
   info = data.dataset_info(config)
   config = train.resolve_duration(config, info)
   method_obj = methods.get_method(config, info)
   mesh = parallel.make_mesh()
-  step_fn = jax.jit(
-      method_obj.train_step,
-      in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh),
-                    parallel.replicated(mesh)),
-      out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-      donate_argnums=0)
+  step_fn = train.jit_train_step(method_obj, mesh)
   state = train.initial_state(method_obj, info, mesh, 0)
   rng = jax.random.key(0)
   batches = data.train_batches(config)

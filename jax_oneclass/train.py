@@ -66,6 +66,18 @@ def restore_or_init(method, info, mesh, checkpointer, config):
   return state, int(meta["step"])
 
 
+def jit_train_step(method, mesh):
+  """`method.train_step` jitted over the mesh: state replicated, batch split.
+
+  The old state is donated, so its buffers are reused for the new one.
+  """
+  replicated = parallel.replicated(mesh)
+  return jax.jit(
+      method.train_step,
+      in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+
+
 def _summarise(pending: list, step: int, checkpointer) -> dict:
   """Means of the metrics since the last call; stops on a non-finite loss."""
   fetched = [parallel.to_host(m) for m in pending]
@@ -99,12 +111,7 @@ def train(config, workdir):
       f"{jax.process_count()} processes, steps {start_step}..{total}, "
       f"workdir {workdir}.")
 
-  step_fn = jax.jit(
-      method.train_step,
-      in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh),
-                    parallel.replicated(mesh)),
-      out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-      donate_argnums=0)
+  step_fn = jit_train_step(method, mesh)
   rng = jax.random.key(config.seed + 1)
   writer = logging_utils.MetricWriter(workdir / "tensorboard" / "train")
   progress = logging_utils.Progress(total, start_step, config.batch_size,

@@ -22,11 +22,7 @@ def main(method: str, steps: int) -> None:
   method_obj = methods.get_method(config, info)
   mesh = parallel.make_mesh()
   state = train.initial_state(method_obj, info, mesh, config.seed)
-  step_fn = jax.jit(
-      method_obj.train_step,
-      in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh),
-                    parallel.replicated(mesh)),
-      out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
+  step_fn = train.jit_train_step(method_obj, mesh)
   batches = data.train_batches(config)
   losses = []
   for _ in range(steps):

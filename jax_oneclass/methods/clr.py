@@ -14,7 +14,6 @@ host, with no explicit all-gather.
   2B-1, symmetric, 2B-2 negatives.
 """
 
-import jax
 import jax.numpy as jnp
 import optax
 
