@@ -236,12 +236,17 @@ def _auroc_section(title, part, note) -> list[str]:
                   key=lambda r: r[2])
   lines += ["", f"Best raw-pixel baseline: {best_base[1]} "
             f"({best_base[2]:.4f})."]
+  baselines = [r for r in rows if r[0] == "raw pixels"]
   for method in part["runs"]:
     mine = [r for r in rows if r[0] == method]
-    beat = [r for r in mine if r[2] > best_base[2]]
-    lines.append(f"- {method}: {len(beat)} of {len(mine)} scorers beat it"
-                 + (f" (best {max(beat, key=lambda r: r[2])[1]} "
-                    f"{max(r[2] for r in beat):.4f})." if beat else "."))
+    top = max(mine, key=lambda r: r[2])
+    above = [b[1] for b in baselines if top[2] > b[2]]
+    below = [b[1] for b in baselines if top[2] <= b[2]]
+    lines.append(
+        f"- {method}: {sum(r[2] > best_base[2] for r in mine)} of "
+        f"{len(mine)} scorers beat it. Its top scorer ({top[1]}, "
+        f"{top[2]:.4f}; picked on the test set) is above "
+        f"{', '.join(above) or 'none'}; not above {', '.join(below) or 'none'}.")
   secs = [r["wall_seconds"] for runs in part["runs"].values()
           for r in runs.values()]
   lines += ["", f"Wall time per run (train + eval): {min(secs):.0f}-"
@@ -263,8 +268,11 @@ def render_report() -> str:
         "Two-stage family on scikit-learn digits (one class normal)",
         parts["digits"],
         "Quickstart configs (`configs/<method>.py:digits`: ResNet-18 width "
-        "16 at 16x16, 400 steps). Baselines on the native 8x8 pixels of the "
-        "same split.")
+        "16 at 16x16, 400 steps, 128 network inputs per step). Baselines on "
+        "the native 8x8 pixels of the same split. Disclosure: the preset's "
+        "crop scale (0.8) was chosen over 0.5 by DisAug's AUROC on classes "
+        "1 and 9 of this test split, a mild selection on test data; no "
+        "other setting was tuned.")
   if "cifar10" in parts:
     budget = parts["cifar10"]["budget"]
     lines += _auroc_section(
