@@ -305,13 +305,15 @@ def main():
   parser.add_argument("--classes", default=None,
                       help="Comma-separated normal classes.")
   parser.add_argument("--methods", default=",".join(METHODS))
-  parser.add_argument("--data", default=str(
-      ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
+  parser.add_argument("--data", default="../shared/data/cifar10-jpeg.tar.gz",
+                      help="CIFAR-10 JPEG .tar.gz or extracted folder "
+                      "(relative to the repository root).")
   parser.add_argument("--steps", type=int, default=600)
   parser.add_argument("--width", type=int, default=32)
   parser.add_argument("--throughput_steps", type=int, default=5)
   parser.add_argument("--workdir_root", default="/tmp/jax_oneclass_bench")
   args = parser.parse_args()
+  os.chdir(ROOT)
   args.methods = args.methods.split(",")
   default_classes = "0,1,2,3,4,5,6,7,8,9" if args.part == "digits" else "0"
   args.classes = [int(c) for c in (args.classes or default_classes).split(",")]

@@ -138,6 +138,8 @@ def train(config, workdir):
     # Keep the work done so far unless it is already broken.
     if pending:
       _summarise(pending, step, checkpointer)
+    checkpointer.wait()
+    if step > (checkpointer.latest_step() or 0):
       checkpointer.save(step, state, _meta(config, step))
     checkpointer.wait()
     logging_utils.info(f"Interrupted at step {step}; saved. Rerun to continue.")

@@ -68,3 +68,22 @@ def test_workdir_of_another_method_is_refused(tmp_path):
   shutil.rmtree(tmp_path / "tensorboard")
   with pytest.raises(Exception, match="cannot be restored|another --workdir"):
     train.train(tiny_config("disaug", steps=2), tmp_path)
+
+
+def test_interrupt_saves_the_current_step(tmp_path, monkeypatch):
+  config = tiny_config("clr", steps=10)
+  config.checkpoint_every_steps = 100
+  config.log_every_steps = 3
+  real_batches = train.data.train_batches
+
+  def interrupted_after_three(cfg, start_step):
+    batches = real_batches(cfg, start_step)
+    for _ in range(3):
+      yield next(batches)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(train.data, "train_batches", interrupted_after_three)
+  with pytest.raises(KeyboardInterrupt):
+    train.train(config, tmp_path)
+  assert checkpointing.Checkpointer(
+      tmp_path / "checkpoints").latest_step() == 3
