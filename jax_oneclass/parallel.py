@@ -81,10 +81,3 @@ def replicate(mesh: Mesh, tree):
 def to_host(tree):
   """Replicated global arrays -> numpy, on every process."""
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
-
-
-def sync(name: str = "sync") -> None:
-  """Waits until every process reaches this point."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)

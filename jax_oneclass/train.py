@@ -16,6 +16,7 @@ import numpy as np
 
 from jax_oneclass import checkpointing, data, evaluate, logging_utils
 from jax_oneclass import methods, parallel
+from jax_oneclass.methods import base as methods_base
 from jax_oneclass.errors import ConfigError, NonFiniteLossError
 
 
@@ -25,9 +26,8 @@ def resolve_duration(config, info) -> ml_collections.ConfigDict:
   if config.num_train_steps <= 0:
     if config.num_epochs <= 0:
       raise ConfigError("Set config.num_train_steps or config.num_epochs > 0.")
-    copies = 4 if config.data.get("rotation_distaug") else 1
-    steps_per_epoch = max(info.num_train * copies // config.batch_size, 1)
-    config.num_train_steps = int(config.num_epochs * steps_per_epoch)
+    config.num_train_steps = int(
+        config.num_epochs * methods_base.steps_per_epoch(config, info))
   return config
 
 

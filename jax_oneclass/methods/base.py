@@ -41,6 +41,15 @@ class TrainState:
   opt_state: Any
 
 
+def steps_per_epoch(config, info) -> int:
+  """Optimiser steps per pass over the normal training set.
+
+  With `data.rotation_distaug` the set holds 4 rotated copies of each image.
+  """
+  copies = 4 if config.data.get("rotation_distaug") else 1
+  return max(info.num_train * copies // config.batch_size, 1)
+
+
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   """The schedule named by `config.optimizer.schedule`.
 

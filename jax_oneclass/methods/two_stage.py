@@ -44,16 +44,11 @@ class TwoStageMethod:
         width=model_cfg.width,
         head_dims=tuple(model_cfg.head_dims),
         num_rotations=self.num_rotation_classes)
-    self.tx = base.make_optimizer(config, self.steps_per_epoch(config, info))
+    self.tx = base.make_optimizer(config, base.steps_per_epoch(config, info))
     self.classifier_hparams = {
         name: dict(hparams) for name, hparams in config.classifiers.items()}
     for name in self.classifier_hparams:
       classifiers.get_classifier(name)  # Fails early on an unknown name.
-
-  @staticmethod
-  def steps_per_epoch(config, info) -> int:
-    copies = NUM_ROTATIONS if config.data.get("rotation_distaug") else 1
-    return max(info.num_train * copies // config.batch_size, 1)
 
   # --- stage one -----------------------------------------------------------
 
