@@ -71,17 +71,11 @@ def _flag_error_message(error: Exception, argv) -> str:
 
 def parse_flags(argv):
   """absl flag parsing that reports bad configs without a traceback."""
+  from jax_oneclass.errors import OneClassError  # pylint: disable=g-import-not-at-top
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
+  except (flags.Error, OneClassError, AttributeError, KeyError, OSError) as e:
     if "--debug" in argv:
-      raise
-    print(f"error: {_flag_error_message(e, argv)}", file=sys.stderr)
-    sys.exit(2)
-  except Exception as e:  # pylint: disable=broad-except
-    from jax_oneclass.errors import OneClassError  # pylint: disable=g-import-not-at-top
-    if "--debug" in argv or not isinstance(e, (OneClassError, AttributeError,
-                                               KeyError, OSError)):
       raise
     print(f"error: {_flag_error_message(e, argv)}", file=sys.stderr)
     sys.exit(2)
