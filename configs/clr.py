@@ -8,12 +8,12 @@ from jax_oneclass import configlib
 
 
 def get_config(arg=None):
-  config = configlib.base_config("clr")
+  config = configlib.two_stage_config("clr")
   config.batch_size = 32  # run_contrastive.sh.
   config.data.num_views = 2
   config.temperature = 0.2  # run_contrastive.sh: --temperature=0.2.
   # 'cross_view' is the reference's loss (contrastive.py); 'nt_xent' is
   # SimCLR's symmetric NT-Xent.
   config.contrastive_loss = "cross_view"
-  configlib.apply_arg(config, arg)
+  configlib.apply_arg(config, arg, configlib.two_stage_small_run)
   return config

@@ -10,11 +10,11 @@ from jax_oneclass import configlib
 
 
 def get_config(arg=None):
-  config = configlib.base_config("disaug")
+  config = configlib.two_stage_config("disaug")
   config.batch_size = 32  # run_contrastive_da.sh.
   config.data.num_views = 2
   config.data.rotation_distaug = True  # 90/180/270 copies as new instances.
   config.temperature = 0.2
   config.contrastive_loss = "cross_view"
-  configlib.apply_arg(config, arg)
+  configlib.apply_arg(config, arg, configlib.two_stage_small_run)
   return config

@@ -9,10 +9,10 @@ from jax_oneclass import configlib
 
 
 def get_config(arg=None):
-  config = configlib.base_config("rotnet")
+  config = configlib.two_stage_config("rotnet")
   config.batch_size = 64  # run_rotation.sh: 64 images = 256 rotated inputs.
   config.data.num_views = 4  # One augmented view per rotation.
   # 8 layers of 512; the last one ('embed', with bias) feeds the 4 logits.
   config.model.head_dims = (512,) * 8
-  configlib.apply_arg(config, arg)
+  configlib.apply_arg(config, arg, configlib.two_stage_small_run)
   return config

@@ -18,19 +18,15 @@ re-rendered from every results file present):
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
-import tarfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from experiments import common  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 from sklearn.ensemble import IsolationForest
@@ -41,7 +37,8 @@ from sklearn.svm import OneClassSVM
 from jax_oneclass import classifiers, data, methods, parallel, train
 from tests.conftest import load_config
 
-RESULTS_DIR = ROOT / "experiments" / "results"
+ROOT = common.ROOT
+RESULTS_DIR = common.RESULTS_DIR
 METHODS = ("rotnet", "clr", "disaug")
 SCRIPT = "python experiments/two_stage_benchmark.py"
 
@@ -83,27 +80,6 @@ def raw_pixel_baselines(config) -> dict:
 
 # --- runs --------------------------------------------------------------------
 
-def _config(method, arg, overrides=None):
-  """`configs/<method>.py:<arg>` with {'dotted.key': value} overrides."""
-  config = load_config(method, arg)
-  for key, value in (overrides or {}).items():
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
-
-
-def run_method(method, arg, workdir, overrides=None) -> dict:
-  config = _config(method, arg, overrides)
-  config.progress_bar = False
-  start = time.perf_counter()
-  results = train.train_and_evaluate(config, workdir)
-  results["wall_seconds"] = round(time.perf_counter() - start, 1)
-  return results
-
-
 def part_digits(args):
   out = {"command": f"{SCRIPT} digits", "runs": {}, "baselines": {}}
   for c in args.classes:
@@ -112,33 +88,15 @@ def part_digits(args):
     out["baselines"][str(c)] = raw_pixel_baselines(base_cfg)
     for method in args.methods:
       workdir = Path(args.workdir_root) / "digits" / method / str(c)
-      res = run_method(method, f"digits,normal_class={c}", workdir)
+      res = common.run_method(method, f"digits,normal_class={c}", workdir)
       out["runs"].setdefault(method, {})[str(c)] = res
       print(f"digits class {c} {method}: {res['wall_seconds']} s, best "
             f"{max(res['auroc'].values()):.4f}", flush=True)
   return out
 
 
-def _cifar_folder(path: str) -> str:
-  """An extracted folder with train/ and test/, extracting a .tar.gz once."""
-  path = Path(path)
-  if path.is_file():
-    target = Path(os.environ.get("JAX_ONECLASS_DATA", "/tmp/jax_oneclass_data"))
-    marker = target / (path.name + ".extracted")
-    if not marker.exists():
-      target.mkdir(parents=True, exist_ok=True)
-      with tarfile.open(path) as tar:
-        tar.extractall(target, filter="data")
-      marker.touch()
-    path = target
-  for candidate in [path, *sorted(p for p in path.rglob("*") if p.is_dir())]:
-    if (candidate / "train").is_dir() and (candidate / "test").is_dir():
-      return str(candidate)
-  raise SystemExit(f"No folder with train/ and test/ under {path}.")
-
-
 def part_cifar10(args):
-  folder = _cifar_folder(args.data)
+  folder = common.cifar_folder(args.data)
   overrides = {"num_train_steps": args.steps, "model.width": args.width,
                "checkpoint_every_steps": args.steps, "eval.batch_size": 500}
   out = {"command": f"{SCRIPT} cifar10 --data={args.data} --steps="
@@ -151,7 +109,7 @@ def part_cifar10(args):
     out["baselines"][str(c)] = raw_pixel_baselines(load_config("clr", arg))
     for method in args.methods:
       workdir = Path(args.workdir_root) / "cifar10" / method / str(c)
-      res = run_method(method, arg, workdir, overrides)
+      res = common.run_method(method, arg, workdir, overrides)
       out["runs"].setdefault(method, {})[str(c)] = res
       print(f"cifar10 class {c} {method}: {res['wall_seconds']} s, best "
             f"{max(res['auroc'].values()):.4f}", flush=True)
@@ -159,7 +117,7 @@ def part_cifar10(args):
 
 
 def _throughput(method, arg, overrides, steps) -> dict:
-  config = _config(method, arg, overrides)
+  config = common.config_with(method, arg, overrides)
   info = data.dataset_info(config)
   config = train.resolve_duration(config, info)
   method_obj = methods.get_method(config, info)
@@ -195,10 +153,10 @@ def part_throughput(args):
          "runs": {}}
   settings = {"digits (quickstart)": ("digits", {}),
               "cifar10 32x32, width 32": (
-                  f"folder,folder={_cifar_folder(args.data)}",
+                  f"folder,folder={common.cifar_folder(args.data)}",
                   {"model.width": 32}),
               "cifar10 32x32, ResNet-18 width 64": (
-                  f"folder,folder={_cifar_folder(args.data)}", {})}
+                  f"folder,folder={common.cifar_folder(args.data)}", {})}
   for name, (arg, overrides) in settings.items():
     for method in args.methods:
       res = _throughput(method, arg, overrides, args.throughput_steps)
@@ -255,12 +213,8 @@ def _auroc_section(title, part, note) -> list[str]:
 
 
 def render_report() -> str:
-  lines = ["# Results", "",
-           "Measured by `experiments/two_stage_benchmark.py`; rerun the "
-           "command beside each table to reproduce it. Machine: "
-           f"{platform.processor() or platform.machine()}, {os.cpu_count()} "
-           f"CPU cores, JAX {jax.__version__}, rendered "
-           f"{datetime.date.today().isoformat()}.", ""]
+  """This script's section of RESULTS.md, from its results files."""
+  lines = []
   parts = {p.stem: json.loads(p.read_text())
            for p in sorted(RESULTS_DIR.glob("*.json"))}
   if "digits" in parts:
@@ -322,10 +276,8 @@ def main():
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / f"{args.part}.json").write_text(
         json.dumps(result, indent=1, sort_keys=True) + "\n")
-  report = render_report()
-  (ROOT / "experiments" / "RESULTS.md").write_text(report)
-  print(report)
-
+  common.write_section("two_stage", render_report())
+  print(common.write_report())
 
 if __name__ == "__main__":
   main()

@@ -393,3 +393,19 @@ def get_classifier(name: str) -> Classifier:
     raise ConfigError(
         f'Unknown one-class classifier {name!r}; valid names are '
         f'{sorted(CLASSIFIERS)}.') from None
+
+
+def fit_each(features: np.ndarray,
+             hparams_by_name: Mapping[str, Mapping[str, Any]]
+             ) -> dict[str, Params]:
+  """Fits every named classifier on the same features: {name: params}."""
+  features = np.asarray(features)
+  return {name: get_classifier(name).fit(features, **dict(hparams))
+          for name, hparams in hparams_by_name.items()}
+
+
+def score_each(fitted: Mapping[str, Params],
+               features: jax.Array) -> dict[str, jax.Array]:
+  """Scores features with every classifier `fit_each` fitted: {name: [M]}."""
+  return {name: get_classifier(name).score(params, features)
+          for name, params in fitted.items()}

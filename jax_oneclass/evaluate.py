@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jax_oneclass import data, logging_utils, metrics, parallel
@@ -36,6 +37,13 @@ def _collect(fn, state, extra, batches, mesh) -> tuple[dict, dict]:
   return cat(outputs), cat(labels)
 
 
+def _has_fitted_stage(method, state, info) -> bool:
+  """False when `method.embed` returns nothing, so the train pass is moot."""
+  example = {"image": jax.ShapeDtypeStruct((1,) + tuple(info.image_shape),
+                                           jnp.float32)}
+  return bool(jax.eval_shape(method.embed, state, example))
+
+
 def evaluate(config, workdir, state=None) -> dict:
   """Scores the test split with the newest checkpoint; writes results.json.
 
@@ -57,11 +65,13 @@ def evaluate(config, workdir, state=None) -> dict:
   repl = parallel.replicated(mesh)
   start = time.perf_counter()
 
-  embed_fn = jax.jit(method.embed, out_shardings=repl)
-  train_batches = data.eval_batches(config, "train", config.eval.batch_size)
-  embeddings, _ = _collect(embed_fn, state, (), train_batches, mesh)
-  embeddings = {k: v[:config.eval.max_fit_examples]
-                for k, v in embeddings.items()}
+  embeddings = {}
+  if _has_fitted_stage(method, state, info):
+    embed_fn = jax.jit(method.embed, out_shardings=repl)
+    train_batches = data.eval_batches(config, "train", config.eval.batch_size)
+    embeddings, _ = _collect(embed_fn, state, (), train_batches, mesh)
+    embeddings = {k: v[:config.eval.max_fit_examples]
+                  for k, v in embeddings.items()}
   fitted = parallel.replicate(mesh, method.fit(embeddings))
 
   score_fn = jax.jit(method.score, out_shardings=repl)

@@ -26,11 +26,14 @@ def tiny_config(method: str, steps: int = 4, arg: str = "digits"):
   config = load_config(method, arg)
   config.num_train_steps = steps
   config.batch_size = 16
-  config.data.image_size = 8
   config.data.shuffle_buffer = 64
-  config.model.stage_sizes = (1, 1)
   config.model.width = 4
-  config.model.head_dims = (16, 8)
+  if "head_dims" in config.model:  # Two-stage family: ResNet + MLP head.
+    config.data.image_size = 8
+    config.model.stage_sizes = (1, 1)
+    config.model.head_dims = (16, 8)
+  else:  # GAN family: DCGANs need a power-of-two side >= 16.
+    config.model.latent_size = 8
   config.eval.batch_size = 128
   config.log_every_steps = 2
   config.checkpoint_every_steps = 2
@@ -39,6 +42,10 @@ def tiny_config(method: str, steps: int = 4, arg: str = "digits"):
   return config
 
 
-@pytest.fixture(params=["rotnet", "clr", "disaug"])
+TWO_STAGE_METHODS = ("rotnet", "clr", "disaug")
+GAN_METHODS = ("ganomaly", "dgad")
+
+
+@pytest.fixture(params=TWO_STAGE_METHODS + GAN_METHODS)
 def method_name(request):
   return request.param

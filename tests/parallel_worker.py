@@ -29,10 +29,11 @@ def main(method: str, steps: int) -> None:
     state, metrics = step_fn(state, parallel.shard_batch(mesh, next(batches)),
                              jax.random.key(0))
     losses.append(float(parallel.to_host(metrics["loss"])))
-  param_sum = float(sum(np.abs(np.asarray(x)).sum()
-                        for x in jax.tree.leaves(parallel.to_host(state.params))))
+  # The whole state: parameters, BatchNorm statistics, optimiser states.
+  state_sum = float(sum(np.abs(np.asarray(x)).sum()
+                        for x in jax.tree.leaves(parallel.to_host(state))))
   print(json.dumps({"devices": jax.device_count(), "losses": losses,
-                    "param_abs_sum": param_sum}))
+                    "state_abs_sum": state_sum}))
 
 
 if __name__ == "__main__":

@@ -76,11 +76,13 @@ def test_scores_do_not_depend_on_batch_composition(method_name):
   config = tiny_config(method_name)
   info = data.dataset_info(config)
   method = methods.get_method(config, info)
-  state = method.init_state(jax.random.key(0), info.image_shape)
+  state = jax.jit(method.init_state, static_argnums=1)(jax.random.key(0),
+                                                      info.image_shape)
   images = jax.random.uniform(jax.random.key(1), (8,) + info.image_shape)
-  fitted = method.fit(jax.device_get(method.embed(state, {"image": images})))
-  full = method.score(state, fitted, {"image": images})
-  part = method.score(state, fitted, {"image": images[3:5]})
+  embed, score = jax.jit(method.embed), jax.jit(method.score)
+  fitted = method.fit(jax.device_get(embed(state, {"image": images})))
+  full = score(state, fitted, {"image": images})
+  part = score(state, fitted, {"image": images[3:5]})
   for name in full:
     np.testing.assert_allclose(full[name][3:5], part[name], rtol=1e-4,
                                atol=1e-5, err_msg=name)
@@ -90,7 +92,7 @@ def test_unknown_method_and_bad_views():
   config = tiny_config("clr")
   info = data.dataset_info(config)
   config.method = "ganomalyy"
-  with pytest.raises(ConfigError, match="Available methods: clr, disaug"):
+  with pytest.raises(ConfigError, match="Available methods: clr, dgad, disaug, ganomaly, rotnet"):
     methods.get_method(config, info)
   config = tiny_config("rotnet")
   config.data.num_views = 2

@@ -27,14 +27,14 @@ def _run_worker(method: str, num_devices: int) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("method", ["clr", "rotnet"])
+@pytest.mark.parametrize("method", ["clr", "rotnet", "ganomaly"])
 def test_same_steps_on_one_and_eight_devices(method):
   one, eight = _run_worker(method, 1), _run_worker(method, 8)
   assert (one["devices"], eight["devices"]) == (1, 8)
   # Global-batch BatchNorm and contrastive negatives: same numbers up to
   # float reduction order.
   assert eight["losses"] == pytest.approx(one["losses"], rel=1e-4, abs=1e-5)
-  assert eight["param_abs_sum"] == pytest.approx(one["param_abs_sum"],
+  assert eight["state_abs_sum"] == pytest.approx(one["state_abs_sum"],
                                                  rel=1e-4)
 
 

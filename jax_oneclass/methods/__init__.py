@@ -9,7 +9,7 @@ import pkgutil
 
 from jax_oneclass.errors import ConfigError
 
-_NOT_METHODS = {"base", "two_stage"}
+_NOT_METHODS = {"base", "gan", "two_stage"}
 
 
 def available_methods() -> list[str]:

@@ -16,7 +16,6 @@ unrotated images only; the averaged scores are this library's addition.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jax_oneclass import classifiers
 from jax_oneclass.methods import base
@@ -110,13 +109,8 @@ class TwoStageMethod:
 
   def fit(self, embeddings):
     """Fits every configured classifier on each feature and rotation."""
-    fitted = {}
-    for key, features in embeddings.items():
-      features = np.asarray(features)
-      fitted[key] = {
-          name: classifiers.get_classifier(name).fit(features, **hparams)
-          for name, hparams in self.classifier_hparams.items()}
-    return fitted
+    return {key: classifiers.fit_each(features, self.classifier_hparams)
+            for key, features in embeddings.items()}
 
   def score(self, state, fitted, batch):
     """Classifier scores per feature, with and without rotation averaging."""
@@ -125,13 +119,13 @@ class TwoStageMethod:
                for k in rotations}
     scores = {}
     for feature in FEATURES:
+      per_rotation = [
+          classifiers.score_each(fitted[f"{feature}/rot{k}"],
+                                 outputs[k][feature])
+          for k in rotations]
       for name in self.classifier_hparams:
-        clf = classifiers.get_classifier(name)
-        per_rotation = [
-            clf.score(fitted[f"{feature}/rot{k}"][name], outputs[k][feature])
-            for k in rotations]
-        scores[f"{feature}/{name}"] = per_rotation[0]
+        scores[f"{feature}/{name}"] = per_rotation[0][name]
         if len(rotations) > 1:
           scores[f"{feature}/{name}/rot_avg"] = jnp.mean(
-              jnp.stack(per_rotation), axis=0)
+              jnp.stack([s[name] for s in per_rotation]), axis=0)
     return scores

@@ -1,0 +1,43 @@
+"""Discriminative-generative representation learning (Xia et al. 2021).
+
+The paper's hyper-parameters could not be read (see the method's docstring),
+so these defaults are GANomaly's DCGAN settings, which the paper compares
+against; change them with --config.key=value.
+
+  python -m jax_oneclass.main --config=configs/dgad.py:digits --workdir=/tmp/dgad
+  python -m jax_oneclass.main --config=configs/dgad.py:cifar10,normal_class=3 --workdir=...
+"""
+
+from jax_oneclass import configlib
+
+
+def get_config(arg=None):
+  config = configlib.base_config("dgad")
+  config.batch_size = 64  # Images; each gives K transformed copies.
+  config.num_epochs = 15  # As GANomaly's reference runs.
+  config.data.augment = ""
+  config.data.num_views = 1
+
+  config.model.width = 64  # DCGAN width of both networks.
+  config.model.latent_size = 100  # The generator's code.
+  config.model.extra_layers = 0
+
+  config.optimizer.name = "adam"
+  config.optimizer.learning_rate = 2e-4
+  config.optimizer.b1 = 0.5
+  config.optimizer.b2 = 0.999
+  config.optimizer.schedule = "constant"
+
+  config.transforms = "rotate"  # 'rotate' (K=4) or 'rotate_flip' (K=8).
+  config.pretext_weight = 1.0
+  config.adversarial_weight = 1.0  # 0 drops the real/fake game.
+  # One-class classifiers on the generator's codes (see two-stage configs).
+  config.classifiers = {"gde": {}, "kde": {}}
+  config.eval.batch_size = 64
+  configlib.apply_arg(config, arg, _small_run)
+  return config
+
+
+def _small_run(config):
+  """Digits (16x16): narrow networks and a small code."""
+  config.model.latent_size = 32

@@ -1,0 +1,201 @@
+"""Discriminative-generative representation learning (Xia et al. 2021,
+arXiv 2107.12753), short name 'dgad' here.
+
+The paper's idea (abstract): the generator learns its representation from
+the discriminator's feedback on a self-supervised label-prediction pretext
+task (geometric transformations) instead of from pixel reconstruction. We
+could not read the paper's method section (no spec, and the stored copies
+stop after the introduction; no public code was found), so the concrete
+design below is ours. Every choice is listed so it can be checked against
+the paper and changed by config:
+
+1. Pretext task: K geometric transformations T_k, the 4 rotations by
+   k * 90 degrees (`transforms='rotate'`) or those times a horizontal flip
+   (`'rotate_flip'`, K = 8), as in RotNet / GeoTrans-style methods.
+2. Generator: a DCGAN encoder-decoder (GANomaly's G_E and G_D, no second
+   encoder) mapping a transformed image T_k(x) to G(T_k(x)); its encoder's
+   code is the learned representation. There is no pixel loss.
+3. Discriminator: one DCGAN trunk whose final conv gives K pretext logits
+   plus one real/fake logit.
+4. Discriminator loss: cross-entropy of k on real transformed images
+   T_k(x) + `adversarial_weight` * the real/fake BCE against G's outputs.
+   It never learns the pretext task from generated images, so the generator
+   cannot win by drawing a private code for k.
+5. Generator loss: `pretext_weight` * cross-entropy of k on G(T_k(x)) (the
+   discriminator must recognise the transformation in what G drew, so G's
+   encoder has to recognise it in T_k(x)) + `adversarial_weight` * the
+   non-saturating BCE(D(G(T_k x)), real), which keeps outputs image-like.
+6. Scores (higher = more anomalous):
+   - 'pretext/generated': mean over k of -log p(k | G(T_k(x))), the
+     GeoTrans-style score read through the generator (the main score);
+   - 'pretext/real': the same on T_k(x) itself (the discriminator alone);
+   - 'latent/<classifier>': one-class classifiers (`config.classifiers`, as
+     in the two-stage family) on the generator's L2-normalised codes of the
+     untransformed normal training images.
+Both networks use BatchNorm running statistics at test time.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jax_oneclass import classifiers
+from jax_oneclass.errors import ConfigError
+from jax_oneclass.methods import base, gan
+from jax_oneclass.models.dcgan import (DCGANDecoder, DCGANEncoder,
+                                       check_image_size)
+
+TRANSFORMS = {"rotate": 4, "rotate_flip": 8}
+
+
+def transform(images: jax.Array, k: int) -> jax.Array:
+  """T_k: rotation by (k % 4) * 90 degrees, then a flip for k >= 4."""
+  out = jnp.rot90(images, k % 4, axes=(1, 2))
+  return out[:, :, ::-1] if k >= 4 else out
+
+
+def all_transforms(images: jax.Array, num: int):
+  """[B, ...] -> ([num * B, ...] transform-major, labels [num * B])."""
+  stacked = jnp.concatenate([transform(images, k) for k in range(num)])
+  labels = jnp.repeat(jnp.arange(num), images.shape[0])
+  return stacked, labels
+
+
+class Generator(nn.Module):
+  """Encoder-decoder: image -> {'fake': image in [-1, 1], 'code': [B, D]}."""
+
+  latent_size: int
+  width: int
+  extra_layers: int = 0
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    code, _ = DCGANEncoder(self.latent_size, self.width, self.extra_layers,
+                           name="encoder")(x, train)
+    fake = DCGANDecoder(x.shape[1], x.shape[-1], self.width,
+                        self.extra_layers, name="decoder")(code, train)
+    return {"fake": fake, "code": code}
+
+
+def pretext_nll(logits: jax.Array, labels: jax.Array, num: int) -> jax.Array:
+  """Per-image mean over the K transforms of -log p(k | .); [K*B] -> [B]."""
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return nll.reshape((num, -1)).mean(axis=0)
+
+
+class Method:
+  """Generator trained through a discriminator's pretext task."""
+
+  def __init__(self, config, info):
+    self.config = config
+    check_image_size(info.image_shape[0])
+    if config.transforms not in TRANSFORMS:
+      raise ConfigError(f"Unknown transforms {config.transforms!r}; use one "
+                        f"of {', '.join(TRANSFORMS)}.")
+    self.num_transforms = TRANSFORMS[config.transforms]
+    model = config.model
+    self.generator = Generator(model.latent_size, model.width,
+                               model.extra_layers)
+    # K pretext logits and, last, one real/fake logit.
+    self.discriminator = DCGANEncoder(self.num_transforms + 1, model.width,
+                                      model.extra_layers)
+    self.tx = base.make_optimizer(config, base.steps_per_epoch(config, info))
+    self.classifier_hparams = {
+        name: dict(hparams) for name, hparams in config.classifiers.items()}
+    for name in self.classifier_hparams:
+      classifiers.get_classifier(name)  # Fails early on an unknown name.
+
+  def init_state(self, rng, image_shape) -> gan.GANState:
+    """Both networks' variables and optimiser states."""
+    example = jnp.zeros((2,) + tuple(image_shape))
+    g_rng, d_rng = jax.random.split(rng)
+    return gan.GANState(
+        step=jnp.zeros((), jnp.int32),
+        generator=gan.init_network(self.generator, self.tx, g_rng, example),
+        discriminator=gan.init_network(self.discriminator, self.tx, d_rng,
+                                       example))
+
+  def _discriminate(self, params, batch_stats, images):
+    (logits, _), batch_stats = gan.apply_train(self.discriminator, params,
+                                               batch_stats, images)
+    return logits[:, :-1], logits[:, -1], batch_stats
+
+  def train_step(self, state, batch, rng):
+    """Generator step, then discriminator step, as one pure function."""
+    del rng  # Deterministic given the batch.
+    images = gan.to_tanh_range(gan.first_view(batch))
+    inputs, labels = all_transforms(images, self.num_transforms)
+    g, d = state.generator, state.discriminator
+    w_pretext = self.config.pretext_weight
+    w_adv = self.config.adversarial_weight
+
+    def generator_objective(params):
+      outputs, g_stats = gan.apply_train(self.generator, params,
+                                         g.batch_stats, inputs)
+      pretext_logits, real_fake, _ = self._discriminate(
+          d.params, d.batch_stats, outputs["fake"])
+      pretext = optax.softmax_cross_entropy_with_integer_labels(
+          pretext_logits, labels).mean()
+      adversarial = optax.sigmoid_binary_cross_entropy(
+          real_fake, jnp.ones_like(real_fake)).mean()
+      loss = w_pretext * pretext + w_adv * adversarial
+      accuracy = jnp.mean(jnp.argmax(pretext_logits, -1) == labels)
+      return loss, (outputs["fake"], g_stats, {
+          "generator_pretext": pretext, "generator_adversarial": adversarial,
+          "generated_pretext_accuracy": accuracy})
+
+    (g_loss, (fake, g_stats, g_metrics)), g_grads = jax.value_and_grad(
+        generator_objective, has_aux=True)(g.params)
+    fake = jax.lax.stop_gradient(fake)
+
+    def discriminator_objective(params):
+      pretext_logits, logits_real, stats = self._discriminate(
+          params, d.batch_stats, inputs)
+      _, logits_fake, stats = self._discriminate(params, stats, fake)
+      pretext = optax.softmax_cross_entropy_with_integer_labels(
+          pretext_logits, labels).mean()
+      adversarial = gan.real_fake_loss(logits_real, logits_fake)
+      accuracy = jnp.mean(jnp.argmax(pretext_logits, -1) == labels)
+      return pretext + w_adv * adversarial, (stats, {
+          "discriminator_pretext": pretext,
+          "discriminator_adversarial": adversarial,
+          "real_pretext_accuracy": accuracy})
+
+    (d_loss, (d_stats, d_metrics)), d_grads = jax.value_and_grad(
+        discriminator_objective, has_aux=True)(d.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        generator=gan.apply_updates(self.tx, g, g_grads, g_stats),
+        discriminator=gan.apply_updates(self.tx, d, d_grads, d_stats))
+    metrics = {"loss": g_loss, "discriminator_loss": d_loss, **g_metrics,
+               **d_metrics}
+    return new_state, metrics
+
+  def _generate(self, state, images):
+    return gan.apply_eval(self.generator, state.generator, images)
+
+  def embed(self, state, batch):
+    """The generator's codes of the untransformed images."""
+    images = gan.to_tanh_range(batch["image"])
+    return {"code": self._generate(state, images)["code"]}
+
+  def fit(self, embeddings):
+    """One-class classifiers on the normal training images' codes."""
+    return classifiers.fit_each(embeddings["code"], self.classifier_hparams)
+
+  def score(self, state, fitted, batch):
+    """Pretext scores through the generator and directly, and latent ones."""
+    images = gan.to_tanh_range(batch["image"])
+    inputs, labels = all_transforms(images, self.num_transforms)
+    generated = self._generate(state, inputs)["fake"]
+    discriminate = lambda x: gan.apply_eval(
+        self.discriminator, state.discriminator, x)[0][:, :-1]
+    num = self.num_transforms
+    scores = {
+        "pretext/generated": pretext_nll(discriminate(generated), labels, num),
+        "pretext/real": pretext_nll(discriminate(inputs), labels, num)}
+    code = self._generate(state, images)["code"]
+    for name, values in classifiers.score_each(fitted, code).items():
+      scores[f"latent/{name}"] = values
+    return scores

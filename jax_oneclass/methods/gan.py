@@ -1,0 +1,120 @@
+"""Shared parts of the GAN family: state of two networks, pixel scaling.
+
+A GAN method's state holds a generator and a discriminator side by side,
+each with its own parameters, BatchNorm statistics and optimiser state, so
+one jitted `train_step` updates both and one checkpoint holds both.
+"""
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jax_oneclass.methods import base
+
+
+@flax.struct.dataclass
+class Network:
+  """Parameters, BatchNorm statistics and optimiser state of one network."""
+
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+@flax.struct.dataclass
+class GANState:
+  """The step counter and the two networks."""
+
+  step: jax.Array
+  generator: Network
+  discriminator: Network
+
+
+def to_tanh_range(images: jax.Array) -> jax.Array:
+  """[0, 1] pixels from the input pipeline -> [-1, 1], the decoder's range.
+
+  Equals the reference's Normalize(0.5, 0.5) per channel.
+  """
+  return 2.0 * images - 1.0
+
+
+def init_network(module: nn.Module, tx, rng, example) -> Network:
+  """Initial variables of `module` for an example input, plus `tx` state."""
+  variables = module.init(rng, example, train=False)
+  params = variables["params"]
+  return Network(params=params, batch_stats=variables.get("batch_stats", {}),
+                 opt_state=tx.init(params))
+
+
+def apply_train(module: nn.Module, params, batch_stats, images):
+  """Train-mode forward pass; returns (outputs, new batch_stats)."""
+  outputs, updates = module.apply(
+      {"params": params, "batch_stats": batch_stats}, images, train=True,
+      mutable=["batch_stats"])
+  return outputs, updates["batch_stats"]
+
+
+def apply_eval(module: nn.Module, network: Network, images,
+               batch_norm: str = "running"):
+  """Test-time forward pass.
+
+  `batch_norm='running'` uses the BatchNorm running averages, so an image's
+  output never depends on the rest of its batch. 'batch' normalises with
+  the test batch's own statistics, as the GANomaly reference code does by
+  never calling eval(); results then depend on batch composition and order.
+  """
+  variables = {"params": network.params, "batch_stats": network.batch_stats}
+  if batch_norm == "running":
+    return module.apply(variables, images, train=False)
+  if batch_norm == "batch":
+    outputs, _ = module.apply(variables, images, train=True,
+                              mutable=["batch_stats"])
+    return outputs
+  raise ValueError(f"batch_norm must be 'running' or 'batch', got "
+                   f"{batch_norm!r}.")
+
+
+def apply_updates(tx, network: Network, grads, batch_stats) -> Network:
+  """One optimiser step of `network`, with its new BatchNorm statistics."""
+  updates, opt_state = tx.update(grads, network.opt_state, network.params)
+  params = jax.tree.map(lambda p, u: p + u, network.params, updates)
+  return Network(params=params, batch_stats=batch_stats, opt_state=opt_state)
+
+
+def reinitialise_if(condition, network: Network, make_params, tx,
+                    reset_optimizer: bool) -> Network:
+  """Swaps in fresh parameters `make_params()` where `condition` holds.
+
+  `condition` is a traced bool; the fresh draw only runs when it is true.
+  BatchNorm running statistics are kept; the optimiser state is reset only
+  with `reset_optimizer`.
+  """
+  def swap(net):
+    params = make_params()
+    opt_state = tx.init(params) if reset_optimizer else net.opt_state
+    return net.replace(params=params, opt_state=opt_state)
+
+  return jax.lax.cond(condition, swap, lambda net: net, network)
+
+
+def real_fake_loss(logits_real, logits_fake):
+  """Discriminator BCE: 0.5 * (BCE(D(x), 1) + BCE(D(G(x)), 0)), from logits."""
+  real = optax.sigmoid_binary_cross_entropy(
+      logits_real, jnp.ones_like(logits_real)).mean()
+  fake = optax.sigmoid_binary_cross_entropy(
+      logits_fake, jnp.zeros_like(logits_fake)).mean()
+  return 0.5 * (real + fake)
+
+
+def first_view(batch) -> jax.Array:
+  """Training batches are [B, V, H, W, C]; GANs train on view 0 only."""
+  return batch["image"][:, 0]
+
+
+def step_keys(rng, step, num: int):
+  """`num` keys for one step, from the run's base key and the step."""
+  return jax.random.split(base.step_key(rng, step), num)

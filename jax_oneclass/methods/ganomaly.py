@@ -1,0 +1,154 @@
+"""GANomaly (Akcay et al. 2018): encoder-decoder-encoder generator + DCGAN
+discriminator; the anomaly score is the distance of the two latent codes.
+
+One `train_step` updates both networks, following the official code's
+current loss (lib/model.py since 2019; ../shared/specs part A3.2):
+- generator: w_adv * MSE(f(x), f(G(x))) on the discriminator's 4x4 features
+  + w_con * L1(x, G(x)) + w_enc * MSE(G_E(x), E(G(x))), weights 1 / 50 / 1;
+- discriminator: 0.5 * (BCE(D(x), 1) + BCE(D(G(x)), 0)) on the generator
+  output from before its update, with the discriminator's parameters from
+  before the generator's update (the generator step never changes them);
+- when the discriminator loss falls below `discriminator_reinit_threshold`
+  its weights are drawn afresh (running statistics and, by default, its
+  Adam state kept, as the reference does).
+
+Scores (higher = more anomalous):
+- 'latent_mse': mean over latent dims of (G_E(x) - E(G(x)))^2, the
+  reference code's score;
+- 'latent_l1': mean |G_E(x) - E(G(x))|, the paper's formula;
+- 'reconstruction_l1': mean |x - G(x)|.
+
+Differences from the reference, on purpose: scoring uses BatchNorm running
+statistics (`eval.batch_norm='running'`); the reference never calls eval(),
+so its scores depend on the test batch's composition and order (set
+`eval.batch_norm='batch'` to reproduce that). We report the last step's
+AUROC, never the best epoch picked on the test set. Pixels are scaled to
+[-1, 1] for every data set (the reference's MNIST normalisation leaves the
+tanh range).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from jax_oneclass.errors import ConfigError
+from jax_oneclass.methods import base, gan
+from jax_oneclass.models.dcgan import (DCGANDiscriminator, GANomalyGenerator,
+                                       check_image_size)
+
+
+def generator_loss_terms(images, outputs, features_real, features_fake):
+  """GANomaly's three generator terms (unweighted) as a dict of scalars."""
+  return {
+      "adversarial": jnp.mean(jnp.square(features_real - features_fake)),
+      "contextual": jnp.mean(jnp.abs(images - outputs["fake"])),
+      "encoder": jnp.mean(
+          jnp.square(outputs["latent_out"] - outputs["latent_in"])),
+  }
+
+
+def latent_scores(images, outputs) -> dict:
+  """The per-image anomaly scores of a generator pass."""
+  diff = outputs["latent_in"] - outputs["latent_out"]
+  pixels = jnp.abs(images - outputs["fake"]).reshape((images.shape[0], -1))
+  return {"latent_mse": jnp.mean(jnp.square(diff), axis=-1),
+          "latent_l1": jnp.mean(jnp.abs(diff), axis=-1),
+          "reconstruction_l1": jnp.mean(pixels, axis=-1)}
+
+
+class Method:
+  """GANomaly: trains generator and discriminator; scores latent distance."""
+
+  def __init__(self, config, info):
+    self.config = config
+    check_image_size(info.image_shape[0])
+    self.batch_norm = config.eval.batch_norm
+    if self.batch_norm not in ("running", "batch"):
+      raise ConfigError(f"eval.batch_norm must be 'running' or 'batch', got "
+                        f"{self.batch_norm!r}.")
+    model = config.model
+    self.generator = GANomalyGenerator(model.latent_size, model.width,
+                                       model.extra_layers)
+    # The reference builds the discriminator with the generator's width.
+    self.discriminator = DCGANDiscriminator(model.width, model.extra_layers)
+    self.tx = base.make_optimizer(config, base.steps_per_epoch(config, info))
+    self.weights = dict(config.loss_weights)
+    if set(self.weights) != {"adversarial", "contextual", "encoder"}:
+      raise ConfigError("loss_weights needs exactly the keys adversarial, "
+                        f"contextual, encoder; got {sorted(self.weights)}.")
+
+  def init_state(self, rng, image_shape) -> gan.GANState:
+    """Both networks' variables and Adam states."""
+    example = jnp.zeros((2,) + tuple(image_shape))
+    g_rng, d_rng = jax.random.split(rng)
+    return gan.GANState(
+        step=jnp.zeros((), jnp.int32),
+        generator=gan.init_network(self.generator, self.tx, g_rng, example),
+        discriminator=gan.init_network(self.discriminator, self.tx, d_rng,
+                                       example))
+
+  def _discriminate(self, network, images):
+    (logits, features), batch_stats = gan.apply_train(
+        self.discriminator, network.params, network.batch_stats, images)
+    return logits, features, batch_stats
+
+  def train_step(self, state, batch, rng):
+    """Generator step, then discriminator step, as one pure function."""
+    reinit_rng, = gan.step_keys(rng, state.step, 1)
+    images = gan.to_tanh_range(gan.first_view(batch))
+    g, d = state.generator, state.discriminator
+
+    def generator_objective(params):
+      outputs, g_stats = gan.apply_train(self.generator, params,
+                                         g.batch_stats, images)
+      # Separate calls, so each gets its own batch statistics (reference).
+      _, features_real, _ = self._discriminate(d, images)
+      _, features_fake, _ = self._discriminate(d, outputs["fake"])
+      terms = generator_loss_terms(images, outputs, features_real,
+                                   features_fake)
+      loss = sum(self.weights[k] * v for k, v in terms.items())
+      return loss, (outputs["fake"], g_stats, terms)
+
+    (g_loss, (fake, g_stats, terms)), g_grads = jax.value_and_grad(
+        generator_objective, has_aux=True)(g.params)
+    fake = jax.lax.stop_gradient(fake)
+
+    def discriminator_objective(params):
+      network = d.replace(params=params)
+      logits_real, _, stats = self._discriminate(network, images)
+      logits_fake, _, stats = self._discriminate(
+          network.replace(batch_stats=stats), fake)
+      return gan.real_fake_loss(logits_real, logits_fake), stats
+
+    (d_loss, d_stats), d_grads = jax.value_and_grad(
+        discriminator_objective, has_aux=True)(d.params)
+
+    new_g = gan.apply_updates(self.tx, g, g_grads, g_stats)
+    new_d = gan.apply_updates(self.tx, d, d_grads, d_stats)
+    collapsed = d_loss < self.config.discriminator_reinit_threshold
+    fresh = lambda: self.discriminator.init(reinit_rng, images[:1],
+                                            train=False)["params"]
+    new_d = gan.reinitialise_if(collapsed, new_d, fresh, self.tx,
+                                self.config.reset_discriminator_optimizer)
+    metrics = {"loss": g_loss, "discriminator_loss": d_loss,
+               "discriminator_reinit": collapsed.astype(jnp.float32),
+               "generator_grad_norm": base.global_norm(g_grads),
+               **{f"generator_{k}": v for k, v in terms.items()}}
+    return state.replace(step=state.step + 1, generator=new_g,
+                         discriminator=new_d), metrics
+
+  def embed(self, state, batch):
+    """GANomaly has no fitted stage."""
+    del state, batch
+    return {}
+
+  def fit(self, embeddings):
+    del embeddings
+    return {}
+
+  def score(self, state, fitted, batch):
+    """Latent-distance and reconstruction scores per test image."""
+    del fitted
+    images = gan.to_tanh_range(batch["image"])
+    outputs = gan.apply_eval(self.generator, state.generator, images,
+                             self.batch_norm)
+    return latent_scores(images, outputs)

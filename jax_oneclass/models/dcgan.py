@@ -1,0 +1,152 @@
+"""DCGAN encoder, decoder and discriminator, as GANomaly builds them.
+
+Layer rules follow the official GANomaly code (lib/networks.py), restated in
+../shared/specs part A2: 4x4 convolutions without bias, a first layer without
+BatchNorm, a pyramid that halves the side and doubles the width down to 4x4,
+and a final 4x4 valid convolution to a 1x1 code. The decoder mirrors it with
+transposed convolutions and ends in tanh, so images live in [-1, 1].
+PyTorch's ConvTranspose2d(k, s, p) equals Flax's ConvTranspose with padding
+k - 1 - p on each side. Images are NHWC; side must be a power of two >= 16.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jax_oneclass.errors import ConfigError
+
+_CONV_INIT = nn.initializers.normal(0.02)  # weights_init: N(0, 0.02).
+
+
+def _bn_scale_init(key, shape, dtype=jnp.float32):
+  """weights_init draws BatchNorm scales from N(1, 0.02)."""
+  return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
+
+
+def _batch_norm(train: bool):
+  # PyTorch momentum 0.1 is Flax momentum 0.9.
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                      epsilon=1e-5, scale_init=_bn_scale_init)
+
+
+def _conv(features: int, kernel: int, stride: int, pad: int, name=None):
+  return nn.Conv(features, (kernel, kernel), (stride, stride),
+                 padding=((pad, pad), (pad, pad)), use_bias=False,
+                 kernel_init=_CONV_INIT, name=name)
+
+
+def _conv_transpose(features: int, stride: int, torch_pad: int):
+  pad = 4 - 1 - torch_pad  # All transposed convolutions here are 4x4.
+  return nn.ConvTranspose(features, (4, 4), (stride, stride),
+                          padding=((pad, pad), (pad, pad)), use_bias=False,
+                          kernel_init=_CONV_INIT)
+
+
+def check_image_size(image_size: int) -> None:
+  """Raises ConfigError unless the side is a power of two >= 16."""
+  if image_size < 16 or image_size & (image_size - 1):
+    raise ConfigError(
+        f"DCGAN networks need a square power-of-two image side >= 16 (the "
+        f"pyramid halves it down to 4x4); got {image_size}. Set "
+        "config.data.image_size to 16, 32, 64, 128 or 256.")
+
+
+def top_width(image_size: int, width: int) -> int:
+  """Channels at the 4x4 end of the pyramid: width * image_size / 8."""
+  return width * image_size // 8
+
+
+class DCGANEncoder(nn.Module):
+  """Image [B, S, S, C] -> (code [B, out_features], 4x4 features).
+
+  Attributes:
+    out_features: size of the final 1x1 code (the latent size, or 1 for a
+      discriminator's logit).
+    width: channels of the first layer (ngf).
+    extra_layers: 3x3 conv + BN + LeakyReLU layers after the first layer.
+  """
+
+  out_features: int
+  width: int = 64
+  extra_layers: int = 0
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    check_image_size(x.shape[1])
+    x = nn.leaky_relu(_conv(self.width, 4, 2, 1)(x), 0.2)
+    for _ in range(self.extra_layers):
+      x = nn.leaky_relu(_batch_norm(train)(_conv(x.shape[-1], 3, 1, 1)(x)),
+                        0.2)
+    while x.shape[1] > 4:
+      x = _conv(2 * x.shape[-1], 4, 2, 1)(x)
+      x = nn.leaky_relu(_batch_norm(train)(x), 0.2)
+    features = x
+    code = _conv(self.out_features, 4, 1, 0, name="final_conv")(x)
+    return code.reshape((x.shape[0], self.out_features)), features
+
+
+class DCGANDecoder(nn.Module):
+  """Code [B, latent] -> image [B, S, S, C] in [-1, 1] (tanh)."""
+
+  image_size: int
+  channels: int
+  width: int = 64
+  extra_layers: int = 0
+
+  @nn.compact
+  def __call__(self, z, train: bool):
+    check_image_size(self.image_size)
+    x = z.reshape((z.shape[0], 1, 1, z.shape[-1]))
+    channels = top_width(self.image_size, self.width)
+    x = nn.relu(_batch_norm(train)(_conv_transpose(channels, 1, 0)(x)))
+    while x.shape[1] < self.image_size // 2:
+      channels //= 2
+      x = nn.relu(_batch_norm(train)(_conv_transpose(channels, 2, 1)(x)))
+    for _ in range(self.extra_layers):
+      x = nn.relu(_batch_norm(train)(_conv(channels, 3, 1, 1)(x)))
+    return jnp.tanh(_conv_transpose(self.channels, 2, 1)(x))
+
+
+class GANomalyGenerator(nn.Module):
+  """Encoder G_E, decoder G_D and a second encoder E (Akcay et al. 2018).
+
+  Returns {'fake': G_D(G_E(x)), 'latent_in': G_E(x), 'latent_out':
+  E(G_D(G_E(x)))}.
+  """
+
+  latent_size: int = 100
+  width: int = 64
+  extra_layers: int = 0
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    size, channels = x.shape[1], x.shape[-1]
+    latent_in, _ = DCGANEncoder(self.latent_size, self.width,
+                                self.extra_layers, name="encoder")(x, train)
+    fake = DCGANDecoder(size, channels, self.width, self.extra_layers,
+                        name="decoder")(latent_in, train)
+    latent_out, _ = DCGANEncoder(self.latent_size, self.width,
+                                 self.extra_layers,
+                                 name="reencoder")(fake, train)
+    return {"fake": fake, "latent_in": latent_in, "latent_out": latent_out}
+
+
+class DCGANDiscriminator(nn.Module):
+  """Image -> (real/fake logit [B], features [B, 4, 4, top width]).
+
+  The features are the encoder trunk's output before the final conv, which
+  GANomaly's adversarial loss matches. With `num_classes` > 0 the final conv
+  gives that many logits [B, num_classes] instead of one.
+  """
+
+  width: int = 64
+  extra_layers: int = 0
+  num_classes: int = 0
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    logits, features = DCGANEncoder(max(self.num_classes, 1), self.width,
+                                    self.extra_layers, name="trunk")(x, train)
+    if not self.num_classes:
+      logits = logits[:, 0]
+    return logits, features

@@ -1,0 +1,164 @@
+"""GAN family: DCGAN shapes and sizes, loss terms, step semantics, resume."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_oneclass import data, methods, train
+from jax_oneclass.errors import ConfigError
+from jax_oneclass.methods import dgad, gan, ganomaly
+from jax_oneclass.models import dcgan
+from tests.conftest import tiny_config
+
+
+def _num_params(module, image_shape, *args):
+  shapes = jax.eval_shape(
+      lambda: module.init(jax.random.key(0), *args, train=False))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+
+
+# ../shared/specs part A2.4 (nz 100, ngf 64): encoder, decoder, G, D.
+@pytest.mark.parametrize("size, channels, counts", [
+    (32, 3, (1_068_800, 1_068_928, 3_206_528, 663_296)),
+    (32, 1, (1_066_752, 1_066_880, 3_200_384, 661_248)),
+    (64, 3, (3_576_576, 3_576_704, 10_729_856, 2_765_568)),
+])
+def test_dcgan_parameter_counts_match_the_reference(size, channels, counts):
+  image = jnp.zeros((1, size, size, channels))
+  code = jnp.zeros((1, 100))
+  got = (_num_params(dcgan.DCGANEncoder(100, 64), None, image),
+         _num_params(dcgan.DCGANDecoder(size, channels, 64), None, code),
+         _num_params(dcgan.GANomalyGenerator(100, 64), None, image),
+         _num_params(dcgan.DCGANDiscriminator(64), None, image))
+  assert got == counts
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_dcgan_shapes(size):
+  images = jnp.zeros((2, size, size, 3))
+  generator = dcgan.GANomalyGenerator(100, 64)
+  outputs = jax.eval_shape(
+      lambda: generator.init_with_output(jax.random.key(0), images,
+                                         train=False)[0])
+  assert outputs["fake"].shape == (2, size, size, 3)
+  assert outputs["latent_in"].shape == outputs["latent_out"].shape == (2, 100)
+  logits, features = jax.eval_shape(
+      lambda: dcgan.DCGANDiscriminator(64).init_with_output(
+          jax.random.key(0), images, train=False)[0])
+  assert logits.shape == (2,)
+  assert features.shape == (2, 4, 4, dcgan.top_width(size, 64))
+
+
+@pytest.mark.parametrize("size", [8, 24, 48, 100])
+def test_sizes_that_are_not_powers_of_two_are_refused(size):
+  with pytest.raises(ConfigError, match="power-of-two"):
+    dcgan.check_image_size(size)
+
+
+def test_ganomaly_loss_terms_hand_computed():
+  images = jnp.ones((2, 2, 2, 1))
+  outputs = {"fake": jnp.zeros((2, 2, 2, 1)),
+             "latent_in": jnp.array([[1.0, 2.0], [0.0, 0.0]]),
+             "latent_out": jnp.zeros((2, 2))}
+  real = jnp.full((2, 1, 1, 3), 3.0)
+  terms = ganomaly.generator_loss_terms(images, outputs, real, real - 1.0)
+  assert float(terms["adversarial"]) == pytest.approx(1.0)
+  assert float(terms["contextual"]) == pytest.approx(1.0)
+  assert float(terms["encoder"]) == pytest.approx((1 + 4) / 4)
+  scores = ganomaly.latent_scores(images, outputs)
+  np.testing.assert_allclose(scores["latent_mse"], [2.5, 0.0])
+  np.testing.assert_allclose(scores["latent_l1"], [1.5, 0.0])
+  np.testing.assert_allclose(scores["reconstruction_l1"], [1.0, 1.0])
+  # BCE from logits 0 is log 2 for real and fake alike.
+  assert float(gan.real_fake_loss(jnp.zeros(3), jnp.zeros(3))) == (
+      pytest.approx(np.log(2)))
+  assert float(gan.real_fake_loss(jnp.full(3, 30.0), jnp.full(3, -30.0))) < 1e-6
+
+
+def test_dgad_transforms_and_pretext_score():
+  images = jnp.arange(2 * 4 * 4).reshape((2, 4, 4, 1)).astype(jnp.float32)
+  stacked, labels = dgad.all_transforms(images, 8)
+  assert stacked.shape == (16, 4, 4, 1)
+  np.testing.assert_array_equal(labels, np.repeat(np.arange(8), 2))
+  np.testing.assert_array_equal(stacked[2:4], np.rot90(images, 1, (1, 2)))
+  np.testing.assert_array_equal(stacked[10:12],
+                                np.rot90(images, 1, (1, 2))[:, :, ::-1])
+  assert len({np.asarray(t).tobytes() for t in stacked[::2]}) == 8
+  uniform = dgad.pretext_nll(jnp.zeros((8, 4)), jnp.tile(jnp.arange(4), 2), 4)
+  np.testing.assert_allclose(uniform, [np.log(4)] * 2, rtol=1e-6)
+  sure = jnp.eye(4)[jnp.arange(4)] * 50.0  # Confident and right.
+  assert float(dgad.pretext_nll(sure, jnp.arange(4), 4)[0]) < 1e-6
+
+
+def _step_once(config):
+  info = data.dataset_info(config)
+  method = methods.get_method(config, info)
+  state = jax.jit(method.init_state, static_argnums=1)(jax.random.key(0),
+                                                      info.image_shape)
+  batch = next(data.train_batches(config))
+  new_state, metrics = jax.jit(method.train_step)(state, batch,
+                                                  jax.random.key(1))
+  return state, new_state, metrics
+
+
+def _same(a, b):
+  return all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+
+
+def test_ganomaly_step_updates_each_network_only_by_its_own_loss():
+  config = tiny_config("ganomaly")
+  config.loss_weights = dict(adversarial=0.0, contextual=0.0, encoder=0.0)
+  config.discriminator_reinit_threshold = 0.0
+  state, new, metrics = _step_once(config)
+  # A zero generator loss leaves G's weights alone (Adam of zero grads),
+  # though its BatchNorm statistics move; D still learns.
+  assert _same(state.generator.params, new.generator.params)
+  assert not _same(state.generator.batch_stats, new.generator.batch_stats)
+  assert not _same(state.discriminator.params, new.discriminator.params)
+  assert float(metrics["discriminator_reinit"]) == 0.0
+
+
+def test_ganomaly_reinitialises_a_collapsed_discriminator():
+  config = tiny_config("ganomaly")
+  _, kept, _ = _step_once(config)
+  config.discriminator_reinit_threshold = 1e9  # Always "collapsed".
+  _, reset, metrics = _step_once(config)
+  assert float(metrics["discriminator_reinit"]) == 1.0
+  assert _same(kept.generator, reset.generator)
+  assert not _same(kept.discriminator.params, reset.discriminator.params)
+  # Running statistics and (by default) Adam's moments are kept.
+  assert _same(kept.discriminator.batch_stats, reset.discriminator.batch_stats)
+  assert _same(kept.discriminator.opt_state, reset.discriminator.opt_state)
+  config.reset_discriminator_optimizer = True
+  _, fresh_adam, _ = _step_once(config)
+  assert not _same(kept.discriminator.opt_state,
+                   fresh_adam.discriminator.opt_state)
+
+
+def test_reference_batch_mode_depends_on_the_batch_and_running_does_not():
+  config = tiny_config("ganomaly")
+  config.eval.batch_norm = "batch"
+  info = data.dataset_info(config)
+  method = methods.get_method(config, info)
+  _, state, _ = _step_once(config)
+  images = jax.random.uniform(jax.random.key(2), (8,) + info.image_shape)
+  score = jax.jit(method.score)
+  full = score(state, {}, {"image": images})["latent_mse"]
+  part = score(state, {}, {"image": images[:4]})["latent_mse"]
+  assert not np.allclose(full[:4], part)
+  config.eval.batch_norm = "sideways"
+  with pytest.raises(ConfigError, match="batch_norm"):
+    methods.get_method(config, info)
+
+
+def test_gan_resume_continues_exactly(tmp_path):
+  method = "ganomaly"  # Its step draws random numbers (re-initialisation).
+  config = tiny_config(method, steps=4)
+  _, straight = train.train(config, tmp_path / "straight")
+  halted = tiny_config(method, steps=4)
+  halted.halt_after_step = 2
+  train.train(halted, tmp_path / "resumed")
+  _, resumed = train.train(config, tmp_path / "resumed")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               jax.device_get(straight), jax.device_get(resumed))
