@@ -162,3 +162,63 @@ def test_gan_resume_continues_exactly(tmp_path):
   _, resumed = train.train(config, tmp_path / "resumed")
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                jax.device_get(straight), jax.device_get(resumed))
+
+
+def test_up_conv_is_torchs_conv_transpose():
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+  module = dcgan.UpConv(5)
+  variables = module.init(jax.random.key(1), x)
+  kernel = variables["params"]["kernel"]  # [4, 4, 3, 5]
+  # torch ConvTranspose2d(3, 5, 4, 2, 1) == the input-gradient of
+  # Conv2d(5, 3, 4, 2, 1) with the same weight tensor.
+  conv = lambda y: jax.lax.conv_general_dilated(
+      y, kernel.transpose(0, 1, 3, 2), (2, 2), ((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  _, transpose = jax.vjp(conv, jnp.zeros((2, 8, 8, 5)))
+  np.testing.assert_allclose(module.apply(variables, x), transpose(x)[0],
+                             atol=1e-5)
+
+
+def _reference_gradients(method, state, images):
+  """GANomaly's gradients the way the reference computes them: four
+  separate discriminator passes, each loss differentiated on its own."""
+  g, d = state.generator, state.discriminator
+
+  def discriminate(params, x):
+    (logits, features), _ = gan.apply_train(method.discriminator, params,
+                                            d.batch_stats, x)
+    return logits, features
+
+  def generator_objective(params):
+    outputs, _ = gan.apply_train(method.generator, params, g.batch_stats,
+                                 images)
+    _, real = discriminate(d.params, images)
+    _, fake = discriminate(d.params, outputs["fake"])
+    terms = ganomaly.generator_loss_terms(images, outputs, real, fake)
+    return terms["adversarial"] + 50 * terms["contextual"] + terms[
+        "encoder"], outputs["fake"]
+
+  (g_loss, fake), g_grads = jax.value_and_grad(
+      generator_objective, has_aux=True)(g.params)
+  fake = jax.lax.stop_gradient(fake)
+  d_loss, d_grads = jax.value_and_grad(lambda p: gan.real_fake_loss(
+      discriminate(p, images)[0], discriminate(p, fake)[0]))(d.params)
+  return g_loss, g_grads, d_loss, d_grads
+
+
+def test_shared_discriminator_passes_give_the_reference_gradients():
+  config = tiny_config("ganomaly")
+  info = data.dataset_info(config)
+  method = methods.get_method(config, info)
+  state = jax.jit(method.init_state, static_argnums=1)(jax.random.key(0),
+                                                      info.image_shape)
+  images = jax.random.uniform(jax.random.key(1), (8,) + info.image_shape)
+  images = gan.to_tanh_range(images)
+  g_out, d_out = jax.jit(method.gradients)(state, images)
+  g_loss, g_grads, d_loss, d_grads = jax.jit(
+      lambda s, x: _reference_gradients(method, s, x))(state, images)
+  assert float(g_out.loss) == pytest.approx(float(g_loss), rel=1e-5)
+  assert float(d_out.loss) == pytest.approx(float(d_loss), rel=1e-5)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  jax.tree.map(close, g_out.grads, g_grads)
+  jax.tree.map(close, d_out.grads, d_grads)

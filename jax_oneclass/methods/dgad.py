@@ -116,60 +116,52 @@ class Method:
         discriminator=gan.init_network(self.discriminator, self.tx, d_rng,
                                        example))
 
-  def _discriminate(self, params, batch_stats, images):
-    (logits, _), batch_stats = gan.apply_train(self.discriminator, params,
-                                               batch_stats, images)
-    return logits[:, :-1], logits[:, -1], batch_stats
+  def _split(self, logits):
+    """Discriminator output -> (pretext logits [N, K], real/fake logit [N])."""
+    return logits[:, :-1], logits[:, -1]
 
   def train_step(self, state, batch, rng):
-    """Generator step, then discriminator step, as one pure function."""
+    """Generator and discriminator steps, as one pure function."""
     del rng  # Deterministic given the batch.
     images = gan.to_tanh_range(gan.first_view(batch))
     inputs, labels = all_transforms(images, self.num_transforms)
-    g, d = state.generator, state.discriminator
     w_pretext = self.config.pretext_weight
     w_adv = self.config.adversarial_weight
 
-    def generator_objective(params):
-      outputs, g_stats = gan.apply_train(self.generator, params,
-                                         g.batch_stats, inputs)
-      pretext_logits, real_fake, _ = self._discriminate(
-          d.params, d.batch_stats, outputs["fake"])
-      pretext = optax.softmax_cross_entropy_with_integer_labels(
-          pretext_logits, labels).mean()
+    def pretext_loss(logits):
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+      return loss.mean(), jnp.mean(jnp.argmax(logits, -1) == labels)
+
+    def generator_loss(outputs, d_real, d_fake):
+      del outputs, d_real  # No pixel loss: G learns only through D.
+      pretext_logits, real_fake = self._split(d_fake[0])
+      pretext, accuracy = pretext_loss(pretext_logits)
       adversarial = optax.sigmoid_binary_cross_entropy(
           real_fake, jnp.ones_like(real_fake)).mean()
-      loss = w_pretext * pretext + w_adv * adversarial
-      accuracy = jnp.mean(jnp.argmax(pretext_logits, -1) == labels)
-      return loss, (outputs["fake"], g_stats, {
+      return w_pretext * pretext + w_adv * adversarial, {
           "generator_pretext": pretext, "generator_adversarial": adversarial,
-          "generated_pretext_accuracy": accuracy})
+          "generated_pretext_accuracy": accuracy}
 
-    (g_loss, (fake, g_stats, g_metrics)), g_grads = jax.value_and_grad(
-        generator_objective, has_aux=True)(g.params)
-    fake = jax.lax.stop_gradient(fake)
-
-    def discriminator_objective(params):
-      pretext_logits, logits_real, stats = self._discriminate(
-          params, d.batch_stats, inputs)
-      _, logits_fake, stats = self._discriminate(params, stats, fake)
-      pretext = optax.softmax_cross_entropy_with_integer_labels(
-          pretext_logits, labels).mean()
-      adversarial = gan.real_fake_loss(logits_real, logits_fake)
-      accuracy = jnp.mean(jnp.argmax(pretext_logits, -1) == labels)
-      return pretext + w_adv * adversarial, (stats, {
+    def discriminator_loss(d_real, d_fake):
+      pretext_logits, logits_real = self._split(d_real[0])
+      pretext, accuracy = pretext_loss(pretext_logits)
+      adversarial = gan.real_fake_loss(logits_real, self._split(d_fake[0])[1])
+      return pretext + w_adv * adversarial, {
           "discriminator_pretext": pretext,
           "discriminator_adversarial": adversarial,
-          "real_pretext_accuracy": accuracy})
+          "real_pretext_accuracy": accuracy}
 
-    (d_loss, (d_stats, d_metrics)), d_grads = jax.value_and_grad(
-        discriminator_objective, has_aux=True)(d.params)
+    g_out, d_out = gan.gan_gradients(
+        self.generator, self.discriminator, state.generator,
+        state.discriminator, inputs, generator_loss, discriminator_loss)
     new_state = state.replace(
         step=state.step + 1,
-        generator=gan.apply_updates(self.tx, g, g_grads, g_stats),
-        discriminator=gan.apply_updates(self.tx, d, d_grads, d_stats))
-    metrics = {"loss": g_loss, "discriminator_loss": d_loss, **g_metrics,
-               **d_metrics}
+        generator=gan.apply_updates(self.tx, state.generator, g_out.grads,
+                                    g_out.batch_stats),
+        discriminator=gan.apply_updates(self.tx, state.discriminator,
+                                        d_out.grads, d_out.batch_stats))
+    metrics = {"loss": g_out.loss, "discriminator_loss": d_out.loss,
+               **g_out.metrics, **d_out.metrics}
     return new_state, metrics
 
   def _generate(self, state, images):
@@ -189,8 +181,8 @@ class Method:
     images = gan.to_tanh_range(batch["image"])
     inputs, labels = all_transforms(images, self.num_transforms)
     generated = self._generate(state, inputs)["fake"]
-    discriminate = lambda x: gan.apply_eval(
-        self.discriminator, state.discriminator, x)[0][:, :-1]
+    discriminate = lambda x: self._split(gan.apply_eval(
+        self.discriminator, state.discriminator, x)[0])[0]
     num = self.num_transforms
     scores = {
         "pretext/generated": pretext_nll(discriminate(generated), labels, num),

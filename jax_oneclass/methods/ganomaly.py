@@ -86,53 +86,39 @@ class Method:
         discriminator=gan.init_network(self.discriminator, self.tx, d_rng,
                                        example))
 
-  def _discriminate(self, network, images):
-    (logits, features), batch_stats = gan.apply_train(
-        self.discriminator, network.params, network.batch_stats, images)
-    return logits, features, batch_stats
+  def gradients(self, state, images):
+    """Both networks' (loss, metrics, gradients, BatchNorm statistics)."""
+
+    def generator_loss(outputs, d_real, d_fake):
+      terms = generator_loss_terms(images, outputs, d_real[1], d_fake[1])
+      loss = sum(self.weights[k] * v for k, v in terms.items())
+      return loss, {f"generator_{k}": v for k, v in terms.items()}
+
+    def discriminator_loss(d_real, d_fake):
+      return gan.real_fake_loss(d_real[0], d_fake[0]), {}
+
+    return gan.gan_gradients(self.generator, self.discriminator,
+                             state.generator, state.discriminator, images,
+                             generator_loss, discriminator_loss)
 
   def train_step(self, state, batch, rng):
-    """Generator step, then discriminator step, as one pure function."""
+    """Generator and discriminator steps, as one pure function."""
     reinit_rng, = gan.step_keys(rng, state.step, 1)
     images = gan.to_tanh_range(gan.first_view(batch))
-    g, d = state.generator, state.discriminator
-
-    def generator_objective(params):
-      outputs, g_stats = gan.apply_train(self.generator, params,
-                                         g.batch_stats, images)
-      # Separate calls, so each gets its own batch statistics (reference).
-      _, features_real, _ = self._discriminate(d, images)
-      _, features_fake, _ = self._discriminate(d, outputs["fake"])
-      terms = generator_loss_terms(images, outputs, features_real,
-                                   features_fake)
-      loss = sum(self.weights[k] * v for k, v in terms.items())
-      return loss, (outputs["fake"], g_stats, terms)
-
-    (g_loss, (fake, g_stats, terms)), g_grads = jax.value_and_grad(
-        generator_objective, has_aux=True)(g.params)
-    fake = jax.lax.stop_gradient(fake)
-
-    def discriminator_objective(params):
-      network = d.replace(params=params)
-      logits_real, _, stats = self._discriminate(network, images)
-      logits_fake, _, stats = self._discriminate(
-          network.replace(batch_stats=stats), fake)
-      return gan.real_fake_loss(logits_real, logits_fake), stats
-
-    (d_loss, d_stats), d_grads = jax.value_and_grad(
-        discriminator_objective, has_aux=True)(d.params)
-
-    new_g = gan.apply_updates(self.tx, g, g_grads, g_stats)
-    new_d = gan.apply_updates(self.tx, d, d_grads, d_stats)
-    collapsed = d_loss < self.config.discriminator_reinit_threshold
+    g_out, d_out = self.gradients(state, images)
+    new_g = gan.apply_updates(self.tx, state.generator, g_out.grads,
+                              g_out.batch_stats)
+    new_d = gan.apply_updates(self.tx, state.discriminator, d_out.grads,
+                              d_out.batch_stats)
+    collapsed = d_out.loss < self.config.discriminator_reinit_threshold
     fresh = lambda: self.discriminator.init(reinit_rng, images[:1],
                                             train=False)["params"]
     new_d = gan.reinitialise_if(collapsed, new_d, fresh, self.tx,
                                 self.config.reset_discriminator_optimizer)
-    metrics = {"loss": g_loss, "discriminator_loss": d_loss,
+    metrics = {"loss": g_out.loss, "discriminator_loss": d_out.loss,
                "discriminator_reinit": collapsed.astype(jnp.float32),
-               "generator_grad_norm": base.global_norm(g_grads),
-               **{f"generator_{k}": v for k, v in terms.items()}}
+               "generator_grad_norm": base.global_norm(g_out.grads),
+               **g_out.metrics}
     return state.replace(step=state.step + 1, generator=new_g,
                          discriminator=new_d), metrics
 

@@ -1,0 +1,250 @@
+"""Benchmark of the GAN family against anomalib's PyTorch GANomaly.
+
+Parts (each writes experiments/results/gan_<part>.json, then the GAN section
+of RESULTS.md is re-rendered from them):
+
+  throughput  GANomaly train-step images/s and peak memory, ours (JAX) vs
+              anomalib's (CPU torch) at the same image size, batch, width
+              and latent size; each side runs in a fresh process.
+  cifar10     one-class CIFAR-10 AUROC per normal class for our GANomaly,
+              our discriminative-generative method (dgad) and anomalib's
+              GANomaly, all with the same number of steps and batch size.
+  report      only re-render.
+
+anomalib runs in its own virtualenv (torch and anomalib do not belong in
+this package's dependencies); make one with
+  python3.11 -m venv /work/anomalib_venv
+  /work/anomalib_venv/bin/pip install anomalib torch torchvision scikit-learn pillow
+and pass --anomalib_python=/work/anomalib_venv/bin/python (the default).
+
+  python experiments/gan_benchmark.py throughput
+  python experiments/gan_benchmark.py cifar10 --classes=0,1,2 --steps=300
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments import common  # pylint: disable=g-import-not-at-top
+
+SCRIPT = "python experiments/gan_benchmark.py"
+ANOMALIB_SCRIPT = common.ROOT / "experiments" / "anomalib_ganomaly.py"
+
+
+def _peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def ours_throughput(image_size, batch_size, width, latent, steps,
+                    warmup) -> dict:
+  """Our GANomaly step on random images (no input pipeline), this process."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax_oneclass import parallel, train  # pylint: disable=g-import-not-at-top
+  from jax_oneclass.methods import ganomaly  # pylint: disable=g-import-not-at-top
+  import_rss = _peak_rss_mb()
+  config = common.config_with("ganomaly", "cifar10", {
+      "batch_size": batch_size, "model.width": width,
+      "model.latent_size": latent, "data.image_size": image_size,
+      "num_train_steps": steps})
+  shape = (image_size, image_size, 3)
+  info = types.SimpleNamespace(image_shape=shape, num_train=5000)
+  method = ganomaly.Method(config, info)
+  mesh = parallel.make_mesh()
+  state = train.initial_state(method, info, mesh, 0)
+  step_fn = train.jit_train_step(method, mesh)
+  images = jax.random.uniform(jax.random.key(0), (batch_size, 1) + shape)
+  batch = parallel.shard_batch(mesh, {"image": images})
+  rng = jax.random.key(1)
+  for _ in range(warmup):
+    state, metrics = step_fn(state, batch, rng)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = step_fn(state, batch, rng)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  mean = sum(times) / len(times)
+  return {"images_per_sec": batch_size / mean, "step_ms": 1000 * mean,
+          "step_ms_median": 1000 * sorted(times)[len(times) // 2],
+          "peak_rss_mb": _peak_rss_mb(), "import_rss_mb": import_rss,
+          "jax_version": jax.__version__, "devices": str(jax.devices())}
+
+
+def _run_json(command: list[str]) -> dict:
+  """Runs a command that prints one JSON object last; returns it."""
+  out = subprocess.run(command, capture_output=True, text=True, check=False,
+                       cwd=common.ROOT)
+  if out.returncode:
+    raise SystemExit(f"{' '.join(command)} failed:\n{out.stderr[-3000:]}")
+  text = out.stdout
+  start = text.rfind("\n{") + 1  # The JSON may span several lines.
+  return json.loads(text[start:])
+
+
+def _anomalib(args, *extra) -> list[str]:
+  if not Path(args.anomalib_python).exists():
+    raise SystemExit(
+        f"No anomalib Python at {args.anomalib_python}; create the venv as "
+        "this script's docstring says, or pass --anomalib_python.")
+  return [args.anomalib_python, str(ANOMALIB_SCRIPT), *extra,
+          f"--threads={os.cpu_count()}"]
+
+
+def part_throughput(args):
+  settings = dict(image_size=args.image_size, batch_size=args.batch_size,
+                  width=args.width, latent=args.latent)
+  flags = [f"--{k}={v}" for k, v in settings.items()]
+  ours = _run_json([sys.executable, __file__, "_ours_throughput", *flags,
+                    f"--throughput_steps={args.throughput_steps}"])
+  theirs = _run_json(_anomalib(args, "throughput", *flags,
+                               f"--steps={args.throughput_steps}"))
+  return {"command": f"{SCRIPT} throughput " + " ".join(flags),
+          "settings": settings, "ours": ours, "anomalib": theirs,
+          "speedup": ours["images_per_sec"] / theirs["images_per_sec"]}
+
+
+def part_cifar10(args):
+  folder = common.cifar_folder(args.data)
+  overrides = {"num_train_steps": args.steps, "batch_size": args.batch_size,
+               "model.width": args.width, "model.latent_size": args.latent,
+               "checkpoint_every_steps": args.steps, "eval.batch_size": 500}
+  out = {"command": f"{SCRIPT} cifar10 --data={args.data} --classes="
+                    f"{','.join(map(str, args.classes))} --steps={args.steps} "
+                    f"--width={args.width}",
+         "budget": overrides, "runs": {}}
+  for c in args.classes:
+    arg = f"folder,folder={folder},normal_class={c}"
+    for method in ("ganomaly", "dgad"):
+      workdir = Path(args.workdir_root) / "gan_cifar10" / method / str(c)
+      res = common.run_method(method, arg, workdir, overrides)
+      out["runs"].setdefault(method, {})[str(c)] = res
+      print(f"class {c} {method}: {res['wall_seconds']} s {res['auroc']}",
+            flush=True)
+    start = time.perf_counter()
+    res = _run_json(_anomalib(
+        args, "cifar10", f"--data={folder}", f"--normal_class={c}",
+        f"--steps={args.steps}", f"--batch_size={args.batch_size}",
+        f"--width={args.width}", f"--latent={args.latent}"))
+    res["wall_seconds"] = round(time.perf_counter() - start, 1)
+    out["runs"].setdefault("anomalib_ganomaly", {})[str(c)] = res
+    print(f"class {c} anomalib: {res['auroc']:.4f}", flush=True)
+  return out
+
+
+def _mean(values):
+  values = list(values)
+  return sum(values) / len(values)
+
+
+def render(parts) -> str:
+  """The GAN family's section of RESULTS.md."""
+  lines = ["## GAN family (GANomaly, discriminative-generative)", ""]
+  if "gan_throughput" in parts:
+    p = parts["gan_throughput"]
+    s, ours, theirs = p["settings"], p["ours"], p["anomalib"]
+    lines += [
+        "### GANomaly train step: ours vs anomalib", "",
+        f"Command: `{p['command']}` (anomalib {theirs['anomalib_version']}, "
+        f"torch {theirs['torch_version']} with {theirs['threads']} threads; "
+        f"JAX {ours['jax_version']}). Image {s['image_size']}x"
+        f"{s['image_size']}x3, batch {s['batch_size']}, width "
+        f"{s['width']}, latent {s['latent']}; random inputs, a full step "
+        "(generator and discriminator updates) each.", "",
+        "| implementation | step ms | images/s | peak RSS MB | RSS after "
+        "imports MB |", "|---|---|---|---|---|",
+        f"| jax_oneclass | {ours['step_ms']:.0f} | "
+        f"{ours['images_per_sec']:.0f} | {ours['peak_rss_mb']:.0f} | "
+        f"{ours['import_rss_mb']:.0f} |",
+        f"| anomalib | {theirs['step_ms']:.0f} | "
+        f"{theirs['images_per_sec']:.0f} | {theirs['peak_rss_mb']:.0f} | "
+        f"{theirs.get('import_rss_mb', float('nan')):.0f} |", "",
+        f"Speed-up (ours / anomalib images/s): **{p['speedup']:.2f}x** "
+        "(goal: >= 2x). Peak RSS is the whole process (ru_maxrss), "
+        "including the framework's own import footprint, shown separately.",
+        ""]
+  if "gan_cifar10" in parts:
+    p = parts["gan_cifar10"]
+    b = p["budget"]
+    runs = p["runs"]
+    classes = sorted(next(iter(runs.values())), key=int)
+    lines += [
+        "### One-class CIFAR-10 (one class normal), same small budget", "",
+        f"Command: `{p['command']}`. Every run: {b['num_train_steps']} steps "
+        f"of batch {b['batch_size']} normal images, width {b['model.width']}, "
+        f"latent {b['model.latent_size']}; last-step model (no selection on "
+        "the test set); the whole 10,000-image test split.", "",
+        "| method | scorer | mean AUROC | per class (" + ", ".join(classes)
+        + ") | wall s / run |", "|---|---|---|---|---|"]
+    rows = []
+    for method, per_class in runs.items():
+      names = ("auroc",) if method == "anomalib_ganomaly" else sorted(
+          next(iter(per_class.values()))["auroc"])
+      for name in names:
+        get = (lambda r: r["auroc"]) if name == "auroc" else (
+            lambda r, n=name: r["auroc"][n])
+        per = [get(per_class[c]) for c in classes]
+        wall = _mean(per_class[c]["wall_seconds"] for c in classes)
+        rows.append((method, "latent_mse" if name == "auroc" else name,
+                     _mean(per), per, wall))
+    for method, name, mean, per, wall in sorted(rows, key=lambda r: -r[2]):
+      lines.append(f"| {method} | {name} | {mean:.4f} | "
+                   f"{' '.join(f'{v:.3f}' for v in per)} | {wall:.0f} |")
+    gan_best = max((r for r in rows if r[0] != "dgad"), key=lambda r: r[2])
+    dgad_main = next((r for r in rows if r[:2] == ("dgad",
+                                                   "pretext/generated")), None)
+    if dgad_main:
+      lines += ["", f"dgad's main score (pretext/generated, fixed before "
+                f"the runs) minus the best GANomaly row ({gan_best[0]} "
+                f"{gan_best[1]}): {100 * (dgad_main[2] - gan_best[2]):+.1f} "
+                "AUROC points. The paper reports about +6 points over the best "
+                "GAN baseline at its full budget."]
+    lines.append("")
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("part", choices=["throughput", "cifar10", "report",
+                                       "_ours_throughput"])
+  parser.add_argument("--classes", default="0,1,2")
+  parser.add_argument("--data", default="../shared/data/cifar10-jpeg.tar.gz")
+  parser.add_argument("--steps", type=int, default=300)
+  parser.add_argument("--image_size", type=int, default=32)
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--width", type=int, default=64)
+  parser.add_argument("--latent", type=int, default=100)
+  parser.add_argument("--throughput_steps", type=int, default=20)
+  parser.add_argument("--anomalib_python",
+                      default=os.environ.get("ANOMALIB_PYTHON",
+                                             "/work/anomalib_venv/bin/python"))
+  parser.add_argument("--workdir_root", default="/tmp/jax_oneclass_bench")
+  args = parser.parse_args()
+  os.chdir(common.ROOT)
+  if args.part == "_ours_throughput":  # The child process of 'throughput'.
+    print(json.dumps(ours_throughput(args.image_size, args.batch_size,
+                                     args.width, args.latent,
+                                     args.throughput_steps, warmup=3)))
+    return
+  args.classes = [int(c) for c in args.classes.split(",")]
+  if args.part != "report":
+    result = globals()[f"part_{args.part}"](args)
+    common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (common.RESULTS_DIR / f"gan_{args.part}.json").write_text(
+        json.dumps(result, indent=1, sort_keys=True) + "\n")
+  parts = {p.stem: json.loads(p.read_text())
+           for p in sorted(common.RESULTS_DIR.glob("gan_*.json"))}
+  common.write_section("gan", render(parts))
+  print(common.write_report())
+
+
+if __name__ == "__main__":
+  main()
