@@ -395,6 +395,14 @@ def get_classifier(name: str) -> Classifier:
         f'{sorted(CLASSIFIERS)}.') from None
 
 
+def checked_hparams(config_classifiers: Mapping[str, Mapping[str, Any]]
+                    ) -> dict[str, dict[str, Any]]:
+  """{name: hparams} from a config, failing early on an unknown name."""
+  for name in config_classifiers:
+    get_classifier(name)
+  return {name: dict(h) for name, h in config_classifiers.items()}
+
+
 def fit_each(features: np.ndarray,
              hparams_by_name: Mapping[str, Mapping[str, Any]]
              ) -> dict[str, Params]:

@@ -101,20 +101,12 @@ class Method:
     self.discriminator = DCGANEncoder(self.num_transforms + 1, model.width,
                                       model.extra_layers)
     self.tx = base.make_optimizer(config, base.steps_per_epoch(config, info))
-    self.classifier_hparams = {
-        name: dict(hparams) for name, hparams in config.classifiers.items()}
-    for name in self.classifier_hparams:
-      classifiers.get_classifier(name)  # Fails early on an unknown name.
+    self.classifier_hparams = classifiers.checked_hparams(config.classifiers)
 
   def init_state(self, rng, image_shape) -> gan.GANState:
     """Both networks' variables and optimiser states."""
-    example = jnp.zeros((2,) + tuple(image_shape))
-    g_rng, d_rng = jax.random.split(rng)
-    return gan.GANState(
-        step=jnp.zeros((), jnp.int32),
-        generator=gan.init_network(self.generator, self.tx, g_rng, example),
-        discriminator=gan.init_network(self.discriminator, self.tx, d_rng,
-                                       example))
+    return gan.init_gan_state(self.generator, self.discriminator, self.tx,
+                              rng, image_shape)
 
   def _split(self, logits):
     """Discriminator output -> (pretext logits [N, K], real/fake logit [N])."""

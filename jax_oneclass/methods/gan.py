@@ -50,6 +50,17 @@ def init_network(module: nn.Module, tx, rng, example) -> Network:
                  opt_state=tx.init(params))
 
 
+def init_gan_state(generator: nn.Module, discriminator: nn.Module, tx, rng,
+                   image_shape) -> GANState:
+  """Step 0 and both networks' variables and optimiser states."""
+  example = jnp.zeros((2,) + tuple(image_shape))
+  g_rng, d_rng = jax.random.split(rng)
+  return GANState(step=jnp.zeros((), jnp.int32),
+                  generator=init_network(generator, tx, g_rng, example),
+                  discriminator=init_network(discriminator, tx, d_rng,
+                                             example))
+
+
 def apply_train(module: nn.Module, params, batch_stats, images):
   """Train-mode forward pass; returns (outputs, new batch_stats)."""
   outputs, updates = module.apply(

@@ -27,7 +27,6 @@ AUROC, never the best epoch picked on the test set. Pixels are scaled to
 tanh range).
 """
 
-import jax
 import jax.numpy as jnp
 
 from jax_oneclass.errors import ConfigError
@@ -77,14 +76,9 @@ class Method:
                         f"contextual, encoder; got {sorted(self.weights)}.")
 
   def init_state(self, rng, image_shape) -> gan.GANState:
-    """Both networks' variables and Adam states."""
-    example = jnp.zeros((2,) + tuple(image_shape))
-    g_rng, d_rng = jax.random.split(rng)
-    return gan.GANState(
-        step=jnp.zeros((), jnp.int32),
-        generator=gan.init_network(self.generator, self.tx, g_rng, example),
-        discriminator=gan.init_network(self.discriminator, self.tx, d_rng,
-                                       example))
+    """Both networks' variables and optimiser states."""
+    return gan.init_gan_state(self.generator, self.discriminator, self.tx,
+                              rng, image_shape)
 
   def gradients(self, state, images):
     """Both networks' (loss, metrics, gradients, BatchNorm statistics)."""

@@ -44,10 +44,7 @@ class TwoStageMethod:
         head_dims=tuple(model_cfg.head_dims),
         num_rotations=self.num_rotation_classes)
     self.tx = base.make_optimizer(config, base.steps_per_epoch(config, info))
-    self.classifier_hparams = {
-        name: dict(hparams) for name, hparams in config.classifiers.items()}
-    for name in self.classifier_hparams:
-      classifiers.get_classifier(name)  # Fails early on an unknown name.
+    self.classifier_hparams = classifiers.checked_hparams(config.classifiers)
 
   # --- stage one -----------------------------------------------------------
 

@@ -169,18 +169,14 @@ class DCGANDiscriminator(nn.Module):
   """Image -> (real/fake logit [B], features [B, 4, 4, top width]).
 
   The features are the encoder trunk's output before the final conv, which
-  GANomaly's adversarial loss matches. With `num_classes` > 0 the final conv
-  gives that many logits [B, num_classes] instead of one.
+  GANomaly's adversarial loss matches.
   """
 
   width: int = 64
   extra_layers: int = 0
-  num_classes: int = 0
 
   @nn.compact
   def __call__(self, x, train: bool):
-    logits, features = DCGANEncoder(max(self.num_classes, 1), self.width,
-                                    self.extra_layers, name="trunk")(x, train)
-    if not self.num_classes:
-      logits = logits[:, 0]
-    return logits, features
+    logits, features = DCGANEncoder(1, self.width, self.extra_layers,
+                                    name="trunk")(x, train)
+    return logits[:, 0], features

@@ -1,0 +1,181 @@
+"""ImageNet ResNets laid out like torchvision's, for pretrained feature maps.
+
+`TorchResNet` computes what torchvision's `resnet18`, `resnet50` and
+`wide_resnet50_2` compute (v1.5 blocks: the stride sits on the 3x3 conv; the
+shortcut is a 1x1 conv + BN when the shape changes), in NHWC, so converted
+torchvision weights give the same feature maps (../shared/specs part B2).
+Padding is explicit and symmetric, as PyTorch pads: 'SAME' would pad
+stride-2 convolutions asymmetrically and shift every feature map.
+
+Module names mirror torchvision's state-dict keys, with every
+`<name>.<index>` pair joined by an underscore:
+
+  conv1, bn1                      stem
+  layer{L}_{i}/conv{1,2,3}        torch `layer{L}.{i}.conv{1,2,3}`
+  layer{L}_{i}/bn{1,2,3}          torch `layer{L}.{i}.bn{1,2,3}`
+  layer{L}_{i}/downsample_0       torch `layer{L}.{i}.downsample.0` (1x1 conv)
+  layer{L}_{i}/downsample_1       torch `layer{L}.{i}.downsample.1` (BN)
+
+Convolutions have a `kernel` [kH, kW, in, out] and no bias; BatchNorms have
+`scale`, `bias` (in `params`) and `mean`, `var` (in `batch_stats`).
+`jax_oneclass.pretrained` converts torchvision files by this rule.
+"""
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jax_oneclass.errors import ConfigError
+
+# torchvision's defaults: BatchNorm2d(eps=1e-5, momentum=0.1), which is Flax
+# momentum 0.9; convolutions drawn with kaiming_normal_(mode='fan_out').
+_BN_MOMENTUM = 0.9
+_BN_EPSILON = 1e-5
+_CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# Per-channel statistics torchvision's ImageNet weights expect (RGB).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_normalize(images):
+  """Maps RGB images in [0, 1] to the inputs the ImageNet weights expect."""
+  mean = jnp.asarray(IMAGENET_MEAN, images.dtype)
+  std = jnp.asarray(IMAGENET_STD, images.dtype)
+  return (images - mean) / std
+
+
+def _conv(features: int, kernel: int, stride: int, name: str):
+  pad = (kernel - 1) // 2
+  return nn.Conv(features, (kernel, kernel), (stride, stride),
+                 padding=((pad, pad), (pad, pad)), use_bias=False,
+                 kernel_init=_CONV_INIT, name=name)
+
+
+def _batch_norm(train: bool, name: str):
+  return nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM,
+                      epsilon=_BN_EPSILON, name=name)
+
+
+def _shortcut(x, features: int, stride: int, train: bool):
+  """Identity, or a strided 1x1 conv + BN when the shape changes."""
+  if x.shape[-1] == features and stride == 1:
+    return x
+  x = _conv(features, 1, stride, "downsample_0")(x)
+  return _batch_norm(train, "downsample_1")(x)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions (ResNet-18/34); outputs `planes` channels."""
+
+  planes: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    y = _conv(self.planes, 3, self.stride, "conv1")(x)
+    y = nn.relu(_batch_norm(train, "bn1")(y))
+    y = _conv(self.planes, 3, 1, "conv2")(y)
+    y = _batch_norm(train, "bn2")(y)
+    return nn.relu(y + _shortcut(x, self.planes, self.stride, train))
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (strided) -> 1x1 block; outputs `4 * planes` channels.
+
+  The inner width is `planes * width_per_group // 64`: 64 gives ResNet-50,
+  128 gives WideResNet-50-2.
+  """
+
+  planes: int
+  stride: int = 1
+  width_per_group: int = 64
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    width = self.planes * self.width_per_group // 64
+    y = _conv(width, 1, 1, "conv1")(x)
+    y = nn.relu(_batch_norm(train, "bn1")(y))
+    y = _conv(width, 3, self.stride, "conv2")(y)
+    y = nn.relu(_batch_norm(train, "bn2")(y))
+    y = _conv(4 * self.planes, 1, 1, "conv3")(y)
+    y = _batch_norm(train, "bn3")(y)
+    return nn.relu(y + _shortcut(x, 4 * self.planes, self.stride, train))
+
+
+_BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+class TorchResNet(nn.Module):
+  """torchvision's ImageNet ResNet without the classifier, NHWC.
+
+  `__call__(x, train=False)` takes normalised images [B, H, W, 3] (see
+  `imagenet_normalize`) and returns {'layer1', 'layer2', 'layer3'} at
+  strides 4, 8 and 16; with `with_layer4`, also 'layer4' (stride 32) and
+  'pool', its spatial mean [B, C] (the classifier's input). Without it,
+  layer4's parameters are never created.
+  """
+
+  block: str  # "basic" or "bottleneck".
+  stage_sizes: Sequence[int]
+  width_per_group: int = 64
+  with_layer4: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if self.block not in _BLOCKS:
+      raise ConfigError(
+          f"block must be one of {sorted(_BLOCKS)}, got {self.block!r}.")
+    block = _BLOCKS[self.block]
+    if self.block == "bottleneck":
+      block = functools.partial(block, width_per_group=self.width_per_group)
+    elif self.width_per_group != 64:
+      raise ConfigError(
+          "Basic blocks need width_per_group=64, as in torchvision.")
+    x = _conv(64, 7, 2, "conv1")(x)
+    x = nn.relu(_batch_norm(train, "bn1")(x))
+    # Pads with -inf, as torch's MaxPool2d(3, 2, padding=1) does.
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    features = {}
+    for stage in range(4 if self.with_layer4 else 3):
+      for i in range(self.stage_sizes[stage]):
+        stride = 2 if stage > 0 and i == 0 else 1
+        x = block(64 * 2**stage, stride, name=f"layer{stage + 1}_{i}")(
+            x, train)
+      features[f"layer{stage + 1}"] = x
+    if self.with_layer4:
+      features["pool"] = jnp.mean(x, axis=(1, 2))
+    return features
+
+
+def resnet18(with_layer4: bool = False) -> TorchResNet:
+  """torchvision `resnet18`: basic blocks, 64/128/256(/512) channels."""
+  return TorchResNet("basic", (2, 2, 2, 2), with_layer4=with_layer4)
+
+
+def resnet50(with_layer4: bool = False) -> TorchResNet:
+  """torchvision `resnet50`: bottlenecks, 256/512/1024(/2048) channels."""
+  return TorchResNet("bottleneck", (3, 4, 6, 3), with_layer4=with_layer4)
+
+
+def wide_resnet50_2(with_layer4: bool = False) -> TorchResNet:
+  """torchvision `wide_resnet50_2`: resnet50 with twice the inner width."""
+  return TorchResNet("bottleneck", (3, 4, 6, 3), width_per_group=128,
+                     with_layer4=with_layer4)
+
+
+ARCHS = {
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+    "wide_resnet50_2": wide_resnet50_2,
+}
+
+
+def build(arch: str, with_layer4: bool = False) -> TorchResNet:
+  """The backbone named `arch` (a key of `ARCHS`)."""
+  if arch not in ARCHS:
+    raise ConfigError(
+        f"Unknown backbone {arch!r}; choose one of {sorted(ARCHS)}.")
+  return ARCHS[arch](with_layer4)
