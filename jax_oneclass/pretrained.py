@@ -5,9 +5,9 @@ Flax variables {'params', 'batch_stats'}. torch is not needed. Files it
 reads (the format is read from the file's content; the suffix is ignored):
 
 - `.pth` / `.pt` written by `torch.save(model.state_dict(), path)`, in the
-  zip format (torch >= 1.6) or the older single-pickle format that
-  torchvision's download files use. Only tensors, storages and ordered dicts
-  are unpickled; any other object raises instead of running code.
+  zip format (torch >= 1.6) or the older single-stream format (torch < 1.6,
+  as in older download files). Only tensors, storages and ordered dicts are
+  unpickled; any other object raises instead of running code.
 - `.safetensors` (e.g. timm's `wide_resnet50_2.tv_in1k`).
 - `.npz` with one array per state-dict key. For a file this module cannot
   read, make one where torch is installed:
@@ -119,6 +119,7 @@ def _variable_shapes(arch: str, with_layer4: bool):
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """{key: array} from a torch .pth/.pt, .safetensors or .npz file."""
+  path = os.fspath(path)
   if not os.path.isfile(path):
     raise CheckpointError(f"No weights file at {path!r}.")
   try:
@@ -192,7 +193,7 @@ class _TorchUnpickler(pickle.Unpickler):
 
   def __init__(self, file):
     super().__init__(file)
-    self.storages = {}  # key -> _Storage, as the pickle names them.
+    self.storages = {}  # key -> _Storage of the whole (root) storage.
 
   def find_class(self, module, name):
     if module == "torch" and name in _STORAGE_DTYPES:
@@ -259,8 +260,12 @@ def _read_torch_legacy(path):
     tree = unpickler.load()
     data = {}
     for key in _TorchUnpickler(f).load():
+      storage = unpickler.storages[str(key)]
       (count,) = struct.unpack("<q", f.read(8))
-      data[key] = f.read(count * unpickler.storages[key].dtype.itemsize)
+      if count != storage.numel:
+        raise CheckpointError(f"storage {key} has {count} elements, not "
+                              f"{storage.numel}.")
+      data[storage.key] = f.read(count * storage.dtype.itemsize)
   return _build(tree, data.__getitem__, "<")
 
 
@@ -276,7 +281,7 @@ def _read_safetensors(path):
   with open(path, "rb") as f:
     (size,) = struct.unpack("<Q", f.read(8))
     header = json.loads(f.read(size))
-    data = f.read()
+  data = np.memmap(path, np.uint8, mode="r", offset=8 + size)
   state = {}
   for key, info in header.items():
     if key == "__metadata__":
@@ -285,6 +290,6 @@ def _read_safetensors(path):
       raise CheckpointError(f"{key} has unsupported dtype {info['dtype']}.")
     dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<")
     begin, end = info["data_offsets"]
-    array = np.frombuffer(data[begin:end], dtype).reshape(info["shape"])
-    state[key] = array.astype(dtype.newbyteorder("="))
+    array = data[begin:end].view(dtype).reshape(info["shape"])
+    state[key] = np.array(array, dtype.newbyteorder("="))  # Off the file.
   return state
