@@ -1,8 +1,14 @@
 """Shared test fixtures: tiny configs that train in seconds on a CPU."""
 
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Many tests (and the CLI subprocesses they start) compile the same tiny
+# steps: one persistent compilation cache for the session saves minutes.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(
+    prefix="jax_oneclass_test_compile_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import importlib.util  # pylint: disable=g-import-not-at-top
 from pathlib import Path
