@@ -206,7 +206,9 @@ def render(parts) -> str:
                 f"the runs) minus the best GANomaly row ({gan_best[0]} "
                 f"{gan_best[1]}): {100 * (dgad_main[2] - gan_best[2]):+.1f} "
                 "AUROC points. The paper reports about +6 points over the best "
-                "GAN baseline at its full budget."]
+                "GAN baseline at its full budget. dgad passes K transformed "
+                "copies of every image through both networks, so its steps "
+                "cost about K times more (see the wall times)."]
     lines.append("")
   return "\n".join(lines)
 
