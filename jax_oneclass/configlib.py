@@ -24,6 +24,8 @@ DATASETS = {
     # Reference data/dogvscat: resized and centre-cropped to 64x64.
     "cats_vs_dogs": dict(image_size=64, channels=3, num_classes=2),
     "folder": dict(image_size=32, channels=3, num_classes=None),
+    # MVTec AD categories (or look-alikes): label 0 good (normal), 1 defect.
+    "mvtec": dict(image_size=256, channels=3, num_classes=2),
     # scikit-learn's 8x8 digits, upsampled to 16x16 so that crops keep
     # detail; ~120 normal training images, so a small network and short run.
     "digits": dict(image_size=16, channels=1, num_classes=10),
@@ -46,7 +48,8 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.data.normal_class = 0
   c.data.protocol = "one_class_normal"  # Or 'one_class_anomalous' (GANomaly).
   c.data.data_dir = ml_collections.config_dict.placeholder(str)
-  c.data.folder = ""
+  c.data.folder = ""  # 'folder' and 'mvtec' data sets: the root folder.
+  c.data.category = ""  # 'mvtec': the category (subfolder of data.folder).
   c.data.image_size = 32
   c.data.channels = 3
   c.data.augment = ""  # Ops joined by '|'; see jax_oneclass/data/augment.py.
@@ -148,7 +151,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg,
     if "=" not in token:
       continue
     key, text = (s.strip() for s in token.split("=", 1))
-    if key in ("normal_class", "protocol", "data_dir", "folder"):
+    if key in ("normal_class", "protocol", "data_dir", "folder", "category"):
       key = "data." + key
     *parents, leaf = key.split(".")
     node = config

@@ -170,3 +170,20 @@ def test_records_errors(widget, tmp_path):
   unprepared = mvtec.mvtec_builder('widget', data_dir=os.fspath(tmp_path))
   with pytest.raises(DataError, match='not prepared'):
     mvtec.mvtec_records(unprepared, 'test')
+
+
+def test_an_mvtec_category_trains_and_evaluates_from_a_config(widget, tmp_path):
+  # pylint: disable=g-import-not-at-top
+  from jax_oneclass import data, train
+  from tests.conftest import tiny_config
+  _, _, _, root, data_dir = widget
+  config = tiny_config(
+      'ganomaly', steps=2,
+      arg=f'mvtec,folder={root},category=widget,data_dir={data_dir}')
+  config.data.image_size = 16
+  info = data.dataset_info(config)
+  assert info.class_names == ('good', 'defect')
+  assert (info.num_train, info.num_test) == (4, 4)
+  results = train.train_and_evaluate(config, tmp_path / 'run')
+  assert (results['num_test'], results['num_anomalous']) == (4, 2)
+  assert 0.0 <= results['auroc']['latent_mse'] <= 1.0

@@ -30,7 +30,7 @@ _CATALOG = {
     # split and the last 20% our test split.
     'cats_vs_dogs': ('cats_vs_dogs', 'label', 'train[:80%]', 'train[80%:]'),
 }
-SOURCE_NAMES = ('digits',) + tuple(_CATALOG) + ('folder',)
+SOURCE_NAMES = ('digits',) + tuple(_CATALOG) + ('folder', 'mvtec')
 SPLITS = ('train', 'test')
 _IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 
@@ -65,6 +65,10 @@ def get_source(config) -> Source:
     return _catalog_source(name, config.data.get('data_dir'))
   if name == 'folder':
     return _folder_source(config.data.get('folder'))
+  if name == 'mvtec':
+    return _mvtec_source(config.data.get('folder'),
+                         config.data.get('category') or None,
+                         config.data.get('data_dir'))
   raise ConfigError(
       f'Unknown data set config.data.name={name!r}; valid names: '
       f'{", ".join(SOURCE_NAMES)}.')
@@ -231,3 +235,40 @@ def _folder_source(root) -> Source:
   return Source(name='folder', class_names=class_names, label_counts=counts,
                 records=records, decode=image_feature.decode_example,
                 cache_records=True)
+
+
+# ------------------------------------------------------------------ mvtec ---
+
+
+def _mvtec_source(root, category, data_dir) -> Source:
+  """One MVTec AD (or look-alike) category; labels 0 = good, 1 = defect.
+
+  Prepared on first use from the folder (see `data.mvtec`); image-level
+  records only here, so one-class protocols with normal_class=0 apply.
+  """
+  from jax_oneclass.data import mvtec  # pylint: disable=g-import-not-at-top
+  if not root:
+    raise DataError('Set config.data.folder to the extracted MVTec AD folder '
+                    '(holding <category>/) and config.data.category, or to '
+                    'one category folder laid out like MVTec AD.')
+  builder = mvtec.build_mvtec_like(root, category, data_dir)
+  skip = {'image': tfds.decode.SkipDecoding(),
+          'mask': tfds.decode.SkipDecoding()}
+
+  def records(split, num_shards, index):
+    _check_split(split)
+    shard = tfds.even_splits(split, n=num_shards)[index]
+    ds = builder.as_dataset(split=shard, decoders=skip)
+    return ds.map(lambda ex: {'image': ex['image'],
+                              'label': tf.cast(ex['label'], tf.int32)})
+
+  def label_counts(split):
+    labels = builder.as_dataset(split=split, decoders=skip).map(
+        lambda ex: ex['label'])
+    return np.bincount(list(labels.as_numpy_iterator()),
+                       minlength=len(mvtec.LABEL_NAMES)).astype(np.int64)
+
+  return Source(name='mvtec', class_names=mvtec.LABEL_NAMES,
+                label_counts={s: label_counts(s) for s in SPLITS},
+                records=records,
+                decode=builder.info.features['image'].decode_example)
