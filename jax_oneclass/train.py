@@ -160,7 +160,7 @@ def _meta(config, step: int) -> dict:
 
 def train_and_evaluate(config, workdir) -> dict:
   """Trains, then (unless halted early) evaluates; returns the results."""
-  config, _ = train(config, workdir)
+  config, state = train(config, workdir)
   if 0 < config.halt_after_step < config.num_train_steps:
     return {}
-  return evaluate.evaluate(config, workdir)
+  return evaluate.evaluate(config, workdir, state)

@@ -83,9 +83,12 @@ def _is_anomaly(label, c: int, protocol: str):
   return tf.cast(tf.logical_not(_is_train_class(label, c, protocol)), tf.int32)
 
 
-def dataset_info(config) -> DatasetInfo:
-  """Returns shapes, class names and example counts of the configured task."""
-  source = sources.get_source(config)
+def dataset_info(config, source: sources.Source | None = None) -> DatasetInfo:
+  """Returns shapes, class names and example counts of the configured task.
+
+  `source` is the configured source when the caller has already built it.
+  """
+  source = source or sources.get_source(config)
   c = _check_class(config, source)
   train_counts = source.label_counts['train']
   normal = train_counts[c]
@@ -151,8 +154,8 @@ def train_batches(config, start_step: int = 0) -> Iterator[dict[str, np.ndarray]
   'is_anomaly' int32 [b] (all 0), 'rotation' int32 [b] (90-degree turns
   applied by distribution augmentation, 0 without it).
   """
-  info = dataset_info(config)
   source = sources.get_source(config)
+  info = dataset_info(config, source)
   local_b = _local_batch(config.batch_size)
   num_views = config.data.get('num_views', 1)
   if num_views < 1:
@@ -235,8 +238,8 @@ def eval_batches(config, split: str,
   """
   if split not in sources.SPLITS:
     raise ConfigError(f'Unknown eval split {split!r}; valid: {sources.SPLITS}.')
-  info = dataset_info(config)
   source = sources.get_source(config)
+  info = dataset_info(config, source)
   local_b = _local_batch(batch_size)
   c, protocol = _check_class(config, source), _protocol(config)
   ds = _one_class_records(config, source, split)
