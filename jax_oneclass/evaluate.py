@@ -11,15 +11,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_oneclass import data, logging_utils, metrics, parallel
+from jax_oneclass import data, localization, logging_utils, metrics
+from jax_oneclass import parallel
 from jax_oneclass.errors import CheckpointError
+
+
+_LABEL_KEYS = ("mask", "is_anomaly", "label", "pixel_mask")
 
 
 def _collect(fn, state, extra, batches, mesh) -> tuple[dict, dict]:
   """Runs `fn(state, *extra, batch)` over batches; host arrays, masked.
 
   Returns (outputs, labels): per-example outputs of `fn` and the batches'
-  'is_anomaly' and 'label', with padding removed.
+  'is_anomaly', 'label' (and 'pixel_mask' if present), padding removed.
   """
   # Labels and masks are split over hosts; an identity jit replicates them.
   gather = jax.jit(lambda b: b, out_shardings=parallel.replicated(mesh))
@@ -27,14 +31,44 @@ def _collect(fn, state, extra, batches, mesh) -> tuple[dict, dict]:
   for local in batches:
     batch = parallel.shard_batch(mesh, local)
     out = parallel.to_host(fn(state, *extra, batch))
-    keep = parallel.to_host(
-        gather({k: batch[k] for k in ("mask", "is_anomaly", "label")}))
-    mask = keep["mask"].astype(bool)
+    label_keys = [k for k in _LABEL_KEYS if k in batch]
+    keep = parallel.to_host(gather({k: batch[k] for k in label_keys}))
+    mask = keep.pop("mask").astype(bool)
     outputs.append({k: v[mask] for k, v in out.items()})
-    labels.append({k: keep[k][mask] for k in ("is_anomaly", "label")})
+    labels.append({k: v[mask] for k, v in keep.items()})
   cat = lambda parts: {k: np.concatenate([p[k] for p in parts])
                        for k in parts[0]} if parts else {}
   return cat(outputs), cat(labels)
+
+
+def _scores_and_maps(method):
+  """`method.score`, plus 'map:<name>' entries for methods that localise.
+
+  A method localises by offering `anomaly_maps(state, fitted, batch) ->
+  {name: [B, H, W]}` at the input's resolution.
+  """
+  if not hasattr(method, "anomaly_maps"):
+    return method.score
+
+  def fn(state, fitted, batch):
+    maps = method.anomaly_maps(state, fitted, batch)
+    return {**method.score(state, fitted, batch),
+            **{f"map:{k}": v for k, v in maps.items()}}
+  return fn
+
+
+def _write_overlays(config, workdir, maps, labels) -> None:
+  """Heat-map PNGs of the first `eval.num_overlays` test images."""
+  count = int(config.eval.get("num_overlays", 0))
+  if count <= 0 or jax.process_count() > 1:
+    return  # With several hosts each reads its own images; not gathered yet.
+  images = np.concatenate([
+      b["image"][b["mask"].astype(bool)]
+      for b in data.eval_batches(config, "test", config.eval.batch_size)])
+  for name, m in maps.items():
+    localization.save_overlays(
+        images[:count], m[:count], labels["pixel_mask"][:count],
+        Path(workdir) / "overlays" / name.replace("/", "_"))
 
 
 def _has_fitted_stage(method, state, info) -> bool:
@@ -74,11 +108,20 @@ def evaluate(config, workdir, state=None) -> dict:
                   for k, v in embeddings.items()}
   fitted = parallel.replicate(mesh, method.fit(embeddings))
 
-  score_fn = jax.jit(method.score, out_shardings=repl)
+  score_fn = jax.jit(_scores_and_maps(method), out_shardings=repl)
   test_batches = data.eval_batches(config, "test", config.eval.batch_size)
   scores, labels = _collect(score_fn, state, (fitted,), test_batches, mesh)
+  maps = {k[len("map:"):]: scores.pop(k) for k in list(scores)
+          if k.startswith("map:")}
   aurocs = {name: metrics.auroc(s, labels["is_anomaly"])
             for name, s in sorted(scores.items())}
+  pixel = {}
+  if maps and "pixel_mask" in labels:
+    pixel = {name: {"pixel_auroc": localization.pixel_auroc(
+                        m, labels["pixel_mask"]),
+                    "aupro": localization.aupro(m, labels["pixel_mask"])}
+             for name, m in sorted(maps.items())}
+    _write_overlays(config, workdir, maps, labels)
 
   results = {
       "method": config.method,
@@ -92,11 +135,14 @@ def evaluate(config, workdir, state=None) -> dict:
       "num_test": int(len(labels["is_anomaly"])),
       "num_anomalous": int(labels["is_anomaly"].sum()),
       "auroc": aurocs,
+      **({"localization": pixel} if pixel else {}),
       "eval_seconds": round(time.perf_counter() - start, 2),
   }
   logging_utils.write_json(workdir / "results.json", results)
   writer = logging_utils.MetricWriter(workdir / "tensorboard" / "eval")
-  writer.write_scalars(results["step"],
-                       {f"auroc/{k}": v for k, v in aurocs.items()})
+  writer.write_scalars(results["step"], {
+      **{f"auroc/{k}": v for k, v in aurocs.items()},
+      **{f"{metric}/{k}": v for k, per in pixel.items()
+         for metric, v in per.items()}})
   writer.close()
   return results

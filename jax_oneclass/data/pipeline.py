@@ -119,6 +119,13 @@ def _to_float(image, shape, source_name: str):
   return tf.clip_by_value(image, 0.0, 1.0)
 
 
+def _resize_mask(mask, size: int):
+  """bool [h, w] -> bool [size, size], nearest neighbour (masks stay 0/1)."""
+  mask = tf.image.resize(tf.cast(mask, tf.uint8)[..., None], (size, size),
+                         method='nearest')
+  return tf.ensure_shape(mask[..., 0] > 0, (size, size))
+
+
 def _one_class_records(config, source, split: str):
   """This host's records of `split`; for 'train' only the trained classes."""
   c = _check_class(config, source)
@@ -233,7 +240,8 @@ def eval_batches(config, split: str,
   """Yields this host's unaugmented batches of 'train' (normal) or 'test'.
 
   Each batch: 'image' float32 [b, H, W, C] in [0, 1], 'label', 'is_anomaly'
-  int32 [b], 'mask' bool [b] (False on padding). Nothing is dropped: the last
+  int32 [b], 'mask' bool [b] (False on padding), and for sources with pixel
+  ground truth 'pixel_mask' bool [b, H, W]. Nothing is dropped: the last
   batch is zero-padded and all hosts yield the same number of batches.
   """
   if split not in sources.SPLITS:
@@ -248,11 +256,15 @@ def eval_batches(config, split: str,
     num_batches = _max_over_hosts(-(-_count(ds) // local_b))
 
   def preprocess(ex):
-    return {'image': _to_float(source.decode(ex['image']), info.image_shape,
-                               source.name),
-            'label': ex['label'],
-            'is_anomaly': _is_anomaly(ex['label'], c, protocol),
-            'mask': tf.constant(True)}
+    out = {'image': _to_float(source.decode(ex['image']), info.image_shape,
+                              source.name),
+           'label': ex['label'],
+           'is_anomaly': _is_anomaly(ex['label'], c, protocol),
+           'mask': tf.constant(True)}
+    if source.decode_mask is not None:
+      out['pixel_mask'] = _resize_mask(source.decode_mask(ex['mask']),
+                                       info.image_shape[0])
+    return out
 
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_b).prefetch(tf.data.AUTOTUNE)
@@ -265,5 +277,7 @@ def eval_batches(config, split: str,
              'label': np.zeros(local_b, np.int32),
              'is_anomaly': np.zeros(local_b, np.int32),
              'mask': np.zeros(local_b, bool)}
+    if source.decode_mask is not None:
+      empty['pixel_mask'] = np.zeros((local_b,) + info.image_shape[:2], bool)
     for _ in range(num_batches - emitted):
       yield empty

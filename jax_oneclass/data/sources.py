@@ -47,6 +47,8 @@ class Source:
     decode: undecoded 'image' field -> uint8 [H, W, C] tensor.
     cache_records: whether the (filtered) train records should be cached in
       memory, for sources that read every file of a split to select a class.
+    decode_mask: for sources with pixel ground truth, the records' undecoded
+      'mask' field -> bool [H, W] (True = anomalous pixel); else None.
   """
   name: str
   class_names: tuple[str, ...]
@@ -54,6 +56,7 @@ class Source:
   records: Callable[[str, int, int], tf.data.Dataset]
   decode: Callable[[tf.Tensor], tf.Tensor]
   cache_records: bool = False
+  decode_mask: Callable[[tf.Tensor], tf.Tensor] | None = None
 
 
 def get_source(config) -> Source:
@@ -259,8 +262,13 @@ def _mvtec_source(root, category, data_dir) -> Source:
     _check_split(split)
     shard = tfds.even_splits(split, n=num_shards)[index]
     ds = builder.as_dataset(split=shard, decoders=skip)
-    return ds.map(lambda ex: {'image': ex['image'],
+    return ds.map(lambda ex: {'image': ex['image'], 'mask': ex['mask'],
                               'label': tf.cast(ex['label'], tf.int32)})
+
+  mask_feature = builder.info.features['mask']
+
+  def decode_mask(encoded):
+    return mask_feature.decode_example(encoded)[..., 0] > 0
 
   def label_counts(split):
     labels = builder.as_dataset(split=split, decoders=skip).map(
@@ -271,4 +279,5 @@ def _mvtec_source(root, category, data_dir) -> Source:
   return Source(name='mvtec', class_names=mvtec.LABEL_NAMES,
                 label_counts={s: label_counts(s) for s in SPLITS},
                 records=records,
-                decode=builder.info.features['image'].decode_example)
+                decode=builder.info.features['image'].decode_example,
+                decode_mask=decode_mask)

@@ -19,6 +19,9 @@ they never branch on method names:
   pytree of arrays (may be empty).
 - `score(state, fitted, batch) -> dict[str, Array [B]]`: pure and jit-able
   anomaly scores, higher meaning more anomalous, one entry per scorer.
+- optionally `anomaly_maps(state, fitted, batch) -> dict[str, Array [B, H,
+  W]]` at the input's resolution, for methods that localise; the evaluator
+  then reports pixel metrics against the data's ground-truth masks.
 """
 
 from typing import Any

@@ -1,0 +1,44 @@
+"""Reverse distillation (Deng & Li 2022, RD4AD); defaults from the official
+code (main.py) as restated in ../shared/specs part B6.
+
+  # One MVTec AD category from an extracted copy, with ImageNet weights:
+  python -m jax_oneclass.main --config=configs/reverse_distillation.py:mvtec,folder=/data/mvtec_anomaly_detection,category=bottle \
+      --config.model.pretrained=/weights/wide_resnet50_2-95faca4d.pth --workdir=/tmp/rd_bottle
+"""
+
+from jax_oneclass import configlib
+
+
+def get_config(arg=None):
+  config = configlib.base_config("reverse_distillation")
+  config.batch_size = 16  # main.py: batch_size 16.
+  config.num_epochs = 200  # main.py: 200 epochs.
+  config.data.name = "mvtec"
+  config.data.category = "bottle"
+  config.data.image_size = 256  # main.py: image_size 256.
+  config.data.augment = ""  # The official code does not augment.
+  config.data.num_views = 1
+
+  config.model.backbone = "wide_resnet50_2"  # Teacher and mirrored student.
+  config.model.ocbe_width_per_group = 0  # 0: the backbone's (128 for WRN).
+  config.model.pretrained = ""  # torchvision state dict; "" = random teacher.
+
+  config.optimizer.name = "adam"
+  config.optimizer.learning_rate = 0.005  # main.py: lr 0.005.
+  config.optimizer.b1 = 0.5  # main.py: betas (0.5, 0.999).
+  config.optimizer.b2 = 0.999
+  config.optimizer.schedule = "constant"
+
+  config.loss_mode = "flattened"  # Official; 'per_pixel' is the paper's.
+  config.eval.batch_size = 16
+  config.eval.map_sigma = 4.0  # test.py: gaussian_filter(sigma=4).
+  config.eval.num_overlays = 8  # Heat-map PNGs written under overlays/.
+  configlib.apply_arg(config, arg, _small_run)
+  return config
+
+
+def _small_run(config):
+  """Digits at 32x32 with a ResNet-18 teacher (random unless given)."""
+  config.data.image_size = 32
+  config.model.backbone = "resnet18"
+  config.batch_size = 32

@@ -1,0 +1,155 @@
+"""Reverse distillation (Deng & Li 2022, RD4AD): a frozen ImageNet teacher,
+a trainable one-class bottleneck (OCBE) and a student decoder that must
+rebuild the teacher's three feature maps from the bottleneck's code.
+
+Training minimises the cosine distance between teacher and student maps,
+flattened per example as the official code does (`loss_mode='flattened'`;
+the paper's per-pixel form is `'per_pixel'`), with Adam 0.005 (0.5, 0.999).
+At test time the per-scale maps 1 - cos(teacher, student) are upsampled to
+the input size (align corners), summed and smoothed by a Gaussian of
+sigma 4 ('anomaly_map'); the image score is its maximum ('map_max'), and
+'map_mean' is offered too.
+
+Teacher weights: `model.pretrained` names a torchvision state-dict file
+(`jax_oneclass.pretrained` reads .pth, .safetensors or .npz without torch).
+Without one the teacher is randomly initialised, which the log says: the
+method then runs, but its features are not ImageNet features.
+"""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from jax_oneclass import localization, logging_utils, pretrained
+from jax_oneclass.errors import ConfigError
+from jax_oneclass.methods import base
+from jax_oneclass.models import backbones
+from jax_oneclass.models import reverse_distillation as rd
+
+
+@flax.struct.dataclass
+class RDState:
+  """The frozen teacher's variables and the trained OCBE + decoder."""
+
+  step: jax.Array
+  teacher: Any
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+class Method:
+  """RD4AD: detection by the image maximum of the distillation map."""
+
+  def __init__(self, config, info):
+    self.config = config
+    model = config.model
+    self.teacher, self.ocbe, self.decoder = rd.build(
+        model.backbone, model.get("ocbe_width_per_group") or None)
+    if config.loss_mode not in rd.LOSS_MODES:
+      raise ConfigError(f"loss_mode must be one of {rd.LOSS_MODES}, got "
+                        f"{config.loss_mode!r}.")
+    if info.image_shape[0] % 32:
+      raise ConfigError(
+          "Reverse distillation halves the image 5 times (teacher layer3 at "
+          "1/16, the bottleneck at 1/32): config.data.image_size must be a "
+          f"multiple of 32, got {info.image_shape[0]}.")
+    self.tx = base.make_optimizer(config, base.steps_per_epoch(config, info))
+    self.pretrained = None
+    if model.pretrained:
+      self.pretrained = pretrained.load_torchvision(model.pretrained,
+                                                    model.backbone)
+      logging_utils.info(f"Teacher: {model.backbone} from {model.pretrained}.")
+    else:
+      logging_utils.info(
+          f"Teacher: {model.backbone} with RANDOM weights (no "
+          "config.model.pretrained file); maps will not be meaningful for "
+          "real defects.")
+
+  def init_state(self, rng, image_shape) -> RDState:
+    """Teacher variables (pretrained or random) and the student's state."""
+    t_rng, o_rng, d_rng = jax.random.split(rng, 3)
+    example = jnp.zeros((2,) + tuple(image_shape[:2]) + (3,))
+    teacher = self.pretrained or self.teacher.init(t_rng, example)
+    maps = rd.teacher_maps(self.teacher.apply(teacher, example))
+    ocbe = self.ocbe.init(o_rng, maps)
+    code = self.ocbe.apply(ocbe, maps)
+    decoder = self.decoder.init(d_rng, code)
+    params = {"ocbe": ocbe["params"], "decoder": decoder["params"]}
+    return RDState(
+        step=jnp.zeros((), jnp.int32), teacher=teacher, params=params,
+        batch_stats={"ocbe": ocbe["batch_stats"],
+                     "decoder": decoder["batch_stats"]},
+        opt_state=self.tx.init(params))
+
+  def _teacher_maps(self, state, images):
+    if images.shape[-1] == 1:
+      images = jnp.repeat(images, 3, axis=-1)
+    features = self.teacher.apply(state.teacher,
+                                  backbones.imagenet_normalize(images))
+    return [jax.lax.stop_gradient(m) for m in rd.teacher_maps(features)]
+
+  def _student_maps(self, params, batch_stats, maps, train: bool):
+    mutable = ["batch_stats"] if train else False
+    ocbe_vars = {"params": params["ocbe"], "batch_stats": batch_stats["ocbe"]}
+    dec_vars = {"params": params["decoder"],
+                "batch_stats": batch_stats["decoder"]}
+    if not train:
+      code = self.ocbe.apply(ocbe_vars, maps)
+      return self.decoder.apply(dec_vars, code), batch_stats
+    code, ocbe_upd = self.ocbe.apply(ocbe_vars, maps, train=True,
+                                     mutable=mutable)
+    student, dec_upd = self.decoder.apply(dec_vars, code, train=True,
+                                          mutable=mutable)
+    return student, {"ocbe": ocbe_upd["batch_stats"],
+                     "decoder": dec_upd["batch_stats"]}
+
+  def train_step(self, state, batch, rng):
+    """One Adam step of OCBE + decoder; the teacher never changes."""
+    del rng  # Augmentation happens in the input pipeline.
+    teacher = self._teacher_maps(state, batch["image"][:, 0])
+
+    def objective(params):
+      student, stats = self._student_maps(params, state.batch_stats, teacher,
+                                          train=True)
+      return rd.reverse_distillation_loss(teacher, student,
+                                          self.config.loss_mode), stats
+
+    (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    return state.replace(step=state.step + 1, params=params,
+                         batch_stats=stats, opt_state=opt_state), {
+                             "loss": loss,
+                             "grad_norm": base.global_norm(grads)}
+
+  def embed(self, state, batch):
+    """No fitted stage."""
+    del state, batch
+    return {}
+
+  def fit(self, embeddings):
+    del embeddings
+    return {}
+
+  def anomaly_maps(self, state, fitted, batch):
+    """{'anomaly_map': [B, H, W]}: summed, upsampled, smoothed distances."""
+    del fitted
+    images = batch["image"]
+    teacher = self._teacher_maps(state, images)
+    student, _ = self._student_maps(state.params, state.batch_stats, teacher,
+                                    train=False)
+    size = images.shape[1:3]
+    summed = sum(localization.resize_bilinear_align_corners(m, size)
+                 for m in rd.cosine_distance_maps(teacher, student))
+    return {"anomaly_map": localization.gaussian_blur(
+        summed, sigma=self.config.eval.map_sigma)}
+
+  def score(self, state, fitted, batch):
+    """Image scores: maximum and mean of the anomaly map."""
+    smoothed = self.anomaly_maps(state, fitted, batch)["anomaly_map"]
+    return {"map_max": localization.image_scores(smoothed),
+            "map_mean": jnp.mean(smoothed, axis=(1, 2))}
