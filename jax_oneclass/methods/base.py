@@ -44,6 +44,22 @@ class TrainState:
   opt_state: Any
 
 
+class NoFittedStage:
+  """Mixin for methods without a non-gradient stage: nothing to embed or fit.
+
+  The evaluator sees the empty `embed` and skips the pass over the
+  training images.
+  """
+
+  def embed(self, state, batch):
+    del state, batch
+    return {}
+
+  def fit(self, embeddings):
+    del embeddings
+    return {}
+
+
 def steps_per_epoch(config, info) -> int:
   """Optimiser steps per pass over the normal training set.
 

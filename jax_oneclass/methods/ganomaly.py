@@ -54,7 +54,7 @@ def latent_scores(images, outputs) -> dict:
           "reconstruction_l1": jnp.mean(pixels, axis=-1)}
 
 
-class Method:
+class Method(base.NoFittedStage):
   """GANomaly: trains generator and discriminator; scores latent distance."""
 
   def __init__(self, config, info):
@@ -115,15 +115,6 @@ class Method:
                **g_out.metrics}
     return state.replace(step=state.step + 1, generator=new_g,
                          discriminator=new_d), metrics
-
-  def embed(self, state, batch):
-    """GANomaly has no fitted stage."""
-    del state, batch
-    return {}
-
-  def fit(self, embeddings):
-    del embeddings
-    return {}
 
   def score(self, state, fitted, batch):
     """Latent-distance and reconstruction scores per test image."""

@@ -40,7 +40,7 @@ class RDState:
   opt_state: Any
 
 
-class Method:
+class Method(base.NoFittedStage):
   """RD4AD: detection by the image maximum of the distillation map."""
 
   def __init__(self, config, info):
@@ -125,15 +125,6 @@ class Method:
                          batch_stats=stats, opt_state=opt_state), {
                              "loss": loss,
                              "grad_norm": base.global_norm(grads)}
-
-  def embed(self, state, batch):
-    """No fitted stage."""
-    del state, batch
-    return {}
-
-  def fit(self, embeddings):
-    del embeddings
-    return {}
 
   def anomaly_maps(self, state, fitted, batch):
     """{'anomaly_map': [B, H, W]}: summed, upsampled, smoothed distances."""
