@@ -19,9 +19,10 @@ they never branch on method names:
   pytree of arrays (may be empty).
 - `score(state, fitted, batch) -> dict[str, Array [B]]`: pure and jit-able
   anomaly scores, higher meaning more anomalous, one entry per scorer.
-- optionally `anomaly_maps(state, fitted, batch) -> dict[str, Array [B, H,
-  W]]` at the input's resolution, for methods that localise; the evaluator
-  then reports pixel metrics against the data's ground-truth masks.
+- optionally `score_with_maps(state, fitted, batch) -> (scores, dict[str,
+  Array [B, H, W]])`, the scores plus maps at the input's resolution, for
+  methods that localise; the evaluator then reports pixel metrics against
+  the data's ground-truth masks.
 """
 
 from typing import Any
@@ -120,6 +121,13 @@ def make_optimizer(config, steps_per_epoch: int
   if opt.weight_decay:
     chain.append(optax.add_decayed_weights(opt.weight_decay))
   return optax.chain(*chain, base)
+
+
+def optimizer_step(tx: optax.GradientTransformation, params, opt_state,
+                   grads):
+  """Applies `tx` to `grads`; returns (new params, new optimiser state)."""
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
 
 
 def step_key(rng: jax.Array, step: jax.Array) -> jax.Array:

@@ -91,8 +91,8 @@ def apply_eval(module: nn.Module, network: Network, images,
 
 def apply_updates(tx, network: Network, grads, batch_stats) -> Network:
   """One optimiser step of `network`, with its new BatchNorm statistics."""
-  updates, opt_state = tx.update(grads, network.opt_state, network.params)
-  params = jax.tree.map(lambda p, u: p + u, network.params, updates)
+  params, opt_state = base.optimizer_step(tx, network.params,
+                                          network.opt_state, grads)
   return Network(params=params, batch_stats=batch_stats, opt_state=opt_state)
 
 
@@ -175,8 +175,3 @@ def real_fake_loss(logits_real, logits_fake):
 def first_view(batch) -> jax.Array:
   """Training batches are [B, V, H, W, C]; GANs train on view 0 only."""
   return batch["image"][:, 0]
-
-
-def step_keys(rng, step, num: int):
-  """`num` keys for one step, from the run's base key and the step."""
-  return jax.random.split(base.step_key(rng, step), num)

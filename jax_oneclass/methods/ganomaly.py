@@ -97,7 +97,7 @@ class Method(base.NoFittedStage):
 
   def train_step(self, state, batch, rng):
     """Generator and discriminator steps, as one pure function."""
-    reinit_rng, = gan.step_keys(rng, state.step, 1)
+    reinit_rng = base.step_key(rng, state.step)
     images = gan.to_tanh_range(gan.first_view(batch))
     g_out, d_out = self.gradients(state, images)
     new_g = gan.apply_updates(self.tx, state.generator, g_out.grads,

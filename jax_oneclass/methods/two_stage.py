@@ -74,8 +74,8 @@ class TwoStageMethod:
     grad_fn = jax.value_and_grad(self.loss, has_aux=True)
     (loss, (batch_stats, metrics)), grads = grad_fn(
         state.params, state.batch_stats, batch, rng)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    params, opt_state = base.optimizer_step(self.tx, state.params,
+                                            state.opt_state, grads)
     metrics = dict(metrics, loss=loss, grad_norm=base.global_norm(grads),
                    param_norm=base.global_norm(params))
     new_state = state.replace(step=state.step + 1, params=params,
