@@ -44,16 +44,15 @@ def _collect(fn, state, extra, batches, mesh) -> tuple[dict, dict]:
 def _scores_and_maps(method):
   """`method.score`, plus 'map:<name>' entries for methods that localise.
 
-  A method localises by offering `anomaly_maps(state, fitted, batch) ->
-  {name: [B, H, W]}` at the input's resolution.
+  A method localises by offering `score_with_maps(state, fitted, batch) ->
+  (scores, {name: [B, H, W]})`, maps at the input's resolution.
   """
-  if not hasattr(method, "anomaly_maps"):
+  if not hasattr(method, "score_with_maps"):
     return method.score
 
   def fn(state, fitted, batch):
-    maps = method.anomaly_maps(state, fitted, batch)
-    return {**method.score(state, fitted, batch),
-            **{f"map:{k}": v for k, v in maps.items()}}
+    scores, maps = method.score_with_maps(state, fitted, batch)
+    return {**scores, **{f"map:{k}": v for k, v in maps.items()}}
   return fn
 
 
@@ -62,9 +61,12 @@ def _write_overlays(config, workdir, maps, labels) -> None:
   count = int(config.eval.get("num_overlays", 0))
   if count <= 0 or jax.process_count() > 1:
     return  # With several hosts each reads its own images; not gathered yet.
-  images = np.concatenate([
-      b["image"][b["mask"].astype(bool)]
-      for b in data.eval_batches(config, "test", config.eval.batch_size)])
+  images = []
+  for batch in data.eval_batches(config, "test", config.eval.batch_size):
+    images.append(batch["image"][batch["mask"].astype(bool)])
+    if sum(len(i) for i in images) >= count:
+      break  # Only the first `count` images are drawn.
+  images = np.concatenate(images)
   for name, m in maps.items():
     localization.save_overlays(
         images[:count], m[:count], labels["pixel_mask"][:count],

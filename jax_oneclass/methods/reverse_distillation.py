@@ -119,15 +119,16 @@ class Method(base.NoFittedStage):
 
     (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(
         state.params)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    params, opt_state = base.optimizer_step(self.tx, state.params,
+                                            state.opt_state, grads)
     return state.replace(step=state.step + 1, params=params,
                          batch_stats=stats, opt_state=opt_state), {
                              "loss": loss,
                              "grad_norm": base.global_norm(grads)}
 
-  def anomaly_maps(self, state, fitted, batch):
-    """{'anomaly_map': [B, H, W]}: summed, upsampled, smoothed distances."""
+  def score_with_maps(self, state, fitted, batch):
+    """Image scores and {'anomaly_map': [B, H, W]}, the summed, upsampled
+    and smoothed distances, from one pass of both networks."""
     del fitted
     images = batch["image"]
     teacher = self._teacher_maps(state, images)
@@ -136,11 +137,12 @@ class Method(base.NoFittedStage):
     size = images.shape[1:3]
     summed = sum(localization.resize_bilinear_align_corners(m, size)
                  for m in rd.cosine_distance_maps(teacher, student))
-    return {"anomaly_map": localization.gaussian_blur(
-        summed, sigma=self.config.eval.map_sigma)}
+    smoothed = localization.gaussian_blur(summed,
+                                          sigma=self.config.eval.map_sigma)
+    scores = {"map_max": localization.image_scores(smoothed),
+              "map_mean": jnp.mean(smoothed, axis=(1, 2))}
+    return scores, {"anomaly_map": smoothed}
 
   def score(self, state, fitted, batch):
     """Image scores: maximum and mean of the anomaly map."""
-    smoothed = self.anomaly_maps(state, fitted, batch)["anomaly_map"]
-    return {"map_max": localization.image_scores(smoothed),
-            "map_mean": jnp.mean(smoothed, axis=(1, 2))}
+    return self.score_with_maps(state, fitted, batch)[0]
