@@ -6,6 +6,7 @@ joins every section into experiments/RESULTS.md.
 """
 
 import datetime
+import json
 import os
 import platform
 import tarfile
@@ -62,11 +63,18 @@ def cifar_folder(path: str) -> str:
   raise SystemExit(f"No folder with train/ and test/ under {path}.")
 
 
-def write_section(family: str, markdown: str) -> None:
-  """Stores one script's section, then re-renders RESULTS.md."""
+def save_part(name: str, result: dict) -> None:
+  """Writes one benchmark part's raw figures to results/<name>.json."""
+  RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+  (RESULTS_DIR / f"{name}.json").write_text(
+      json.dumps(result, indent=1, sort_keys=True) + "\n")
+
+
+def write_section(family: str, markdown: str) -> str:
+  """Stores one script's section; returns the re-rendered RESULTS.md."""
   RESULTS_DIR.mkdir(parents=True, exist_ok=True)
   (RESULTS_DIR / f"{family}.md").write_text(markdown)
-  write_report()
+  return write_report()
 
 
 def write_report() -> str:

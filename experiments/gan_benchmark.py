@@ -238,14 +238,11 @@ def main():
     return
   args.classes = [int(c) for c in args.classes.split(",")]
   if args.part != "report":
-    result = globals()[f"part_{args.part}"](args)
-    common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (common.RESULTS_DIR / f"gan_{args.part}.json").write_text(
-        json.dumps(result, indent=1, sort_keys=True) + "\n")
+    common.save_part(f"gan_{args.part}",
+                     globals()[f"part_{args.part}"](args))
   parts = {p.stem: json.loads(p.read_text())
            for p in sorted(common.RESULTS_DIR.glob("gan_*.json"))}
-  common.write_section("gan", render(parts))
-  print(common.write_report())
+  print(common.write_section("gan", render(parts)))
 
 
 if __name__ == "__main__":

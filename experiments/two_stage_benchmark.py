@@ -272,12 +272,8 @@ def main():
   default_classes = "0,1,2,3,4,5,6,7,8,9" if args.part == "digits" else "0"
   args.classes = [int(c) for c in (args.classes or default_classes).split(",")]
   if args.part != "report":
-    result = globals()[f"part_{args.part}"](args)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / f"{args.part}.json").write_text(
-        json.dumps(result, indent=1, sort_keys=True) + "\n")
-  common.write_section("two_stage", render_report())
-  print(common.write_report())
+    common.save_part(args.part, globals()[f"part_{args.part}"](args))
+  print(common.write_section("two_stage", render_report()))
 
 if __name__ == "__main__":
   main()

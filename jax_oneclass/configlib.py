@@ -74,7 +74,8 @@ def base_config(method: str) -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256
-  c.eval.max_fit_examples = 20_000  # Cap on images a fitted stage sees.
+  # Cap on images a fitted stage sees (Sohn et al. util/train.py: 20000).
+  c.eval.max_fit_examples = 20_000
 
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
@@ -96,12 +97,10 @@ def two_stage_config(method: str) -> ml_collections.ConfigDict:
   c.data.num_views = 2
 
   c.model.stage_sizes = (2, 2, 2, 2)  # ResNet-18.
-  c.model.width = 64
   c.model.head_dims = (512,) * 8 + (128,)  # Reference --head_dims.
 
   c.optimizer.name = "sgd"
-  c.optimizer.learning_rate = 0.01
-  c.optimizer.momentum = 0.9
+  c.optimizer.learning_rate = 0.01  # Momentum 0.9 as in base_config.
   c.optimizer.weight_decay = 3e-4
   c.optimizer.schedule = "cosine_epoch"  # util/scheduler.py: per epoch.
 
@@ -110,7 +109,6 @@ def two_stage_config(method: str) -> ml_collections.ConfigDict:
   c.classifiers = ml_collections.ConfigDict(
       {"kde": {}, "gde": {}, "ocsvm": {}})
   c.eval.rotation_averaging = True
-  c.eval.max_fit_examples = 20_000  # util/train.py fits on <= 20000.
   return c
 
 

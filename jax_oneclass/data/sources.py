@@ -246,8 +246,9 @@ def _folder_source(root) -> Source:
 def _mvtec_source(root, category, data_dir) -> Source:
   """One MVTec AD (or look-alike) category; labels 0 = good, 1 = defect.
 
-  Prepared on first use from the folder (see `data.mvtec`); image-level
-  records only here, so one-class protocols with normal_class=0 apply.
+  Prepared on first use from the folder (see `data.mvtec`). Records carry
+  the encoded pixel mask too (`decode_mask`); one-class protocols with
+  normal_class=0 (good) apply.
   """
   from jax_oneclass.data import mvtec  # pylint: disable=g-import-not-at-top
   if not root:
