@@ -43,8 +43,6 @@ file (parent folders are created).
 """
 
 import argparse
-import json
-import resource
 import sys
 import tarfile
 import time
@@ -57,9 +55,11 @@ from sklearn.metrics import roc_auc_score
 import torch
 
 warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Importing anomalib pulls in every model and their deprecation warnings.
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import measure  # Standard library only: no JAX here.
 import anomalib
 from anomalib.models.image.ganomaly import loss as ganomaly_loss
 from anomalib.models.image.ganomaly import torch_model as ganomaly_torch
@@ -67,7 +67,7 @@ from anomalib.models.image.ganomaly import torch_model as ganomaly_torch
 
 # Peak RSS once torch and anomalib are imported, before any model exists: the
 # baseline that peak_rss_mb includes (anomalib imports every model family).
-_IMPORT_RSS_MB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+_IMPORT_RSS_MB = measure.rss_mb()
 CIFAR10_TARBALL = Path("/work/shared/data/cifar10-jpeg.tar.gz")
 LR = 2e-4
 BETAS = (0.5, 0.999)
@@ -82,21 +82,6 @@ def _versions():
       "import_rss_mb": _IMPORT_RSS_MB,
       "python_version": sys.version.split()[0],
   }
-
-
-def _peak_rss_mb():
-  """Returns the peak resident set size of this process in MiB (Linux KiB)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _emit(result, out):
-  """Prints `result` as JSON and writes it to `out` when given."""
-  text = json.dumps(result, indent=2, sort_keys=True)
-  print(text, flush=True)
-  if out:
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
 
 
 class GanomalyTrainer:
@@ -194,25 +179,21 @@ def cmd_throughput(args):
   images = torch.rand(args.batch_size, args.channels, args.image_size,
                       args.image_size) * 2.0 - 1.0
 
-  for _ in range(args.warmup):
-    trainer.train_step(images)
+  losses = []
 
-  step_times = []
-  for _ in range(args.steps):
-    start = time.perf_counter()
-    g_loss, d_loss = trainer.train_step(images)
-    step_times.append(time.perf_counter() - start)
-  total = float(np.sum(step_times))
+  def step():
+    losses.append(trainer.train_step(images))
 
+  timing = measure.time_steps(step, args.steps, args.warmup, args.batch_size,
+                              "images")
+  g_loss, d_loss = losses[-1]
   result = {
-      "benchmark": "anomalib_ganomaly_throughput",
-      "images_per_sec": args.steps * args.batch_size / total,
-      "step_ms": 1000.0 * total / args.steps,
-      "step_ms_median": 1000.0 * float(np.median(step_times)),
-      "step_ms_min": 1000.0 * float(np.min(step_times)),
+      "benchmark": "anomalib_ganomaly_throughput", **timing,
+      "step_matmul_gflop": measure.torch_step_flops(step) / 1e9,
+      "kernel_rates": measure.torch_kernel_rates(),
       "final_generator_loss": float(g_loss),
       "final_discriminator_loss": float(d_loss),
-      "peak_rss_mb": _peak_rss_mb(),
+      "peak_rss_mb": measure.rss_mb(),
       "image_size": args.image_size,
       "batch_size": args.batch_size,
       "width": args.width,
@@ -225,7 +206,7 @@ def cmd_throughput(args):
       **trainer.num_params(),
       **_versions(),
   }
-  _emit(result, args.out)
+  measure.emit(result, args.out)
 
 
 def _ensure_cifar10(data):
@@ -332,7 +313,7 @@ def cmd_cifar10(args):
       "final_generator_loss_mean": float(np.mean(g_losses[-tail:])),
       "final_discriminator_loss_mean": float(np.mean(d_losses[-tail:])),
       "scores_finite": finite,
-      "peak_rss_mb": _peak_rss_mb(),
+      "peak_rss_mb": measure.rss_mb(),
       "data": str(data),
       "steps": args.steps,
       "batch_size": args.batch_size,
@@ -344,7 +325,7 @@ def cmd_cifar10(args):
       **trainer.num_params(),
       **_versions(),
   }
-  _emit(result, args.out)
+  measure.emit(result, args.out)
 
 
 def _parser():

@@ -38,15 +38,16 @@ download is needed; the weights do not change the cost of a step.
 """
 
 import argparse
-import json
-import resource
 import sys
-import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import measure  # Standard library only: no JAX here.
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 warnings.filterwarnings("ignore")
 
@@ -55,92 +56,11 @@ LR = 0.005
 BETAS = (0.5, 0.99)  # anomalib's configure_optimizers (the paper: 0.999).
 
 
-def _status_mb(field):
-  """`field` ('VmHWM', 'VmRSS') of /proc/self/status in MiB; None if absent."""
-  try:
-    for line in Path("/proc/self/status").read_text().splitlines():
-      if line.startswith(field + ":"):
-        return int(line.split()[1]) / 1024
-  except OSError:
-    pass
-  return None
-
-
-def _peak_rss_mb():
-  """The peak resident set size of this process in MiB.
-
-  VmHWM belongs to this process alone, unlike ru_maxrss, which Linux
-  carries over from the parent across fork + exec; ru_maxrss is only the
-  fallback where /proc is missing.
-  """
-  peak = _status_mb("VmHWM")
-  if peak is None:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  return peak
-
-
-def _reset_peak_rss():
-  """Resets VmHWM to the current RSS (Linux clear_refs '5'); True if done."""
-  try:
-    Path("/proc/self/clear_refs").write_text("5")
-    return True
-  except OSError:
-    return False
-
-
 def _versions():
   """Returns the versions of the libraries this benchmark measures."""
   return {"torch_version": torch.__version__,
           "torch_num_threads": torch.get_num_threads(),
           "python_version": sys.version.split()[0]}
-
-
-def _emit(result, out):
-  """Prints `result` as JSON and writes it to `out` when given."""
-  text = json.dumps(result, indent=2, sort_keys=True)
-  print(text, flush=True)
-  if out:
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
-
-
-def _cpu_ticks():
-  """(steal, total) jiffies of all CPUs from /proc/stat (zeros elsewhere)."""
-  try:
-    fields = [int(v) for v in Path("/proc/stat").read_text().split()[1:9]]
-  except OSError:
-    return 0, 0
-  return fields[7], sum(fields)
-
-
-def _timed(step, steps, warmup):
-  """Runs `step()` warmup + steps times.
-
-  Returns:
-    (the timed steps' seconds, % of CPU time stolen by the host meanwhile).
-  """
-  for _ in range(warmup):
-    step()
-  times = []
-  steal, total = _cpu_ticks()
-  for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  steal_end, total_end = _cpu_ticks()
-  return times, 100.0 * (steal_end - steal) / max(1, total_end - total)
-
-
-def _timing(timed, items_per_step, unit):
-  """Mean/median step time and `unit` per second from `_timed`'s result."""
-  times, steal_pct = timed
-  mean = float(np.mean(times))
-  return {f"{unit}_per_sec": items_per_step / mean, "cpu_steal_pct": steal_pct,
-          "step_ms": 1000.0 * mean,
-          "step_ms_median": 1000.0 * float(np.median(times)),
-          "step_ms_min": 1000.0 * float(np.min(times)),
-          "step_s_each": [round(t, 4) for t in times]}
 
 
 def cmd_rd_throughput(args):
@@ -152,7 +72,7 @@ def cmd_rd_throughput(args):
   from anomalib.models.image.reverse_distillation.anomaly_map import (
       AnomalyMapGenerationMode)
   # pylint: enable=g-import-not-at-top
-  import_rss = _peak_rss_mb()
+  import_rss = measure.rss_mb()
   torch.set_num_threads(args.threads)
   torch.manual_seed(args.seed)
   size = (args.image_size, args.image_size)
@@ -174,12 +94,14 @@ def cmd_rd_throughput(args):
     optimizer.step()
     losses.append(loss.item())
 
-  timed = _timed(step, args.steps, args.warmup)
+  timing = measure.time_steps(step, args.steps, args.warmup, args.batch_size,
+                              "images")
   count = lambda params: sum(p.numel() for p in params)
-  _emit({
-      "benchmark": "anomalib_rd_throughput",
-      **_timing(timed, args.batch_size, "images"),
-      "final_loss": losses[-1], "peak_rss_mb": _peak_rss_mb(),
+  measure.emit({
+      "benchmark": "anomalib_rd_throughput", **timing,
+      "step_matmul_gflop": measure.torch_step_flops(step) / 1e9,
+      "kernel_rates": measure.torch_kernel_rates(),
+      "final_loss": losses[-1], "peak_rss_mb": measure.rss_mb(),
       "import_rss_mb": import_rss, "backbone": args.backbone,
       "image_size": args.image_size, "batch_size": args.batch_size,
       "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
@@ -194,15 +116,15 @@ def cmd_rd_throughput(args):
 
 def cmd_bank(args):
   """Times cdist + topk of `queries` random vectors against a random bank."""
-  import_rss = _peak_rss_mb()
+  import_rss = measure.rss_mb()
   torch.set_num_threads(args.threads)
   generator = torch.Generator().manual_seed(args.seed)
   bank = torch.randn(args.bank_size, args.dim, generator=generator)
   queries = torch.randn(args.queries, args.dim, generator=generator)
-  data_peak = _peak_rss_mb()
+  data_peak = measure.rss_mb()
   # The peak of generating the data is not the search's: start afresh.
-  reset = _reset_peak_rss()
-  before = _status_mb("VmRSS")
+  reset = measure.reset_peak_rss()
+  before = measure.rss_mb("VmRSS")
   result = {}
 
   @torch.no_grad()
@@ -211,14 +133,14 @@ def cmd_bank(args):
     result["values"], result["indices"] = distances.topk(args.k,
                                                          largest=False)
 
-  timed = _timed(step, args.steps, args.warmup)
-  _emit({
-      "benchmark": "torch_cdist_topk",
-      **_timing(timed, args.queries, "queries"),
+  timing = measure.time_steps(step, args.steps, args.warmup, args.queries,
+                              "queries")
+  measure.emit({
+      "benchmark": "torch_cdist_topk", **timing,
       "import_rss_mb": import_rss, "data_peak_rss_mb": data_peak,
       "peak_reset": reset, "rss_before_search_mb": before,
-      "search_peak_rss_mb": _peak_rss_mb(),
-      "peak_rss_mb": max(data_peak, _peak_rss_mb()),
+      "search_peak_rss_mb": measure.rss_mb(),
+      "peak_rss_mb": max(data_peak, measure.rss_mb()),
       "bank_size": args.bank_size, "dim": args.dim,
       "queries": args.queries, "k": args.k, "steps": args.steps,
       "warmup": args.warmup, "threads": args.threads,

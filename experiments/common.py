@@ -7,6 +7,7 @@ joins every section into experiments/RESULTS.md.
 
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -64,6 +65,41 @@ def cifar_folder(path: str) -> str:
   raise SystemExit(f"No folder with train/ and test/ under {path}.")
 
 
+def _matmul_flops(jaxpr) -> float:
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      lhs = eqn.invars[0].aval
+      (contracting, _), _ = eqn.params["dimension_numbers"]
+      total += 2.0 * eqn.outvars[0].aval.size * math.prod(
+          lhs.shape[d] for d in contracting)
+    elif name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval
+      out_features = rhs.shape[eqn.params["dimension_numbers"].rhs_spec[0]]
+      # A strided conv's input gradient is a conv over the dilated input;
+      # the inserted zeros are not work (torch does not count them either).
+      zeros = math.prod(eqn.params["lhs_dilation"])
+      total += 2.0 * eqn.outvars[0].aval.size * rhs.size / out_features / zeros
+    inner = [v for value in eqn.params.values()
+             for v in (value if isinstance(value, (list, tuple)) else [value])
+             if hasattr(v, "eqns") or hasattr(getattr(v, "jaxpr", None),
+                                                   "eqns")]
+    counts = [_matmul_flops(getattr(v, "jaxpr", v)) for v in inner]
+    if name == "cond":
+      total += max(counts, default=0.0)
+    else:  # A while loop's body is counted once.
+      total += sum(counts) * eqn.params.get("length", 1)
+  return total
+
+
+def matmul_flops(fn, *args) -> float:
+  """Convolution and matrix-product FLOPs (2 a multiply-add) of `fn(*args)`,
+  forward and backward as its jaxpr holds them: the convention of torch's
+  FlopCounterMode, so both sides of a benchmark count the same way."""
+  return _matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
 def run_json(command: list[str]) -> dict:
   """Runs a command (from the repository root) that prints one JSON object
   last; returns it."""
@@ -74,6 +110,98 @@ def run_json(command: list[str]) -> dict:
   text = out.stdout
   start = text.rfind("\n{") + 1  # The JSON may span several lines.
   return json.loads(text[start:])
+
+
+def alternate_runs(ours_cmd, ref_cmd, ref_name, unit, rounds) -> dict:
+  """Both commands alternately, `rounds` times each; each side's fastest
+  run, every run's rate and the ours / reference ratios."""
+  key = f"{unit}_per_sec"
+  runs = {"ours": [], ref_name: []}
+  for _ in range(rounds):
+    runs["ours"].append(run_json(ours_cmd))
+    runs[ref_name].append(run_json(ref_cmd))
+  best = {name: max(found, key=lambda r: r[key])
+          for name, found in runs.items()}
+  ours, ref = best["ours"], best[ref_name]
+  return {**best, "rounds": {n: [r[key] for r in f] for n, f in runs.items()},
+          "speedup": ours[key] / ref[key],
+          "speedup_median": ref["step_ms_median"] / ours["step_ms_median"]}
+
+
+def _label(key: str) -> str:
+  return f"{int(key):,}" if key.isdigit() else key
+
+
+def comparison_table(rows, ref, unit, first, columns) -> list[str]:
+  """Markdown: a table of `alternate_runs` results (`rows`: label -> result;
+  `columns`: (header, field) pairs after the rate), then the winners and
+  every run's rate."""
+  digits = 2 if unit == "images" else 0
+  heads = [first, "implementation", "step ms (mean / median)", f"{unit}/s",
+           *(h for h, _ in columns), "steal %", "ours / ref"]
+  lines = ["| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
+  for key, row in rows.items():
+    for name in ("ours", ref):
+      side = row[name]
+      ratio = (f"**{row['speedup']:.2f}x** ({row['speedup_median']:.2f}x)"
+               if name == "ours" else "")
+      lines.append(
+          f"| {_label(key)} | {name} | {side['step_ms']:.0f} / "
+          f"{side['step_ms_median']:.0f} | "
+          f"{side[f'{unit}_per_sec']:.{digits}f} | "
+          + "".join(f"{side[m]:.0f} | " for _, m in columns)
+          + f"{side['cpu_steal_pct']:.1f} | {ratio} |")
+  faster = [f"{_label(key)}: " + (f"ours is {r['speedup']:.2f}x faster"
+                                  if r["speedup"] >= 1 else
+                                  f"{ref} is {1 / r['speedup']:.2f}x faster")
+            for key, r in rows.items()]
+  runs = [f"{_label(key)}: " + ", ".join(
+      f"{n} " + " / ".join(f"{v:.{digits}f}" for v in f)
+      for n, f in r["rounds"].items()) for key, r in rows.items()]
+  return lines + ["", "; ".join(faster) + ". Rate of every run (fastest "
+                  "kept): " + "; ".join(runs) + "."]
+
+
+def roofline_lines(rows: dict, ref: str, first: str, goal: float = 2.0):
+  """Markdown: what each side's step computes and reaches, and the rate a
+  `goal`x speed-up would need against the fastest float32 kernel measured
+  here. `rows` maps a label to {'ours': .., ref: ..} timing results that
+  carry 'step_matmul_gflop', 'step_ms' and 'kernel_rates'."""
+  if any("kernel_rates" not in r["ours"] for r in rows.values()):
+    return []  # Measured before the scripts counted FLOPs.
+  intro = [
+      f"#### What {goal:g}x would take on this CPU", "",
+      "Each side counts its own step's convolution and matrix-product "
+      "FLOPs the same way (2 a multiply-add, forward and backward as run: "
+      "ours from the step's jaxpr, the reference's with torch's "
+      "FlopCounterMode); 'reached' divides that by the mean step time. "
+      "GEMM (2048x2048) and 3x3 convolution (batch 32, 32x32, 128 to 128 "
+      "channels) are float32 rates measured in the same process.", ""]
+  heads = [first, "implementation", "conv + matmul GFLOP a step",
+           "reached GFLOP/s", "GEMM GFLOP/s", "3x3 conv GFLOP/s"]
+  lines = [*intro, "| " + " | ".join(heads) + " |",
+           "|---" * len(heads) + "|"]
+  notes = []
+  for label, row in rows.items():
+    for name in ("ours", ref):
+      side = row[name]
+      rates = side["kernel_rates"]
+      lines.append(
+          f"| {_label(label)} | {name} | {side['step_matmul_gflop']:.1f} | "
+          f"{1000 * side['step_matmul_gflop'] / side['step_ms']:.0f} | "
+          f"{rates['gemm_gflops']:.0f} | {rates['conv3x3_gflops']:.0f} |")
+    best, where = max(
+        (rate, f"{name} {kernel.split('_')[0]}")
+        for name in ("ours", ref)
+        for kernel, rate in row[name]["kernel_rates"].items())
+    target_ms = row[ref]["step_ms"] / goal
+    needed = 1000 * row["ours"]["step_matmul_gflop"] / target_ms
+    notes.append(
+        f"{_label(label)}: {goal:g}x {ref} is a step in {target_ms:.0f} ms, i.e. "
+        f"{needed:.0f} GFLOP/s for our step's convolutions and products "
+        f"alone: {100 * needed / best:.0f}% of the fastest float32 kernel "
+        f"measured here ({best:.0f} GFLOP/s, {where})")
+  return lines + ["", "; ".join(notes) + ".", ""]
 
 
 def save_part(name: str, result: dict) -> None:

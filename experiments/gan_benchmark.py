@@ -5,7 +5,9 @@ of RESULTS.md is re-rendered from them):
 
   throughput  GANomaly train-step images/s and peak memory, ours (JAX) vs
               anomalib's (CPU torch) at the same image size, batch, width
-              and latent size; each side runs in a fresh process.
+              and latent size; fresh processes, the sides alternating
+              --rounds times. Each side also reports its step's conv and
+              matmul FLOPs and the machine's float32 GEMM/conv rates.
   cifar10     one-class CIFAR-10 AUROC per normal class for our GANomaly,
               our discriminative-generative method (dgad) and anomalib's
               GANomaly, all with the same number of steps and batch size.
@@ -24,7 +26,6 @@ and pass --anomalib_python=/work/anomalib_venv/bin/python (the default).
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 import types
@@ -32,14 +33,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments import common  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top
+from experiments import common
+from experiments import measure
+# pylint: enable=g-import-not-at-top
 
 SCRIPT = "python experiments/gan_benchmark.py"
 ANOMALIB_SCRIPT = common.ROOT / "experiments" / "anomalib_ganomaly.py"
-
-
-def _peak_rss_mb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def ours_throughput(image_size, batch_size, width, latent, steps,
@@ -48,7 +48,7 @@ def ours_throughput(image_size, batch_size, width, latent, steps,
   import jax  # pylint: disable=g-import-not-at-top
   from jax_oneclass import parallel, train  # pylint: disable=g-import-not-at-top
   from jax_oneclass.methods import ganomaly  # pylint: disable=g-import-not-at-top
-  import_rss = _peak_rss_mb()
+  import_rss = measure.rss_mb()
   config = common.config_with("ganomaly", "cifar10", {
       "batch_size": batch_size, "model.width": width,
       "model.latent_size": latent, "data.image_size": image_size,
@@ -57,24 +57,21 @@ def ours_throughput(image_size, batch_size, width, latent, steps,
   info = types.SimpleNamespace(image_shape=shape, num_train=5000)
   method = ganomaly.Method(config, info)
   mesh = parallel.make_mesh()
-  state = train.initial_state(method, info, mesh, 0)
+  box = {"state": train.initial_state(method, info, mesh, 0)}
   step_fn = train.jit_train_step(method, mesh)
   images = jax.random.uniform(jax.random.key(0), (batch_size, 1) + shape)
   batch = parallel.shard_batch(mesh, {"image": images})
   rng = jax.random.key(1)
-  for _ in range(warmup):
-    state, metrics = step_fn(state, batch, rng)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = step_fn(state, batch, rng)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  mean = sum(times) / len(times)
-  return {"images_per_sec": batch_size / mean, "step_ms": 1000 * mean,
-          "step_ms_median": 1000 * sorted(times)[len(times) // 2],
-          "peak_rss_mb": _peak_rss_mb(), "import_rss_mb": import_rss,
+  flops = common.matmul_flops(step_fn, box["state"], batch, rng)
+
+  def step():
+    box["state"], box["metrics"] = step_fn(box["state"], batch, rng)
+    jax.block_until_ready(box["metrics"])
+
+  timing = measure.time_steps(step, steps, warmup, batch_size, "images")
+  return {**timing, "peak_rss_mb": measure.rss_mb(),
+          "import_rss_mb": import_rss, "step_matmul_gflop": flops / 1e9,
+          "kernel_rates": measure.jax_kernel_rates(),
           "jax_version": jax.__version__, "devices": str(jax.devices())}
 
 
@@ -91,13 +88,16 @@ def part_throughput(args):
   settings = dict(image_size=args.image_size, batch_size=args.batch_size,
                   width=args.width, latent=args.latent)
   flags = [f"--{k}={v}" for k, v in settings.items()]
-  ours = common.run_json([sys.executable, __file__, "_ours_throughput", *flags,
-                    f"--throughput_steps={args.throughput_steps}"])
-  theirs = common.run_json(_anomalib(args, "throughput", *flags,
-                               f"--steps={args.throughput_steps}"))
-  return {"command": f"{SCRIPT} throughput " + " ".join(flags),
-          "settings": settings, "ours": ours, "anomalib": theirs,
-          "speedup": ours["images_per_sec"] / theirs["images_per_sec"]}
+  timed = [f"--steps={args.throughput_steps}", f"--warmup={args.warmup}"]
+  row = common.alternate_runs(
+      [sys.executable, __file__, "_ours_throughput", *flags, *timed],
+      _anomalib(args, "throughput", *flags, *timed), "anomalib", "images",
+      args.rounds)
+  return {"command": " ".join([f"{SCRIPT} throughput", *flags,
+                               f"--throughput_steps={args.throughput_steps}",
+                               f"--warmup={args.warmup}",
+                               f"--rounds={args.rounds}"]),
+          "settings": settings, **row}
 
 
 def part_cifar10(args):
@@ -139,6 +139,7 @@ def render(parts) -> str:
   if "gan_throughput" in parts:
     p = parts["gan_throughput"]
     s, ours, theirs = p["settings"], p["ours"], p["anomalib"]
+    label = f"{s['image_size']}px, batch {s['batch_size']}"
     lines += [
         "### GANomaly train step: ours vs anomalib", "",
         f"Command: `{p['command']}` (anomalib {theirs['anomalib_version']}, "
@@ -146,19 +147,17 @@ def render(parts) -> str:
         f"JAX {ours['jax_version']}). Image {s['image_size']}x"
         f"{s['image_size']}x3, batch {s['batch_size']}, width "
         f"{s['width']}, latent {s['latent']}; random inputs, a full step "
-        "(generator and discriminator updates) each.", "",
-        "| implementation | step ms | images/s | peak RSS MB | RSS after "
-        "imports MB |", "|---|---|---|---|---|",
-        f"| jax_oneclass | {ours['step_ms']:.0f} | "
-        f"{ours['images_per_sec']:.0f} | {ours['peak_rss_mb']:.0f} | "
-        f"{ours['import_rss_mb']:.0f} |",
-        f"| anomalib | {theirs['step_ms']:.0f} | "
-        f"{theirs['images_per_sec']:.0f} | {theirs['peak_rss_mb']:.0f} | "
-        f"{theirs.get('import_rss_mb', float('nan')):.0f} |", "",
-        f"Speed-up (ours / anomalib images/s): **{p['speedup']:.2f}x** "
-        "(goal: >= 2x). Peak RSS is the whole process (ru_maxrss), "
-        "including the framework's own import footprint, shown separately.",
-        ""]
+        "(generator and discriminator updates) each, timed in alternating "
+        "fresh processes; each side's fastest run is shown, ours / ref "
+        "from mean step times (medians in brackets). Goal: ours >= 2x.", "",
+        *common.comparison_table(
+            {label: p}, "anomalib", "images", "setting",
+            [("peak RSS MB", "peak_rss_mb"),
+             ("RSS after imports MB", "import_rss_mb")]),
+        "", "Peak RSS is the process's VmHWM, including the framework's own "
+        "import footprint (shown separately; ours includes TensorFlow, "
+        "anomalib's every anomalib model).", ""]
+    lines += common.roofline_lines({label: p}, "anomalib", "setting")
   if "gan_cifar10" in parts:
     p = parts["gan_cifar10"]
     b = p["budget"]
@@ -213,6 +212,11 @@ def main():
   parser.add_argument("--width", type=int, default=64)
   parser.add_argument("--latent", type=int, default=100)
   parser.add_argument("--throughput_steps", type=int, default=20)
+  parser.add_argument("--warmup", type=int, default=3,
+                      help="Untimed steps (compiling) before the timed ones.")
+  parser.add_argument("--rounds", type=int, default=2,
+                      help="Alternating fresh-process runs a side; the "
+                           "fastest is kept.")
   parser.add_argument("--anomalib_python",
                       default=os.environ.get("ANOMALIB_PYTHON",
                                              "/work/anomalib_venv/bin/python"))
@@ -222,7 +226,7 @@ def main():
   if args.part == "_ours_throughput":  # The child process of 'throughput'.
     print(json.dumps(ours_throughput(args.image_size, args.batch_size,
                                      args.width, args.latent,
-                                     args.throughput_steps, warmup=3)))
+                                     args.steps, args.warmup)))
     return
   args.classes = [int(c) for c in args.classes.split(",")]
   if args.part != "report":

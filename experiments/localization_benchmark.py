@@ -3,7 +3,9 @@
 Parts (each writes results/localization_<part>.json, then re-renders):
 
   rd_throughput  reverse-distillation train-step images/s and memory, ours
-                 vs anomalib's, a row per --backbones entry.
+                 vs anomalib's, a row per --backbones entry, with each
+                 step's conv and matmul FLOPs and the machine's float32
+                 GEMM/conv rates.
   bank           nearest_neighbors.search vs torch.cdist + topk, a row per
                  --bank_sizes entry (our indices checked against numpy).
   report         only re-render.
@@ -22,12 +24,13 @@ import argparse
 import json
 import os
 import sys
-import time
 import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from experiments import measure  # pylint: disable=g-import-not-at-top
 
 SCRIPT = "python experiments/localization_benchmark.py"
 TORCH_SCRIPT = ROOT / "experiments" / "anomalib_localization.py"
@@ -43,54 +46,6 @@ PARTS = {
 }
 
 
-def _rss_mb(field="VmHWM") -> float:
-  """Peak ('VmHWM') or current ('VmRSS') RSS of this process in MiB.
-
-  Not ru_maxrss: Linux carries that over from the parent across exec.
-  """
-  for line in Path("/proc/self/status").read_text().splitlines():
-    if line.startswith(field + ":"):
-      return int(line.split()[1]) / 1024
-  raise ValueError(f"No {field} in /proc/self/status.")
-
-
-def _reset_peak_rss() -> bool:
-  """Resets VmHWM to the current RSS (Linux clear_refs '5'); True if done."""
-  try:
-    Path("/proc/self/clear_refs").write_text("5")
-    return True
-  except OSError:
-    return False
-
-
-def _cpu_ticks() -> tuple[int, int]:
-  """(steal, total) jiffies of all CPUs, from /proc/stat."""
-  fields = [int(v) for v in Path("/proc/stat").read_text().split()[1:9]]
-  return fields[7], sum(fields)
-
-
-def _timed(step, steps, warmup, items, unit) -> dict:
-  """Times the blocking `step()` `steps` times after `warmup` untimed runs;
-  `unit`s/s come from the mean with `items` a step."""
-  start = time.perf_counter()
-  for _ in range(warmup):
-    step()
-  warmup_s = time.perf_counter() - start
-  steal, total = _cpu_ticks()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  steal_end, total_end = _cpu_ticks()
-  mean = sum(times) / len(times)
-  return {f"{unit}_per_sec": items / mean, "step_ms": 1000 * mean,
-          "step_ms_median": 1000 * sorted(times)[len(times) // 2],
-          "step_s_each": [round(t, 4) for t in times],
-          "warmup_s_incl_compile": warmup_s,
-          "cpu_steal_pct": 100 * (steal_end - steal) / (total_end - total)}
-
-
 def ours_rd_throughput(args) -> dict:
   """Our RD train step on random images (no input pipeline), this process."""
   # pylint: disable=g-import-not-at-top
@@ -99,7 +54,7 @@ def ours_rd_throughput(args) -> dict:
   from jax_oneclass import parallel, train
   from jax_oneclass.methods import reverse_distillation
   # pylint: enable=g-import-not-at-top
-  import_rss = _rss_mb()
+  import_rss = measure.rss_mb()
   size, batch_size = args.image_size, args.batch_size
   config = common.config_with("reverse_distillation", "digits", {
       "model.backbone": args.backbone, "data.image_size": size,
@@ -115,13 +70,18 @@ def ours_rd_throughput(args) -> dict:
   batch = parallel.shard_batch(mesh, {"image": images})  # One view axis.
   rng = jax.random.key(1)
 
+  flops = common.matmul_flops(step_fn, box["state"], batch, rng)
+
   def step():
     box["state"], box["metrics"] = step_fn(box["state"], batch, rng)
     jax.block_until_ready(box["metrics"])
 
-  timing = _timed(step, args.steps, args.warmup, batch_size, "images")
-  return {**timing, "trained_params": trained, "peak_rss_mb": _rss_mb(),
+  timing = measure.time_steps(step, args.steps, args.warmup, batch_size,
+                              "images")
+  return {**timing, "trained_params": trained, "peak_rss_mb": measure.rss_mb(),
           "final_loss": float(box["metrics"]["loss"]),
+          "step_matmul_gflop": flops / 1e9,
+          "kernel_rates": measure.jax_kernel_rates(),
           "import_rss_mb": import_rss, "jax_version": jax.__version__}
 
 
@@ -132,22 +92,22 @@ def ours_bank(args) -> dict:
   import jax
   from jax_oneclass.nearest_neighbors import build_bank, search
   # pylint: enable=g-import-not-at-top
-  import_rss = _rss_mb()
+  import_rss = measure.rss_mb()
   bank_key, query_key = jax.random.split(jax.random.key(0))
   vectors = jax.random.normal(bank_key, (args.bank_size, args.dim))
   bank = build_bank(vectors)
   del vectors
   points = jax.random.normal(query_key, (args.queries, args.dim))
   jax.block_until_ready((bank, points))
-  data_peak = _rss_mb()
-  reset = _reset_peak_rss()  # Making the data is not the search's peak.
-  before = _rss_mb("VmRSS")
+  data_peak = measure.rss_mb()
+  reset = measure.reset_peak_rss()  # Making the data is not the search's peak.
+  before = measure.rss_mb("VmRSS")
   step = lambda: jax.block_until_ready(search(bank, points, k=args.k))
-  timing = _timed(step, args.steps, args.warmup, args.queries, "queries")
+  timing = measure.time_steps(step, args.steps, args.warmup, args.queries, "queries")
   return {**timing, "import_rss_mb": import_rss, "peak_reset": reset,
           "data_peak_rss_mb": data_peak, "rss_before_search_mb": before,
-          "search_peak_rss_mb": _rss_mb(),
-          "peak_rss_mb": max(data_peak, _rss_mb()),
+          "search_peak_rss_mb": measure.rss_mb(),
+          "peak_rss_mb": max(data_peak, measure.rss_mb()),
           "jax_version": jax.__version__}
 
 
@@ -174,25 +134,9 @@ def check_bank() -> dict:
   return {"queries": 300, "bank": 5000, "k": [1, 4], "indices_equal": True}
 
 
-def _pair(ours_cmd, ref_cmd, ref_name, unit, rounds) -> dict:
-  """Both commands alternately, `rounds` times each; each side's fastest
-  run, every run's rate and the ours / reference ratios."""
-  from experiments import common  # pylint: disable=g-import-not-at-top
-  key = f"{unit}_per_sec"
-  runs = {"ours": [], ref_name: []}
-  for _ in range(rounds):
-    runs["ours"].append(common.run_json(ours_cmd))
-    runs[ref_name].append(common.run_json(ref_cmd))
-  best = {name: max(found, key=lambda r: r[key])
-          for name, found in runs.items()}
-  ours, ref = best["ours"], best[ref_name]
-  return {**best, "rounds": {n: [r[key] for r in f] for n, f in runs.items()},
-          "speedup": ours[key] / ref[key],
-          "speedup_median": ref["step_ms_median"] / ours["step_ms_median"]}
-
-
 def run_part(args) -> dict:
   """One row per entry of the part's list flag (see PARTS)."""
+  from experiments import common  # pylint: disable=g-import-not-at-top
   many, one, shared, ref, unit = PARTS[args.part]
   flags = [f"--{f}={getattr(args, f)}" for f in shared]
   timed = [f"--steps={args.steps}", f"--warmup={args.warmup}"]
@@ -206,7 +150,7 @@ def run_part(args) -> dict:
     out["check"] = check_bank()
   for value in getattr(args, many).split(","):
     child = [*flags, *timed, f"--{one}={value}"]
-    row = _pair([sys.executable, __file__, f"_ours_{args.part}", *child],
+    row = common.alternate_runs([sys.executable, __file__, f"_ours_{args.part}", *child],
                 [args.anomalib_python, str(TORCH_SCRIPT), args.part, *child,
                  f"--threads={os.cpu_count()}"], ref, unit, args.rounds)
     out["rows"][value] = row
@@ -214,41 +158,9 @@ def run_part(args) -> dict:
   return out
 
 
-def _label(key: str) -> str:
-  return f"{int(key):,}" if key.isdigit() else key
-
-
-def _table(rows, ref, unit, first, columns) -> list[str]:
-  """A table of `rows` (`columns`: (header, field) pairs after the rate),
-  then the winners and every run's rate."""
-  digits = 2 if unit == "images" else 0
-  heads = [first, "implementation", "step ms (mean / median)", f"{unit}/s",
-           *(h for h, _ in columns), "steal %", "ours / ref"]
-  lines = ["| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
-  for key, row in rows.items():
-    for name in ("ours", ref):
-      side = row[name]
-      ratio = (f"**{row['speedup']:.2f}x** ({row['speedup_median']:.2f}x)"
-               if name == "ours" else "")
-      lines.append(
-          f"| {_label(key)} | {name} | {side['step_ms']:.0f} / "
-          f"{side['step_ms_median']:.0f} | "
-          f"{side[f'{unit}_per_sec']:.{digits}f} | "
-          + "".join(f"{side[m]:.0f} | " for _, m in columns)
-          + f"{side['cpu_steal_pct']:.1f} | {ratio} |")
-  faster = [f"{_label(key)}: " + (f"ours is {r['speedup']:.2f}x faster"
-                                  if r["speedup"] >= 1 else
-                                  f"{ref} is {1 / r['speedup']:.2f}x faster")
-            for key, r in rows.items()]
-  runs = [f"{_label(key)}: " + ", ".join(
-      f"{n} " + " / ".join(f"{v:.{digits}f}" for v in f)
-      for n, f in r["rounds"].items()) for key, r in rows.items()]
-  return lines + ["", "; ".join(faster) + ". Rate of every run (fastest "
-                  "kept): " + "; ".join(runs) + "."]
-
-
 def render(parts) -> str:
   """The localisation section of RESULTS.md."""
+  from experiments import common  # pylint: disable=g-import-not-at-top
   lines = ["## Localisation (reverse distillation, memory-bank search)", "",
            f"CPU only, {os.cpu_count()} cores: JAX uses all, torch as many "
            "threads. Each side's fastest fresh-process run is shown; ours / "
@@ -268,7 +180,7 @@ def render(parts) -> str:
         f"{OCBE_WIDTH} on both; {s['steps']} "
         f"timed steps after {s['warmup']} warm-up ones in each of "
         f"{s['rounds']} alternating runs a side. Goal: ours >= 2x.", "",
-        *_table(rows, "anomalib", "images",
+        *common.comparison_table(rows, "anomalib", "images",
                 "backbone", [("trained params", "trained_params"),
                              ("peak RSS MB", "peak_rss_mb"),
                  ("RSS after imports MB", "import_rss_mb")]),
@@ -278,7 +190,8 @@ def render(parts) -> str:
         "bottleneck + decoder, `loss.item()`. Trained params: those with a "
         "gradient (anomalib's OCBE also holds the official code's unused "
         "conv4/bn4). Peak RSS is VmHWM; our imports include TensorFlow, "
-        "anomalib's every anomalib model.", ""]
+        "anomalib's every anomalib model.", "",
+        *common.roofline_lines(rows, "anomalib", "backbone")]
   if "localization_bank" in parts:
     p = parts["localization_bank"]
     s, c, rows = p["settings"], p["check"], p["rows"]
@@ -299,7 +212,7 @@ def render(parts) -> str:
         "`cdist(queries, bank).topk(k, largest=False)`. Our indices equal a "
         f"float64 numpy brute force ({c['queries']} queries, bank "
         f"{c['bank']}, k in {c['k']}, padded blocks).", "",
-        *_table(rows, "torch", "queries",
+        *common.comparison_table(rows, "torch", "queries",
                 "bank size",
                 [("RSS before search MB", "rss_before_search_mb"),
                  ("peak RSS in search MB", "search_peak_rss_mb"),
