@@ -120,6 +120,9 @@ def test_prepared_data_is_reused_without_the_folder(widget, tmp_path):
                                  data_dir=os.fspath(data_dir))
   assert again.data_dir == builder.data_dir
   assert len(read(again, 'test')) == 4
+  # Class sizes are stored with the data, for sources to read.
+  assert again.info.metadata['label_counts'] == {'train': [4, 0],
+                                                 'test': [2, 2]}
 
 
 def test_category_folder_as_root(tmp_path):

@@ -113,6 +113,12 @@ class MVTecAD(tfds.core.GeneratorBasedBuilder):
     category = self.builder_config.name
     examples = _list_examples(root, category)
     self.info.metadata['source_dir'] = os.path.join(root, category)
+    # Saved with the prepared data, so sources know the class sizes without
+    # reading every record.
+    self.info.metadata['label_counts'] = {
+        split: [sum(item['label'] == label for item in items)
+                for label in range(len(LABEL_NAMES))]
+        for split, items in examples.items()}
     return {split: self._generate_examples(items)
             for split, items in examples.items()}
 

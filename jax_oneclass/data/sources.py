@@ -272,6 +272,10 @@ def _mvtec_source(root, category, data_dir) -> Source:
     return mask_feature.decode_example(encoded)[..., 0] > 0
 
   def label_counts(split):
+    saved = builder.info.metadata.get('label_counts', {}).get(split)
+    if saved is not None:
+      return np.asarray(saved, np.int64)
+    # Prepared before the counts were saved: count the records once.
     labels = builder.as_dataset(split=split, decoders=skip).map(
         lambda ex: ex['label'])
     return np.bincount(list(labels.as_numpy_iterator()),
