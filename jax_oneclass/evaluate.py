@@ -19,26 +19,36 @@ from jax_oneclass.errors import CheckpointError
 _LABEL_KEYS = ("mask", "is_anomaly", "label", "pixel_mask")
 
 
-def _collect(fn, state, extra, batches, mesh) -> tuple[dict, dict]:
+def _collect(fn, state, extra, batches, mesh,
+             num_images: int = 0) -> tuple[dict, dict]:
   """Runs `fn(state, *extra, batch)` over batches; host arrays, masked.
 
   Returns (outputs, labels): per-example outputs of `fn` and the batches'
-  'is_anomaly', 'label' (and 'pixel_mask' if present), padding removed.
+  'is_anomaly', 'label' (and 'pixel_mask' if present), padding removed;
+  with `num_images`, labels also holds 'image': the first ones, gathered
+  from every host like the labels.
   """
   # Labels and masks are split over hosts; an identity jit replicates them.
   gather = jax.jit(lambda b: b, out_shardings=parallel.replicated(mesh))
-  outputs, labels = [], []
+  outputs, labels, images = [], [], []
   for local in batches:
     batch = parallel.shard_batch(mesh, local)
     out = parallel.to_host(fn(state, *extra, batch))
     label_keys = [k for k in _LABEL_KEYS if k in batch]
+    if sum(len(i) for i in images) < num_images:
+      label_keys.append("image")
     keep = parallel.to_host(gather({k: batch[k] for k in label_keys}))
     mask = keep.pop("mask").astype(bool)
+    if "image" in keep:
+      images.append(keep.pop("image")[mask])
     outputs.append({k: v[mask] for k, v in out.items()})
     labels.append({k: v[mask] for k, v in keep.items()})
   cat = lambda parts: {k: np.concatenate([p[k] for p in parts])
                        for k in parts[0]} if parts else {}
-  return cat(outputs), cat(labels)
+  labels = cat(labels)
+  if images:
+    labels["image"] = np.concatenate(images)[:num_images]
+  return cat(outputs), labels
 
 
 def _scores_and_maps(method):
@@ -56,20 +66,17 @@ def _scores_and_maps(method):
   return fn
 
 
-def _write_overlays(config, workdir, maps, labels) -> None:
-  """Heat-map PNGs of the first `eval.num_overlays` test images."""
-  count = int(config.eval.get("num_overlays", 0))
-  if count <= 0 or jax.process_count() > 1:
-    return  # With several hosts each reads its own images; not gathered yet.
-  images = []
-  for batch in data.eval_batches(config, "test", config.eval.batch_size):
-    images.append(batch["image"][batch["mask"].astype(bool)])
-    if sum(len(i) for i in images) >= count:
-      break  # Only the first `count` images are drawn.
-  images = np.concatenate(images)
+def _write_overlays(workdir, maps, labels) -> None:
+  """Heat-map PNGs of the test images `_collect` kept (the first ones).
+
+  Every host holds the same gathered images and maps; the first writes.
+  """
+  if jax.process_index() != 0 or "image" not in labels:
+    return
+  count = len(labels["image"])
   for name, m in maps.items():
     localization.save_overlays(
-        images[:count], m[:count], labels["pixel_mask"][:count],
+        labels["image"], m[:count], labels["pixel_mask"][:count],
         Path(workdir) / "overlays" / name.replace("/", "_"))
 
 
@@ -112,7 +119,10 @@ def evaluate(config, workdir, state=None) -> dict:
 
   score_fn = jax.jit(_scores_and_maps(method), out_shardings=repl)
   test_batches = data.eval_batches(config, "test", config.eval.batch_size)
-  scores, labels = _collect(score_fn, state, (fitted,), test_batches, mesh)
+  num_overlays = (int(config.eval.get("num_overlays", 0))
+                  if hasattr(method, "score_with_maps") else 0)
+  scores, labels = _collect(score_fn, state, (fitted,), test_batches, mesh,
+                            num_images=max(num_overlays, 0))
   maps = {k[len("map:"):]: scores.pop(k) for k in list(scores)
           if k.startswith("map:")}
   aurocs = {name: metrics.auroc(s, labels["is_anomaly"])
@@ -123,7 +133,7 @@ def evaluate(config, workdir, state=None) -> dict:
                         m, labels["pixel_mask"]),
                     "aupro": localization.aupro(m, labels["pixel_mask"])}
              for name, m in sorted(maps.items())}
-    _write_overlays(config, workdir, maps, labels)
+    _write_overlays(workdir, maps, labels)
 
   results = {
       "method": config.method,

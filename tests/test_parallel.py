@@ -46,16 +46,12 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_train_and_evaluate(tmp_path):
-  port = _free_port()
-  flags = [
-      "--config=configs/clr.py:digits", f"--workdir={tmp_path}",
-      "--config.num_train_steps=3", "--config.batch_size=16",
-      "--config.data.image_size=8", "--config.model.stage_sizes=(1,1)",
-      "--config.model.width=4", "--config.model.head_dims=(16,8)",
-      "--config.eval.batch_size=64", "--config.checkpoint_every_steps=2",
-      "--config.progress_bar=False", f"--coordinator_address=127.0.0.1:{port}",
-      "--num_processes=2"]
+def _run_two_processes(flags: list[str]) -> list[str]:
+  """`main` with `flags` as processes 0 and 1 of one job (2 devices each);
+  their outputs."""
+  flags = [*flags, "--config.progress_bar=False",
+           f"--coordinator_address=127.0.0.1:{_free_port()}",
+           "--num_processes=2"]
   procs = [
       subprocess.Popen(
           [sys.executable, "-m", "jax_oneclass.main", *flags,
@@ -63,8 +59,43 @@ def test_two_processes_train_and_evaluate(tmp_path):
           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
   outputs = [p.communicate(timeout=400) for p in procs]
-  for p, (out, err) in zip(procs, outputs):
+  for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
+  return [out + err for out, err in outputs]
+
+
+def test_two_processes_train_and_evaluate(tmp_path):
+  outputs = _run_two_processes([
+      "--config=configs/clr.py:digits", f"--workdir={tmp_path}",
+      "--config.num_train_steps=3", "--config.batch_size=16",
+      "--config.data.image_size=8", "--config.model.stage_sizes=(1,1)",
+      "--config.model.width=4", "--config.model.head_dims=(16,8)",
+      "--config.eval.batch_size=64", "--config.checkpoint_every_steps=2"])
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["step"] == 3 and results["num_test"] == 599
-  assert "4 devices in 2 processes" in outputs[0][0]
+  assert "4 devices in 2 processes" in outputs[0]
+
+
+def test_two_processes_localise_and_write_overlays(tmp_path):
+  # pylint: disable=g-import-not-at-top
+  from jax_oneclass.data import mvtec
+  from tests.test_mvtec import write_widget
+  # pylint: enable=g-import-not-at-top
+  write_widget(tmp_path)  # 4 good train images; 2 good + 2 defective test.
+  data_dir = tmp_path / "tfds"
+  mvtec.build_mvtec_like(tmp_path, "widget", data_dir=str(data_dir))
+  run = tmp_path / "run"
+  _run_two_processes([
+      f"--config=configs/gradient_preference.py:mvtec,folder={tmp_path},"
+      f"category=widget,data_dir={data_dir}", f"--workdir={run}",
+      "--config.data.image_size=32", "--config.model.backbone=resnet18",
+      "--config.num_train_steps=2", "--config.center_steps=1",
+      "--config.batch_size=4", "--config.eval.batch_size=4",
+      "--config.eval.num_overlays=3", "--config.checkpoint_every_steps=2"])
+  results = json.loads((run / "results.json").read_text())
+  assert (results["num_test"], results["num_anomalous"]) == (4, 2)
+  assert 0.0 <= results["localization"]["anomaly_map"]["aupro"] <= 1.0
+  # Each process read 2 of the 4 test images; the first 3 of the gathered
+  # set (so some from each process) are drawn, once, by process 0.
+  overlays = sorted((run / "overlays" / "anomaly_map").glob("*.png"))
+  assert len(overlays) == 3
