@@ -80,7 +80,8 @@ def _matmul_flops(jaxpr) -> float:
       # A strided conv's input gradient is a conv over the dilated input;
       # the inserted zeros are not work (torch does not count them either).
       zeros = math.prod(eqn.params["lhs_dilation"])
-      total += 2.0 * eqn.outvars[0].aval.size * rhs.size / out_features / zeros
+      total += (2.0 * eqn.outvars[0].aval.size * rhs.size / out_features
+                / zeros)
     inner = [v for value in eqn.params.values()
              for v in (value if isinstance(value, (list, tuple)) else [value])
              if hasattr(v, "eqns") or hasattr(getattr(v, "jaxpr", None),
@@ -197,8 +198,8 @@ def roofline_lines(rows: dict, ref: str, first: str, goal: float = 2.0):
     target_ms = row[ref]["step_ms"] / goal
     needed = 1000 * row["ours"]["step_matmul_gflop"] / target_ms
     notes.append(
-        f"{_label(label)}: {goal:g}x {ref} is a step in {target_ms:.0f} ms, i.e. "
-        f"{needed:.0f} GFLOP/s for our step's convolutions and products "
+        f"{_label(label)}: {goal:g}x {ref} is a step in {target_ms:.0f} ms, "
+        f"i.e. {needed:.0f} GFLOP/s for our step's convolutions and products "
         f"alone: {100 * needed / best:.0f}% of the fastest float32 kernel "
         f"measured here ({best:.0f} GFLOP/s, {where})")
   return lines + ["", "; ".join(notes) + ".", ""]

@@ -75,7 +75,8 @@ def time_steps(step, steps: int, warmup: int, items: int, unit: str) -> dict:
           "step_ms_min": 1000 * min(times),
           "step_s_each": [round(t, 4) for t in times],
           "warmup_s_incl_compile": warmup_s,
-          "cpu_steal_pct": 100 * (steal_end - steal) / max(1, total_end - total)}
+          "cpu_steal_pct":
+              100 * (steal_end - steal) / max(1, total_end - total)}
 
 
 def _gflops_rate(run, flops: float, repeats: int) -> float:
