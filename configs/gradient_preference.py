@@ -22,7 +22,9 @@ def get_config(arg=None):
   config.data.num_views = 1
 
   config.model.backbone = "wide_resnet50_2"
-  config.model.pretrained = ""  # torchvision state dict; "" = random.
+  # A torchvision state dict, or the workdir of a two-stage run trained with
+  # --config.model.arch=<model.backbone> (self-supervised); "" = random.
+  config.model.pretrained = ""
   config.model.feature_layers = ("layer2", "layer3")  # Multi-level points.
   config.model.neighbourhood = 3  # Patch = 3x3 average of its surroundings.
   config.model.mlp_widths = (512, 256)  # Bias-free; the last is the space.

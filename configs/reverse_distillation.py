@@ -21,7 +21,9 @@ def get_config(arg=None):
 
   config.model.backbone = "wide_resnet50_2"  # Teacher and mirrored student.
   config.model.ocbe_width_per_group = 0  # 0: the backbone's (128 for WRN).
-  config.model.pretrained = ""  # torchvision state dict; "" = random teacher.
+  # A torchvision state dict, or the workdir of a two-stage run trained with
+  # --config.model.arch=<model.backbone> (self-supervised); "" = random.
+  config.model.pretrained = ""
 
   config.optimizer.name = "adam"
   config.optimizer.learning_rate = 0.005  # main.py: lr 0.005.

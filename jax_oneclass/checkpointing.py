@@ -43,7 +43,8 @@ class Checkpointer:
     """Restores (state, meta) at `step` into the structure of `target`.
 
     `target` is a state pytree (or its `jax.eval_shape`) whose shardings say
-    where the restored arrays go.
+    where the restored arrays go; None restores the arrays as saved, in
+    nested dicts (to read parts of another run's state).
     """
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(

@@ -98,6 +98,11 @@ def two_stage_config(method: str) -> ml_collections.ConfigDict:
 
   c.model.stage_sizes = (2, 2, 2, 2)  # ResNet-18.
   c.model.head_dims = (512,) * 8 + (128,)  # Reference --head_dims.
+  # "cifar": the paper's ResNet (stage_sizes, width). A torchvision name
+  # ("resnet18", "resnet50", "wide_resnet50_2") trains that ImageNet-layout
+  # network instead, whose checkpoint the localisation methods can load as
+  # a self-supervised backbone (model.pretrained=<this run's workdir>).
+  c.model.arch = "cifar"
 
   c.optimizer.name = "sgd"
   c.optimizer.learning_rate = 0.01  # Momentum 0.9 as in base_config.

@@ -1,4 +1,5 @@
-"""torchvision ImageNet weights for `models.backbones.TorchResNet`.
+"""Backbone weights for `models.backbones.TorchResNet`: torchvision files,
+or a self-supervised two-stage run (`load_self_supervised`).
 
 `load_torchvision(path, arch)` reads a torchvision state-dict file and returns
 Flax variables {'params', 'batch_stats'}. torch is not needed. Files it
@@ -61,9 +62,17 @@ def load_torchvision(path: str, arch: str, with_layer4: bool = False):
 def load_or_announce_random(path: str, arch: str, role: str):
   """Variables from `path`, or None (random init) when `path` is empty.
 
-  Either way the log says which, so a run with random features is never
-  mistaken for one with ImageNet features.
+  `path` is a torchvision weights file, or the workdir of a two-stage run
+  (rotnet, clr, disaug) trained with `model.arch=arch`, whose backbone
+  becomes a self-supervised one. Either way the log says which, so a run
+  with random or self-supervised features is never mistaken for one with
+  ImageNet features.
   """
+  if path and os.path.isdir(path):
+    variables, origin = load_self_supervised(path, arch)
+    logging_utils.info(f"{role}: {arch} SELF-SUPERVISED ({origin}) from "
+                       f"{path}; not ImageNet features.")
+    return variables
   if path:
     logging_utils.info(f"{role}: {arch} from {path}.")
     return load_torchvision(path, arch)
@@ -72,6 +81,53 @@ def load_or_announce_random(path: str, arch: str, role: str):
       "file); its features are not ImageNet features, so maps of real "
       "defects will be weak.")
   return None
+
+
+def load_self_supervised(workdir: str, arch: str):
+  """The backbone of a two-stage run's newest checkpoint, without layer4.
+
+  Returns ({'params', 'batch_stats'} for `backbones.build(arch)`, a short
+  description of the run). Raises CheckpointError when the workdir is not a
+  two-stage run of that architecture or holds no complete checkpoint.
+  """
+  from jax_oneclass import checkpointing  # pylint: disable=g-import-not-at-top
+  workdir = os.fspath(workdir)
+  fix = (f"model.pretrained takes a torchvision weights file or the workdir "
+         f"of a two-stage run (rotnet, clr, disaug) trained with "
+         f"--config.model.arch={arch}")
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      trained_arch = json.load(f).get("model", {}).get("arch")
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{workdir} has no readable config.json: {fix}."
+                          ) from e
+  if trained_arch != arch:
+    raise CheckpointError(
+        f"{workdir} was trained with model.arch={trained_arch!r}, but this "
+        f"backbone is {arch!r}: {fix}.")
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(checkpoint_dir):
+    raise CheckpointError(f"No checkpoints/ in {workdir}: {fix}.")
+  checkpointer = checkpointing.Checkpointer(checkpoint_dir)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise CheckpointError(f"No complete checkpoint in {checkpoint_dir}.")
+  state, meta = checkpointer.restore(step, None)
+  checkpointer.close()
+  flat = traverse_util.flatten_dict(
+      {c: state[c]["backbone"] for c in ("params", "batch_stats")})
+  shapes = _variable_shapes(arch, False)
+  wrong = [p for p, shape in shapes.items()
+           if p not in flat or tuple(np.shape(flat[p])) != shape]
+  if wrong:
+    raise CheckpointError(
+        f"The backbone in {checkpoint_dir}/{step} does not fit {arch}: "
+        f"{len(wrong)} variable(s) missing or of another shape, e.g. "
+        f"{'/'.join(wrong[0])}.")
+  variables = traverse_util.unflatten_dict(
+      {p: np.asarray(flat[p], np.float32) for p in shapes})  # No layer4.
+  return variables, (f"step {step} of {meta.get('method')} on "
+                     f"{meta.get('data')}")
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], arch: str,

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from jax_oneclass import classifiers
 from jax_oneclass.methods import base
-from jax_oneclass.models import SelfSupervisedNet
+from jax_oneclass.errors import ConfigError
+from jax_oneclass.models import SelfSupervisedNet, backbones
 
 FEATURES = ("pool", "embed")
 NUM_ROTATIONS = 4
@@ -38,11 +39,16 @@ class TwoStageMethod:
   def __init__(self, config, info):
     self.config = config
     model_cfg = config.model
+    if model_cfg.arch not in ("cifar", *backbones.ARCHS):
+      raise ConfigError(
+          f"Unknown model.arch {model_cfg.arch!r}; choose 'cifar' (the "
+          f"paper's ResNet) or one of {sorted(backbones.ARCHS)}.")
     self.model = SelfSupervisedNet(
         stage_sizes=tuple(model_cfg.stage_sizes),
         width=model_cfg.width,
         head_dims=tuple(model_cfg.head_dims),
-        num_rotations=self.num_rotation_classes)
+        num_rotations=self.num_rotation_classes,
+        arch=model_cfg.arch)
     self.tx = base.make_optimizer(config, base.steps_per_epoch(config, info))
     self.classifier_hparams = classifiers.checked_hparams(config.classifiers)
 

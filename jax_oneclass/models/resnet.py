@@ -12,6 +12,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jax_oneclass.models import backbones
+
 # The TF2 reference code (model/resnet_util.py) uses momentum 0.9, eps 1e-5.
 _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
@@ -93,6 +95,12 @@ class MLPHead(nn.Module):
 class SelfSupervisedNet(nn.Module):
   """Backbone plus a projection head and, optionally, a rotation classifier.
 
+  `arch` "cifar" is the ResNet above (`stage_sizes`, `width`); a name from
+  `backbones.ARCHS` ("resnet18", ...) is torchvision's ImageNet layout
+  instead (grey images repeated to RGB, ImageNet-normalised, as the
+  localisation methods feed it), so that its 'backbone' variables can serve
+  them as a self-supervised teacher or feature extractor.
+
   Returns a dict with 'pool' (pooled backbone output [B, 8 * width]),
   'embed' (the MLP head output [B, head_dims[-1]]) and, when
   `num_rotations` > 0, 'rotation_logits' [B, num_rotations] from a linear
@@ -104,11 +112,19 @@ class SelfSupervisedNet(nn.Module):
   width: int = 64
   head_dims: Sequence[int] = (512, 128)
   num_rotations: int = 0
+  arch: str = "cifar"
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    pool = ResNet(self.stage_sizes, self.width, name="backbone")(
-        images, train)
+    if self.arch == "cifar":
+      pool = ResNet(self.stage_sizes, self.width, name="backbone")(
+          images, train)
+    else:
+      if images.shape[-1] == 1:
+        images = jnp.repeat(images, 3, axis=-1)
+      backbone = backbones.build(self.arch, with_layer4=True)
+      pool = backbone.clone(parent=self, name="backbone")(
+          backbones.imagenet_normalize(images), train)["pool"]
     embed = MLPHead(self.head_dims, last_bias=self.num_rotations > 0,
                     name="head")(pool, train)
     outputs = {"pool": pool, "embed": embed}

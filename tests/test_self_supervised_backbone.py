@@ -1,0 +1,94 @@
+"""A two-stage run's ImageNet-layout backbone, reused by the localisers."""
+
+import json
+import types
+
+import numpy as np
+import pytest
+
+from jax_oneclass import checkpointing, pretrained, train
+from jax_oneclass.errors import CheckpointError, ConfigError
+from jax_oneclass.methods import gradient_preference, reverse_distillation
+from jax_oneclass.methods import two_stage
+from jax_oneclass.models import backbones
+from tests.conftest import load_config, tiny_config
+
+
+@pytest.fixture(scope="module")
+def ssl_run(tmp_path_factory):
+  """Two DisAug steps of torchvision's ResNet-18 layout on digits."""
+  workdir = tmp_path_factory.mktemp("disaug_resnet18")
+  config = tiny_config("disaug", steps=2)
+  config.model.arch = "resnet18"
+  config.data.image_size = 16
+  train.train(config, workdir)
+  return workdir
+
+
+def _saved_backbone(workdir):
+  checkpointer = checkpointing.Checkpointer(workdir / "checkpoints")
+  state, _ = checkpointer.restore(checkpointer.latest_step(), None)
+  checkpointer.close()
+  return state["params"]["backbone"], state["batch_stats"]["backbone"]
+
+
+def test_the_run_trains_torchvisions_layout(ssl_run):
+  params, batch_stats = _saved_backbone(ssl_run)
+  # Grey digits are repeated to RGB, so the stem takes 3 channels.
+  assert params["conv1"]["kernel"].shape == (7, 7, 3, 64)
+  assert "layer4_1" in params and "layer4_1" in batch_stats
+
+
+def test_its_backbone_loads_without_layer4(ssl_run):
+  variables = pretrained.load_or_announce_random(str(ssl_run), "resnet18",
+                                                 "Backbone")
+  params, batch_stats = _saved_backbone(ssl_run)
+  assert not any(k.startswith("layer4") for k in variables["params"])
+  np.testing.assert_array_equal(variables["params"]["layer3_1"]["conv2"][
+      "kernel"], params["layer3_1"]["conv2"]["kernel"])
+  np.testing.assert_array_equal(variables["batch_stats"]["bn1"]["mean"],
+                                batch_stats["bn1"]["mean"])
+  features = backbones.frozen_features(
+      backbones.resnet18(), variables, np.zeros((2, 32, 32, 3), np.float32))
+  assert features["layer3"].shape == (2, 2, 2, 256)
+
+
+@pytest.mark.parametrize("module, role", [
+    (gradient_preference, "backbone"), (reverse_distillation, "teacher")])
+def test_localisers_take_the_workdir_as_model_pretrained(ssl_run, module,
+                                                         role):
+  name = module.__name__.rsplit(".", 1)[-1]
+  config = load_config(name, "digits")
+  config.model.backbone = "resnet18"
+  config.model.pretrained = str(ssl_run)
+  config.data.image_size = 32
+  info = types.SimpleNamespace(image_shape=(32, 32, 1), num_train=64,
+                               class_names=[str(i) for i in range(10)])
+  method = module.Method(config, info)
+  params, _ = _saved_backbone(ssl_run)
+  assert method.pretrained is not None, role
+  np.testing.assert_array_equal(method.pretrained["params"]["conv1"]["kernel"],
+                                params["conv1"]["kernel"])
+
+
+def test_workdirs_that_do_not_fit_are_refused(ssl_run, tmp_path):
+  with pytest.raises(CheckpointError, match="model.arch='resnet18'"):
+    pretrained.load_self_supervised(str(ssl_run), "resnet50")
+  with pytest.raises(CheckpointError, match="no readable config.json"):
+    pretrained.load_self_supervised(str(tmp_path), "resnet18")
+  (tmp_path / "config.json").write_text(json.dumps({"model": {
+      "arch": "cifar"}}))
+  with pytest.raises(CheckpointError, match="--config.model.arch=resnet18"):
+    pretrained.load_self_supervised(str(tmp_path), "resnet18")
+  (tmp_path / "config.json").write_text(json.dumps({"model": {
+      "arch": "resnet18"}}))
+  with pytest.raises(CheckpointError, match="No checkpoints/"):
+    pretrained.load_self_supervised(str(tmp_path), "resnet18")
+
+
+def test_unknown_two_stage_arch_is_a_config_error():
+  config = load_config("disaug", "digits")
+  config.model.arch = "vgg16"
+  info = types.SimpleNamespace(image_shape=(16, 16, 1), num_train=64)
+  with pytest.raises(ConfigError, match="Unknown model.arch 'vgg16'"):
+    two_stage.TwoStageMethod(config, info)
