@@ -10,6 +10,7 @@ backbone is randomly initialised unless --pretrained names a torchvision
 file (then resnet18 weights are expected).
 
   python experiments/localization_quality.py run --categories=automobile,horse --steps=200
+  python experiments/localization_quality.py self_supervised --categories=automobile,horse --steps=200 --ssl_steps=500
   python experiments/localization_quality.py report
 """
 
@@ -74,6 +75,81 @@ def part_run(args) -> dict:
   return out
 
 
+def part_self_supervised(args) -> dict:
+  """RD and gradient preference on a backbone that DisAug CLR trained on
+  each category's good images (torchvision's ResNet-18 layout), instead of
+  a random one; the DisAug run's own detection AUROC comes along."""
+  folder = Path(args.folder)
+  ensure_folder(folder, args.categories)
+  ssl_budget = {"num_train_steps": args.ssl_steps,
+                "data.image_size": args.image_size, "model.arch": "resnet18",
+                "checkpoint_every_steps": args.ssl_steps}
+  budget = {"num_train_steps": args.steps, "batch_size": args.batch_size,
+            "data.image_size": args.image_size, "model.backbone": "resnet18",
+            "checkpoint_every_steps": args.steps, "eval.num_overlays": 8}
+  out = {"command": f"{SCRIPT} self_supervised --categories="
+                    f"{','.join(args.categories)} --steps={args.steps} "
+                    f"--ssl_steps={args.ssl_steps}",
+         "ssl_budget": ssl_budget, "budget": budget, "runs": {}}
+  for category in args.categories:
+    arg = (f"mvtec,folder={folder},category={category},"
+           f"data_dir={args.data_dir}")
+    root = Path(args.workdir_root) / category
+    ssl = common.run_method("disaug", arg, root / "disaug_resnet18",
+                            ssl_budget)
+    out["runs"].setdefault("disaug", {})[category] = ssl
+    print(f"{category} disaug: {ssl['wall_seconds']} s, "
+          f"{json.dumps(ssl['auroc'])}", flush=True)
+    for method in ("reverse_distillation", "gradient_preference"):
+      label = f"{method}, self-supervised backbone"
+      res = common.run_method(
+          method, arg, root / label.replace(", ", "_").replace(" ", "_"),
+          {**budget, "model.pretrained": str(root / "disaug_resnet18")})
+      out["runs"].setdefault(label, {})[category] = res
+      print(f"{category} {label}: {res['wall_seconds']} s, "
+            f"{json.dumps(res['auroc'])}, "
+            f"{json.dumps(res.get('localization'))}", flush=True)
+  return out
+
+
+def render_self_supervised(result: dict, random_rows: dict) -> str:
+  """Rows with the DisAug-trained backbone next to the random-backbone ones."""
+  b, s = result["budget"], result["ssl_budget"]
+  lines = [
+      "### The same with a self-supervised backbone", "",
+      f"Command: `{result['command']}`. Per category, DisAug CLR "
+      f"(`configs/disaug.py`, model.arch=resnet18) trains torchvision's "
+      f"ResNet-18 layout on the good training images for "
+      f"{s['num_train_steps']} steps at {s['data.image_size']}x"
+      f"{s['data.image_size']}; RD and gradient preference then take its "
+      f"workdir as model.pretrained (layer1..layer3), with the budget "
+      f"above ({b['num_train_steps']} steps of batch {b['batch_size']}). "
+      "The DisAug row is its own image-level detection (pool/gde/rot_avg, "
+      "fixed before the run), no maps.", "",
+      "| method | backbone | image AUROC | pixel AUROC | AUPRO | wall s |",
+      "|---|---|---|---|---|---|"]
+  for label, per_category in result["runs"].items():
+    for category, res in per_category.items():
+      if label == "disaug":
+        lines.append(f"| disaug ({category}) | trained here | "
+                     f"{res['auroc']['pool/gde/rot_avg']:.3f} | | | "
+                     f"{res['wall_seconds']} |")
+        continue
+      method = label.split(",")[0]
+      compare = [(f"{method} ({category})", "random", random_rows.get(
+          method, {}).get(category)), (f"{method} ({category})",
+                                       "self-supervised", res)]
+      for name, backbone, r in compare:
+        if r is None:
+          continue
+        pixel = r["localization"]["anomaly_map"]
+        lines.append(f"| {name} | {backbone} | "
+                     f"{r['auroc'][MAIN_SCORE[method]]:.3f} | "
+                     f"{pixel['pixel_auroc']:.3f} | {pixel['aupro']:.3f} | "
+                     f"{r['wall_seconds']} |")
+  return "\n".join(lines) + "\n"
+
+
 def render(result: dict) -> str:
   """The section: one row per variant and category, then the means."""
   b = result["budget"]
@@ -118,7 +194,7 @@ def render(result: dict) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("part", choices=["run", "report"])
+  parser.add_argument("part", choices=["run", "self_supervised", "report"])
   parser.add_argument("--folder", default="/tmp/cifar_mvtec")
   parser.add_argument("--data_dir", default="/tmp/cifar_mvtec_tfds")
   parser.add_argument("--categories", default="automobile,horse",
@@ -127,13 +203,21 @@ def main():
   parser.add_argument("--batch_size", type=int, default=16)
   parser.add_argument("--image_size", type=int, default=64)
   parser.add_argument("--pretrained", default="")
+  parser.add_argument("--ssl_steps", type=int, default=500,
+                      help="DisAug steps for the self-supervised backbone.")
   parser.add_argument("--workdir_root", default="/tmp/localization_quality")
   args = parser.parse_args()
-  path = common.RESULTS_DIR / f"{PART}.json"
   if args.part == "run":
     common.save_part(PART, part_run(args))
-  result = json.loads(path.read_text())
-  print(common.write_section(PART, render(result)))
+  elif args.part == "self_supervised":
+    common.save_part(f"{PART}_ssl", part_self_supervised(args))
+  result = json.loads((common.RESULTS_DIR / f"{PART}.json").read_text())
+  section = render(result)
+  ssl_path = common.RESULTS_DIR / f"{PART}_ssl.json"
+  if ssl_path.exists():
+    section += "\n" + render_self_supervised(json.loads(ssl_path.read_text()),
+                                             result["runs"])
+  print(common.write_section(PART, section))
 
 
 if __name__ == "__main__":
