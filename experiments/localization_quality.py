@@ -125,7 +125,9 @@ def render_self_supervised(result: dict, random_rows: dict) -> str:
       f"workdir as model.pretrained (layer1..layer3), with the budget "
       f"above ({b['num_train_steps']} steps of batch {b['batch_size']}). "
       "The DisAug row is its own image-level detection (pool/gde/rot_avg, "
-      "fixed before the run), no maps.", "",
+      "fixed before the run), no maps. With few categories and a short "
+      "self-supervised run these are first data points, not conclusions.",
+      "",
       "| method | backbone | image AUROC | pixel AUROC | AUPRO | wall s |",
       "|---|---|---|---|---|---|"]
   for label, per_category in result["runs"].items():
