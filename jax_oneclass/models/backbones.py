@@ -48,15 +48,19 @@ def imagenet_normalize(images):
   return (images - mean) / std
 
 
-def frozen_features(backbone: nn.Module, variables, images: jax.Array
-                    ) -> dict[str, jax.Array]:
-  """Eval-mode features of images in [0, 1], with no gradient flowing back.
-
-  Grey images are repeated to three channels, then ImageNet-normalised.
-  """
+def torchvision_inputs(images: jax.Array) -> jax.Array:
+  """Images in [0, 1] as a torchvision backbone takes them: grey ones
+  repeated to three channels, then ImageNet-normalised."""
   if images.shape[-1] == 1:
     images = jnp.repeat(images, 3, axis=-1)
-  features = backbone.apply(variables, imagenet_normalize(images))
+  return imagenet_normalize(images)
+
+
+def frozen_features(backbone: nn.Module, variables, images: jax.Array
+                    ) -> dict[str, jax.Array]:
+  """Eval-mode features of images in [0, 1] (see `torchvision_inputs`),
+  with no gradient flowing back."""
+  features = backbone.apply(variables, torchvision_inputs(images))
   return jax.tree.map(jax.lax.stop_gradient, features)
 
 

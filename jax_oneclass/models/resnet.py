@@ -119,12 +119,10 @@ class SelfSupervisedNet(nn.Module):
     if self.arch == "cifar":
       pool = ResNet(self.stage_sizes, self.width, name="backbone")(
           images, train)
-    else:
-      if images.shape[-1] == 1:
-        images = jnp.repeat(images, 3, axis=-1)
+    else:  # The inputs the localisation methods give it (frozen_features).
       backbone = backbones.build(self.arch, with_layer4=True)
       pool = backbone.clone(parent=self, name="backbone")(
-          backbones.imagenet_normalize(images), train)["pool"]
+          backbones.torchvision_inputs(images), train)["pool"]
     embed = MLPHead(self.head_dims, last_bias=self.num_rotations > 0,
                     name="head")(pool, train)
     outputs = {"pool": pool, "embed": embed}
