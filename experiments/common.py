@@ -101,6 +101,42 @@ def matmul_flops(fn, *args) -> float:
   return _matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
+def time_train_step(method, info, batch_size: int, steps: int,
+                    warmup: int) -> tuple[dict, object]:
+  """Times `method`'s jitted train step on one fixed batch of random images
+  (no input pipeline) in this process.
+
+  Returns (`measure.time_steps`'s figures plus the step's conv + matmul
+  GFLOP, the machine's float32 kernel rates, the last step's scalar metrics
+  and the peak RSS; the final state).
+  """
+  # pylint: disable=g-import-not-at-top
+  from experiments import measure
+  from jax_oneclass import parallel
+  # pylint: enable=g-import-not-at-top
+  mesh = parallel.make_mesh()
+  box = {"state": train.initial_state(method, info, mesh, 0)}
+  step_fn = train.jit_train_step(method, mesh)
+  images = jax.random.uniform(jax.random.key(0),
+                              (batch_size, 1) + tuple(info.image_shape))
+  batch = parallel.shard_batch(mesh, {"image": images})  # One view axis.
+  rng = jax.random.key(1)
+  flops = matmul_flops(step_fn, box["state"], batch, rng)
+
+  def step():
+    box["state"], box["metrics"] = step_fn(box["state"], batch, rng)
+    jax.block_until_ready(box["metrics"])
+
+  timing = measure.time_steps(step, steps, warmup, batch_size, "images")
+  return {**timing, "peak_rss_mb": measure.rss_mb(),
+          "step_matmul_gflop": flops / 1e9,
+          "kernel_rates": measure.jax_kernel_rates(),
+          "final_metrics": {k: float(v) for k, v in box["metrics"].items()
+                            if getattr(v, "ndim", 1) == 0},
+          "jax_version": jax.__version__,
+          "devices": str(jax.devices())}, box["state"]
+
+
 def run_json(command: list[str]) -> dict:
   """Runs a command (from the repository root) that prints one JSON object
   last; returns it."""

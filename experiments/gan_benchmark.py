@@ -45,34 +45,17 @@ ANOMALIB_SCRIPT = common.ROOT / "experiments" / "anomalib_ganomaly.py"
 def ours_throughput(image_size, batch_size, width, latent, steps,
                     warmup) -> dict:
   """Our GANomaly step on random images (no input pipeline), this process."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax_oneclass import parallel, train  # pylint: disable=g-import-not-at-top
   from jax_oneclass.methods import ganomaly  # pylint: disable=g-import-not-at-top
   import_rss = measure.rss_mb()
   config = common.config_with("ganomaly", "cifar10", {
       "batch_size": batch_size, "model.width": width,
       "model.latent_size": latent, "data.image_size": image_size,
       "num_train_steps": steps})
-  shape = (image_size, image_size, 3)
-  info = types.SimpleNamespace(image_shape=shape, num_train=5000)
-  method = ganomaly.Method(config, info)
-  mesh = parallel.make_mesh()
-  box = {"state": train.initial_state(method, info, mesh, 0)}
-  step_fn = train.jit_train_step(method, mesh)
-  images = jax.random.uniform(jax.random.key(0), (batch_size, 1) + shape)
-  batch = parallel.shard_batch(mesh, {"image": images})
-  rng = jax.random.key(1)
-  flops = common.matmul_flops(step_fn, box["state"], batch, rng)
-
-  def step():
-    box["state"], box["metrics"] = step_fn(box["state"], batch, rng)
-    jax.block_until_ready(box["metrics"])
-
-  timing = measure.time_steps(step, steps, warmup, batch_size, "images")
-  return {**timing, "peak_rss_mb": measure.rss_mb(),
-          "import_rss_mb": import_rss, "step_matmul_gflop": flops / 1e9,
-          "kernel_rates": measure.jax_kernel_rates(),
-          "jax_version": jax.__version__, "devices": str(jax.devices())}
+  info = types.SimpleNamespace(image_shape=(image_size, image_size, 3),
+                               num_train=5000)
+  result, _ = common.time_train_step(ganomaly.Method(config, info), info,
+                                     batch_size, steps, warmup)
+  return {**result, "import_rss_mb": import_rss}
 
 
 def _anomalib(args, *extra) -> list[str]:

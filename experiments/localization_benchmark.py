@@ -51,7 +51,6 @@ def ours_rd_throughput(args) -> dict:
   # pylint: disable=g-import-not-at-top
   import jax
   from experiments import common
-  from jax_oneclass import parallel, train
   from jax_oneclass.methods import reverse_distillation
   # pylint: enable=g-import-not-at-top
   import_rss = measure.rss_mb()
@@ -60,29 +59,12 @@ def ours_rd_throughput(args) -> dict:
       "model.backbone": args.backbone, "data.image_size": size,
       "model.ocbe_width_per_group": OCBE_WIDTH, "batch_size": batch_size})
   info = types.SimpleNamespace(image_shape=(size, size, 3), num_train=200)
-  method = reverse_distillation.Method(config, info)
-  mesh = parallel.make_mesh()
-  box = {"state": train.initial_state(method, info, mesh, 0)}
-  trained = sum(x.size for x in jax.tree.leaves(box["state"].params))
-  step_fn = train.jit_train_step(method, mesh)
-  images = jax.random.uniform(jax.random.key(0),
-                              (batch_size, 1) + info.image_shape)
-  batch = parallel.shard_batch(mesh, {"image": images})  # One view axis.
-  rng = jax.random.key(1)
-
-  flops = common.matmul_flops(step_fn, box["state"], batch, rng)
-
-  def step():
-    box["state"], box["metrics"] = step_fn(box["state"], batch, rng)
-    jax.block_until_ready(box["metrics"])
-
-  timing = measure.time_steps(step, args.steps, args.warmup, batch_size,
-                              "images")
-  return {**timing, "trained_params": trained, "peak_rss_mb": measure.rss_mb(),
-          "final_loss": float(box["metrics"]["loss"]),
-          "step_matmul_gflop": flops / 1e9,
-          "kernel_rates": measure.jax_kernel_rates(),
-          "import_rss_mb": import_rss, "jax_version": jax.__version__}
+  result, state = common.time_train_step(
+      reverse_distillation.Method(config, info), info, batch_size,
+      args.steps, args.warmup)
+  return {**result, "final_loss": result["final_metrics"]["loss"],
+          "trained_params": sum(x.size for x in jax.tree.leaves(state.params)),
+          "import_rss_mb": import_rss}
 
 
 def ours_bank(args) -> dict:
