@@ -50,28 +50,42 @@ def ensure_folder(folder: Path, categories) -> None:
          f"--categories={','.join(missing)}"], check=True)
 
 
+def _budget(args) -> dict:
+  """Overrides every localisation run shares: steps, batch, image size,
+  the ResNet-18 backbone, one checkpoint at the end, overlays."""
+  return {"num_train_steps": args.steps, "batch_size": args.batch_size,
+          "data.image_size": args.image_size, "model.backbone": "resnet18",
+          "checkpoint_every_steps": args.steps, "eval.num_overlays": 8}
+
+
+def _category_arg(args, category: str) -> str:
+  return (f"mvtec,folder={args.folder},category={category},"
+          f"data_dir={args.data_dir}")
+
+
+def _run(out, label, category, method, args, workdir, overrides) -> dict:
+  """Trains and evaluates one run, files it under out['runs'] and logs it."""
+  res = common.run_method(method, _category_arg(args, category), workdir,
+                          overrides)
+  res["workdir"] = str(workdir)
+  out["runs"].setdefault(label, {})[category] = res
+  print(f"{category} {label}: {res['wall_seconds']} s, step "
+        f"{res['step']}, {json.dumps(res['auroc'])}, "
+        f"{json.dumps(res.get('localization'))}", flush=True)
+  return res
+
+
 def part_run(args) -> dict:
   """Every variant on every category with the same step budget."""
-  folder = Path(args.folder)
-  ensure_folder(folder, args.categories)
-  budget = {"num_train_steps": args.steps, "batch_size": args.batch_size,
-            "data.image_size": args.image_size,
-            "model.backbone": "resnet18", "model.pretrained": args.pretrained,
-            "checkpoint_every_steps": args.steps, "eval.num_overlays": 8}
+  ensure_folder(Path(args.folder), args.categories)
+  budget = {**_budget(args), "model.pretrained": args.pretrained}
   out = {"command": f"{SCRIPT} run --categories={','.join(args.categories)} "
                     f"--steps={args.steps}",
          "budget": budget, "runs": {}}
   for category in args.categories:
-    arg = (f"mvtec,folder={folder},category={category},"
-           f"data_dir={args.data_dir}")
     for label, (method, extra) in VARIANTS.items():
       workdir = Path(args.workdir_root) / category / label.replace(", ", "_")
-      res = common.run_method(method, arg, workdir, {**budget, **extra})
-      res["workdir"] = str(workdir)
-      out["runs"].setdefault(label, {})[category] = res
-      print(f"{category} {label}: {res['wall_seconds']} s, step "
-            f"{res['step']}, {json.dumps(res['auroc'])}, "
-            f"{json.dumps(res.get('localization'))}", flush=True)
+      _run(out, label, category, method, args, workdir, {**budget, **extra})
   return out
 
 
@@ -79,37 +93,32 @@ def part_self_supervised(args) -> dict:
   """RD and gradient preference on a backbone that DisAug CLR trained on
   each category's good images (torchvision's ResNet-18 layout), instead of
   a random one; the DisAug run's own detection AUROC comes along."""
-  folder = Path(args.folder)
-  ensure_folder(folder, args.categories)
+  ensure_folder(Path(args.folder), args.categories)
   ssl_budget = {"num_train_steps": args.ssl_steps,
                 "data.image_size": args.image_size, "model.arch": "resnet18",
                 "checkpoint_every_steps": args.ssl_steps}
-  budget = {"num_train_steps": args.steps, "batch_size": args.batch_size,
-            "data.image_size": args.image_size, "model.backbone": "resnet18",
-            "checkpoint_every_steps": args.steps, "eval.num_overlays": 8}
+  budget = _budget(args)
   out = {"command": f"{SCRIPT} self_supervised --categories="
                     f"{','.join(args.categories)} --steps={args.steps} "
                     f"--ssl_steps={args.ssl_steps}",
          "ssl_budget": ssl_budget, "budget": budget, "runs": {}}
   for category in args.categories:
-    arg = (f"mvtec,folder={folder},category={category},"
-           f"data_dir={args.data_dir}")
     root = Path(args.workdir_root) / category
-    ssl = common.run_method("disaug", arg, root / "disaug_resnet18",
-                            ssl_budget)
-    out["runs"].setdefault("disaug", {})[category] = ssl
-    print(f"{category} disaug: {ssl['wall_seconds']} s, "
-          f"{json.dumps(ssl['auroc'])}", flush=True)
+    ssl_dir = root / "disaug_resnet18"
+    _run(out, "disaug", category, "disaug", args, ssl_dir, ssl_budget)
     for method in ("reverse_distillation", "gradient_preference"):
       label = f"{method}, self-supervised backbone"
-      res = common.run_method(
-          method, arg, root / label.replace(", ", "_").replace(" ", "_"),
-          {**budget, "model.pretrained": str(root / "disaug_resnet18")})
-      out["runs"].setdefault(label, {})[category] = res
-      print(f"{category} {label}: {res['wall_seconds']} s, "
-            f"{json.dumps(res['auroc'])}, "
-            f"{json.dumps(res.get('localization'))}", flush=True)
+      _run(out, label, category, method, args,
+           root / label.replace(", ", "_").replace(" ", "_"),
+           {**budget, "model.pretrained": str(ssl_dir)})
   return out
+
+
+def _figures(method: str, res: dict) -> tuple[float, float, float]:
+  """(image AUROC of the method's main score, pixel AUROC, AUPRO)."""
+  pixel = res["localization"]["anomaly_map"]
+  return (res["auroc"][MAIN_SCORE[method]], pixel["pixel_auroc"],
+          pixel["aupro"])
 
 
 def render_self_supervised(result: dict, random_rows: dict) -> str:
@@ -144,11 +153,9 @@ def render_self_supervised(result: dict, random_rows: dict) -> str:
       for name, backbone, r in compare:
         if r is None:
           continue
-        pixel = r["localization"]["anomaly_map"]
         lines.append(f"| {name} | {backbone} | "
-                     f"{r['auroc'][MAIN_SCORE[method]]:.3f} | "
-                     f"{pixel['pixel_auroc']:.3f} | {pixel['aupro']:.3f} | "
-                     f"{r['wall_seconds']} |")
+                     + " | ".join(f"{v:.3f}" for v in _figures(method, r))
+                     + f" | {r['wall_seconds']} |")
   return "\n".join(lines) + "\n"
 
 
@@ -172,9 +179,7 @@ def render(result: dict) -> str:
   for label, per_category in result["runs"].items():
     method = VARIANTS[label][0]
     for category, res in per_category.items():
-      pixel = res["localization"]["anomaly_map"]
-      row = (res["auroc"][MAIN_SCORE[method]], pixel["pixel_auroc"],
-             pixel["aupro"])
+      row = _figures(method, res)
       means.setdefault(label, []).append(row)
       lines.append(f"| {label} | {category} | {res['step']} | {row[0]:.3f} "
                    f"| {row[1]:.3f} | {row[2]:.3f} | {res['wall_seconds']} |")
