@@ -12,7 +12,8 @@ import pytest
 from jax_oneclass.errors import ConfigError
 from jax_oneclass.methods import gradient_preference as gp
 from jax_oneclass.models import backbones, center_mlp
-from jax_oneclass.nearest_neighbors import build_bank, nearest_distance, nearest_neighbors
+from jax_oneclass.nearest_neighbors import (build_bank, nearest_distance,
+                                            nearest_neighbors)
 from tests.conftest import load_config
 
 
