@@ -61,9 +61,9 @@ def raw_pixel_baselines(config) -> dict:
 
   scikit-learn defaults (OneClassSVM: rbf, gamma='scale', nu=0.5;
   IsolationForest: 100 trees; KernelDensity: Scott's bandwidth), plus this
-  library's own classifiers (reference settings, L2-normalised inputs) so
-  that the learned features are compared with raw pixels under the very
-  same classifiers.
+  library's own classifiers (the two-stage config's: reference settings,
+  L2-normalised inputs, and Ledoit-Wolf GDE) so that the learned features are
+  compared with raw pixels under the very same classifiers.
   """
   train_x, _ = _pixels(config, "train")
   test_x, is_anomaly = _pixels(config, "test")
@@ -74,9 +74,10 @@ def raw_pixel_baselines(config) -> dict:
       "sklearn_kde": -KernelDensity(bandwidth="scott").fit(
           train_x).score_samples(test_x),
   }
-  for name in ("kde", "gde", "ocsvm"):
-    clf = classifiers.get_classifier(name)
-    scores[f"pixels/{name}"] = np.asarray(clf.score(clf.fit(train_x), test_x))
+  hparams = classifiers.checked_hparams(config.classifiers)
+  fitted = classifiers.fit_each(train_x, hparams)
+  for name, values in classifiers.score_each(fitted, test_x, hparams).items():
+    scores[f"pixels/{name}"] = np.asarray(values)
   return {k: float(roc_auc_score(is_anomaly, v)) for k, v in scores.items()}
 
 

@@ -15,6 +15,10 @@ Every classifier is a pair of pure functions:
   Kernel sums are computed over chunks of `chunk_size` bank rows, so the
   largest intermediate is [M, chunk_size] rather than [M, N].
 
+A config names each classifier it wants: `{'gde': {}, 'gde_lw': {'classifier':
+'gde', 'shrinkage': 'ledoit_wolf'}}` fits both variants, scored as 'gde' and
+'gde_lw'; without a 'classifier' key the name is the classifier.
+
 Defaults follow the reference (see each `*_DEFAULTS` dict):
 
 * Features are L2-normalised (`tf.nn.l2_normalize` semantics) for KDE, GDE and
@@ -23,6 +27,11 @@ Defaults follow the reference (see each `*_DEFAULTS` dict):
   entries of the [N, D] matrix (population variance).
 * GDE = sklearn `GaussianMixture(n_components=1, covariance_type='full')`,
   i.e. the MLE mean/covariance plus sklearn's default `reg_covar=1e-6` ridge.
+  With `shrinkage='ledoit_wolf'` the covariance is shrunk towards a scaled
+  identity by the Ledoit-Wolf rule instead (as in Rippel et al. 2020,
+  "Modeling the Distribution of Normal Data in Pre-Trained Deep Features for
+  Anomaly Detection"); it matters when the bank has about as many or fewer
+  rows than dimensions, where the MLE covariance is (near) singular.
 * OC-SVM = sklearn `OneClassSVM` with its default `nu=0.5`.
 """
 
@@ -35,6 +44,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
+from sklearn.covariance import ledoit_wolf
 from sklearn.svm import OneClassSVM
 
 from jax_oneclass.errors import ConfigError, DataError
@@ -54,6 +64,10 @@ KDE_DEFAULTS: Mapping[str, Any] = {
 GDE_DEFAULTS: Mapping[str, Any] = {
     # sklearn GaussianMixture's default, which the reference leaves unset.
     'reg_covar': 1e-6,
+    # None: the MLE covariance (reference). 'ledoit_wolf': Ledoit-Wolf
+    # shrinkage towards trace(C)/D * I. A number s in [0, 1]: that fixed
+    # shrinkage, (1 - s) C + s trace(C)/D I.
+    'shrinkage': None,
     'normalize': True,
 }
 OCSVM_DEFAULTS: Mapping[str, Any] = {
@@ -251,7 +265,8 @@ def gde_fit(features: np.ndarray, **hparams: Any) -> Params:
   Equivalent to the reference's sklearn GaussianMixture(n_components=1,
   covariance_type='full'): MLE mean, MLE (1/N) covariance plus reg_covar * I.
   Hyper-parameters (see GDE_DEFAULTS): reg_covar (default 1e-6, sklearn's),
-  normalize (default True, as in the reference).
+  shrinkage (None, 'ledoit_wolf' or a number in [0, 1]), normalize (default
+  True, as in the reference).
 
   Returns mean [D], precision [D, D] (inverse covariance), precision_cholesky
   [D, D] (P = L L^T, used for a stable Mahalanobis distance) and log_det_cov.
@@ -264,7 +279,8 @@ def gde_fit(features: np.ndarray, **hparams: Any) -> Params:
   x = x.astype(np.float64)
   mean = x.mean(axis=0)
   centred = x - mean
-  cov = centred.T @ centred / x.shape[0] + reg * np.eye(x.shape[1])
+  cov = _shrink(centred.T @ centred / x.shape[0], centred, hp['shrinkage'])
+  cov = cov + reg * np.eye(x.shape[1])
   try:
     cov_chol = np.linalg.cholesky(cov)
   except np.linalg.LinAlgError as e:
@@ -280,6 +296,25 @@ def gde_fit(features: np.ndarray, **hparams: Any) -> Params:
                                 np.float32),
       'normalize': np.asarray(bool(hp['normalize'])),
   }
+
+
+def _shrink(cov: np.ndarray, centred: np.ndarray, shrinkage: Any
+            ) -> np.ndarray:
+  """(1 - s) cov + s * trace(cov)/D * I for the configured shrinkage s."""
+  if shrinkage is None:
+    return cov
+  if shrinkage == 'ledoit_wolf':
+    return ledoit_wolf(centred, assume_centered=True)[0]
+  try:
+    s = float(shrinkage)
+  except (TypeError, ValueError):
+    s = math.nan
+  if not 0.0 <= s <= 1.0:
+    raise ConfigError(
+        "gde: shrinkage must be None, 'ledoit_wolf' or a number in [0, 1], "
+        f'got {shrinkage!r}.')
+  target = np.trace(cov) / cov.shape[0]
+  return (1.0 - s) * cov + s * target * np.eye(cov.shape[0])
 
 
 @functools.partial(jax.jit, static_argnames=('chunk_size',))
@@ -397,10 +432,23 @@ def get_classifier(name: str) -> Classifier:
 
 def checked_hparams(config_classifiers: Mapping[str, Mapping[str, Any]]
                     ) -> dict[str, dict[str, Any]]:
-  """{name: hparams} from a config, failing early on an unknown name."""
-  for name in config_classifiers:
-    get_classifier(name)
-  return {name: dict(h) for name, h in config_classifiers.items()}
+  """{name: hparams} from a config, failing early on an unknown classifier.
+
+  Each entry's 'classifier' key (default: its name) picks the classifier, so
+  one config can hold several variants of it under different names.
+  """
+  checked = {}
+  for name, hparams in config_classifiers.items():
+    hparams = dict(hparams)
+    get_classifier(hparams.setdefault('classifier', name))
+    checked[name] = hparams
+  return checked
+
+
+def _split_kind(name: str, hparams: Mapping[str, Any]
+                ) -> tuple[Classifier, dict[str, Any]]:
+  hparams = dict(hparams)
+  return get_classifier(hparams.pop('classifier', name)), hparams
 
 
 def fit_each(features: np.ndarray,
@@ -408,12 +456,21 @@ def fit_each(features: np.ndarray,
              ) -> dict[str, Params]:
   """Fits every named classifier on the same features: {name: params}."""
   features = np.asarray(features)
-  return {name: get_classifier(name).fit(features, **dict(hparams))
-          for name, hparams in hparams_by_name.items()}
+  fitted = {}
+  for name, hparams in hparams_by_name.items():
+    classifier, hparams = _split_kind(name, hparams)
+    fitted[name] = classifier.fit(features, **hparams)
+  return fitted
 
 
-def score_each(fitted: Mapping[str, Params],
-               features: jax.Array) -> dict[str, jax.Array]:
-  """Scores features with every classifier `fit_each` fitted: {name: [M]}."""
-  return {name: get_classifier(name).score(params, features)
+def score_each(fitted: Mapping[str, Params], features: jax.Array,
+               hparams_by_name: Mapping[str, Mapping[str, Any]] | None = None
+               ) -> dict[str, jax.Array]:
+  """Scores features with every classifier `fit_each` fitted: {name: [M]}.
+
+  Pass the same `hparams_by_name` as to `fit_each` when it names variants.
+  """
+  hparams_by_name = hparams_by_name or {}
+  return {name: _split_kind(name, hparams_by_name.get(name, {}))[0].score(
+              params, features)
           for name, params in fitted.items()}

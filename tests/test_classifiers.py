@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import mahalanobis
 from scipy.special import logsumexp
+from sklearn.covariance import LedoitWolf
 from sklearn.mixture import GaussianMixture
 from sklearn.neighbors import KernelDensity
 from sklearn.svm import OneClassSVM
@@ -89,6 +90,54 @@ def test_gde_mahalanobis_matches_scipy():
   expected = [mahalanobis(t, x.mean(0), inv) ** 2 for t in test]
   got = clf_lib.mahalanobis_sq(params, test)
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_gde_ledoit_wolf_matches_sklearn_with_fewer_rows_than_dims():
+  # 20 images, 32 dimensions: the MLE covariance is singular here.
+  train, test = _data(n=20, d=32)
+  params = clf_lib.gde_fit(train, shrinkage='ledoit_wolf', reg_covar=0.0)
+  lw = LedoitWolf().fit(_np_normalize(train))
+  np.testing.assert_allclose(clf_lib.mahalanobis_sq(params, test),
+                             lw.mahalanobis(_np_normalize(test)),
+                             rtol=1e-3, atol=1e-3)
+
+
+def test_gde_fixed_shrinkage_interpolates_to_scaled_identity():
+  train, test = _data(n=100)
+  plain = clf_lib.gde_fit(train, normalize=False, reg_covar=0.0)
+  unshrunk = clf_lib.gde_fit(train, normalize=False, reg_covar=0.0,
+                             shrinkage=0.0)
+  np.testing.assert_allclose(unshrunk['precision'], plain['precision'])
+  spherical = clf_lib.gde_fit(train, normalize=False, reg_covar=0.0,
+                              shrinkage=1.0)
+  x = train.astype(np.float64)
+  variance = np.trace(np.cov(x, rowvar=False, bias=True)) / x.shape[1]
+  expected = np.sum((test - x.mean(0)) ** 2, axis=1) / variance
+  np.testing.assert_allclose(clf_lib.mahalanobis_sq(spherical, test),
+                             expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize('shrinkage', ['oas', -0.1, 1.5])
+def test_gde_bad_shrinkage(shrinkage):
+  train, _ = _data()
+  with pytest.raises(ConfigError, match='shrinkage'):
+    clf_lib.gde_fit(train, shrinkage=shrinkage)
+
+
+def test_named_variants_fit_and_score_as_their_classifier():
+  train, test = _data(n=20, d=32)
+  hparams = clf_lib.checked_hparams({
+      'gde': {}, 'gde_lw': {'classifier': 'gde', 'shrinkage': 'ledoit_wolf'}})
+  scores = clf_lib.score_each(clf_lib.fit_each(train, hparams), test, hparams)
+  expected = clf_lib.gde_score(
+      clf_lib.gde_fit(train, shrinkage='ledoit_wolf'), test)
+  np.testing.assert_allclose(scores['gde_lw'], expected, rtol=1e-6)
+  assert not np.allclose(scores['gde'], scores['gde_lw'])
+
+
+def test_named_variant_of_unknown_classifier_raises():
+  with pytest.raises(ConfigError, match='knn'):
+    clf_lib.checked_hparams({'mine': {'classifier': 'knn'}})
 
 
 @pytest.mark.parametrize('hparams', [

@@ -19,7 +19,8 @@ EXPECTED_SCORERS = {
     "rotnet": {"pool/kde", "pool/gde", "pool/ocsvm", "embed/kde/rot_avg",
                "rotation_head", "rotation_head/rot_avg"},
     "clr": {"pool/kde", "pool/gde", "pool/ocsvm", "embed/kde/rot_avg"},
-    "disaug": {"pool/kde", "pool/gde", "pool/ocsvm", "embed/kde/rot_avg"},
+    "disaug": {"pool/kde", "pool/gde", "pool/ocsvm", "embed/kde/rot_avg",
+               "pool/gde_lw/rot_avg"},
     "ganomaly": {"latent_mse", "latent_l1", "reconstruction_l1"},
     "dgad": {"pretext/generated", "pretext/real", "latent/gde", "latent/kde"},
 }

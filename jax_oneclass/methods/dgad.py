@@ -180,6 +180,7 @@ class Method:
         "pretext/generated": pretext_nll(discriminate(generated), labels, num),
         "pretext/real": pretext_nll(discriminate(inputs), labels, num)}
     code = self._generate(state, images)["code"]
-    for name, values in classifiers.score_each(fitted, code).items():
+    for name, values in classifiers.score_each(
+        fitted, code, self.classifier_hparams).items():
       scores[f"latent/{name}"] = values
     return scores

@@ -124,7 +124,7 @@ class TwoStageMethod:
     for feature in FEATURES:
       per_rotation = [
           classifiers.score_each(fitted[f"{feature}/rot{k}"],
-                                 outputs[k][feature])
+                                 outputs[k][feature], self.classifier_hparams)
           for k in rotations]
       for name in self.classifier_hparams:
         scores[f"{feature}/{name}"] = per_rotation[0][name]
