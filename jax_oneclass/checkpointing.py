@@ -6,8 +6,11 @@ continue a run exactly, because the input pipeline and the step's random
 keys are functions of (seed, step).
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jax_oneclass.errors import CheckpointError
@@ -64,3 +67,48 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def restore_parts(directory, step: int, parts: Sequence[tuple[str, ...]]):
+  """Reads only some subtrees of a checkpoint's state, as NumPy arrays.
+
+  `parts` are key paths into the saved state, e.g. ('params', 'backbone');
+  the rest (optimiser state, heads) is not read. Returns (nested dict holding
+  just those subtrees, meta). Raises CheckpointError when a path is not in
+  the checkpoint or the files cannot be read.
+  """
+  path = Path(directory).absolute() / str(step)
+  manager = ocp.CheckpointManager(
+      Path(directory).absolute(),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
+  try:
+    saved = manager.item_metadata(step)["state"]
+    saved = getattr(saved, "tree", saved)
+    target = {}
+    for keys in parts:
+      node, out = saved, target
+      for i, key in enumerate(keys):
+        if not isinstance(node, dict) or key not in node:
+          raise CheckpointError(
+              f"The checkpoint at {path} has no {'/'.join(keys[:i + 1])}; "
+              "it was written by another method or model.")
+        node = node[key]
+        out = out.setdefault(key, {}) if i < len(keys) - 1 else out
+      out[keys[-1]] = jax.tree.map(
+          lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), node)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=target, partial_restore=True,
+            restore_args=jax.tree.map(
+                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)),
+        meta=ocp.args.JsonRestore()))
+  except CheckpointError:
+    raise
+  except Exception as e:  # Orbax raises many types for unreadable files.
+    raise CheckpointError(
+        f"The checkpoint at {path} cannot be read ({type(e).__name__}: "
+        f"{str(e)[:300]}). It is corrupt or incomplete.") from e
+  finally:
+    manager.close()
+  return restored["state"], dict(restored["meta"])

@@ -110,10 +110,12 @@ def load_self_supervised(workdir: str, arch: str):
     raise CheckpointError(f"No checkpoints/ in {workdir}: {fix}.")
   checkpointer = checkpointing.Checkpointer(checkpoint_dir)
   step = checkpointer.latest_step()
+  checkpointer.close()
   if step is None:
     raise CheckpointError(f"No complete checkpoint in {checkpoint_dir}.")
-  state, meta = checkpointer.restore(step, None)
-  checkpointer.close()
+  state, meta = checkpointing.restore_parts(
+      checkpoint_dir, step, [("params", "backbone"),
+                             ("batch_stats", "backbone")])
   flat = traverse_util.flatten_dict(
       {c: state[c]["backbone"] for c in ("params", "batch_stats")})
   shapes = _variable_shapes(arch, False)

@@ -53,6 +53,21 @@ def test_its_backbone_loads_without_layer4(ssl_run):
   assert features["layer3"].shape == (2, 2, 2, 256)
 
 
+def test_only_the_backbone_is_read_from_the_checkpoint(ssl_run):
+  checkpoint_dir = ssl_run / "checkpoints"
+  step = checkpointing.Checkpointer(checkpoint_dir).latest_step()
+  state, meta = checkpointing.restore_parts(
+      checkpoint_dir, step, [("params", "backbone")])
+  assert list(state) == ["params"] and list(state["params"]) == ["backbone"]
+  assert meta["method"] == "disaug"
+  params, _ = _saved_backbone(ssl_run)
+  np.testing.assert_array_equal(state["params"]["backbone"]["conv1"][
+      "kernel"], params["conv1"]["kernel"])
+  with pytest.raises(CheckpointError, match="has no params/generator"):
+    checkpointing.restore_parts(checkpoint_dir, step,
+                                [("params", "generator")])
+
+
 @pytest.mark.parametrize("module, role", [
     (gradient_preference, "backbone"), (reverse_distillation, "teacher")])
 def test_localisers_take_the_workdir_as_model_pretrained(ssl_run, module,
