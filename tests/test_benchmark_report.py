@@ -1,0 +1,41 @@
+"""The two-stage benchmark's report, rendered from hand-made results."""
+
+from experiments import two_stage_benchmark as bench
+
+
+def _part(seed, auroc_by_class, baseline_by_class, command="cmd"):
+  classes = [str(c) for c in range(len(auroc_by_class))]
+  return {
+      "command": command, "seed": seed,
+      "runs": {"disaug": {c: {"auroc": {bench.HEADLINE_SCORER: a,
+                                        "pool/kde": a - 0.1},
+                              "wall_seconds": 10.0}
+                          for c, a in zip(classes, auroc_by_class)}},
+      "baselines": {c: {"pixels/ocsvm": b, "pixels/gde_lw": b - 0.01}
+                    for c, b in zip(classes, baseline_by_class)},
+  }
+
+
+def test_seed_section_gives_each_seed_and_the_spread():
+  parts = {"digits": _part(1, [0.9, 1.0], [0.95, 0.95], "first"),
+           "digits_seed2": _part(2, [0.8, 0.9], [0.95, 0.95], "second")}
+  text = "\n".join(bench._seed_section(parts))
+  assert "`first`; `second`" in text
+  # Means 0.95 and 0.85: sample sd 0.0707.
+  assert (f"| disaug / {bench.HEADLINE_SCORER} | 0.9500 | 0.8500 | "
+          "0.9000 ± 0.0707 |") in text
+  assert "| raw pixels / pixels/ocsvm | 0.9500 | 0.9500 | 0.9500 ± 0.0000 |" \
+      in text
+
+
+def test_auroc_section_ranks_scorers_and_flags_runs_without_gde_lw():
+  part = _part(1, [0.99, 0.97], [0.95, 0.97])
+  lines = bench._auroc_section("Title", part, "note")
+  text = "\n".join(lines)
+  assert "predates" not in text
+  assert "Best raw-pixel baseline: pixels/ocsvm (0.9600)." in text
+  assert "- disaug: 1 of 2 scorers beat it." in text
+  for baselines in part["baselines"].values():
+    del baselines["pixels/gde_lw"]
+  assert "predates the `gde_lw`" in "\n".join(
+      bench._auroc_section("Title", part, "note"))
