@@ -260,24 +260,27 @@ def _seed_section(parts) -> list[str]:
            f"Mean AUROC over the ten normal classes for each method's "
            f"`{HEADLINE_SCORER}` (fixed before these runs, see the script) "
            "and for the raw-pixel baselines, which do not depend on the "
-           "training seed. Commands: "
+           "training seed; '-' where a seed has no run of that method. "
+           "Commands: "
            + "; ".join(f"`{runs_by_seed[s]['command']}`" for s in seeds)
            + ".", "", "| features / scorer | "
            + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |",
            "|---|" + "---|" * (len(seeds) + 1)]
 
   def row(label, means):
-    spread = (f"{np.mean(means):.4f} ± {np.std(means, ddof=1):.4f}"
-              if len(means) > 1 else f"{means[0]:.4f}")
-    lines.append(f"| {label} | " + " | ".join(f"{m:.4f}" for m in means)
-                 + f" | {spread} |")
+    """means: one per seed, None where that seed has no run."""
+    known = [m for m in means if m is not None]
+    spread = (f"{np.mean(known):.4f} ± {np.std(known, ddof=1):.4f}"
+              if len(known) > 1 else f"{known[0]:.4f}")
+    lines.append(f"| {label} | " + " | ".join(
+        "-" if m is None else f"{m:.4f}" for m in means) + f" | {spread} |")
 
   for method in METHODS:
-    if all(method in runs_by_seed[s]["runs"] for s in seeds):
+    runs = [runs_by_seed[s]["runs"].get(method) for s in seeds]
+    if any(runs):
       row(f"{method} / {HEADLINE_SCORER}",
-          [_mean(r["auroc"][HEADLINE_SCORER]
-                 for r in runs_by_seed[s]["runs"][method].values())
-           for s in seeds])
+          [_mean(r["auroc"][HEADLINE_SCORER] for r in by_class.values())
+           if by_class else None for by_class in runs])
   baselines = runs_by_seed[seeds[-1]]["baselines"]
   for name in next(iter(baselines.values())):
     row(f"raw pixels / {name}", [_mean(

@@ -26,6 +26,13 @@ def test_seed_section_gives_each_seed_and_the_spread():
           "0.9000 ± 0.0707 |") in text
   assert "| raw pixels / pixels/ocsvm | 0.9500 | 0.9500 | 0.9500 ± 0.0000 |" \
       in text
+  parts["digits_seed3"] = _part(3, [0.9, 0.9], [0.95, 0.95], "third")
+  parts["digits_seed3"]["runs"]["clr"] = parts["digits_seed3"]["runs"].pop(
+      "disaug")
+  text = "\n".join(bench._seed_section(parts))
+  assert (f"| disaug / {bench.HEADLINE_SCORER} | 0.9500 | 0.8500 | - | "
+          "0.9000 ± 0.0707 |") in text
+  assert f"| clr / {bench.HEADLINE_SCORER} | - | - | 0.9000 | 0.9000 |" in text
 
 
 def test_auroc_section_ranks_scorers_and_flags_runs_without_gde_lw():
