@@ -9,6 +9,7 @@ keys are functions of (seed, step).
 from collections.abc import Sequence
 from pathlib import Path
 
+from flax import traverse_util
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -46,8 +47,8 @@ class Checkpointer:
     """Restores (state, meta) at `step` into the structure of `target`.
 
     `target` is a state pytree (or its `jax.eval_shape`) whose shardings say
-    where the restored arrays go; None restores the arrays as saved, in
-    nested dicts (to read parts of another run's state).
+    where the restored arrays go; None restores all arrays as saved, in
+    nested dicts (`restore_parts` reads only some subtrees).
     """
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -85,18 +86,11 @@ def restore_parts(directory, step: int, parts: Sequence[tuple[str, ...]]):
   try:
     saved = manager.item_metadata(step)["state"]
     saved = getattr(saved, "tree", saved)
-    target = {}
-    for keys in parts:
-      node, out = saved, target
-      for i, key in enumerate(keys):
-        if not isinstance(node, dict) or key not in node:
-          raise CheckpointError(
-              f"The checkpoint at {path} has no {'/'.join(keys[:i + 1])}; "
-              "it was written by another method or model.")
-        node = node[key]
-        out = out.setdefault(key, {}) if i < len(keys) - 1 else out
-      out[keys[-1]] = jax.tree.map(
-          lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), node)
+    target = traverse_util.unflatten_dict({
+        keys: jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype),
+            _subtree(saved, keys, path))
+        for keys in parts})
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             item=target, partial_restore=True,
@@ -112,3 +106,13 @@ def restore_parts(directory, step: int, parts: Sequence[tuple[str, ...]]):
   finally:
     manager.close()
   return restored["state"], dict(restored["meta"])
+
+
+def _subtree(tree, keys: tuple[str, ...], path: Path):
+  for i, key in enumerate(keys):
+    if not isinstance(tree, dict) or key not in tree:
+      raise CheckpointError(
+          f"The checkpoint at {path} has no {'/'.join(keys[:i + 1])}; "
+          "it was written by another method or model.")
+    tree = tree[key]
+  return tree

@@ -279,8 +279,7 @@ def gde_fit(features: np.ndarray, **hparams: Any) -> Params:
   x = x.astype(np.float64)
   mean = x.mean(axis=0)
   centred = x - mean
-  cov = _shrink(centred.T @ centred / x.shape[0], centred, hp['shrinkage'])
-  cov = cov + reg * np.eye(x.shape[1])
+  cov = _covariance(centred, hp['shrinkage']) + reg * np.eye(x.shape[1])
   try:
     cov_chol = np.linalg.cholesky(cov)
   except np.linalg.LinAlgError as e:
@@ -298,13 +297,13 @@ def gde_fit(features: np.ndarray, **hparams: Any) -> Params:
   }
 
 
-def _shrink(cov: np.ndarray, centred: np.ndarray, shrinkage: Any
-            ) -> np.ndarray:
-  """(1 - s) cov + s * trace(cov)/D * I for the configured shrinkage s."""
-  if shrinkage is None:
-    return cov
+def _covariance(centred: np.ndarray, shrinkage: Any) -> np.ndarray:
+  """(1 - s) C + s * trace(C)/D * I, C the MLE covariance of centred [N, D]."""
   if shrinkage == 'ledoit_wolf':
     return ledoit_wolf(centred, assume_centered=True)[0]
+  cov = centred.T @ centred / centred.shape[0]
+  if shrinkage is None:
+    return cov
   try:
     s = float(shrinkage)
   except (TypeError, ValueError):
