@@ -1,5 +1,0 @@
-"""Flax linen networks shared by the methods."""
-
-from jax_oneclass.models.resnet import ResNet, SelfSupervisedNet, MLPHead
-
-__all__ = ["ResNet", "SelfSupervisedNet", "MLPHead"]
