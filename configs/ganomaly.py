@@ -1,5 +1,5 @@
 """GANomaly (Akcay et al. 2018); defaults from the official code's options
-(lib/options.py) and run scripts, see ../shared/specs part A4.
+(lib/options.py) and run scripts.
 
   python -m jax_oneclass.main --config=configs/ganomaly.py:digits --workdir=/tmp/ganomaly
   python -m jax_oneclass.main --config=configs/ganomaly.py:cifar10,normal_class=3 --workdir=...
@@ -7,11 +7,11 @@
   python -m jax_oneclass.main --config=configs/ganomaly.py:cifar10,protocol=one_class_anomalous,normal_class=2 --workdir=...
 """
 
-from jax_oneclass import configlib
+from jax_oneclass import config as config_lib
 
 
 def get_config(arg=None):
-  config = configlib.base_config("ganomaly")
+  config = config_lib.base_config("ganomaly")
   config.batch_size = 64  # --batchsize 64.
   config.num_epochs = 15  # --niter 15 (run_cifar.sh, run_mnist.sh).
   config.data.augment = ""  # The reference trains on unaugmented images.
@@ -36,7 +36,7 @@ def get_config(arg=None):
   # reference, whose scores depend on the test batch (see the method's doc).
   config.eval.batch_norm = "running"
   config.eval.batch_size = 64
-  configlib.apply_arg(config, arg, _small_run)
+  config_lib.apply_arg(config, arg, _small_run)
   return config
 
 

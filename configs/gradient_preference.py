@@ -1,18 +1,18 @@
 """Gradient-preference discriminative feature learning (Xu et al. 2022).
 
-The paper's method section was not available, so these defaults are ours;
-jax_oneclass/methods/gradient_preference.py lists every choice.
+These defaults are ours; jax_oneclass/methods/gradient_preference/method.py
+lists every design choice.
 
   # One MVTec AD category from an extracted copy, with ImageNet weights:
   python -m jax_oneclass.main --config=configs/gradient_preference.py:mvtec,folder=/data/mvtec_anomaly_detection,category=bottle \
       --config.model.pretrained=/weights/wide_resnet50_2-95faca4d.pth --workdir=/tmp/gp_bottle
 """
 
-from jax_oneclass import configlib
+from jax_oneclass import config as config_lib
 
 
 def get_config(arg=None):
-  config = configlib.base_config("gradient_preference")
+  config = config_lib.base_config("gradient_preference")
   config.batch_size = 16  # Images per step; every patch point is used.
   config.num_epochs = 30  # An upper bound: early stopping usually ends it.
   config.data.name = "mvtec"
@@ -48,7 +48,7 @@ def get_config(arg=None):
   config.eval.num_overlays = 8
   # Every training image's points may enter the repository.
   config.eval.max_fit_examples = 100_000
-  configlib.apply_arg(config, arg, _small_run)
+  config_lib.apply_arg(config, arg, _small_run)
   return config
 
 

@@ -1,16 +1,16 @@
 """Reverse distillation (Deng & Li 2022, RD4AD); defaults from the official
-code (main.py) as restated in ../shared/specs part B6.
+code (main.py).
 
   # One MVTec AD category from an extracted copy, with ImageNet weights:
   python -m jax_oneclass.main --config=configs/reverse_distillation.py:mvtec,folder=/data/mvtec_anomaly_detection,category=bottle \
       --config.model.pretrained=/weights/wide_resnet50_2-95faca4d.pth --workdir=/tmp/rd_bottle
 """
 
-from jax_oneclass import configlib
+from jax_oneclass import config as config_lib
 
 
 def get_config(arg=None):
-  config = configlib.base_config("reverse_distillation")
+  config = config_lib.base_config("reverse_distillation")
   config.batch_size = 16  # main.py: batch_size 16.
   config.num_epochs = 200  # main.py: 200 epochs.
   config.data.name = "mvtec"
@@ -35,7 +35,7 @@ def get_config(arg=None):
   config.eval.batch_size = 16
   config.eval.map_sigma = 4.0  # test.py: gaussian_filter(sigma=4).
   config.eval.num_overlays = 8  # Heat-map PNGs written under overlays/.
-  configlib.apply_arg(config, arg, _small_run)
+  config_lib.apply_arg(config, arg, _small_run)
   return config
 
 

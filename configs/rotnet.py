@@ -5,14 +5,15 @@ script/run_rotation.sh).
   python -m jax_oneclass.main --config=configs/rotnet.py:cifar10,normal_class=3 --workdir=...
 """
 
-from jax_oneclass import configlib
+from jax_oneclass import config as config_lib
+from jax_oneclass.methods.two_stage import defaults
 
 
 def get_config(arg=None):
-  config = configlib.two_stage_config("rotnet")
+  config = defaults.two_stage_config("rotnet")
   config.batch_size = 64  # run_rotation.sh: 64 images = 256 rotated inputs.
   config.data.num_views = 4  # One augmented view per rotation.
   # 8 layers of 512; the last one ('embed', with bias) feeds the 4 logits.
   config.model.head_dims = (512,) * 8
-  configlib.apply_arg(config, arg, configlib.two_stage_small_run)
+  config_lib.apply_arg(config, arg, defaults.small_run)
   return config

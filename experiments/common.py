@@ -21,20 +21,14 @@ RESULTS_DIR = ROOT / "experiments" / "results"
 
 import jax  # pylint: disable=g-import-not-at-top
 
+from jax_oneclass import config as config_lib  # pylint: disable=g-import-not-at-top
+from jax_oneclass import run as run_lib  # pylint: disable=g-import-not-at-top
 from jax_oneclass import train  # pylint: disable=g-import-not-at-top
-from tests.conftest import load_config  # pylint: disable=g-import-not-at-top
 
 
 def config_with(method, arg, overrides=None):
   """`configs/<method>.py:<arg>` with {'dotted.key': value} overrides."""
-  config = load_config(method, arg)
-  for key, value in (overrides or {}).items():
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
+  return config_lib.load(method, arg, overrides)
 
 
 def run_method(method, arg, workdir, overrides=None) -> dict:
@@ -115,7 +109,7 @@ def time_train_step(method, info, batch_size: int, steps: int,
   from jax_oneclass import parallel
   # pylint: enable=g-import-not-at-top
   mesh = parallel.make_mesh()
-  box = {"state": train.initial_state(method, info, mesh, 0)}
+  box = {"state": run_lib.initial_state(method, info.image_shape, mesh, 0)}
   step_fn = train.jit_train_step(method, mesh)
   images = jax.random.uniform(jax.random.key(0),
                               (batch_size, 1) + tuple(info.image_shape))

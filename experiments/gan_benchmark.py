@@ -45,7 +45,7 @@ ANOMALIB_SCRIPT = common.ROOT / "experiments" / "anomalib_ganomaly.py"
 def ours_throughput(image_size, batch_size, width, latent, steps,
                     warmup) -> dict:
   """Our GANomaly step on random images (no input pipeline), this process."""
-  from jax_oneclass.methods import ganomaly  # pylint: disable=g-import-not-at-top
+  from jax_oneclass.methods.gan import ganomaly  # pylint: disable=g-import-not-at-top
   import_rss = measure.rss_mb()
   config = common.config_with("ganomaly", "cifar10", {
       "batch_size": batch_size, "model.width": width,

@@ -51,7 +51,7 @@ def ours_rd_throughput(args) -> dict:
   # pylint: disable=g-import-not-at-top
   import jax
   from experiments import common
-  from jax_oneclass.methods import reverse_distillation
+  from jax_oneclass.methods.reverse_distillation import method as reverse_distillation
   # pylint: enable=g-import-not-at-top
   import_rss = measure.rss_mb()
   size, batch_size = args.image_size, args.batch_size
@@ -72,7 +72,7 @@ def ours_bank(args) -> dict:
   does), this process (JAX only)."""
   # pylint: disable=g-import-not-at-top
   import jax
-  from jax_oneclass.nearest_neighbors import build_bank, search
+  from jax_oneclass.components.knn import build_bank, search
   # pylint: enable=g-import-not-at-top
   import_rss = measure.rss_mb()
   bank_key, query_key = jax.random.split(jax.random.key(0))
@@ -97,7 +97,7 @@ def check_bank() -> dict:
   """Checks our indices against a float64 numpy brute force."""
   # pylint: disable=g-import-not-at-top
   import numpy as np
-  from jax_oneclass.nearest_neighbors import nearest_neighbors
+  from jax_oneclass.components.knn import nearest_neighbors
   # pylint: enable=g-import-not-at-top
   rng = np.random.default_rng(0)
   bank = rng.normal(size=(5000, 256)).astype(np.float32)

@@ -39,8 +39,10 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import KernelDensity
 from sklearn.svm import OneClassSVM
 
-from jax_oneclass import classifiers, data, methods, parallel, train
-from tests.conftest import load_config
+from jax_oneclass import data, methods, parallel
+from jax_oneclass import run as run_lib
+from jax_oneclass import train
+from jax_oneclass.components import oneclass
 
 ROOT = common.ROOT
 RESULTS_DIR = common.RESULTS_DIR
@@ -70,7 +72,7 @@ def raw_pixel_baselines(config) -> dict:
   IsolationForest: 100 trees; KernelDensity: Scott's bandwidth), plus this
   library's own classifiers (the two-stage config's: reference settings,
   L2-normalised inputs, and Ledoit-Wolf GDE) so that the learned features are
-  compared with raw pixels under the very same classifiers.
+  compared with raw pixels under the very same oneclass.
   """
   train_x, _ = _pixels(config, "train")
   test_x, is_anomaly = _pixels(config, "test")
@@ -81,9 +83,9 @@ def raw_pixel_baselines(config) -> dict:
       "sklearn_kde": -KernelDensity(bandwidth="scott").fit(
           train_x).score_samples(test_x),
   }
-  hparams = classifiers.checked_hparams(config.classifiers)
-  fitted = classifiers.fit_each(train_x, hparams)
-  for name, values in classifiers.score_each(fitted, test_x, hparams).items():
+  hparams = oneclass.checked_hparams(config.classifiers)
+  fitted = oneclass.fit_each(train_x, hparams)
+  for name, values in oneclass.score_each(fitted, test_x, hparams).items():
     scores[f"pixels/{name}"] = np.asarray(values)
   return {k: float(roc_auc_score(is_anomaly, v)) for k, v in scores.items()}
 
@@ -91,11 +93,11 @@ def raw_pixel_baselines(config) -> dict:
 # --- runs --------------------------------------------------------------------
 
 def part_digits(args, overrides=None):
-  seed = (overrides or {}).get("seed", load_config("clr", "digits").seed)
+  seed = (overrides or {}).get("seed", common.config_with("clr", "digits").seed)
   out = {"command": f"{SCRIPT} digits", "seed": seed, "runs": {},
          "baselines": {}}
   for c in args.classes:
-    base_cfg = load_config("clr", f"digits,normal_class={c}")
+    base_cfg = common.config_with("clr", f"digits,normal_class={c}")
     base_cfg.data.image_size = 8  # Native 8x8 pixels for the baselines.
     out["baselines"][str(c)] = raw_pixel_baselines(base_cfg)
     for method in args.methods:
@@ -137,7 +139,7 @@ def part_cifar10(args):
          "budget": overrides, "runs": {}, "baselines": {}}
   for c in args.classes:
     arg = f"folder,folder={folder},normal_class={c}"
-    out["baselines"][str(c)] = raw_pixel_baselines(load_config("clr", arg))
+    out["baselines"][str(c)] = raw_pixel_baselines(common.config_with("clr", arg))
     for method in args.methods:
       workdir = Path(args.workdir_root) / "cifar10" / method / str(c)
       res = common.run_method(method, arg, workdir, overrides)
@@ -150,11 +152,11 @@ def part_cifar10(args):
 def _throughput(method, arg, overrides, steps) -> dict:
   config = common.config_with(method, arg, overrides)
   info = data.dataset_info(config)
-  config = train.resolve_duration(config, info)
+  config = run_lib.resolve_duration(config, info)
   method_obj = methods.get_method(config, info)
   mesh = parallel.make_mesh()
   step_fn = train.jit_train_step(method_obj, mesh)
-  state = train.initial_state(method_obj, info, mesh, 0)
+  state = run_lib.initial_state(method_obj, info.image_shape, mesh, 0)
   rng = jax.random.key(0)
   batches = data.train_batches(config)
   staged = [parallel.shard_batch(mesh, next(batches)) for _ in range(steps)]

@@ -1,4 +1,4 @@
-"""Config building blocks shared by the files in configs/.
+"""Config building blocks shared by the files in configs/, and config loading.
 
 A config file's `get_config(arg)` takes the string after the colon in
 `--config=configs/disaug.py:cifar10,normal_class=3`: bare words name the data
@@ -7,29 +7,36 @@ from the default). Later `--config.key=value` flags override the result.
 """
 
 import ast
-from typing import Callable
+import importlib.util
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import ml_collections
+from ml_collections.config_flags import config_path
 
 from jax_oneclass.errors import ConfigError
 
-# Per data set: image size and channels after preprocessing, and the model
-# and schedule overrides that make the run fit the data set's size.
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# Per data set: image size and channels after preprocessing.
 DATASETS = {
     # Sohn et al. 2021, Sec. 4: 32x32 RGB for CIFAR and (F)MNIST.
-    "cifar10": dict(image_size=32, channels=3, num_classes=10),
-    "cifar100": dict(image_size=32, channels=3, num_classes=20),
-    "fashion_mnist": dict(image_size=32, channels=3, num_classes=10),
-    "mnist": dict(image_size=32, channels=3, num_classes=10),
-    # Reference data/dogvscat: resized and centre-cropped to 64x64.
-    "cats_vs_dogs": dict(image_size=64, channels=3, num_classes=2),
-    "folder": dict(image_size=32, channels=3, num_classes=None),
+    "cifar10": dict(image_size=32, channels=3),
+    "cifar100": dict(image_size=32, channels=3),
+    "fashion_mnist": dict(image_size=32, channels=3),
+    "mnist": dict(image_size=32, channels=3),
+    # Sohn et al.: cats-vs-dogs at 64x64.
+    "cats_vs_dogs": dict(image_size=64, channels=3),
+    "folder": dict(image_size=32, channels=3),
     # MVTec AD categories (or look-alikes): label 0 good (normal), 1 defect.
-    "mvtec": dict(image_size=256, channels=3, num_classes=2),
+    "mvtec": dict(image_size=256, channels=3),
     # scikit-learn's 8x8 digits, upsampled to 16x16 so that crops keep
     # detail; ~120 normal training images, so a small network and short run.
-    "digits": dict(image_size=16, channels=1, num_classes=10),
+    "digits": dict(image_size=16, channels=1),
 }
+# Keys of `data` that a colon argument may name without the 'data.' prefix.
+_DATA_SHORTHANDS = ("normal_class", "protocol", "data_dir", "folder",
+                    "category")
 
 
 def base_config(method: str) -> ml_collections.ConfigDict:
@@ -85,42 +92,8 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   return c
 
 
-def two_stage_config(method: str) -> ml_collections.ConfigDict:
-  """Shared keys of the two-stage family with the reference's defaults."""
-  c = base_config(method)
-  c.num_epochs = 2048  # script/run_*.sh: --num_epoch=2048.
-  # Reference aug string 'cnr0.5+hflip+jitter_b0.4_c0.4_s0.4_h0.4+gray0.2+
-  # blur0.5': square crops of 1/2 to full side, jitter always applied. Its
-  # blur op is a no-op in training (data/augment.py), so it is left out.
-  c.data.augment = ("random_resized_crop(0.25,ratio=(1.0,1.0))|flip_lr|"
-                    "color_jitter(0.4,0.4,0.4,0.4,p=1.0)|grayscale(p=0.2)")
-  c.data.num_views = 2
-
-  c.model.stage_sizes = (2, 2, 2, 2)  # ResNet-18.
-  c.model.head_dims = (512,) * 8 + (128,)  # Reference --head_dims.
-  # "cifar": the paper's ResNet (stage_sizes, width). A torchvision name
-  # ("resnet18", "resnet50", "wide_resnet50_2") trains that ImageNet-layout
-  # network instead, whose checkpoint the localisation methods can load as
-  # a self-supervised backbone (model.pretrained=<this run's workdir>).
-  c.model.arch = "cifar"
-
-  c.optimizer.name = "sgd"
-  c.optimizer.learning_rate = 0.01  # Momentum 0.9 as in base_config.
-  c.optimizer.weight_decay = 3e-4
-  c.optimizer.schedule = "cosine_epoch"  # util/scheduler.py: per epoch.
-
-  # One-class classifiers on frozen features: name -> hyper-parameters
-  # (defaults in jax_oneclass/classifiers.py follow util/train.py). gde_lw
-  # is not in the reference: GDE with Ledoit-Wolf shrinkage, for banks with
-  # fewer images than feature dimensions (e.g. ~120 digits, 128-d features).
-  c.classifiers = ml_collections.ConfigDict(
-      {"kde": {}, "gde": {}, "ocsvm": {},
-       "gde_lw": {"classifier": "gde", "shrinkage": "ledoit_wolf"}})
-  c.eval.rotation_averaging = True
-  return c
-
-
 def _parse_value(text: str, default):
+  """The value of `text` as the type of `default` (a colon argument)."""
   if isinstance(default, bool):
     if text.lower() in ("true", "1", "yes", ""):
       return True
@@ -138,6 +111,39 @@ def _parse_value(text: str, default):
   return value
 
 
+def current_value(config: ml_collections.ConfigDict, key: str):
+  """The value at dotted `key`; ConfigError naming the key if there is none."""
+  try:
+    return config_path.get_value(key, config)
+  except (KeyError, AttributeError, IndexError) as e:
+    parent = key.rpartition(".")[0]
+    known = ""
+    try:
+      node = config_path.get_value(parent, config) if parent else config
+      if isinstance(node, ml_collections.ConfigDict):
+        known = f" Known keys here: {', '.join(sorted(node.keys()))}."
+    except (KeyError, AttributeError, IndexError):
+      pass
+    raise ConfigError(f"Unknown config key {key!r}.{known}") from e
+
+
+def override(config: ml_collections.ConfigDict,
+             values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Sets existing dotted keys in place ({'data.normal_class': 3}).
+
+  Strings are parsed as the type of the value they replace, so values from
+  a command line and typed values both work. Unknown keys raise.
+  """
+  parsed = {}
+  for key, value in values.items():
+    default = current_value(config, key)
+    if isinstance(value, str) and not isinstance(default, str):
+      value = _parse_value(value, default)
+    parsed[key] = value
+  config.update_from_flattened_dict(parsed)
+  return config
+
+
 def apply_arg(config: ml_collections.ConfigDict, arg,
               small_run: Callable[[ml_collections.ConfigDict], None]
               | None = None) -> None:
@@ -153,23 +159,15 @@ def apply_arg(config: ml_collections.ConfigDict, arg,
   for token in tokens:
     if "=" not in token:
       set_dataset(config, token, small_run)
+  values = {}
   for token in tokens:
-    if "=" not in token:
-      continue
-    key, text = (s.strip() for s in token.split("=", 1))
-    if key in ("normal_class", "protocol", "data_dir", "folder", "category"):
-      key = "data." + key
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-      if part not in node:
-        raise ConfigError(f"Unknown config key {key!r} in {arg!r}.")
-      node = node[part]
-    if leaf not in node:
-      raise ConfigError(
-          f"Unknown config key {key!r} in {arg!r}. Known keys here: "
-          f"{', '.join(sorted(node.keys()))}.")
-    node[leaf] = _parse_value(text, node[leaf])
+    if "=" in token:
+      key, text = (s.strip() for s in token.split("=", 1))
+      values["data." + key if key in _DATA_SHORTHANDS else key] = text
+  try:
+    override(config, values)
+  except ConfigError as e:
+    raise ConfigError(f"{e} (in {arg!r})") from e
 
 
 def set_dataset(config: ml_collections.ConfigDict, name: str,
@@ -181,9 +179,8 @@ def set_dataset(config: ml_collections.ConfigDict, name: str,
         "any root/<split>/<class>/*.jpg folder works with 'folder,"
         "folder=/path'.")
   config.data.name = name
-  preset = DATASETS[name]
-  config.data.image_size = preset["image_size"]
-  config.data.channels = preset["channels"]
+  config.data.image_size = DATASETS[name]["image_size"]
+  config.data.channels = DATASETS[name]["channels"]
   if name == "digits":
     config.model.width = 16
     config.num_train_steps = 400
@@ -194,16 +191,21 @@ def set_dataset(config: ml_collections.ConfigDict, name: str,
       small_run(config)
 
 
-def two_stage_small_run(config: ml_collections.ConfigDict) -> None:
-  """Two-stage family on digits: small head, short warm-up, mild crops."""
-  config.model.head_dims = tuple(
-      min(d, 128) for d in config.model.head_dims[-3:])
-  # 128 network inputs per step for every method: 64 x 2 views, 32 x 4.
-  config.batch_size = 128 // config.data.num_views
-  config.optimizer.learning_rate = 0.05
-  config.optimizer.schedule = "cosine"
-  config.optimizer.warmup_steps = 20
-  # Digits are not flip- or colour-invariant, and crops that cut strokes off
-  # change the digit: mild crops only. (Scale 0.8 beat 0.5 on classes 1 and
-  # 9 for DisAug; see experiments/RESULTS.md.)
-  config.data.augment = "random_resized_crop(0.8,ratio=(0.9,1.1))"
+def load(config_file, arg: str | None = None,
+         overrides: Mapping[str, Any] | None = None
+         ) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file, plus dotted-key `overrides`.
+
+  `config_file` is a path, or a method name for the repository's
+  `configs/<name>.py`.
+  """
+  path = Path(config_file)
+  if path.suffix != ".py":
+    path = REPO_CONFIGS / f"{config_file}.py"
+  if not path.is_file():
+    raise ConfigError(f"No config file {path}; pass an existing one, e.g. "
+                      "configs/disaug.py.")
+  spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return override(module.get_config(arg), overrides or {})

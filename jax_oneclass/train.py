@@ -8,62 +8,13 @@ to an uninterrupted one.
 """
 
 import math
-from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 
-from jax_oneclass import checkpointing, data, evaluate, logging_utils
-from jax_oneclass import methods, parallel
-from jax_oneclass.methods import base as methods_base
-from jax_oneclass.errors import ConfigError, NonFiniteLossError
-
-
-def resolve_duration(config, info) -> ml_collections.ConfigDict:
-  """Returns a copy of `config` whose num_train_steps is set (> 0)."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  if config.num_train_steps <= 0:
-    if config.num_epochs <= 0:
-      raise ConfigError("Set config.num_train_steps or config.num_epochs > 0.")
-    config.num_train_steps = int(
-        config.num_epochs * methods_base.steps_per_epoch(config, info))
-  return config
-
-
-def setup(config, workdir):
-  """Data set info, method, mesh and checkpointer shared by train and eval."""
-  parallel.check_batch_size(config.batch_size)
-  parallel.check_batch_size(config.eval.batch_size, "eval.batch_size")
-  info = data.dataset_info(config)
-  config = resolve_duration(config, info)
-  method = methods.get_method(config, info)
-  mesh = parallel.make_mesh()
-  checkpointer = checkpointing.Checkpointer(
-      Path(workdir) / "checkpoints", config.keep_checkpoints)
-  return config, info, method, mesh, checkpointer
-
-
-def initial_state(method, info, mesh, seed: int):
-  """The method's state, created directly replicated over the mesh."""
-  init = jax.jit(method.init_state, static_argnums=1,
-                 out_shardings=parallel.replicated(mesh))
-  return init(jax.random.key(seed), tuple(info.image_shape))
-
-
-def restore_or_init(method, info, mesh, checkpointer, config):
-  """The newest checkpoint's state and step, or a fresh state at step 0."""
-  state = initial_state(method, info, mesh, config.seed)
-  step = checkpointer.latest_step()
-  if step is None:
-    return state, 0
-  state, meta = checkpointer.restore(step, state)
-  if meta.get("method") != config.method:
-    raise ConfigError(
-        f"The workdir holds a {meta.get('method')!r} run but the config asks "
-        f"for {config.method!r}; use another --workdir.")
-  logging_utils.info(f"Resumed from the checkpoint at step {step}.")
-  return state, int(meta["step"])
+from jax_oneclass import data, evaluate, logging_utils, parallel
+from jax_oneclass import run as run_lib
+from jax_oneclass.errors import NonFiniteLossError
 
 
 def jit_train_step(method, mesh):
@@ -97,10 +48,19 @@ def _summarise(pending: list, step: int, checkpointer) -> dict:
 
 
 def train(config, workdir):
-  """Trains `config.method` in `workdir`; returns (config, final state)."""
-  workdir = Path(workdir)
-  config, info, method, mesh, checkpointer = setup(config, workdir)
-  state, start_step = restore_or_init(method, info, mesh, checkpointer, config)
+  """Trains `config.method` in `workdir`; returns (run, final state)."""
+  run = run_lib.setup(config, workdir)
+  try:
+    return run, train_run(run)
+  finally:
+    run.checkpointer.close()
+
+
+def train_run(run: run_lib.Run):
+  """Trains a set-up run from its newest checkpoint; returns the state."""
+  config, workdir, info = run.config, run.workdir, run.info
+  mesh, checkpointer = run.mesh, run.checkpointer
+  state, start_step = run_lib.restore_or_init(run)
   total = config.num_train_steps
   logging_utils.write_json(workdir / "config.json", config.to_dict())
   logging_utils.info(
@@ -111,7 +71,7 @@ def train(config, workdir):
       f"{jax.process_count()} processes, steps {start_step}..{total}, "
       f"workdir {workdir}.")
 
-  step_fn = jit_train_step(method, mesh)
+  step_fn = jit_train_step(run.method, mesh)
   rng = jax.random.key(config.seed + 1)
   writer = logging_utils.MetricWriter(workdir / "tensorboard" / "train")
   progress = logging_utils.Progress(total, start_step, config.batch_size,
@@ -136,7 +96,7 @@ def train(config, workdir):
         # A method that stops early freezes itself and reports it.
         stopped_early = summary.get("stop_training", 0) > 0
       if save or stopped_early:
-        checkpointer.save(step, state, _meta(config, step))
+        checkpointer.save(step, state, run_lib.checkpoint_meta(config, step))
       if stopped_early:
         logging_utils.info(f"Early stopping at step {step} of {total}.")
         break
@@ -146,7 +106,7 @@ def train(config, workdir):
       _summarise(pending, step, checkpointer)
     checkpointer.wait()
     if step > (checkpointer.latest_step() or 0):
-      checkpointer.save(step, state, _meta(config, step))
+      checkpointer.save(step, state, run_lib.checkpoint_meta(config, step))
     checkpointer.wait()
     logging_utils.info(f"Interrupted at step {step}; saved. Rerun to continue.")
     raise
@@ -154,19 +114,16 @@ def train(config, workdir):
     progress.close()
     writer.close()
     checkpointer.wait()
-  checkpointer.close()
-  return config, state
-
-
-def _meta(config, step: int) -> dict:
-  return {"step": step, "examples_seen": step * config.batch_size,
-          "seed": config.seed, "method": config.method,
-          "data": config.data.name, "normal_class": config.data.normal_class}
+  return state
 
 
 def train_and_evaluate(config, workdir) -> dict:
   """Trains, then (unless halted early) evaluates; returns the results."""
-  config, state = train(config, workdir)
-  if 0 < config.halt_after_step < config.num_train_steps:
-    return {}
-  return evaluate.evaluate(config, workdir, state)
+  run = run_lib.setup(config, workdir)
+  try:
+    state = train_run(run)
+    if 0 < run.config.halt_after_step < run.config.num_train_steps:
+      return {}
+    return evaluate.evaluate_run(run, state, run.checkpointer.latest_step())
+  finally:
+    run.checkpointer.close()

@@ -10,48 +10,57 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(
     prefix="jax_oneclass_test_compile_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-import importlib.util  # pylint: disable=g-import-not-at-top
-from pathlib import Path
+from pathlib import Path  # pylint: disable=g-import-not-at-top
 
-import pytest
+from jax_oneclass import config as config_lib  # pylint: disable=g-import-not-at-top
+from jax_oneclass import methods  # pylint: disable=g-import-not-at-top
+from jax_oneclass.errors import ConfigError  # pylint: disable=g-import-not-at-top
 
 REPO = Path(__file__).resolve().parents[1]
+METHODS = methods.available_methods()
+
+# Smallest networks, by config key; a method takes those its config has.
+_TINY_MODEL = {"model.width": 4, "model.stage_sizes": (1, 1),
+               "model.head_dims": (16, 8), "model.latent_size": 8,
+               "model.backbone": "resnet18", "model.mlp_widths": (16, 8)}
 
 
-def load_config(method: str, arg: str = "digits"):
+def load_config(method: str, arg: str | None = "digits"):
   """`configs/<method>.py:<arg>` as the CLI would load it."""
-  spec = importlib.util.spec_from_file_location(
-      f"config_{method}", REPO / "configs" / f"{method}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load(method, arg)
+
+
+def localises(method: str) -> bool:
+  """Whether a method's default data set has pixel masks (MVTec)."""
+  return load_config(method, None).data.name == "mvtec"
+
+
+def has_key(config, key: str) -> bool:
+  try:
+    config_lib.current_value(config, key)
+    return True
+  except ConfigError:
+    return False
+
+
+def tiny_overrides(config) -> dict:
+  """Dotted-key overrides that make `config`'s run tiny."""
+  overrides = {k: v for k, v in _TINY_MODEL.items() if has_key(config, k)}
+  if "model.head_dims" in overrides:  # The CIFAR ResNet takes any side.
+    overrides["data.image_size"] = 8
+  return overrides
 
 
 def tiny_config(method: str, steps: int = 4, arg: str = "digits"):
   """A very small network and run on the digits data."""
   config = load_config(method, arg)
+  config_lib.override(config, tiny_overrides(config))
   config.num_train_steps = steps
   config.batch_size = 16
   config.data.shuffle_buffer = 64
-  config.model.width = 4
-  if "head_dims" in config.model:  # Two-stage family: ResNet + MLP head.
-    config.data.image_size = 8
-    config.model.stage_sizes = (1, 1)
-    config.model.head_dims = (16, 8)
-  else:  # GAN family: DCGANs need a power-of-two side >= 16.
-    config.model.latent_size = 8
   config.eval.batch_size = 128
   config.log_every_steps = 2
   config.checkpoint_every_steps = 2
   config.progress_bar = False
   config.optimizer.warmup_steps = 0
   return config
-
-
-TWO_STAGE_METHODS = ("rotnet", "clr", "disaug")
-GAN_METHODS = ("ganomaly", "dgad")
-
-
-@pytest.fixture(params=TWO_STAGE_METHODS + GAN_METHODS)
-def method_name(request):
-  return request.param

@@ -11,19 +11,16 @@ import jax
 import numpy as np
 
 from jax_oneclass import data, parallel, train
+from jax_oneclass import run as run_lib
 from tests.conftest import tiny_config
 
 
-def main(method: str, steps: int) -> None:
-  config = tiny_config(method, steps=steps)
-  info = data.dataset_info(config)
-  config = train.resolve_duration(config, info)
-  from jax_oneclass import methods  # pylint: disable=g-import-not-at-top
-  method_obj = methods.get_method(config, info)
-  mesh = parallel.make_mesh()
-  state = train.initial_state(method_obj, info, mesh, config.seed)
-  step_fn = train.jit_train_step(method_obj, mesh)
-  batches = data.train_batches(config)
+def main(method: str, steps: int, workdir: str) -> None:
+  run = run_lib.setup(tiny_config(method, steps=steps), workdir)
+  mesh = run.mesh
+  state = run_lib.run_initial_state(run)
+  step_fn = train.jit_train_step(run.method, mesh)
+  batches = data.train_batches(run.config)
   losses = []
   for _ in range(steps):
     state, metrics = step_fn(state, parallel.shard_batch(mesh, next(batches)),
@@ -37,4 +34,4 @@ def main(method: str, steps: int) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1], int(sys.argv[2]))
+  main(sys.argv[1], int(sys.argv[2]), sys.argv[3])

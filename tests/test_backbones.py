@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_oneclass import pretrained
+from jax_oneclass.components import pretrained, weights_io
 from jax_oneclass.errors import CheckpointError, ConfigError
-from jax_oneclass.models import backbones
+from jax_oneclass.components import backbones
 
 ARCHS = ("resnet18", "resnet50", "wide_resnet50_2")
 _IMAGES = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
@@ -39,7 +39,7 @@ def test_feature_shapes(arch):
 
 
 # torchvision's documented totals minus the classifier (512 or 2048 inputs,
-# 1000 classes), and stem through layer3 (../shared/specs part B2 for WRN;
+# 1000 classes), and stem through layer3 (torchvision's WRN;
 # counted from torchvision's modules for the other two).
 @pytest.mark.parametrize("arch, through_layer3, without_fc", [
     ("resnet18", 2_782_784, 11_689_512 - 513_000),
@@ -184,21 +184,21 @@ def test_converter_names_the_offending_key(resnet50_state):
 def test_read_npz_and_reject_other_files(tmp_path, resnet50_state):
   state = {k: v for k, v in resnet50_state.items() if k.startswith("layer1.")}
   np.savez(tmp_path / "w.npz", **state)
-  loaded = pretrained.read_state_dict(str(tmp_path / "w.npz"))
+  loaded = weights_io.read_state_dict(str(tmp_path / "w.npz"))
   assert loaded.keys() == state.keys()
   assert all(np.array_equal(loaded[k], v) for k, v in state.items())
   with pytest.raises(CheckpointError, match="No weights file"):
-    pretrained.read_state_dict(str(tmp_path / "missing.pth"))
+    weights_io.read_state_dict(str(tmp_path / "missing.pth"))
   (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
   with pytest.raises(CheckpointError, match="np.savez"):
-    pretrained.read_state_dict(str(tmp_path / "junk.pth"))
+    weights_io.read_state_dict(str(tmp_path / "junk.pth"))
 
 
 def test_read_safetensors(tmp_path, resnet50_state):
   safetensors_numpy = pytest.importorskip("safetensors.numpy")
   state = {k: v for k, v in resnet50_state.items() if k.startswith("layer1.")}
   safetensors_numpy.save_file(state, str(tmp_path / "w.safetensors"))
-  loaded = pretrained.read_state_dict(str(tmp_path / "w.safetensors"))
+  loaded = weights_io.read_state_dict(str(tmp_path / "w.safetensors"))
   assert loaded.keys() == state.keys()
   assert all(np.array_equal(loaded[k], v) for k, v in state.items())
 
@@ -265,7 +265,7 @@ def test_reads_torch_save_files_without_torch(tmp_path, legacy):
   state["fc.weight"] = state["fc.weight"].t()  # Not contiguous.
   path = str(tmp_path / "resnet18.pth")
   torch.save(state, path, _use_new_zipfile_serialization=not legacy)
-  loaded = pretrained.read_state_dict(path)
+  loaded = weights_io.read_state_dict(path)
   assert list(loaded) == list(state)
   for key, value in state.items():
     assert loaded[key].dtype == value.numpy().dtype, key

@@ -1,4 +1,4 @@
-"""Tests for jax_oneclass.classifiers against NumPy / scikit-learn."""
+"""Tests for jax_oneclass.components.oneclass against NumPy / scikit-learn."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,7 @@ from sklearn.mixture import GaussianMixture
 from sklearn.neighbors import KernelDensity
 from sklearn.svm import OneClassSVM
 
-from jax_oneclass import classifiers as clf_lib
+from jax_oneclass.components import oneclass as clf_lib
 from jax_oneclass.errors import ConfigError, DataError
 from jax_oneclass.metrics import auroc
 

@@ -6,15 +6,10 @@ import sys
 
 import pytest
 
-from tests.conftest import GAN_METHODS, REPO
+from tests.conftest import METHODS, REPO, load_config, localises
+from tests.conftest import tiny_overrides
 
-TINY = ["--config.num_train_steps=4", "--config.batch_size=16",
-        "--config.data.image_size=8", "--config.model.stage_sizes=(1,1)",
-        "--config.model.width=4", "--config.model.head_dims=(16,8)",
-        "--config.eval.batch_size=128", "--config.log_every_steps=2",
-        "--config.checkpoint_every_steps=2"]
-TINY_GAN = TINY[:2] + ["--config.model.width=4",
-                       "--config.model.latent_size=8"] + TINY[-3:]
+DIGITS_METHODS = [m for m in METHODS if not localises(m)]
 EXPECTED_SCORERS = {
     "rotnet": {"pool/kde", "pool/gde", "pool/ocsvm", "embed/kde/rot_avg",
                "rotation_head", "rotation_head/rot_avg"},
@@ -26,17 +21,32 @@ EXPECTED_SCORERS = {
 }
 
 
+def tiny_flags(method: str) -> list[str]:
+  """Command-line flags of `tests.conftest.tiny_config`'s run."""
+  overrides = tiny_overrides(load_config(method, "digits"))
+  model = [f"--config.{k}={str(v).replace(' ', '')}"
+           for k, v in overrides.items()]
+  return model + ["--config.num_train_steps=4", "--config.batch_size=16",
+                  "--config.eval.batch_size=128",
+                  "--config.log_every_steps=2",
+                  "--config.checkpoint_every_steps=2"]
+
+
+def test_every_method_on_digits_is_checked_here():
+  assert sorted(EXPECTED_SCORERS) == DIGITS_METHODS
+
+
 def _main(*args):
   return subprocess.run([sys.executable, "-m", "jax_oneclass.main", *args],
                         cwd=REPO, capture_output=True, text=True, timeout=400,
                         check=False)
 
 
-@pytest.mark.parametrize("method", sorted(EXPECTED_SCORERS))
+@pytest.mark.parametrize("method", DIGITS_METHODS)
 def test_each_method_trains_and_evaluates_from_the_command_line(
     method, tmp_path):
   config_arg = f"--config=configs/{method}.py:digits,normal_class=2"
-  tiny = TINY_GAN if method in GAN_METHODS else TINY
+  tiny = tiny_flags(method)
   out = _main(config_arg, f"--workdir={tmp_path}", *tiny)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "step 4: 599 test images, 540 anomalous" in out.stdout
@@ -75,9 +85,8 @@ def test_each_method_trains_and_evaluates_from_the_command_line(
      "Unknown transforms 'shift'"),
 ])
 def test_bad_input_gives_one_clear_line(tmp_path, args, message):
-  is_gan = any(f"{m}.py" in args[0] for m in GAN_METHODS)
-  out = _main(*args, f"--workdir={tmp_path / 'run'}",
-              *(TINY_GAN if is_gan else TINY))
+  method = args[0].split("/")[1].split(".")[0]
+  out = _main(*args, f"--workdir={tmp_path / 'run'}", *tiny_flags(method))
   assert out.returncode == 2
   assert message in out.stderr
   assert "Traceback" not in out.stderr

@@ -7,8 +7,8 @@ import pytest
 
 from jax_oneclass import data, methods, train
 from jax_oneclass.errors import ConfigError
-from jax_oneclass.methods import dgad, gan, ganomaly
-from jax_oneclass.models import dcgan
+from jax_oneclass.methods.gan import dcgan, dgad, ganomaly
+from jax_oneclass.methods.gan import family as gan
 from tests.conftest import tiny_config
 
 
@@ -18,7 +18,7 @@ def _num_params(module, image_shape, *args):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
 
 
-# ../shared/specs part A2.4 (nz 100, ngf 64): encoder, decoder, G, D.
+# The official GANomaly networks (nz 100, ngf 64): encoder, decoder, G, D.
 @pytest.mark.parametrize("size, channels, counts", [
     (32, 3, (1_068_800, 1_068_928, 3_206_528, 663_296)),
     (32, 1, (1_066_752, 1_066_880, 3_200_384, 661_248)),
@@ -144,8 +144,8 @@ def test_reference_batch_mode_depends_on_the_batch_and_running_does_not():
   _, state, _ = _step_once(config)
   images = jax.random.uniform(jax.random.key(2), (8,) + info.image_shape)
   score = jax.jit(method.score)
-  full = score(state, {}, {"image": images})["latent_mse"]
-  part = score(state, {}, {"image": images[:4]})["latent_mse"]
+  full = score(state, {}, {"image": images}).image["latent_mse"]
+  part = score(state, {}, {"image": images[:4]}).image["latent_mse"]
   assert not np.allclose(full[:4], part)
   config.eval.batch_norm = "sideways"
   with pytest.raises(ConfigError, match="batch_norm"):

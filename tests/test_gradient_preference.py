@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from jax_oneclass.errors import ConfigError
-from jax_oneclass.methods import gradient_preference as gp
-from jax_oneclass.models import backbones, center_mlp
-from jax_oneclass.nearest_neighbors import (build_bank, nearest_distance,
+from jax_oneclass.methods.gradient_preference import method as gp
+from jax_oneclass.methods.gradient_preference import repository
+from jax_oneclass.components import backbones
+from jax_oneclass.methods.gradient_preference import center_mlp
+from jax_oneclass.components.knn import (build_bank, nearest_distance,
                                             nearest_neighbors)
 from tests.conftest import load_config
 
@@ -86,13 +88,13 @@ def _bank(fraction, preferred_fraction, max_size=0):
 
 def test_repository_keeps_the_largest_gradients_then_samples_the_rest():
   norms = np.random.default_rng(0).permutation(100).astype(np.float32)
-  chosen = gp.select_repository(norms, _bank(0.2, 0.5), seed=0)
+  chosen = repository.select_repository(norms, _bank(0.2, 0.5), seed=0)
   assert len(chosen) == 20 and len(set(chosen)) == 20
   np.testing.assert_array_equal(norms[chosen[:10]], np.arange(99, 89, -1))
   assert norms[chosen[10:]].max() < 90  # The rest come from the others.
   np.testing.assert_array_equal(
-      chosen, gp.select_repository(norms, _bank(0.2, 0.5), seed=0))
-  assert len(gp.select_repository(norms, _bank(0.5, 1.0, max_size=7), 0)) == 7
+      chosen, repository.select_repository(norms, _bank(0.2, 0.5), seed=0))
+  assert len(repository.select_repository(norms, _bank(0.5, 1.0, max_size=7), 0)) == 7
 
 
 def test_patch_features_average_neighbourhoods_and_join_levels():

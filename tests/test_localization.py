@@ -1,4 +1,4 @@
-"""Tests for jax_oneclass.localization against SciPy, sklearn and slow loops."""
+"""Anomaly maps, pixel metrics and overlays against SciPy, sklearn and loops."""
 
 from pathlib import Path
 
@@ -10,7 +10,8 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from jax_oneclass import localization
+from jax_oneclass import metrics, visualize
+from jax_oneclass.components import anomaly_map
 from jax_oneclass.errors import ConfigError, DataError
 
 # numpy.pad mode name -> the SciPy mode it must equal.
@@ -131,7 +132,7 @@ def toy_case():
 def test_resize_of_a_ramp_is_exact():
   h, w, height, width = 4, 6, 13, 21
   ramp = 3.0 * np.arange(h)[:, None] + 0.5 * np.arange(w)[None, :]
-  got = np.asarray(localization.resize_bilinear_align_corners(
+  got = np.asarray(anomaly_map.resize_bilinear_align_corners(
       jnp.asarray(ramp[None], jnp.float32), (height, width)))[0]
   for i, j in [(0, 0), (0, -1), (-1, 0), (-1, -1)]:
     assert got[i, j] == ramp[i, j]
@@ -147,7 +148,7 @@ def test_resize_matches_reference(in_shape, size):
   maps = np.random.default_rng(0).random((2,) + in_shape)
   height, width = (size, size) if isinstance(size, int) else size
   resize = jax.jit(
-      lambda m: localization.resize_bilinear_align_corners(m, size))
+      lambda m: anomaly_map.resize_bilinear_align_corners(m, size))
   got = np.asarray(resize(jnp.asarray(maps, jnp.float32)))
   want = np.stack([resize_reference(m, height, width) for m in maps])
   assert got.shape == (2, height, width)
@@ -159,7 +160,7 @@ def test_resize_matches_reference(in_shape, size):
 def test_gaussian_blur_matches_scipy(mode, shape):
   # (1, 6, 5): the 33-tap kernel is wider than the map.
   maps = np.random.default_rng(1).random(shape).astype(np.float32)
-  got = np.asarray(localization.gaussian_blur(jnp.asarray(maps), mode=mode))
+  got = np.asarray(anomaly_map.gaussian_blur(jnp.asarray(maps), mode=mode))
   want = np.stack([ndimage.gaussian_filter(m, sigma=4.0, truncate=4.0,
                                            mode=SCIPY_MODES[mode])
                    for m in maps])
@@ -170,7 +171,7 @@ def test_gaussian_blur_matches_scipy(mode, shape):
 def test_gaussian_blur_float64_matches_scipy():
   maps = np.random.default_rng(2).random((1, 24, 20))
   with jax.enable_x64(True):
-    got = np.asarray(localization.gaussian_blur(jnp.asarray(maps)))
+    got = np.asarray(anomaly_map.gaussian_blur(jnp.asarray(maps)))
   want = ndimage.gaussian_filter(maps[0], sigma=4.0, truncate=4.0)
   np.testing.assert_allclose(got[0], want, atol=1e-12, rtol=0)
 
@@ -178,26 +179,26 @@ def test_gaussian_blur_float64_matches_scipy():
 def test_gaussian_blur_modes_differ_only_near_the_border():
   maps = jnp.asarray(np.random.default_rng(3).random((1, 48, 48)),
                      jnp.float32)
-  diff = np.abs(np.asarray(localization.gaussian_blur(maps, mode='symmetric')
-                           - localization.gaussian_blur(maps, mode='reflect')))
+  diff = np.abs(np.asarray(anomaly_map.gaussian_blur(maps, mode='symmetric')
+                           - anomaly_map.gaussian_blur(maps, mode='reflect')))
   assert diff.max() > 1e-3
   assert diff[0, 17:-17, 17:-17].max() == 0.0  # Beyond the 16-pixel radius.
 
 
 def test_gaussian_blur_rejects_unknown_mode():
   with pytest.raises(ConfigError, match='mode'):
-    localization.gaussian_blur(jnp.zeros((1, 4, 4)), mode='mirror')
+    anomaly_map.gaussian_blur(jnp.zeros((1, 4, 4)), mode='mirror')
 
 
 def test_anomaly_map_composes_resize_and_blur():
   maps = jnp.asarray(np.random.default_rng(4).random((2, 5, 5)), jnp.float32)
-  got = localization.anomaly_map(maps, 20, sigma=2.0, mode='reflect')
-  want = localization.gaussian_blur(
-      localization.resize_bilinear_align_corners(maps, 20), sigma=2.0,
+  got = anomaly_map.anomaly_map(maps, 20, sigma=2.0, mode='reflect')
+  want = anomaly_map.gaussian_blur(
+      anomaly_map.resize_bilinear_align_corners(maps, 20), sigma=2.0,
       mode='reflect')
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   np.testing.assert_array_equal(
-      np.asarray(localization.image_scores(got)),
+      np.asarray(anomaly_map.image_scores(got)),
       np.asarray(got).max(axis=(1, 2)))
 
 
@@ -209,8 +210,8 @@ def test_anomaly_map_composes_resize_and_blur():
 def test_pixel_auroc_matches_sklearn():
   maps, masks = random_case(5)
   want = roc_auc_score(masks.ravel(), maps.ravel())
-  assert localization.pixel_auroc(maps, masks) == pytest.approx(want)
-  assert localization.pixel_auroc(jnp.asarray(maps, jnp.float32),
+  assert metrics.pixel_auroc(maps, masks) == pytest.approx(want)
+  assert metrics.pixel_auroc(jnp.asarray(maps, jnp.float32),
                                   masks.astype(int)) == pytest.approx(want)
 
 
@@ -219,7 +220,7 @@ def test_label_regions_uses_8_connectivity():
   masks[0, 0, 0] = masks[0, 1, 1] = True  # Diagonal neighbours: one region.
   masks[0, 3:, 3:] = True
   masks[1, 2, 2] = True
-  labels, count = localization.label_regions(masks)
+  labels, count = metrics.label_regions(masks)
   assert count == 3
   assert labels[0, 0, 0] == labels[0, 1, 1] == 1
   assert labels[1, 2, 2] == 3
@@ -230,36 +231,36 @@ def test_label_regions_uses_8_connectivity():
 def test_aupro_matches_reference(seed, max_fpr):
   maps, masks = random_case(seed)
   want = aupro_reference(maps, masks, max_fpr)
-  assert localization.aupro(maps, masks, max_fpr) == pytest.approx(want)
+  assert metrics.aupro(maps, masks, max_fpr) == pytest.approx(want)
 
 
 def test_aupro_threshold_grid_matches_reference():
   maps, masks = random_case(6, levels=50)
   want = aupro_reference(maps, masks,
                          thresholds=np.linspace(maps.min(), maps.max(), 7))
-  got = localization.aupro(maps, masks, num_thresholds=7)
+  got = metrics.aupro(maps, masks, num_thresholds=7)
   assert got == pytest.approx(want)
 
 
 def test_aupro_hand_computed():
   scores, masks = toy_case()
-  assert localization.aupro(scores, masks) == pytest.approx(0.2 / 0.3)
+  assert metrics.aupro(scores, masks) == pytest.approx(0.2 / 0.3)
   # The cut at 0.2 falls inside the flat (.1, .75)-(.3, .75) segment.
-  assert localization.aupro(scores, masks, max_fpr=0.2) == pytest.approx(
+  assert metrics.aupro(scores, masks, max_fpr=0.2) == pytest.approx(
       (0.1 * 0.5 + 0.1 * 0.75) / 0.2)
 
 
 def test_aupro_perfect_and_constant_maps():
   _, masks = random_case(7)
-  assert localization.aupro(masks.astype(float), masks) == pytest.approx(1.0)
+  assert metrics.aupro(masks.astype(float), masks) == pytest.approx(1.0)
   # One threshold: the curve is the diagonal, area 0.3^2 / 2 over 0.3.
-  assert localization.aupro(np.zeros(masks.shape), masks) == pytest.approx(
+  assert metrics.aupro(np.zeros(masks.shape), masks) == pytest.approx(
       0.15)
 
 
 def test_aupro_handles_a_test_set_quickly():
   maps, masks = random_case(8, num_images=20, size=128, levels=1000)
-  assert 0.0 < localization.aupro(maps.astype(np.float32), masks) <= 1.0
+  assert 0.0 < metrics.aupro(maps.astype(np.float32), masks) <= 1.0
 
 
 @pytest.mark.parametrize('masks, match', [
@@ -270,7 +271,7 @@ def test_aupro_handles_a_test_set_quickly():
 ])
 def test_aupro_errors(masks, match):
   with pytest.raises(DataError, match=match):
-    localization.aupro(np.zeros((1, 3, 3)), masks)
+    metrics.aupro(np.zeros((1, 3, 3)), masks)
 
 
 def test_pro_rd4ad_per_image_hand_computed():
@@ -280,7 +281,7 @@ def test_pro_rd4ad_per_image_hand_computed():
   # gives a flat line at .5 from 0 to 1. A normal image is skipped.
   scores = np.concatenate([scores, np.ones_like(scores)])
   masks = np.concatenate([masks, np.zeros_like(masks)])
-  got = localization.pro_rd4ad_per_image(scores, masks, num_thresholds=8)
+  got = metrics.pro_rd4ad_per_image(scores, masks, num_thresholds=8)
   assert got == pytest.approx(0.5)
 
 
@@ -288,7 +289,7 @@ def test_pro_rd4ad_per_image_hand_computed():
 def test_pro_rd4ad_per_image_matches_reference(seed):
   maps, masks = random_case(seed, levels=40)
   want = pro_per_image_reference(maps, masks, num_thresholds=30)
-  got = localization.pro_rd4ad_per_image(maps, masks, num_thresholds=30)
+  got = metrics.pro_rd4ad_per_image(maps, masks, num_thresholds=30)
   assert got == pytest.approx(want)
 
 
@@ -304,7 +305,7 @@ def test_save_overlays_writes_pngs(tmp_path, channels, with_masks):
   maps = rng.random((2, 10, 14))
   masks = np.zeros((2, 10, 14), bool)
   masks[0, 2:6, 3:8] = True
-  paths = localization.save_overlays(
+  paths = visualize.save_overlays(
       images, maps, masks if with_masks else None, str(tmp_path),
       names=['good/000', 'crack/001'], contour_color=(0.0, 1.0, 0.0))
   assert [Path(p).relative_to(tmp_path).as_posix() for p in paths] == [
@@ -321,5 +322,5 @@ def test_save_overlays_writes_pngs(tmp_path, channels, with_masks):
 
 def test_jet_colormap_ends():
   np.testing.assert_allclose(
-      localization.jet_colormap(np.array([0.0, 0.5, 1.0])),
+      visualize.jet_colormap(np.array([0.0, 0.5, 1.0])),
       [[0.0, 0.0, 0.5], [0.5, 1.0, 0.5], [0.5, 0.0, 0.0]])

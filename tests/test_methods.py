@@ -5,11 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_oneclass import configlib, data, methods
+from jax_oneclass import config as config_lib
+from jax_oneclass import data, methods
 from jax_oneclass.errors import ConfigError
-from jax_oneclass.methods import clr
-from jax_oneclass.models import SelfSupervisedNet
-from tests.conftest import load_config, tiny_config
+from jax_oneclass.methods.two_stage import clr
+from jax_oneclass.methods.two_stage.network import SelfSupervisedNet
+from tests.conftest import METHODS, load_config, tiny_config
 
 E = np.e
 
@@ -72,6 +73,7 @@ def test_batchnorm_train_updates_stats_and_eval_is_batch_independent():
   np.testing.assert_allclose(alone, in_batch, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method_name", METHODS)
 def test_scores_do_not_depend_on_batch_composition(method_name):
   config = tiny_config(method_name)
   info = data.dataset_info(config)
@@ -83,9 +85,12 @@ def test_scores_do_not_depend_on_batch_composition(method_name):
   fitted = method.fit(jax.device_get(embed(state, {"image": images})))
   full = score(state, fitted, {"image": images})
   part = score(state, fitted, {"image": images[3:5]})
-  for name in full:
-    np.testing.assert_allclose(full[name][3:5], part[name], rtol=1e-4,
-                               atol=1e-5, err_msg=name)
+  for name in full.image:
+    np.testing.assert_allclose(full.image[name][3:5], part.image[name],
+                               rtol=1e-4, atol=1e-5, err_msg=name)
+  for name in full.maps:
+    np.testing.assert_allclose(full.maps[name][3:5], part.maps[name],
+                               rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def test_unknown_method_and_bad_views():
@@ -116,4 +121,4 @@ def test_config_arg_parsing():
   with pytest.raises(ConfigError, match="Unknown config key 'model.depth'"):
     load_config("clr", "digits,model.depth=3")
   with pytest.raises(ConfigError, match="boolean"):
-    configlib.apply_arg(load_config("clr"), "data.rotation_distaug=maybe")
+    config_lib.apply_arg(load_config("clr"), "data.rotation_distaug=maybe")

@@ -206,6 +206,11 @@ _LOCALISING = {
 }
 
 
+def test_every_localising_method_is_checked_here():
+  from tests.conftest import METHODS, localises  # pylint: disable=g-import-not-at-top
+  assert sorted(_LOCALISING) == [m for m in METHODS if localises(m)]
+
+
 @pytest.mark.parametrize('method', sorted(_LOCALISING))
 def test_localising_methods_run_from_the_command_line(widget, tmp_path,
                                                       method):

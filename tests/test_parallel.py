@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from jax_oneclass import methods
+from tests.conftest import METHODS, REPO
 
 
 def _env(num_devices: int) -> dict:
@@ -18,20 +19,27 @@ def _env(num_devices: int) -> dict:
   return env
 
 
-def _run_worker(method: str, num_devices: int) -> dict:
+def _run_worker(method: str, num_devices: int, workdir) -> dict:
   out = subprocess.run(
-      [sys.executable, str(REPO / "tests" / "parallel_worker.py"), method, "3"],
+      [sys.executable, str(REPO / "tests" / "parallel_worker.py"), method, "3",
+       str(workdir)],
       env=_env(num_devices), capture_output=True, text=True, timeout=300,
       check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-# CLR covers the two-stage family (global BatchNorm and cross-device
-# negatives, on the ResNet RotNet and DisAug share); GANomaly the GAN one.
-@pytest.mark.parametrize("method", ["clr", "ganomaly"])
-def test_same_steps_on_one_and_eight_devices(method):
-  one, eight = _run_worker(method, 1), _run_worker(method, 8)
+# The first method of each family whose networks normalise over the global
+# batch (the two-stage ResNet with cross-device negatives, the DCGANs).
+_ONE_PER_FAMILY = sorted({methods.family(m): m for m in reversed(METHODS)
+                          if methods.family(m) in ("two_stage", "gan")
+                          }.values())
+
+
+@pytest.mark.parametrize("method", _ONE_PER_FAMILY)
+def test_same_steps_on_one_and_eight_devices(method, tmp_path):
+  one = _run_worker(method, 1, tmp_path / "one")
+  eight = _run_worker(method, 8, tmp_path / "eight")
   assert (one["devices"], eight["devices"]) == (1, 8)
   # Global-batch BatchNorm and contrastive negatives: same numbers up to
   # float reduction order.

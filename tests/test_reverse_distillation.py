@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jax_oneclass.errors import ConfigError
-from jax_oneclass.models import reverse_distillation as rd
+from jax_oneclass.methods.reverse_distillation import network as rd
 
 
 def _size(tree):
@@ -47,8 +47,7 @@ def test_wide_resnet50_2_shapes_and_sizes_at_256():
   assert params["bn_layer_0"]["conv1"]["kernel"].shape == (1, 1, 3072, 1024)
   assert params["bn_layer_0"]["downsample_0"]["kernel"].shape == (
       1, 1, 3072, 2048)
-  # ../shared/specs part B3, B4 and D4; the official OCBE minus its unused
-  # conv4/bn4.
+  # The official OCBE minus its unused conv4/bn4.
   oce = _size({k: v for k, v in params.items() if k.startswith("bn_layer")})
   assert oce == 48_263_168
   assert _size(params) - oce == 10_621_952  # MFF.

@@ -6,11 +6,13 @@ import types
 import numpy as np
 import pytest
 
-from jax_oneclass import checkpointing, pretrained, train
+from jax_oneclass import checkpointing, train
+from jax_oneclass.components import pretrained
 from jax_oneclass.errors import CheckpointError, ConfigError
-from jax_oneclass.methods import gradient_preference, reverse_distillation
-from jax_oneclass.methods import two_stage
-from jax_oneclass.models import backbones
+from jax_oneclass.methods.gradient_preference import method as gradient_preference
+from jax_oneclass.methods.reverse_distillation import method as reverse_distillation
+from jax_oneclass.methods.two_stage import family as two_stage
+from jax_oneclass.components import backbones
 from tests.conftest import load_config, tiny_config
 
 
@@ -68,11 +70,11 @@ def test_only_the_backbone_is_read_from_the_checkpoint(ssl_run):
                                 [("params", "generator")])
 
 
-@pytest.mark.parametrize("module, role", [
-    (gradient_preference, "backbone"), (reverse_distillation, "teacher")])
-def test_localisers_take_the_workdir_as_model_pretrained(ssl_run, module,
-                                                         role):
-  name = module.__name__.rsplit(".", 1)[-1]
+@pytest.mark.parametrize("name, module, role", [
+    ("gradient_preference", gradient_preference, "backbone"),
+    ("reverse_distillation", reverse_distillation, "teacher")])
+def test_localisers_take_the_workdir_as_model_pretrained(ssl_run, name,
+                                                         module, role):
   config = load_config(name, "digits")
   config.model.backbone = "resnet18"
   config.model.pretrained = str(ssl_run)

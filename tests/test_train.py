@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 
 from jax_oneclass import checkpointing, train
+from jax_oneclass import run as run_lib
 from jax_oneclass.errors import CheckpointError, NonFiniteLossError
 from tests.conftest import tiny_config
 
 
 def _params(workdir, config):
-  config, info, method, mesh, ckpt = train.setup(config, workdir)
-  state, meta = ckpt.restore(
-      ckpt.latest_step(), train.initial_state(method, info, mesh, config.seed))
-  ckpt.close()
+  run = run_lib.setup(config, workdir)
+  state, meta = run_lib.restore(run, run.checkpointer.latest_step())
+  run.checkpointer.close()
   return jax.device_get(state.params), meta
 
 

@@ -3,9 +3,8 @@
 `TorchResNet` computes what torchvision's `resnet18`, `resnet50` and
 `wide_resnet50_2` compute (v1.5 blocks: the stride sits on the 3x3 conv; the
 shortcut is a 1x1 conv + BN when the shape changes), in NHWC, so converted
-torchvision weights give the same feature maps (../shared/specs part B2).
-Padding is explicit and symmetric, as PyTorch pads: 'SAME' would pad
-stride-2 convolutions asymmetrically and shift every feature map.
+torchvision weights give the same feature maps. Padding is explicit and
+symmetric, as PyTorch pads (`layers.conv`).
 
 Module names mirror torchvision's state-dict keys, with every
 `<name>.<index>` pair joined by an underscore:
@@ -18,7 +17,7 @@ Module names mirror torchvision's state-dict keys, with every
 
 Convolutions have a `kernel` [kH, kW, in, out] and no bias; BatchNorms have
 `scale`, `bias` (in `params`) and `mean`, `var` (in `batch_stats`).
-`jax_oneclass.pretrained` converts torchvision files by this rule.
+`components.pretrained` converts torchvision files by this rule.
 """
 
 import functools
@@ -28,13 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax_oneclass.components.layers import batch_norm, conv
 from jax_oneclass.errors import ConfigError
-
-# torchvision's defaults: BatchNorm2d(eps=1e-5, momentum=0.1), which is Flax
-# momentum 0.9; convolutions drawn with kaiming_normal_(mode='fan_out').
-_BN_MOMENTUM = 0.9
-_BN_EPSILON = 1e-5
-_CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 # Per-channel statistics torchvision's ImageNet weights expect (RGB).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -89,21 +83,6 @@ def patch_features(features: dict[str, jax.Array], layers: Sequence[str],
           level, (batch, height, width, level.shape[-1]), "bilinear")
     parts.append(level)
   return jnp.concatenate(parts, axis=-1)
-
-
-def conv(features: int, kernel: int, stride: int = 1, name=None):
-  """torchvision's bias-free conv: 'same' padding for odd kernels and
-  kaiming_normal_(mode='fan_out') weights."""
-  pad = (kernel - 1) // 2
-  return nn.Conv(features, (kernel, kernel), (stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=_CONV_INIT, name=name)
-
-
-def batch_norm(train: bool, name=None):
-  """torchvision's BatchNorm2d defaults (eps 1e-5, momentum 0.1)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM,
-                      epsilon=_BN_EPSILON, name=name)
 
 
 def _shortcut(x, features: int, stride: int, train: bool):

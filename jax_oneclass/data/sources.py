@@ -3,8 +3,7 @@
 `Source.records` returns the *undecoded* records (encoded bytes for tfds and
 image folders, uint8 arrays for in-memory data) so the pipeline can filter,
 shuffle and skip before paying for decoding; `Source.decode` turns the
-'image' field into uint8 [H, W, C]. `load` does both for callers that just
-want decoded images.
+'image' field into uint8 [H, W, C].
 """
 
 import dataclasses
@@ -12,7 +11,6 @@ import functools
 import os
 from typing import Callable, Mapping
 
-import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -75,15 +73,6 @@ def get_source(config) -> Source:
   raise ConfigError(
       f'Unknown data set config.data.name={name!r}; valid names: '
       f'{", ".join(SOURCE_NAMES)}.')
-
-
-def load(config, split: str) -> tf.data.Dataset:
-  """Returns this host's shard of `split` as {'image': uint8, 'label'}."""
-  source = get_source(config)
-  ds = source.records(split, jax.process_count(), jax.process_index())
-  return ds.map(lambda ex: {'image': source.decode(ex['image']),
-                            'label': ex['label']},
-                num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _check_split(split: str) -> None:

@@ -1,30 +1,45 @@
-"""Methods: one module per method, each exposing `Method(config, info)`.
+"""The methods, by the name a config gives in `config.method`.
 
-See `jax_oneclass.methods.base` for the interface. Adding a method is adding
-a module here plus a config file; nothing else changes.
+Each name maps to the module that defines its `Method` class (see
+`jax_oneclass.methods.interface`). Adding a method is one module, one line
+here and one config file.
 """
 
 import importlib
-import pkgutil
 
 from jax_oneclass.errors import ConfigError
 
-_NOT_METHODS = {"base", "gan", "two_stage"}
+_MODULES = {
+    "rotnet": "jax_oneclass.methods.two_stage.rotnet",
+    "clr": "jax_oneclass.methods.two_stage.clr",
+    "disaug": "jax_oneclass.methods.two_stage.disaug",
+    "ganomaly": "jax_oneclass.methods.gan.ganomaly",
+    "dgad": "jax_oneclass.methods.gan.dgad",
+    "reverse_distillation": "jax_oneclass.methods.reverse_distillation.method",
+    "gradient_preference": "jax_oneclass.methods.gradient_preference.method",
+}
 
 
 def available_methods() -> list[str]:
-  """Names of the method modules in this package."""
-  return sorted(
-      m.name for m in pkgutil.iter_modules(__path__)
-      if m.name not in _NOT_METHODS and not m.name.startswith("_"))
+  """The registered method names, sorted."""
+  return sorted(_MODULES)
+
+
+def family(name: str) -> str:
+  """The family (package) a method belongs to, e.g. 'two_stage'."""
+  method_module(name)  # Fails clearly for an unknown name.
+  return _MODULES[name].split(".")[2]
+
+
+def method_module(name: str):
+  """The module that defines method `name`."""
+  if name not in _MODULES:
+    raise ConfigError(
+        f"Unknown method {name!r}. Available methods: "
+        f"{', '.join(available_methods())}.")
+  return importlib.import_module(_MODULES[name])
 
 
 def get_method(config, info):
   """Builds the method named by `config.method` for the data set `info`."""
-  name = config.method
-  if name not in available_methods():
-    raise ConfigError(
-        f"Unknown method {name!r}. Available methods: "
-        f"{', '.join(available_methods())}.")
-  module = importlib.import_module(f"jax_oneclass.methods.{name}")
-  return module.Method(config, info)
+  return method_module(config.method).Method(config, info)

@@ -1,7 +1,8 @@
-"""DCGAN encoder, decoder and discriminator, as GANomaly builds them.
+"""DCGAN encoder, decoder and discriminator, as GANomaly builds them, and the
+networks the two GAN methods assemble from them.
 
-Layer rules follow the official GANomaly code (lib/networks.py), restated in
-../shared/specs part A2: 4x4 convolutions without bias, a first layer without
+Layer rules follow the official GANomaly code (its lib/networks.py): 4x4
+convolutions without bias, a first layer without
 BatchNorm, a pyramid that halves the side and doubles the width down to 4x4,
 and a final 4x4 valid convolution to a 1x1 code. The decoder mirrors it with
 transposed convolutions and ends in tanh, so images live in [-1, 1].
@@ -13,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax_oneclass.components.layers import depth_to_space
 from jax_oneclass.errors import ConfigError
 
 _CONV_INIT = nn.initializers.normal(0.02)  # weights_init: N(0, 0.02).
@@ -33,13 +35,6 @@ def _conv(features: int, kernel: int, stride: int, pad: int, name=None):
   return nn.Conv(features, (kernel, kernel), (stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=False,
                  kernel_init=_CONV_INIT, name=name)
-
-
-def depth_to_space(x: jax.Array) -> jax.Array:
-  """[B, H, W, 4C] -> [B, 2H, 2W, C]; channels ordered (row, col, c)."""
-  b, h, w, c4 = x.shape
-  x = x.reshape(b, h, w, 2, 2, c4 // 4).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, 2 * h, 2 * w, c4 // 4)
 
 
 class UpConv(nn.Module):
@@ -180,3 +175,20 @@ class DCGANDiscriminator(nn.Module):
     logits, features = DCGANEncoder(1, self.width, self.extra_layers,
                                     name="trunk")(x, train)
     return logits[:, 0], features
+
+
+class EncoderDecoder(nn.Module):
+  """Image -> {'fake': image in [-1, 1], 'code': [B, latent_size]}: GANomaly's
+  G_E and G_D without the second encoder (the dgad generator)."""
+
+  latent_size: int
+  width: int
+  extra_layers: int = 0
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    code, _ = DCGANEncoder(self.latent_size, self.width, self.extra_layers,
+                           name="encoder")(x, train)
+    fake = DCGANDecoder(x.shape[1], x.shape[-1], self.width,
+                        self.extra_layers, name="decoder")(code, train)
+    return {"fake": fake, "code": code}

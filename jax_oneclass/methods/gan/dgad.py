@@ -1,50 +1,45 @@
 """Discriminative-generative representation learning (Xia et al. 2021,
 arXiv 2107.12753), short name 'dgad' here.
 
-The paper's idea (abstract): the generator learns its representation from
-the discriminator's feedback on a self-supervised label-prediction pretext
-task (geometric transformations) instead of from pixel reconstruction. We
-could not read the paper's method section (no spec, and the stored copies
-stop after the introduction; no public code was found), so the concrete
-design below is ours. Every choice is listed so it can be checked against
-the paper and changed by config:
+The paper's idea: the generator learns its representation from the
+discriminator's feedback on a self-supervised label-prediction pretext task
+instead of from pixel reconstruction. The concrete design is ours, choice by
+choice (each can be changed by config):
 
 1. Pretext task: K geometric transformations T_k, the 4 rotations by
    k * 90 degrees (`transforms='rotate'`) or those times a horizontal flip
-   (`'rotate_flip'`, K = 8), as in RotNet / GeoTrans-style methods.
-2. Generator: a DCGAN encoder-decoder (GANomaly's G_E and G_D, no second
-   encoder) mapping a transformed image T_k(x) to G(T_k(x)); its encoder's
-   code is the learned representation. There is no pixel loss.
+   (`'rotate_flip'`, K = 8).
+2. Generator: a DCGAN encoder-decoder (`dcgan.EncoderDecoder`) mapping
+   T_k(x) to G(T_k(x)); its encoder's code is the representation. There is
+   no pixel loss.
 3. Discriminator: one DCGAN trunk whose final conv gives K pretext logits
    plus one real/fake logit.
-4. Discriminator loss: cross-entropy of k on real transformed images
-   T_k(x) + `adversarial_weight` * the real/fake BCE against G's outputs.
-   It never learns the pretext task from generated images, so the generator
-   cannot win by drawing a private code for k.
-5. Generator loss: `pretext_weight` * cross-entropy of k on G(T_k(x)) (the
-   discriminator must recognise the transformation in what G drew, so G's
-   encoder has to recognise it in T_k(x)) + `adversarial_weight` * the
-   non-saturating BCE(D(G(T_k x)), real), which keeps outputs image-like.
-6. Scores (higher = more anomalous):
-   - 'pretext/generated': mean over k of -log p(k | G(T_k(x))), the
-     GeoTrans-style score read through the generator (the main score);
-   - 'pretext/real': the same on T_k(x) itself (the discriminator alone);
-   - 'latent/<classifier>': one-class classifiers (`config.classifiers`, as
-     in the two-stage family) on the generator's L2-normalised codes of the
-     untransformed normal training images.
+4. Discriminator loss: cross-entropy of k on real T_k(x) +
+   `adversarial_weight` * the real/fake BCE against G's outputs. It never
+   learns the pretext task from generated images, so the generator cannot
+   win by drawing a private code for k.
+5. Generator loss: `pretext_weight` * cross-entropy of k on G(T_k(x)) (so
+   G's encoder has to recognise the transformation in T_k(x)) +
+   `adversarial_weight` * the non-saturating BCE(D(G(T_k x)), real).
+6. Scores (higher = more anomalous): 'pretext/generated', the mean over k of
+   -log p(k | G(T_k(x))), read through the generator; 'pretext/real', the
+   same on T_k(x) (the discriminator alone); 'latent/<classifier>',
+   one-class classifiers on the generator's L2-normalised codes of the
+   untransformed normal training images.
 Both networks use BatchNorm running statistics at test time.
 """
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from jax_oneclass import classifiers
+from jax_oneclass import optim
+from jax_oneclass.components import oneclass
 from jax_oneclass.errors import ConfigError
-from jax_oneclass.methods import base, gan
-from jax_oneclass.models.dcgan import (DCGANDecoder, DCGANEncoder,
-                                       check_image_size)
+from jax_oneclass.methods import interface
+from jax_oneclass.methods.gan import family as gan
+from jax_oneclass.methods.gan.dcgan import (DCGANEncoder, EncoderDecoder,
+                                            check_image_size)
 
 TRANSFORMS = {"rotate": 4, "rotate_flip": 8}
 
@@ -60,22 +55,6 @@ def all_transforms(images: jax.Array, num: int):
   stacked = jnp.concatenate([transform(images, k) for k in range(num)])
   labels = jnp.repeat(jnp.arange(num), images.shape[0])
   return stacked, labels
-
-
-class Generator(nn.Module):
-  """Encoder-decoder: image -> {'fake': image in [-1, 1], 'code': [B, D]}."""
-
-  latent_size: int
-  width: int
-  extra_layers: int = 0
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    code, _ = DCGANEncoder(self.latent_size, self.width, self.extra_layers,
-                           name="encoder")(x, train)
-    fake = DCGANDecoder(x.shape[1], x.shape[-1], self.width,
-                        self.extra_layers, name="decoder")(code, train)
-    return {"fake": fake, "code": code}
 
 
 def pretext_nll(logits: jax.Array, labels: jax.Array, num: int) -> jax.Array:
@@ -95,13 +74,13 @@ class Method:
                         f"of {', '.join(TRANSFORMS)}.")
     self.num_transforms = TRANSFORMS[config.transforms]
     model = config.model
-    self.generator = Generator(model.latent_size, model.width,
-                               model.extra_layers)
+    self.generator = EncoderDecoder(model.latent_size, model.width,
+                                    model.extra_layers)
     # K pretext logits and, last, one real/fake logit.
     self.discriminator = DCGANEncoder(self.num_transforms + 1, model.width,
                                       model.extra_layers)
-    self.tx = base.make_optimizer(config, base.steps_per_epoch(config, info))
-    self.classifier_hparams = classifiers.checked_hparams(config.classifiers)
+    self.tx = optim.make_optimizer(config, info)
+    self.classifier_hparams = oneclass.checked_hparams(config.classifiers)
 
   def init_state(self, rng, image_shape) -> gan.GANState:
     """Both networks' variables and optimiser states."""
@@ -166,9 +145,9 @@ class Method:
 
   def fit(self, embeddings):
     """One-class classifiers on the normal training images' codes."""
-    return classifiers.fit_each(embeddings["code"], self.classifier_hparams)
+    return oneclass.fit_each(embeddings["code"], self.classifier_hparams)
 
-  def score(self, state, fitted, batch):
+  def score(self, state, fitted, batch) -> interface.Scores:
     """Pretext scores through the generator and directly, and latent ones."""
     images = gan.to_tanh_range(batch["image"])
     inputs, labels = all_transforms(images, self.num_transforms)
@@ -180,7 +159,7 @@ class Method:
         "pretext/generated": pretext_nll(discriminate(generated), labels, num),
         "pretext/real": pretext_nll(discriminate(inputs), labels, num)}
     code = self._generate(state, images)["code"]
-    for name, values in classifiers.score_each(
+    for name, values in oneclass.score_each(
         fitted, code, self.classifier_hparams).items():
       scores[f"latent/{name}"] = values
-    return scores
+    return interface.Scores(scores)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jax_oneclass.methods import base
+from jax_oneclass import optim
 
 
 @flax.struct.dataclass
@@ -91,7 +91,7 @@ def apply_eval(module: nn.Module, network: Network, images,
 
 def apply_updates(tx, network: Network, grads, batch_stats) -> Network:
   """One optimiser step of `network`, with its new BatchNorm statistics."""
-  params, opt_state = base.optimizer_step(tx, network.params,
+  params, opt_state = optim.apply_gradients(tx, network.params,
                                           network.opt_state, grads)
   return Network(params=params, batch_stats=batch_stats, opt_state=opt_state)
 

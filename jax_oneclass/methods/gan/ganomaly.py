@@ -2,7 +2,7 @@
 discriminator; the anomaly score is the distance of the two latent codes.
 
 One `train_step` updates both networks, following the official code's
-current loss (lib/model.py since 2019; ../shared/specs part A3.2):
+current loss (its lib/model.py since 2019):
 - generator: w_adv * MSE(f(x), f(G(x))) on the discriminator's 4x4 features
   + w_con * L1(x, G(x)) + w_enc * MSE(G_E(x), E(G(x))), weights 1 / 50 / 1;
 - discriminator: 0.5 * (BCE(D(x), 1) + BCE(D(G(x)), 0)) on the generator
@@ -29,10 +29,13 @@ tanh range).
 
 import jax.numpy as jnp
 
+from jax_oneclass import optim
 from jax_oneclass.errors import ConfigError
-from jax_oneclass.methods import base, gan
-from jax_oneclass.models.dcgan import (DCGANDiscriminator, GANomalyGenerator,
-                                       check_image_size)
+from jax_oneclass.methods import interface
+from jax_oneclass.methods.gan import family as gan
+from jax_oneclass.methods.gan.dcgan import (DCGANDiscriminator,
+                                            GANomalyGenerator,
+                                            check_image_size)
 
 
 def generator_loss_terms(images, outputs, features_real, features_fake):
@@ -54,7 +57,7 @@ def latent_scores(images, outputs) -> dict:
           "reconstruction_l1": jnp.mean(pixels, axis=-1)}
 
 
-class Method(base.NoFittedStage):
+class Method(interface.NoFittedStage):
   """GANomaly: trains generator and discriminator; scores latent distance."""
 
   def __init__(self, config, info):
@@ -69,7 +72,7 @@ class Method(base.NoFittedStage):
                                        model.extra_layers)
     # The reference builds the discriminator with the generator's width.
     self.discriminator = DCGANDiscriminator(model.width, model.extra_layers)
-    self.tx = base.make_optimizer(config, base.steps_per_epoch(config, info))
+    self.tx = optim.make_optimizer(config, info)
     self.weights = dict(config.loss_weights)
     if set(self.weights) != {"adversarial", "contextual", "encoder"}:
       raise ConfigError("loss_weights needs exactly the keys adversarial, "
@@ -97,7 +100,7 @@ class Method(base.NoFittedStage):
 
   def train_step(self, state, batch, rng):
     """Generator and discriminator steps, as one pure function."""
-    reinit_rng = base.step_key(rng, state.step)
+    reinit_rng = interface.step_key(rng, state.step)
     images = gan.to_tanh_range(gan.first_view(batch))
     g_out, d_out = self.gradients(state, images)
     new_g = gan.apply_updates(self.tx, state.generator, g_out.grads,
@@ -111,15 +114,15 @@ class Method(base.NoFittedStage):
                                 self.config.reset_discriminator_optimizer)
     metrics = {"loss": g_out.loss, "discriminator_loss": d_out.loss,
                "discriminator_reinit": collapsed.astype(jnp.float32),
-               "generator_grad_norm": base.global_norm(g_out.grads),
+               "generator_grad_norm": optim.global_norm(g_out.grads),
                **g_out.metrics}
     return state.replace(step=state.step + 1, generator=new_g,
                          discriminator=new_d), metrics
 
-  def score(self, state, fitted, batch):
+  def score(self, state, fitted, batch) -> interface.Scores:
     """Latent-distance and reconstruction scores per test image."""
     del fitted
     images = gan.to_tanh_range(batch["image"])
     outputs = gan.apply_eval(self.generator, state.generator, images,
                              self.batch_norm)
-    return latent_scores(images, outputs)
+    return interface.Scores(latent_scores(images, outputs))

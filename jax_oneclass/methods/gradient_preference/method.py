@@ -2,9 +2,7 @@
 arXiv 2204.11014): a repository of selected patch features mapped by a
 centre-constrained MLP, scored by nearest-neighbour distance.
 
-No spec file exists and the paper's method section was not readable here
-(only its abstract and summaries), so every concrete choice below is ours,
-made to follow the abstract's four parts:
+The concrete design is ours, made to follow the abstract's four parts:
 
 1. Multi-level features: layer2 and layer3 of a frozen ImageNet ResNet
    (`model.backbone`, weights from `model.pretrained`, random and logged as
@@ -29,12 +27,12 @@ made to follow the abstract's four parts:
    not absorbed have large gradients and are the informative ones; the
    repository keeps the `bank.preferred_fraction` of its entries with the
    largest gradient norms, and fills the rest with a seeded uniform sample
-   of the other points so the dense core of normal patches stays covered.
-   Its size is `bank.fraction` of all points, capped at `bank.max_size`.
+   of the other points so the dense core of normal patches stays covered
+   (`repository.select_repository`).
 
 Scoring: the distance in the MLP's space from each test patch to its
 nearest repository entries (`eval.k`, chunked and jit-compiled:
-`jax_oneclass.nearest_neighbors`), upsampled to the image (align corners)
+`components.knn`), upsampled to the image (align corners)
 and smoothed (sigma `eval.map_sigma`) into 'anomaly_map'. Image scores:
 'nn_max' (the map's maximum, the main score), 'nn_mean', and 'center_max'
 (the largest patch distance to c, no repository).
@@ -47,10 +45,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_oneclass import localization, nearest_neighbors, pretrained
+from jax_oneclass import optim
+from jax_oneclass.components import anomaly_map, backbones, knn, pretrained
 from jax_oneclass.errors import ConfigError
-from jax_oneclass.methods import base
-from jax_oneclass.models import backbones, center_mlp
+from jax_oneclass.methods import interface
+from jax_oneclass.methods.gradient_preference import center_mlp
+from jax_oneclass.methods.gradient_preference.repository import (
+    select_repository)
 
 
 @flax.struct.dataclass
@@ -93,7 +94,7 @@ class Method:
     if not (0 < bank.fraction <= 1 and 0 <= bank.preferred_fraction <= 1):
       raise ConfigError("bank.fraction must be in (0, 1] and "
                         "bank.preferred_fraction in [0, 1].")
-    self.tx = base.make_optimizer(config, base.steps_per_epoch(config, info))
+    self.tx = optim.make_optimizer(config, info)
     self.pretrained = pretrained.load_or_announce_random(
         model.pretrained, model.backbone, "Backbone")
 
@@ -135,7 +136,7 @@ class Method:
 
     loss, grads = jax.value_and_grad(center_mlp.center_loss)(
         state.params, center, points)
-    params, opt_state = base.optimizer_step(self.tx, state.params,
+    params, opt_state = optim.apply_gradients(self.tx, state.params,
                                             state.opt_state, grads)
 
     # Early stopping on the moving average of the pre-update batch losses.
@@ -164,7 +165,7 @@ class Method:
         best_loss_average=pick(
             tracking & improved, average, state.best_loss_average),
         stale_steps=pick(tracking, stale, state.stale_steps))
-    return new_state, {"loss": loss, "grad_norm": base.global_norm(grads),
+    return new_state, {"loss": loss, "grad_norm": optim.global_norm(grads),
                        "stop_training": new_state.stopped.astype(jnp.float32)}
 
   def _mapped(self, state, images) -> jax.Array:
@@ -195,45 +196,22 @@ class Method:
       raise ConfigError(
           f"The repository holds {len(chosen)} points but eval.k is "
           f"{self.config.eval.k}; raise bank.fraction or lower eval.k.")
-    return {"bank": nearest_neighbors.build_bank(
+    return {"bank": knn.build_bank(
         features[chosen], bank_chunk=self.config.eval.bank_chunk)}
 
-  def score_with_maps(self, state, fitted, batch):
+  def score(self, state, fitted, batch) -> interface.Scores:
     """Image scores and {'anomaly_map': [B, H, W]} from one pass."""
     images = batch["image"]
     mapped = self._mapped(state, images)
     grid = mapped.shape[:3]
     flat = mapped.reshape(-1, mapped.shape[-1])
-    distances = nearest_neighbors.nearest_distance(
+    distances = knn.nearest_distance(
         fitted["bank"], flat, k=self.config.eval.k,
         query_chunk=self.config.eval.query_chunk).reshape(grid)
-    smoothed = localization.anomaly_map(distances, images.shape[1:3],
-                                        sigma=self.config.eval.map_sigma)
+    smoothed = anomaly_map.anomaly_map(distances, images.shape[1:3],
+                                       sigma=self.config.eval.map_sigma)
     to_center = jnp.linalg.norm(mapped - state.center, axis=-1)
-    scores = {"nn_max": localization.image_scores(smoothed),
+    scores = {"nn_max": anomaly_map.image_scores(smoothed),
               "nn_mean": jnp.mean(smoothed, axis=(1, 2)),
               "center_max": jnp.max(to_center, axis=(1, 2))}
-    return scores, {"anomaly_map": smoothed}
-
-  def score(self, state, fitted, batch):
-    """Image scores (see `score_with_maps`)."""
-    return self.score_with_maps(state, fitted, batch)[0]
-
-
-def select_repository(gradient_norms: np.ndarray, bank_config, seed: int
-                      ) -> np.ndarray:
-  """Indices of the repository's points, preferred ones first.
-
-  `bank_config.fraction` of the points (at most `max_size` when > 0): the
-  `preferred_fraction` of them with the largest gradient norms, the rest
-  drawn uniformly (seeded) from the remaining points.
-  """
-  total = len(gradient_norms)
-  size = max(int(round(bank_config.fraction * total)), 1)
-  if bank_config.max_size > 0:
-    size = min(size, int(bank_config.max_size))
-  preferred = int(round(bank_config.preferred_fraction * size))
-  order = np.argsort(-gradient_norms, kind="stable")
-  rng = np.random.default_rng(seed)
-  sampled = rng.choice(order[preferred:], size - preferred, replace=False)
-  return np.concatenate([order[:preferred], np.sort(sampled)])
+    return interface.Scores(scores, {"anomaly_map": smoothed})

@@ -11,7 +11,7 @@ sigma 4 ('anomaly_map'); the image score is its maximum ('map_max'), and
 'map_mean' is offered too.
 
 Teacher weights: `model.pretrained` names a torchvision state-dict file
-(`jax_oneclass.pretrained` reads .pth, .safetensors or .npz without torch).
+(`components.pretrained` reads .pth, .safetensors or .npz without torch).
 Without one the teacher is randomly initialised, which the log says: the
 method then runs, but its features are not ImageNet features.
 """
@@ -22,11 +22,11 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from jax_oneclass import localization, pretrained
+from jax_oneclass import optim
+from jax_oneclass.components import anomaly_map, backbones, pretrained
 from jax_oneclass.errors import ConfigError
-from jax_oneclass.methods import base
-from jax_oneclass.models import backbones
-from jax_oneclass.models import reverse_distillation as rd
+from jax_oneclass.methods import interface
+from jax_oneclass.methods.reverse_distillation import network as rd
 
 
 @flax.struct.dataclass
@@ -40,7 +40,7 @@ class RDState:
   opt_state: Any
 
 
-class Method(base.NoFittedStage):
+class Method(interface.NoFittedStage):
   """RD4AD: detection by the image maximum of the distillation map."""
 
   def __init__(self, config, info):
@@ -56,7 +56,7 @@ class Method(base.NoFittedStage):
           "Reverse distillation halves the image 5 times (teacher layer3 at "
           "1/16, the bottleneck at 1/32): config.data.image_size must be a "
           f"multiple of 32, got {info.image_shape[0]}.")
-    self.tx = base.make_optimizer(config, base.steps_per_epoch(config, info))
+    self.tx = optim.make_optimizer(config, info)
     self.pretrained = pretrained.load_or_announce_random(
         model.pretrained, model.backbone, "Teacher")
 
@@ -108,14 +108,14 @@ class Method(base.NoFittedStage):
 
     (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(
         state.params)
-    params, opt_state = base.optimizer_step(self.tx, state.params,
+    params, opt_state = optim.apply_gradients(self.tx, state.params,
                                             state.opt_state, grads)
     return state.replace(step=state.step + 1, params=params,
                          batch_stats=stats, opt_state=opt_state), {
                              "loss": loss,
-                             "grad_norm": base.global_norm(grads)}
+                             "grad_norm": optim.global_norm(grads)}
 
-  def score_with_maps(self, state, fitted, batch):
+  def score(self, state, fitted, batch) -> interface.Scores:
     """Image scores and {'anomaly_map': [B, H, W]}, the summed, upsampled
     and smoothed distances, from one pass of both networks."""
     del fitted
@@ -123,13 +123,9 @@ class Method(base.NoFittedStage):
     teacher = self._teacher_maps(state, images)
     student, _ = self._student_maps(state.params, state.batch_stats, teacher,
                                     train=False)
-    smoothed = localization.anomaly_map(
+    smoothed = anomaly_map.anomaly_map(
         rd.cosine_distance_maps(teacher, student), images.shape[1:3],
         sigma=self.config.eval.map_sigma)
-    scores = {"map_max": localization.image_scores(smoothed),
+    scores = {"map_max": anomaly_map.image_scores(smoothed),
               "map_mean": jnp.mean(smoothed, axis=(1, 2))}
-    return scores, {"anomaly_map": smoothed}
-
-  def score(self, state, fitted, batch):
-    """Image scores: maximum and mean of the anomaly map."""
-    return self.score_with_maps(state, fitted, batch)[0]
+    return interface.Scores(scores, {"anomaly_map": smoothed})

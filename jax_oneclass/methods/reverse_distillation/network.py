@@ -5,8 +5,7 @@ A frozen ImageNet teacher (`backbones.TorchResNet`) gives three maps
 compresses the result with a ResNet stage (OCE) into a one-class code; the
 trainable `StudentDecoder` mirrors the teacher with stride-2 2x2 transposed
 convolutions and reconstructs the three maps from that code. Layer rules
-follow the official code (`BN_layer`, `de_resnet.py`) as restated in
-../shared/specs/ganomaly_and_reverse_distillation.md, B3-B5 and B12.
+follow the official code (`BN_layer`, `de_resnet.py`).
 
 Initialisation mirrors PyTorch's (parity of init only; unimportant for
 accuracy):
@@ -29,8 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax_oneclass.components import backbones, layers
 from jax_oneclass.errors import ConfigError
-from jax_oneclass.models import backbones, dcgan
 
 # Flax's fan_out of a [2, 2, C_in, C_out] kernel is 4 * C_out, so this is
 # U(-1/sqrt(4 C_out), 1/sqrt(4 C_out)): torch's kaiming_uniform_(a=sqrt(5)).
@@ -58,13 +57,13 @@ class ConvTranspose2x2(nn.Module):
     kernel = self.param("kernel", _CONV_TRANSPOSE_INIT,
                         (2, 2, c_in, self.features))
     kernel = kernel.transpose(2, 0, 1, 3).reshape(c_in, 4 * self.features)
-    return dcgan.depth_to_space(jnp.dot(x, kernel))
+    return layers.depth_to_space(jnp.dot(x, kernel))
 
 
 def _upsample(x, features: int, train: bool):
   """The decoder's shortcut: ConvTranspose2x2 + BN (torch `upsample`)."""
   x = ConvTranspose2x2(features, name="upsample_0")(x)
-  return backbones.batch_norm(train, "upsample_1")(x)
+  return layers.batch_norm(train, "upsample_1")(x)
 
 
 class DecoderBasicBlock(nn.Module):
@@ -82,10 +81,10 @@ class DecoderBasicBlock(nn.Module):
     if self.upsample:
       y = ConvTranspose2x2(self.planes, name="conv1")(x)
     else:
-      y = backbones.conv(self.planes, 3, name="conv1")(x)
-    y = nn.relu(backbones.batch_norm(train, "bn1")(y))
-    y = backbones.conv(self.planes, 3, name="conv2")(y)
-    y = backbones.batch_norm(train, "bn2")(y)
+      y = layers.conv(self.planes, 3, name="conv1")(x)
+    y = nn.relu(layers.batch_norm(train, "bn1")(y))
+    y = layers.conv(self.planes, 3, name="conv2")(y)
+    y = layers.batch_norm(train, "bn2")(y)
     if self.upsample:
       x = _upsample(x, self.planes, train)
     return nn.relu(y + x)
@@ -106,15 +105,15 @@ class DecoderBottleneck(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     width = self.planes * self.width_per_group // 64
-    y = backbones.conv(width, 1, name="conv1")(x)
-    y = nn.relu(backbones.batch_norm(train, "bn1")(y))
+    y = layers.conv(width, 1, name="conv1")(x)
+    y = nn.relu(layers.batch_norm(train, "bn1")(y))
     if self.upsample:
       y = ConvTranspose2x2(width, name="conv2")(y)
     else:
-      y = backbones.conv(width, 3, name="conv2")(y)
-    y = nn.relu(backbones.batch_norm(train, "bn2")(y))
-    y = backbones.conv(4 * self.planes, 1, name="conv3")(y)
-    y = backbones.batch_norm(train, "bn3")(y)
+      y = layers.conv(width, 3, name="conv2")(y)
+    y = nn.relu(layers.batch_norm(train, "bn2")(y))
+    y = layers.conv(4 * self.planes, 1, name="conv3")(y)
+    y = layers.batch_norm(train, "bn3")(y)
     if self.upsample:
       x = _upsample(x, 4 * self.planes, train)
     return nn.relu(y + x)
@@ -161,8 +160,8 @@ class OCBE(nn.Module):
 
     def halve(x, features: int, index: int):
       """3x3 stride-2 conv, BN, ReLU: the official conv{index}/bn{index}."""
-      y = backbones.conv(features, 3, 2, f"conv{index}")(x)
-      return nn.relu(backbones.batch_norm(train, f"bn{index}")(y))
+      y = layers.conv(features, 3, 2, f"conv{index}")(x)
+      return nn.relu(layers.batch_norm(train, f"bn{index}")(y))
 
     f1 = halve(halve(x1, c2, 1), c3, 2)
     f2 = halve(x2, c3, 3)

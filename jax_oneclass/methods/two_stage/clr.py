@@ -7,19 +7,20 @@ negatives are all other images of the global batch, across every device and
 host, with no explicit all-gather.
 
 `config.contrastive_loss` picks the objective:
-- 'cross_view' (default, the reference code's contrastive.py): each view-1
+- 'cross_view' (default, the reference code's loss): each view-1
   embedding is classified against all view-2 embeddings; 1 positive and B-1
   negatives, one direction only.
 - 'nt_xent' (SimCLR's NT-Xent): each of the 2B embeddings against the other
   2B-1, symmetric, 2B-2 negatives.
 """
 
+import jax
 import jax.numpy as jnp
 import optax
 
-from jax_oneclass import classifiers
+from jax_oneclass.components import oneclass
 from jax_oneclass.errors import ConfigError
-from jax_oneclass.methods import base, two_stage
+from jax_oneclass.methods.two_stage import family
 
 
 def cross_view_loss(z1, z2, temperature: float):
@@ -57,10 +58,15 @@ def nt_xent_loss(z1, z2, temperature: float):
   return loss.mean(), jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
+def merge_views(images: jax.Array) -> jax.Array:
+  """[B, V, H, W, C] -> [V * B, H, W, C], view-major (all of view 0 first)."""
+  return jnp.swapaxes(images, 0, 1).reshape((-1,) + images.shape[2:])
+
+
 CONTRASTIVE_LOSSES = {"cross_view": cross_view_loss, "nt_xent": nt_xent_loss}
 
 
-class Method(two_stage.TwoStageMethod):
+class Method(family.TwoStageMethod):
   """Contrastive representation + one-class classifiers."""
 
   def __init__(self, config, info):
@@ -79,7 +85,7 @@ class Method(two_stage.TwoStageMethod):
     del rng  # Augmentation happens in the input pipeline.
     views = batch["image"]  # [B, 2, H, W, C]
     outputs, batch_stats = self.apply_train(
-        params, batch_stats, base.merge_views(views))
-    z1, z2 = jnp.split(classifiers.l2_normalize(outputs["embed"]), 2)
+        params, batch_stats, merge_views(views))
+    z1, z2 = jnp.split(oneclass.l2_normalize(outputs["embed"]), 2)
     loss, accuracy = self.contrastive_loss(z1, z2, self.config.temperature)
     return loss, (batch_stats, {"contrastive_accuracy": accuracy})

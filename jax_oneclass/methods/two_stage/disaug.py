@@ -3,14 +3,14 @@
 Contrastive learning whose training distribution is extended with the 90,
 180 and 270-degree rotated copies of every normal image; each copy is a
 separate instance, so a rotated copy is a negative rather than a positive of
-its source (reference: data/cifar.py with distaug_type='rot'). This keeps
+its source (the reference's distaug_type='rot'). This keeps
 the representation from spreading the normal data uniformly over the sphere.
 The rotated copies come from the input pipeline (`data.rotation_distaug`);
 the classifiers are fitted on the unrotated normal images only.
 """
 
 from jax_oneclass.errors import ConfigError
-from jax_oneclass.methods import clr
+from jax_oneclass.methods.two_stage import clr
 
 
 class Method(clr.Method):

@@ -2,7 +2,7 @@
 
 Stage one learns a representation with a self-supervised loss (RotNet, CLR,
 DisAug CLR each define `loss`); stage two fits shallow one-class classifiers
-(KDE, GDE, OC-SVM, ...; see `jax_oneclass.classifiers`) on the frozen,
+(KDE, GDE, OC-SVM, ...; see `jax_oneclass.components.oneclass`) on the frozen,
 L2-normalised features of the normal training images.
 
 Scorers are named '<feature>/<classifier>' with feature 'pool' (pooled
@@ -17,10 +17,11 @@ unrotated images only; the averaged scores are this library's addition.
 import jax
 import jax.numpy as jnp
 
-from jax_oneclass import classifiers
-from jax_oneclass.methods import base
+from jax_oneclass import optim
+from jax_oneclass.components import backbones, oneclass
 from jax_oneclass.errors import ConfigError
-from jax_oneclass.models import SelfSupervisedNet, backbones
+from jax_oneclass.methods import interface
+from jax_oneclass.methods.two_stage.network import SelfSupervisedNet
 
 FEATURES = ("pool", "embed")
 NUM_ROTATIONS = 4
@@ -49,16 +50,16 @@ class TwoStageMethod:
         head_dims=tuple(model_cfg.head_dims),
         num_rotations=self.num_rotation_classes,
         arch=model_cfg.arch)
-    self.tx = base.make_optimizer(config, base.steps_per_epoch(config, info))
-    self.classifier_hparams = classifiers.checked_hparams(config.classifiers)
+    self.tx = optim.make_optimizer(config, info)
+    self.classifier_hparams = oneclass.checked_hparams(config.classifiers)
 
   # --- stage one -----------------------------------------------------------
 
-  def init_state(self, rng, image_shape) -> base.TrainState:
+  def init_state(self, rng, image_shape) -> interface.TrainState:
     """Initial parameters, BatchNorm statistics and optimiser state."""
     variables = self.model.init(rng, jnp.zeros((2,) + tuple(image_shape)))
     params = variables["params"]
-    return base.TrainState(
+    return interface.TrainState(
         step=jnp.zeros((), jnp.int32), params=params,
         batch_stats=variables["batch_stats"],
         opt_state=self.tx.init(params))
@@ -76,14 +77,14 @@ class TwoStageMethod:
 
   def train_step(self, state, batch, rng):
     """One optimiser step on a global batch; pure and jit-able."""
-    rng = base.step_key(rng, state.step)
+    rng = interface.step_key(rng, state.step)
     grad_fn = jax.value_and_grad(self.loss, has_aux=True)
     (loss, (batch_stats, metrics)), grads = grad_fn(
         state.params, state.batch_stats, batch, rng)
-    params, opt_state = base.optimizer_step(self.tx, state.params,
+    params, opt_state = optim.apply_gradients(self.tx, state.params,
                                             state.opt_state, grads)
-    metrics = dict(metrics, loss=loss, grad_norm=base.global_norm(grads),
-                   param_norm=base.global_norm(params))
+    metrics = dict(metrics, loss=loss, grad_norm=optim.global_norm(grads),
+                   param_norm=optim.global_norm(params))
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=batch_stats, opt_state=opt_state)
     return new_state, metrics
@@ -112,18 +113,22 @@ class TwoStageMethod:
 
   def fit(self, embeddings):
     """Fits every configured classifier on each feature and rotation."""
-    return {key: classifiers.fit_each(features, self.classifier_hparams)
+    return {key: oneclass.fit_each(features, self.classifier_hparams)
             for key, features in embeddings.items()}
 
-  def score(self, state, fitted, batch):
+  def score(self, state, fitted, batch) -> interface.Scores:
     """Classifier scores per feature, with and without rotation averaging."""
+    return interface.Scores(self.classifier_scores(state, fitted, batch))
+
+  def classifier_scores(self, state, fitted, batch) -> dict:
+    """{'<feature>/<classifier>[/rot_avg]': [B]}."""
     rotations = self._rotations()
     outputs = {k: self.apply_eval(state, rotate(batch["image"], k))
                for k in rotations}
     scores = {}
     for feature in FEATURES:
       per_rotation = [
-          classifiers.score_each(fitted[f"{feature}/rot{k}"],
+          oneclass.score_each(fitted[f"{feature}/rot{k}"],
                                  outputs[k][feature], self.classifier_hparams)
           for k in rotations]
       for name in self.classifier_hparams:

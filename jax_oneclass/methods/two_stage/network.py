@@ -12,9 +12,9 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jax_oneclass.models import backbones
+from jax_oneclass.components import backbones
 
-# The TF2 reference code (model/resnet_util.py) uses momentum 0.9, eps 1e-5.
+# The TF2 reference code uses BatchNorm momentum 0.9, eps 1e-5.
 _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
 # He initialisation with fan-out, as in the reference's convolutions.

@@ -2,7 +2,7 @@
 al. 2021, followed by one-class classifiers on the learned features.
 
 Each training image comes as four independently augmented views; view k is
-rotated by k * 90 degrees and labelled k (reference: unsup_embed.py). Besides
+rotated by k * 90 degrees and labelled k, as in the reference code. Besides
 the classifiers, the rotation head itself scores images:
 'rotation_head' = 1 - p(0 | x), and 'rotation_head/rot_avg' = the negative
 sum over k of log p(k | rot_k(x)), which ranks like the reference's
@@ -14,19 +14,20 @@ import jax.numpy as jnp
 import optax
 
 from jax_oneclass.errors import ConfigError
-from jax_oneclass.methods import two_stage
+from jax_oneclass.methods import interface
+from jax_oneclass.methods.two_stage import family
 
 
-class Method(two_stage.TwoStageMethod):
+class Method(family.TwoStageMethod):
   """RotNet representation + one-class classifiers."""
 
-  num_rotation_classes = two_stage.NUM_ROTATIONS
+  num_rotation_classes = family.NUM_ROTATIONS
 
   def __init__(self, config, info):
-    if config.data.num_views != two_stage.NUM_ROTATIONS:
+    if config.data.num_views != family.NUM_ROTATIONS:
       raise ConfigError(
           "RotNet rotates view k of each image by k * 90 degrees, so it needs "
-          f"config.data.num_views={two_stage.NUM_ROTATIONS} (got "
+          f"config.data.num_views={family.NUM_ROTATIONS} (got "
           f"{config.data.num_views}).")
     super().__init__(config, info)
 
@@ -35,7 +36,7 @@ class Method(two_stage.TwoStageMethod):
     del rng  # Augmentation happens in the input pipeline.
     views = batch["image"]  # [B, 4, H, W, C]
     images = jnp.concatenate(
-        [two_stage.rotate(views[:, k], k) for k in range(views.shape[1])])
+        [family.rotate(views[:, k], k) for k in range(views.shape[1])])
     labels = jnp.repeat(jnp.arange(views.shape[1]), views.shape[0])
     outputs, batch_stats = self.apply_train(params, batch_stats, images)
     logits = outputs["rotation_logits"]
@@ -44,13 +45,13 @@ class Method(two_stage.TwoStageMethod):
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return loss, (batch_stats, {"rotation_accuracy": accuracy})
 
-  def score(self, state, fitted, batch):
+  def score(self, state, fitted, batch) -> interface.Scores:
     """Classifier scores plus the rotation head's own scores."""
-    scores = super().score(state, fitted, batch)
+    scores = self.classifier_scores(state, fitted, batch)
     log_probs = [
         jax.nn.log_softmax(self.apply_eval(
-            state, two_stage.rotate(batch["image"], k))["rotation_logits"])[:, k]
-        for k in range(two_stage.NUM_ROTATIONS)]
+            state, family.rotate(batch["image"], k))["rotation_logits"])[:, k]
+        for k in range(family.NUM_ROTATIONS)]
     scores["rotation_head"] = 1.0 - jnp.exp(log_probs[0])
     scores["rotation_head/rot_avg"] = -jnp.sum(jnp.stack(log_probs), axis=0)
-    return scores
+    return interface.Scores(scores)

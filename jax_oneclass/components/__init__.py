@@ -1,0 +1,2 @@
+"""Parts several methods share: backbones and their weights, one-class
+classifiers, nearest-neighbour search, anomaly maps, layers."""
