@@ -26,6 +26,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_oneclass.components.layers import batch_norm, conv
 from jax_oneclass.errors import ConfigError
@@ -58,6 +59,32 @@ def frozen_features(backbone: nn.Module, variables, images: jax.Array
   return jax.tree.map(jax.lax.stop_gradient, features)
 
 
+def local_mean(x: jax.Array, size: int) -> jax.Array:
+  """Mean of each `size` x `size` window (stride 1, 'same' output) over the
+  pixels inside the map: average pooling without counting the padding,
+  written as two VALID poolings so that ONNX converters read it right."""
+  pad = ((0, 0), ((size - 1) // 2, size // 2), ((size - 1) // 2, size // 2),
+         (0, 0))
+  window = dict(window_shape=(size, size), padding="VALID")
+  sums = nn.avg_pool(jnp.pad(x, pad), **window)
+  counts = nn.avg_pool(jnp.pad(jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype),
+                               pad), **window)
+  return sums / counts
+
+
+def resize_matrix(size_in: int, size_out: int) -> np.ndarray:
+  """[out, in] matrix of `jax.image.resize`'s 'bilinear' along one axis:
+  half-pixel centres, a triangle kernel widened when shrinking (antialias),
+  weights normalised over the pixels inside. As a matmul it needs no
+  concrete batch size, so ONNX converters read it."""
+  scale = size_out / size_in
+  kernel_scale = min(scale, 1.0)
+  source = (np.arange(size_out) + 0.5) / scale - 0.5
+  distance = np.abs(source[:, None] - np.arange(size_in)[None, :])
+  weights = np.maximum(0.0, 1.0 - distance * kernel_scale)
+  return weights / weights.sum(axis=1, keepdims=True)
+
+
 def patch_features(features: dict[str, jax.Array], layers: Sequence[str],
                    neighbourhood: int = 3) -> jax.Array:
   """Multi-level patch features on the grid of `layers[0]`.
@@ -71,16 +98,17 @@ def patch_features(features: dict[str, jax.Array], layers: Sequence[str],
   if unknown or not layers:
     raise ConfigError(f"Feature layers {list(layers)} must be a non-empty "
                       f"subset of {sorted(features)}.")
-  batch, height, width = features[layers[0]].shape[:3]
+  height, width = features[layers[0]].shape[1:3]
   parts = []
   for name in layers:
     level = features[name]
     if neighbourhood > 1:
-      level = nn.avg_pool(level, (neighbourhood, neighbourhood),
-                          padding="SAME", count_include_pad=False)
+      level = local_mean(level, neighbourhood)
     if level.shape[1:3] != (height, width):
-      level = jax.image.resize(
-          level, (batch, height, width, level.shape[-1]), "bilinear")
+      rows = jnp.asarray(resize_matrix(level.shape[1], height), level.dtype)
+      cols = jnp.asarray(resize_matrix(level.shape[2], width), level.dtype)
+      level = jnp.einsum("Hh,bhwc,Ww->bHWc", rows, level, cols,
+                         precision=jax.lax.Precision.HIGHEST)
     parts.append(level)
   return jnp.concatenate(parts, axis=-1)
 
@@ -162,8 +190,10 @@ class TorchResNet(nn.Module):
           "Basic blocks need width_per_group=64, as in torchvision.")
     x = conv(64, 7, 2, "conv1")(x)
     x = nn.relu(batch_norm(train, "bn1")(x))
-    # Pads with -inf, as torch's MaxPool2d(3, 2, padding=1) does.
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    # torch's MaxPool2d(3, 2, padding=1): -inf padding, then a VALID window
+    # (spelled out so that ONNX converters read it right).
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
     features = {}
     for stage in range(4 if self.with_layer4 else 3):
       for i in range(self.stage_sizes[stage]):

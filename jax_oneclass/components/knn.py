@@ -86,33 +86,46 @@ def search(bank: Bank, queries: jax.Array, k: int = 1,
   if bank_dim != dim:
     raise ValueError(f"Queries have dimension {dim} but the bank has "
                      f"{bank_dim}.")
-  query_chunk = min(query_chunk, num_queries)
-  block_index = jnp.arange(num_blocks * bank_chunk).reshape(num_blocks,
-                                                            bank_chunk)
   flat = bank.blocks.reshape(-1, dim)
 
-  def search_block(query_block):
+  def rank(centred, query_sq, vectors, vectors_sq):
+    """The k smallest |q - b|^2 of the query block against `vectors`."""
+    dots = jnp.matmul(centred, vectors.T, precision=precision)
+    neg_top, position = jax.lax.top_k(
+        -(query_sq - 2.0 * dots + vectors_sq[None, :]), k)
+    return -neg_top, position
+
+  def search_block(query_block, one_pass: bool = False):
     centred = query_block.astype(jnp.float32) - bank.shift
     query_sq = jnp.sum(centred**2, axis=-1, keepdims=True)
-    start = (jnp.full((query_block.shape[0], k), jnp.inf),
-             jnp.zeros((query_block.shape[0], k), jnp.int32))
+    if one_pass:  # The whole bank at once, ranked by a sort (see below).
+      squared = query_sq - 2.0 * jnp.matmul(
+          centred, flat.T, precision=precision) + bank.block_sq.reshape(1, -1)
+      best_index = jnp.argsort(squared, axis=1)[:, :k].astype(jnp.int32)
+    else:
+      start = (jnp.full((query_block.shape[0], k), jnp.inf),
+               jnp.zeros((query_block.shape[0], k), jnp.int32))
 
-    def scan_bank(best, chunk):
-      vectors, vectors_sq, index = chunk
-      dots = jnp.matmul(centred, vectors.T, precision=precision)
-      squared = query_sq - 2.0 * dots + vectors_sq[None, :]
-      neg_top, position = jax.lax.top_k(-squared, k)
-      merged = _merge_top_k(best[0], best[1], -neg_top, index[position], k)
-      return merged, None
+      def scan_bank(best, chunk):
+        vectors, vectors_sq, offset = chunk
+        squared, position = rank(centred, query_sq, vectors, vectors_sq)
+        return _merge_top_k(*best, squared, offset + position, k), None
 
-    (_, best_index), _ = jax.lax.scan(
-        scan_bank, start, (bank.blocks, bank.block_sq, block_index))
+      offsets = jnp.arange(num_blocks, dtype=jnp.int32) * bank_chunk
+      (_, best_index), _ = jax.lax.scan(
+          scan_bank, start, (bank.blocks, bank.block_sq, offsets))
     winners = flat[best_index]  # [query_block, k, D], centred too.
     exact = jnp.sqrt(jnp.sum((centred[:, None, :] - winners)**2, -1))
     order = jnp.argsort(exact, axis=1)
     return (jnp.take_along_axis(exact, order, axis=1),
             jnp.take_along_axis(best_index, order, axis=1))
 
+  if not isinstance(num_queries, int):
+    # A symbolic number of queries (an exported model): one block against
+    # the whole bank, without the loops and the top_k that ONNX and TF
+    # SavedModel converters do not read.
+    return search_block(queries, one_pass=True)
+  query_chunk = min(query_chunk, num_queries)
   padded = _pad_rows(queries, query_chunk).reshape(-1, query_chunk, dim)
   distances, indices = jax.lax.map(search_block, padded)
   return (distances.reshape(-1, k)[:num_queries],

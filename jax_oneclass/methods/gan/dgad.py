@@ -52,7 +52,8 @@ def transform(images: jax.Array, k: int) -> jax.Array:
 
 def all_transforms(images: jax.Array, num: int):
   """[B, ...] -> ([num * B, ...] transform-major, labels [num * B])."""
-  stacked = jnp.concatenate([transform(images, k) for k in range(num)])
+  # lax.concatenate: jax2onnx's jnp.concatenate loses a symbolic batch size.
+  stacked = jax.lax.concatenate([transform(images, k) for k in range(num)], 0)
   labels = jnp.repeat(jnp.arange(num), images.shape[0])
   return stacked, labels
 
