@@ -63,6 +63,9 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.data.num_views = 1
   c.data.rotation_distaug = False
   c.data.shuffle_buffer = 10_000
+  # Normal training images held out from training and fitting, to calibrate
+  # thresholds and score normalisation (0: calibrate on the training ones).
+  c.data.holdout_fraction = 0.1
 
   c.model = ml_collections.ConfigDict()
   c.model.width = 64
@@ -83,6 +86,11 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.eval.batch_size = 256
   # Cap on images a fitted stage sees (Sohn et al. util/train.py: 20000).
   c.eval.max_fit_examples = 20_000
+  c.eval.scorer = ""  # The score that labels images; each config sets it.
+  c.eval.fpr = 0.01  # Image threshold: this FPR on held-out normal images.
+  c.eval.pixel_fpr = 0.01  # Pixel threshold, likewise (localising methods).
+  c.eval.num_overlays = 16  # Test images drawn to visualizations/.
+  c.eval.plots = True  # ROC curve and score histogram per scorer.
 
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000

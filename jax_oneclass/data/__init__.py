@@ -2,8 +2,10 @@
 
 from jax_oneclass.data.augment import parse_augment
 from jax_oneclass.data.pipeline import DatasetInfo
+from jax_oneclass.data.pipeline import decode_filenames
 from jax_oneclass.data.pipeline import dataset_info
 from jax_oneclass.data.pipeline import eval_batches
+from jax_oneclass.data.pipeline import to_model_input
 from jax_oneclass.data.pipeline import train_batches
 from jax_oneclass.data.sources import SOURCE_NAMES
 
@@ -11,7 +13,9 @@ __all__ = [
     'DatasetInfo',
     'SOURCE_NAMES',
     'dataset_info',
+    'decode_filenames',
     'eval_batches',
     'parse_augment',
+    'to_model_input',
     'train_batches',
 ]

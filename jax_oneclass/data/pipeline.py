@@ -28,14 +28,17 @@ class DatasetInfo:
   Attributes:
     image_shape: (H, W, C) after preprocessing.
     class_names: names of the source classes (label = index).
-    num_train: normal training examples in the whole split (all hosts),
-      before rotation distribution augmentation.
+    num_train: normal training examples the model and the fitted stage see
+      (all hosts), before rotation distribution augmentation.
     num_test: examples in the whole test split.
+    num_holdout: normal training examples held out for calibration
+      (`config.data.holdout_fraction`; thresholds, normalisation).
   """
   image_shape: tuple[int, int, int]
   class_names: tuple[str, ...]
   num_train: int
   num_test: int
+  num_holdout: int = 0
 
 
 def _protocol(config) -> str:
@@ -66,6 +69,29 @@ def _image_shape(config) -> tuple[int, int, int]:
   return (size, size, channels)
 
 
+def holdout_fraction(config) -> float:
+  """The checked `config.data.holdout_fraction`."""
+  fraction = config.data.get('holdout_fraction', 0.0)
+  if isinstance(fraction, bool) or not 0.0 <= fraction <= 0.5:
+    raise ConfigError(
+        f'config.data.holdout_fraction={fraction!r} must be a number in '
+        '[0, 0.5]: the share of the normal training images held out to '
+        'calibrate thresholds (0 calibrates on the training images).')
+  return float(fraction)
+
+
+def num_held_out(num_normal: int, fraction: float) -> int:
+  """How many of `num_normal` images `_is_held_out` selects."""
+  return int(np.floor(num_normal * fraction + 1e-9))
+
+
+def _is_held_out(index, fraction: float):
+  """Every 1/fraction-th normal image, evenly spread: index i is held out
+  when floor((i + 1) f) > floor(i f)."""
+  i = tf.cast(index, tf.float64)
+  return tf.floor((i + 1.0) * fraction + 1e-9) > tf.floor(i * fraction + 1e-9)
+
+
 def _local_batch(batch_size: int) -> int:
   n = jax.process_count()
   if batch_size <= 0 or batch_size % n:
@@ -91,12 +117,15 @@ def dataset_info(config, source: sources.Source | None = None) -> DatasetInfo:
   source = source or sources.get_source(config)
   c = _check_class(config, source)
   train_counts = source.label_counts['train']
-  normal = train_counts[c]
+  normal = int(train_counts[c])
   if _protocol(config) == 'one_class_anomalous':
-    normal = train_counts.sum() - normal
+    normal = int(train_counts.sum()) - normal
+  held_out = num_held_out(normal, holdout_fraction(config))
   return DatasetInfo(image_shape=_image_shape(config),
-                     class_names=source.class_names, num_train=int(normal),
-                     num_test=int(source.label_counts['test'].sum()))
+                     class_names=source.class_names,
+                     num_train=normal - held_out,
+                     num_test=int(source.label_counts['test'].sum()),
+                     num_holdout=held_out)
 
 
 def _to_float(image, shape, source_name: str):
@@ -127,13 +156,31 @@ def _resize_mask(mask, size: int):
 
 
 def _one_class_records(config, source, split: str):
-  """This host's records of `split`; for 'train' only the trained classes."""
+  """This host's records of `split`.
+
+  'train': the normal training images the model and fitted stage see;
+  'holdout': the normal training images held out for calibration; 'test':
+  the whole test split.
+  """
   c = _check_class(config, source)
   protocol = _protocol(config)
-  ds = source.records(split, jax.process_count(), jax.process_index())
-  if split == 'train':
-    ds = ds.filter(lambda ex: _is_train_class(ex['label'], c, protocol))
-  return ds
+  ds = source.records('test' if split == 'test' else 'train',
+                      jax.process_count(), jax.process_index())
+  if split == 'test':
+    return ds
+  ds = ds.filter(lambda ex: _is_train_class(ex['label'], c, protocol))
+  fraction = holdout_fraction(config)
+  if not fraction:
+    return ds.take(0) if split == 'holdout' else ds
+  want = split == 'holdout'
+
+  def in_split(index, unused_example):
+    return _is_held_out(index, fraction) == want
+
+  def drop_index(unused_index, example):
+    return example
+
+  return ds.enumerate().filter(in_split).map(drop_index)
 
 
 def _count(ds: tf.data.Dataset) -> int:
@@ -235,17 +282,48 @@ def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
           for k, v in batch.items()}
 
 
+FILENAME_BYTES = 256  # File names travel as fixed-width uint8 rows.
+EVAL_SPLITS = ('train', 'holdout', 'test')
+
+
+def encode_filenames(names) -> np.ndarray:
+  """Byte strings -> uint8 [n, FILENAME_BYTES], zero-padded (cut if longer)."""
+  out = np.zeros((len(names), FILENAME_BYTES), np.uint8)
+  for i, name in enumerate(names):
+    raw = np.frombuffer(bytes(name)[:FILENAME_BYTES], np.uint8)
+    out[i, :len(raw)] = raw
+  return out
+
+
+def decode_filenames(rows: np.ndarray) -> list[str]:
+  """The inverse of `encode_filenames`."""
+  return [bytes(row).rstrip(b'\0').decode('utf-8', 'replace') for row in rows]
+
+
+def to_model_input(image, image_shape) -> np.ndarray:
+  """One uint8 image [h, w, c] (any size; 1, 3 or 4 channels) as the model
+  takes it: float32 [H, W, C] in [0, 1], resized as in training."""
+  image = tf.convert_to_tensor(np.asarray(image, np.uint8))
+  if image.shape.rank == 2:
+    image = image[..., None]
+  return _to_float(image, tuple(image_shape), 'input').numpy()
+
+
 def eval_batches(config, split: str,
                  batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """Yields this host's unaugmented batches of 'train' (normal) or 'test'.
+  """Yields this host's unaugmented batches of one split.
 
-  Each batch: 'image' float32 [b, H, W, C] in [0, 1], 'label', 'is_anomaly'
-  int32 [b], 'mask' bool [b] (False on padding), and for sources with pixel
-  ground truth 'pixel_mask' bool [b, H, W]. Nothing is dropped: the last
-  batch is zero-padded and all hosts yield the same number of batches.
+  `split`: 'train' (the normal images the model and fitted stage see),
+  'holdout' (normal images held out for calibration) or 'test'. Each batch:
+  'image' float32 [b, H, W, C] in [0, 1], 'label', 'is_anomaly' int32 [b],
+  'mask' bool [b] (False on padding), for sources with pixel ground truth
+  'pixel_mask' bool [b, H, W], and for sources with file names 'filename'
+  uint8 [b, FILENAME_BYTES] (see `decode_filenames`). Nothing is dropped:
+  the last batch is zero-padded and all hosts yield the same number of
+  batches.
   """
-  if split not in sources.SPLITS:
-    raise ConfigError(f'Unknown eval split {split!r}; valid: {sources.SPLITS}.')
+  if split not in EVAL_SPLITS:
+    raise ConfigError(f'Unknown eval split {split!r}; valid: {EVAL_SPLITS}.')
   source = sources.get_source(config)
   info = dataset_info(config, source)
   local_b = _local_batch(batch_size)
@@ -264,12 +342,16 @@ def eval_batches(config, split: str,
     if source.decode_mask is not None:
       out['pixel_mask'] = _resize_mask(source.decode_mask(ex['mask']),
                                        info.image_shape[0])
+    if 'filename' in ex:
+      out['filename'] = ex['filename']
     return out
 
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_b).prefetch(tf.data.AUTOTUNE)
   emitted = 0
   for batch in ds.as_numpy_iterator():
+    if 'filename' in batch:
+      batch['filename'] = encode_filenames(batch['filename'])
     yield _pad(batch, local_b)
     emitted += 1
   if num_batches is not None and emitted < num_batches:
@@ -279,5 +361,7 @@ def eval_batches(config, split: str,
              'mask': np.zeros(local_b, bool)}
     if source.decode_mask is not None:
       empty['pixel_mask'] = np.zeros((local_b,) + info.image_shape[:2], bool)
+    if source.has_filenames:
+      empty['filename'] = np.zeros((local_b, FILENAME_BYTES), np.uint8)
     for _ in range(num_batches - emitted):
       yield empty

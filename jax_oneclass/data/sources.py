@@ -9,6 +9,7 @@ shuffle and skip before paying for decoding; `Source.decode` turns the
 import dataclasses
 import functools
 import os
+import re
 from typing import Callable, Mapping
 
 import numpy as np
@@ -47,6 +48,7 @@ class Source:
       memory, for sources that read every file of a split to select a class.
     decode_mask: for sources with pixel ground truth, the records' undecoded
       'mask' field -> bool [H, W] (True = anomalous pixel); else None.
+    has_filenames: whether records carry 'filename' (a string).
   """
   name: str
   class_names: tuple[str, ...]
@@ -55,6 +57,7 @@ class Source:
   decode: Callable[[tf.Tensor], tf.Tensor]
   cache_records: bool = False
   decode_mask: Callable[[tf.Tensor], tf.Tensor] | None = None
+  has_filenames: bool = False
 
 
 def get_source(config) -> Source:
@@ -214,6 +217,7 @@ def _folder_source(root) -> Source:
       raise DataError(f'Image folder {root!r} has no images in its {split!r} '
                       f'split; {_FOLDER_LAYOUT}.')
   image_feature = builder.info.features['image']
+  prefix = '^' + re.escape(os.path.join(os.path.abspath(root), ''))
 
   def records(split, num_shards, index):
     _check_split(split)
@@ -222,11 +226,13 @@ def _folder_source(root) -> Source:
                             decoders={'image': tfds.decode.SkipDecoding()})
     ds = ds.shard(num_shards, index)
     return ds.map(lambda ex: {'image': ex['image'],
-                              'label': tf.cast(ex['label'], tf.int32)})
+                              'label': tf.cast(ex['label'], tf.int32),
+                              'filename': tf.strings.regex_replace(
+                                  ex['image/filename'], prefix, '')})
 
   return Source(name='folder', class_names=class_names, label_counts=counts,
                 records=records, decode=image_feature.decode_example,
-                cache_records=True)
+                cache_records=True, has_filenames=True)
 
 
 # ------------------------------------------------------------------ mvtec ---
@@ -253,7 +259,8 @@ def _mvtec_source(root, category, data_dir) -> Source:
     shard = tfds.even_splits(split, n=num_shards)[index]
     ds = builder.as_dataset(split=shard, decoders=skip)
     return ds.map(lambda ex: {'image': ex['image'], 'mask': ex['mask'],
-                              'label': tf.cast(ex['label'], tf.int32)})
+                              'label': tf.cast(ex['label'], tf.int32),
+                              'filename': ex['filename']})
 
   mask_feature = builder.info.features['mask']
 
@@ -274,4 +281,4 @@ def _mvtec_source(root, category, data_dir) -> Source:
                 label_counts={s: label_counts(s) for s in SPLITS},
                 records=records,
                 decode=builder.info.features['image'].decode_example,
-                decode_mask=decode_mask)
+                decode_mask=decode_mask, has_filenames=True)
