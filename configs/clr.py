@@ -16,5 +16,6 @@ def get_config(arg=None):
   # 'cross_view' is the reference's loss (contrastive.py); 'nt_xent' is
   # SimCLR's symmetric NT-Xent.
   config.contrastive_loss = "cross_view"
+  config.eval.scorer = "pool/gde/rot_avg"  # Fixed a priori.
   config_lib.apply_arg(config, arg, defaults.small_run)
   return config

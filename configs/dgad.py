@@ -33,6 +33,7 @@ def get_config(arg=None):
   # One-class classifiers on the generator's codes (see two-stage configs).
   config.classifiers = {"gde": {}, "kde": {}}
   config.eval.batch_size = 64
+  config.eval.scorer = "pretext/generated"  # Via the generator.
   config_lib.apply_arg(config, arg, _small_run)
   return config
 

@@ -17,5 +17,6 @@ def get_config(arg=None):
   config.data.rotation_distaug = True  # 90/180/270 copies as new instances.
   config.temperature = 0.2
   config.contrastive_loss = "cross_view"
+  config.eval.scorer = "pool/gde/rot_avg"  # Fixed a priori.
   config_lib.apply_arg(config, arg, defaults.small_run)
   return config

@@ -36,6 +36,7 @@ def get_config(arg=None):
   # reference, whose scores depend on the test batch (see the method's doc).
   config.eval.batch_norm = "running"
   config.eval.batch_size = 64
+  config.eval.scorer = "latent_mse"  # The official code's score.
   config_lib.apply_arg(config, arg, _small_run)
   return config
 

@@ -48,6 +48,7 @@ def get_config(arg=None):
   config.eval.num_overlays = 8
   # Every training image's points may enter the repository.
   config.eval.max_fit_examples = 100_000
+  config.eval.scorer = "nn_max"  # The anomaly map's maximum.
   config_lib.apply_arg(config, arg, _small_run)
   return config
 

@@ -34,7 +34,8 @@ def get_config(arg=None):
   config.loss_mode = "flattened"  # Official; 'per_pixel' is the paper's.
   config.eval.batch_size = 16
   config.eval.map_sigma = 4.0  # test.py: gaussian_filter(sigma=4).
-  config.eval.num_overlays = 8  # Heat-map PNGs written under overlays/.
+  config.eval.num_overlays = 8  # Test images drawn to visualizations/.
+  config.eval.scorer = "map_max"  # RD4AD: the anomaly map's maximum.
   config_lib.apply_arg(config, arg, _small_run)
   return config
 

@@ -116,3 +116,61 @@ def _subtree(tree, keys: tuple[str, ...], path: Path):
           "it was written by another method or model.")
     tree = tree[key]
   return tree
+
+
+class FittedStore:
+  """The fitted non-gradient stage of each checkpoint, under <workdir>/fitted.
+
+  Step N holds what was fitted on checkpoint N's state: 'fitted' (the
+  method's arrays: classifiers, memory banks), 'calibration' (JSON:
+  per-scorer thresholds and normalisation statistics) and 'meta' (JSON).
+  """
+
+  def __init__(self, directory, max_to_keep: int = 3):
+    self.directory = Path(directory).absolute()
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                             create=False),
+        item_names=("fitted", "calibration", "meta"),
+        item_handlers={"fitted": ocp.PyTreeCheckpointHandler(),
+                       "calibration": ocp.JsonCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+
+  def has(self, step: int) -> bool:
+    return step in self.manager.all_steps()
+
+  def save(self, step: int, fitted, calibration: dict, meta: dict) -> None:
+    """Writes the stage of checkpoint `step` (replacing an older one)."""
+    if self.has(step):
+      self.manager.delete(step)
+    # A format number beside the arrays keeps the item non-empty for
+    # methods without a fitted stage.
+    item = {"stage": fitted, "format": np.asarray(1, np.int32)}
+    self.manager.save(step, args=ocp.args.Composite(
+        fitted=ocp.args.PyTreeSave(item),
+        calibration=ocp.args.JsonSave(calibration),
+        meta=ocp.args.JsonSave(meta)), force=True)
+    self.manager.wait_until_finished()
+
+  def restore(self, step: int):
+    """(fitted as NumPy arrays, calibration, meta) of checkpoint `step`."""
+    path = self.directory / str(step)
+    try:
+      saved = self.manager.item_metadata(step)["fitted"]
+      saved = getattr(saved, "tree", saved)
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          fitted=ocp.args.PyTreeRestore(
+              restore_args=jax.tree.map(
+                  lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)),
+          calibration=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # Orbax raises many types for unreadable files.
+      raise CheckpointError(
+          f"The fitted stage at {path} cannot be read ({type(e).__name__}: "
+          f"{str(e)[:300]}). Run again with --refit to fit it anew.") from e
+    return (restored["fitted"].get("stage", {}),
+            dict(restored["calibration"]), dict(restored["meta"]))
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

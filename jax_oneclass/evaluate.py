@@ -1,19 +1,36 @@
-"""Evaluation: fit the non-gradient stage, score the test set, AUROC.
+"""Evaluation: fit and calibrate the non-gradient stage, score the test set.
 
 Every test image is scored exactly once: the last batch is padded with
-masked examples, never dropped, since dropped images change AUROC.
+masked examples, never dropped, since dropped images change AUROC. The
+fitted stage (classifiers, memory banks) and its calibration (per-scorer
+thresholds at `eval.fpr` on held-out normal images, normalisation
+statistics) are saved under <workdir>/fitted/<step> and reused.
 """
 
+import csv
+import dataclasses
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_oneclass import data, logging_utils, metrics, parallel, visualize
+from jax_oneclass import checkpointing, data, logging_utils, metrics
+from jax_oneclass import parallel, thresholds, visualize
 from jax_oneclass import run as run_lib
+from jax_oneclass.errors import ConfigError
 
-_LABEL_KEYS = ("mask", "is_anomaly", "label", "pixel_mask")
+_LABEL_KEYS = ("mask", "is_anomaly", "label", "pixel_mask", "filename")
+
+
+@dataclasses.dataclass
+class FittedStage:
+  """The fitted stage of one checkpoint, ready to score with."""
+
+  fitted: dict  # Replicated over the mesh.
+  calibration: dict  # See `calibrate`.
+  num_fit: int
 
 
 def _collect(fn, args, batches, mesh, num_images: int = 0):
@@ -21,9 +38,8 @@ def _collect(fn, args, batches, mesh, num_images: int = 0):
 
   Returns (outputs, labels): the per-example outputs of `fn` (a pytree of
   arrays with a leading batch axis) concatenated over batches, and the
-  batches' 'is_anomaly', 'label' (and 'pixel_mask' if present); with
-  `num_images`, labels also holds 'image': the first ones, gathered from
-  every host like the labels.
+  batches' label fields (`_LABEL_KEYS`); with `num_images`, labels also
+  holds 'image': the first ones. Labels are gathered from every host.
   """
   # Labels and masks are split over hosts; an identity jit replicates them.
   gather = jax.jit(lambda b: b, out_shardings=parallel.replicated(mesh))
@@ -47,20 +63,6 @@ def _collect(fn, args, batches, mesh, num_images: int = 0):
   return (jax.tree.map(concat, *outputs) if outputs else None), labels
 
 
-def _write_overlays(workdir, maps, labels) -> None:
-  """Heat-map PNGs of the test images `_collect` kept (the first ones).
-
-  Every host holds the same gathered images and maps; the first writes.
-  """
-  if jax.process_index() != 0 or "image" not in labels:
-    return
-  count = len(labels["image"])
-  for name, m in maps.items():
-    visualize.save_overlays(
-        labels["image"], m[:count], labels["pixel_mask"][:count],
-        workdir / "overlays" / name.replace("/", "_"))
-
-
 def _has_fitted_stage(run: run_lib.Run, state) -> bool:
   """False when `method.embed` returns nothing, so the train pass is moot."""
   example = {"image": jax.ShapeDtypeStruct(
@@ -69,58 +71,165 @@ def _has_fitted_stage(run: run_lib.Run, state) -> bool:
 
 
 def fit(run: run_lib.Run, state):
-  """The non-gradient stage fitted on the normal training images.
-
-  Returns (fitted, replicated over the mesh; the number of images fitted on).
-  """
+  """(the method's fitted stage on the host, the number of images it saw)."""
   config, method = run.config, run.method
-  embeddings, num_fit = {}, 0
-  if _has_fitted_stage(run, state):
-    embed_fn = jax.jit(method.embed,
-                       out_shardings=parallel.replicated(run.mesh))
-    train_batches = data.eval_batches(config, "train", config.eval.batch_size)
-    embeddings, _ = _collect(embed_fn, (state,), train_batches, run.mesh)
-    embeddings = {k: v[:config.eval.max_fit_examples]
-                  for k, v in embeddings.items()}
-    num_fit = len(next(iter(embeddings.values())))
-  return parallel.replicate(run.mesh, method.fit(embeddings)), num_fit
+  if not _has_fitted_stage(run, state):
+    return method.fit({}), 0
+  embed_fn = jax.jit(method.embed, out_shardings=parallel.replicated(run.mesh))
+  batches = data.eval_batches(config, "train", config.eval.batch_size)
+  embeddings, _ = _collect(embed_fn, (state,), batches, run.mesh)
+  embeddings = {k: v[:config.eval.max_fit_examples]
+                for k, v in embeddings.items()}
+  return method.fit(embeddings), len(next(iter(embeddings.values())))
 
 
-def evaluate(config, workdir) -> dict:
+def score_fn(run: run_lib.Run):
+  """`method.score` jitted over the run's mesh, outputs replicated."""
+  return jax.jit(run.method.score, out_shardings=parallel.replicated(run.mesh))
+
+
+def calibrate(run: run_lib.Run, state, fitted) -> dict:
+  """Thresholds and normalisation statistics from normal images.
+
+  Scores the held-out normal images (the training ones when none are held
+  out) and returns {'split', 'num_images', 'image': {scorer: stats},
+  'maps': {name: stats}} with `thresholds.calibrate`'s stats.
+  """
+  config = run.config
+  split = "holdout" if run.info.num_holdout else "train"
+  batches = data.eval_batches(config, split, config.eval.batch_size)
+  scores, _ = _collect(score_fn(run), (state, fitted), batches, run.mesh)
+  return {
+      "split": split,
+      "num_images": int(len(next(iter(scores.image.values())))),
+      "image": {k: thresholds.calibrate(v, config.eval.fpr)
+                for k, v in scores.image.items()},
+      "maps": {k: thresholds.calibrate(v, config.eval.pixel_fpr)
+               for k, v in scores.maps.items()},
+  }
+
+
+def load_or_fit(run: run_lib.Run, state, step: int,
+                refit: bool = False) -> FittedStage:
+  """The saved fitted stage of checkpoint `step`, else fitted now and saved.
+
+  `refit` fits anew even when one is saved.
+  """
+  store = checkpointing.FittedStore(run.workdir / "fitted")
+  try:
+    if store.has(step) and not refit:
+      fitted, calibration, meta = store.restore(step)
+      logging_utils.info(f"Using the fitted stage saved for step {step}.")
+      num_fit = int(meta.get("num_fit", 0))
+    else:
+      if not refit:
+        logging_utils.info(f"No fitted stage saved for step {step}: fitting "
+                           "it on the normal training images.")
+      start = time.perf_counter()
+      fitted, num_fit = fit(run, state)
+      fitted = jax.device_get(fitted)
+      calibration = calibrate(run, state,
+                              parallel.replicate(run.mesh, fitted))
+      store.save(step, fitted, calibration, {
+          "step": int(step), "num_fit": num_fit, "method": run.config.method,
+          "fit_seconds": round(time.perf_counter() - start, 2)})
+  finally:
+    store.close()
+  return FittedStage(parallel.replicate(run.mesh, fitted), calibration,
+                     num_fit)
+
+
+def headline_scorer(config, scorers) -> str:
+  """`config.eval.scorer`, checked against the method's scorers."""
+  name = config.eval.get("scorer", "")
+  if not name:
+    return sorted(scorers)[0]
+  if name not in scorers:
+    raise ConfigError(
+        f"config.eval.scorer={name!r} is not a score of {config.method}; "
+        f"choose one of {', '.join(sorted(scorers))}.")
+  return name
+
+
+def _threshold_report(scores, labels, stats) -> dict:
+  """Held-out threshold and its test metrics, and the test-optimal F1."""
+  best, best_f1 = thresholds.f1_optimal_threshold(scores, labels)
+  return {
+      **stats,
+      "at_threshold": thresholds.binary_metrics(scores, labels,
+                                                stats["threshold"]),
+      "f1_optimal_on_test": {
+          "threshold": best, "f1": best_f1,
+          "note": "chosen on the labelled test split; not a deployable "
+                  "threshold"},
+  }
+
+
+def _write_scores_csv(path: Path, scores: dict, labels: dict, headline: str,
+                      calibration: dict) -> None:
+  """One row per test image: every raw score, and the headline's
+  normalised score and predicted label."""
+  names = (data.decode_filenames(labels["filename"]) if "filename" in labels
+           else [""] * len(labels["is_anomaly"]))
+  stats = calibration["image"][headline]
+  normalized = thresholds.normalize(scores[headline], stats)
+  scorers = sorted(scores)
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["index", "filename", "label", "is_anomaly", *scorers,
+                     f"{headline}:normalized", "predicted_anomaly"])
+    for i, name in enumerate(names):
+      writer.writerow(
+          [i, name, int(labels["label"][i]), int(labels["is_anomaly"][i]),
+           *(f"{float(scores[s][i]):.7g}" for s in scorers),
+           f"{normalized[i]:.6f}",
+           int(scores[headline][i] > stats["threshold"])])
+
+
+def evaluate(config, workdir, refit: bool = False,
+             output_dir=None) -> dict:
   """Scores the test split with the workdir's newest checkpoint."""
-  run = run_lib.setup(config, workdir)
+  run = run_lib.setup(config, workdir, mode="eval")
   try:
     state, step = run_lib.restore_latest(run)
-    return evaluate_run(run, state, step)
+    return evaluate_run(run, state, step, refit=refit, output_dir=output_dir)
   finally:
     run.checkpointer.close()
 
 
-def evaluate_run(run: run_lib.Run, state, step) -> dict:
-  """Fits, scores the test split and writes results.json; returns it.
+def evaluate_run(run: run_lib.Run, state, step, refit: bool = False,
+                 output_dir=None) -> dict:
+  """Fits (or loads) the stage, scores the test split, writes the results.
 
-  The results dict maps each scorer to its AUROC under 'auroc', and each
-  map to its pixel AUROC and AUPRO under 'localization'.
+  Writes results.json (AUROC per scorer; thresholds and F1 / precision /
+  recall per scorer; pixel AUROC, AUPRO and pixel thresholds per map),
+  test_scores.csv, and pictures (visualizations/, plots/) to `output_dir`
+  (default: the workdir); returns the results.
   """
-  config, workdir, info = run.config, run.workdir, run.info
+  config, info = run.config, run.info
+  out = Path(output_dir or run.workdir)
   start = time.perf_counter()
-  fitted, num_fit = fit(run, state)
-
-  score_fn = jax.jit(run.method.score,
-                     out_shardings=parallel.replicated(run.mesh))
+  stage = load_or_fit(run, state, step, refit)
   test_batches = data.eval_batches(config, "test", config.eval.batch_size)
   scores, labels = _collect(
-      score_fn, (state, fitted), test_batches, run.mesh,
+      score_fn(run), (state, stage.fitted), test_batches, run.mesh,
       num_images=max(int(config.eval.get("num_overlays", 0)), 0))
-  aurocs = {name: metrics.auroc(s, labels["is_anomaly"])
+  headline = headline_scorer(config, scores.image)
+  is_anomaly = labels["is_anomaly"]
+  calib = stage.calibration
+  aurocs = {name: metrics.auroc(s, is_anomaly)
             for name, s in sorted(scores.image.items())}
+  image_thresholds = {
+      name: _threshold_report(s, is_anomaly, calib["image"][name])
+      for name, s in sorted(scores.image.items())}
   pixel = {}
   if scores.maps and "pixel_mask" in labels:
-    pixel = {name: {"pixel_auroc": metrics.pixel_auroc(
-                        m, labels["pixel_mask"]),
-                    "aupro": metrics.aupro(m, labels["pixel_mask"])}
+    masks = labels["pixel_mask"]
+    pixel = {name: {"pixel_auroc": metrics.pixel_auroc(m, masks),
+                    "aupro": metrics.aupro(m, masks),
+                    "threshold": _threshold_report(m, masks,
+                                                   calib["maps"][name])}
              for name, m in sorted(scores.maps.items())}
-    _write_overlays(workdir, scores.maps, labels)
 
   results = {
       "method": config.method,
@@ -129,18 +238,56 @@ def evaluate_run(run: run_lib.Run, state, step) -> dict:
       "class_name": info.class_names[config.data.normal_class],
       "protocol": config.data.protocol,
       "step": int(step or 0),
-      "num_fit": int(num_fit),
-      "num_test": int(len(labels["is_anomaly"])),
-      "num_anomalous": int(labels["is_anomaly"].sum()),
+      "num_fit": int(stage.num_fit),
+      "num_test": int(len(is_anomaly)),
+      "num_anomalous": int(is_anomaly.sum()),
+      "scorer": headline,
       "auroc": aurocs,
+      "image_metrics": image_thresholds[headline]["at_threshold"],
+      "calibration": {"split": calib["split"],
+                      "num_images": calib["num_images"],
+                      "fpr": float(config.eval.fpr),
+                      "pixel_fpr": float(config.eval.pixel_fpr)},
+      "thresholds": image_thresholds,
       **({"localization": pixel} if pixel else {}),
       "eval_seconds": round(time.perf_counter() - start, 2),
   }
-  logging_utils.write_json(workdir / "results.json", results)
-  writer = logging_utils.MetricWriter(workdir / "tensorboard" / "eval")
+  logging_utils.write_json(out / "results.json", results)
+  if logging_utils.is_main_process():
+    _write_scores_csv(out / "test_scores.csv", scores.image, labels,
+                      headline, calib)
+    _draw(out, config, scores, labels, headline, calib, aurocs)
+  writer = logging_utils.MetricWriter(run.workdir / "tensorboard" / "eval")
   writer.write_scalars(results["step"], {
       **{f"auroc/{k}": v for k, v in aurocs.items()},
+      **{f"f1/{k}": v["at_threshold"]["f1"]
+         for k, v in image_thresholds.items()},
       **{f"{metric}/{k}": v for k, per in pixel.items()
-         for metric, v in per.items()}})
+         for metric, v in per.items() if metric != "threshold"}})
   writer.close()
   return results
+
+
+def _draw(out: Path, config, scores, labels, headline: str, calib: dict,
+          aurocs: dict) -> None:
+  """The first test images' panels and, with eval.plots, each scorer's
+  ROC curve and score histogram."""
+  if "image" in labels:
+    count = len(labels["image"])
+    names = (data.decode_filenames(labels["filename"][:count])
+             if "filename" in labels else [f"test image {i}"
+                                          for i in range(count)])
+    map_name = sorted(scores.maps)[0] if scores.maps else None
+    visualize.save_panels(
+        out / "visualizations", labels["image"], names,
+        scores.image[headline][:count], calib["image"][headline], headline,
+        maps=None if map_name is None else scores.maps[map_name][:count],
+        map_calibration=None if map_name is None else calib["maps"][map_name],
+        masks=labels.get("pixel_mask", [None] * count)[:count],
+        is_anomaly=labels["is_anomaly"][:count])
+  if config.eval.get("plots", True):
+    for name, values in scores.image.items():
+      visualize.save_score_plot(
+          out / "plots" / f"{name.replace('/', '_')}.png", values,
+          labels["is_anomaly"], calib["image"][name]["threshold"],
+          f"{config.method}: {name} (AUROC {aurocs[name]:.4f})")

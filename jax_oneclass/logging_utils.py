@@ -56,6 +56,13 @@ class MetricWriter:
       self._writer.close()
 
 
+def progress_bar(total: int, unit: str, enabled: bool = True):
+  """A tqdm bar on process 0 (a silent one elsewhere or when disabled)."""
+  return tqdm.tqdm(total=total, unit=unit, dynamic_ncols=True,
+                   disable=not (enabled and is_main_process()),
+                   mininterval=1.0)
+
+
 class Progress:
   """A tqdm bar over training steps showing loss, images/s and ETA."""
 

@@ -19,6 +19,8 @@ def _config(method):
   config = load_config(method, fixtures.CONFIG_ARG)
   for key, value in fixtures.RUNS[method].items():
     config.update_from_flattened_dict({key: value})
+  # Those runs fitted on every normal training image: no held-out split.
+  config.data.holdout_fraction = 0.0
   return config
 
 

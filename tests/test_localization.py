@@ -298,26 +298,40 @@ def test_pro_rd4ad_per_image_matches_reference(seed):
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('channels, with_masks', [(3, True), (1, False)])
-def test_save_overlays_writes_pngs(tmp_path, channels, with_masks):
+@pytest.mark.parametrize('channels, with_maps', [(3, True), (1, False)])
+def test_save_panels_draws_images_maps_and_outlines(tmp_path, channels,
+                                                    with_maps):
   rng = np.random.default_rng(9)
   images = rng.random((2, 10, 14, channels))
-  maps = rng.random((2, 10, 14))
+  maps = np.zeros((2, 10, 14))
+  maps[0, 1:3, 1:3] = 5.0  # Above the pixel threshold: predicted.
   masks = np.zeros((2, 10, 14), bool)
-  masks[0, 2:6, 3:8] = True
-  paths = visualize.save_overlays(
-      images, maps, masks if with_masks else None, str(tmp_path),
-      names=['good/000', 'crack/001'], contour_color=(0.0, 1.0, 0.0))
-  assert [Path(p).relative_to(tmp_path).as_posix() for p in paths] == [
-      'good/000.png', 'crack/001.png']
-  for path in paths:
-    with Image.open(path) as image:
-      assert image.size == (14, 10) and image.mode == 'RGB'
-  with Image.open(paths[0]) as image:
-    pixels = np.asarray(image)
-  if with_masks:  # Outline pixels are green; the mask's interior is not.
-    assert (pixels[2, 3] == (0, 255, 0)).all()
-    assert not (pixels[3, 4] == (0, 255, 0)).all()
+  masks[0, 6:9, 8:12] = True
+  stats = {'threshold': 1.0, 'min': 0.0, 'max': 2.0}
+  paths = visualize.save_panels(
+      tmp_path, images, ['good/000.png', ''], np.array([0.5, 3.0]), stats,
+      'map_max', maps=maps if with_maps else None,
+      map_calibration=stats if with_maps else None,
+      masks=masks if with_maps else None, is_anomaly=[0, 1])
+  assert [Path(p).name for p in paths] == ['0000_000.png', '0001.png']
+  with Image.open(paths[0]) as picture:
+    pixels = np.asarray(picture)
+  factor = -(-224 // 14)  # Enlarged to at least 224 px.
+  assert pixels.shape[0] > 10 * factor
+  if with_maps:  # Two tiles; both outline colours appear in the second.
+    assert pixels.shape[1] >= 2 * 14 * factor
+    for color in (visualize.PREDICTED_COLOR, visualize.TRUTH_COLOR):
+      assert (pixels == color).all(axis=-1).sum() > 10
+
+
+def test_save_score_plot_writes_a_png(tmp_path):
+  rng = np.random.default_rng(0)
+  labels = np.arange(40) % 4 == 0
+  scores = rng.normal(size=40) + 2 * labels
+  path = tmp_path / 'plots' / 'x.png'
+  visualize.save_score_plot(path, scores, labels, 1.0, 'title')
+  with Image.open(path) as picture:
+    assert picture.size[0] > 600
 
 
 def test_jet_colormap_ends():

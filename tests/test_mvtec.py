@@ -240,6 +240,8 @@ def test_localising_methods_run_from_the_command_line(widget, tmp_path,
     assert results['step'] == 4
   pixel = results['localization']['anomaly_map']
   assert 0.0 <= pixel['pixel_auroc'] <= 1.0 and 0.0 <= pixel['aupro'] <= 1.0
-  overlays = sorted((tmp_path / 'overlays' / 'anomaly_map').glob('*.png'))
-  assert len(overlays) == 3
-  assert Image.open(overlays[0]).size == (32, 32)
+  panels = sorted((tmp_path / 'visualizations').glob('*.png'))
+  assert len(panels) == 3
+  with Image.open(panels[0]) as panel:  # Image and heat map, enlarged.
+    assert panel.size[0] > 2 * 224 and panel.size[1] > 224
+  assert (tmp_path / 'plots' / f'{sorted(scorers)[0]}.png').is_file()

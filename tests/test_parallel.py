@@ -84,7 +84,7 @@ def test_two_processes_train_and_evaluate(tmp_path):
   assert "4 devices in 2 processes" in outputs[0]
 
 
-def test_two_processes_localise_and_write_overlays(tmp_path):
+def test_two_processes_localise_and_draw_panels(tmp_path):
   # pylint: disable=g-import-not-at-top
   from jax_oneclass.data import mvtec
   from tests.test_mvtec import write_widget
@@ -105,5 +105,5 @@ def test_two_processes_localise_and_write_overlays(tmp_path):
   assert 0.0 <= results["localization"]["anomaly_map"]["aupro"] <= 1.0
   # Each process read 2 of the 4 test images; the first 3 of the gathered
   # set (so some from each process) are drawn, once, by process 0.
-  overlays = sorted((run / "overlays" / "anomaly_map").glob("*.png"))
-  assert len(overlays) == 3
+  panels = sorted((run / "visualizations").glob("*.png"))
+  assert len(panels) == 3

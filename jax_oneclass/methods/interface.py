@@ -55,10 +55,10 @@ class Method(Protocol):
     {} for methods without such a stage (the evaluator then skips the pass
     over the training images)."""
 
-  def fit(self, embeddings: dict[str, Any]) -> Any:
+  def fit(self, embeddings: dict[str, Any]) -> dict:
     """The non-gradient stage, on the host, from the concatenated `embed`
-    outputs of the normal training images: a pytree of arrays ({} if
-    none)."""
+    outputs of the normal training images: nested dicts of arrays ({} if
+    none), which is how it is saved and restored."""
 
   def score(self, state, fitted, batch: dict) -> Scores:
     """Image scores and optional maps of 'image' [B, H, W, C]; pure and

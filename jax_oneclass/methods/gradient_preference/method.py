@@ -196,8 +196,9 @@ class Method:
       raise ConfigError(
           f"The repository holds {len(chosen)} points but eval.k is "
           f"{self.config.eval.k}; raise bank.fraction or lower eval.k.")
-    return {"bank": knn.build_bank(
-        features[chosen], bank_chunk=self.config.eval.bank_chunk)}
+    bank = knn.build_bank(features[chosen],
+                          bank_chunk=self.config.eval.bank_chunk)
+    return {"bank": flax.serialization.to_state_dict(bank)}
 
   def score(self, state, fitted, batch) -> interface.Scores:
     """Image scores and {'anomaly_map': [B, H, W]} from one pass."""
@@ -206,7 +207,7 @@ class Method:
     grid = mapped.shape[:3]
     flat = mapped.reshape(-1, mapped.shape[-1])
     distances = knn.nearest_distance(
-        fitted["bank"], flat, k=self.config.eval.k,
+        knn.Bank(**fitted["bank"]), flat, k=self.config.eval.k,
         query_chunk=self.config.eval.query_chunk).reshape(grid)
     smoothed = anomaly_map.anomaly_map(distances, images.shape[1:3],
                                        sigma=self.config.eval.map_sigma)
