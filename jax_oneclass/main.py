@@ -1,8 +1,9 @@
-"""Command line: train and evaluate a method, or evaluate a finished run.
+"""Command line: train and evaluate a method, evaluate a run, or predict.
 
   python -m jax_oneclass.main --config=configs/disaug.py:digits --workdir=/tmp/run
-  python -m jax_oneclass.main --config=configs/disaug.py --workdir=/tmp/run \
-      --config.data.normal_class=3 --mode=eval
+  python -m jax_oneclass.main --workdir=/tmp/run --mode=eval [--refit]
+  python -m jax_oneclass.main --workdir=/tmp/run --mode=predict \
+      --input='images/*.png' --output=/tmp/predictions
 
 Several processes (one per host) join through --coordinator_address,
 --num_processes and --process_id, or JAX's own cluster auto-detection.
@@ -17,14 +18,27 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/disaug.py:digits.",
+    "config", None, "Config file, e.g. configs/disaug.py:digits. Needed to "
+    "train; eval and predict use the workdir's own config without it.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, logs and results.json.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval"],
+    "mode", "train", ["train", "eval", "predict"],
     "'train': train (resuming from the workdir) then evaluate; 'eval': "
-    "evaluate the workdir's newest checkpoint.")
+    "evaluate the workdir's newest checkpoint; 'predict': score --input.")
+_REFIT = flags.DEFINE_bool(
+    "refit", False, "Fit the non-gradient stage and thresholds anew instead "
+    "of using the ones saved with the checkpoint.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume training with a config that "
+    "differs from the run's (recorded in config_history/).")
+_INPUT = flags.DEFINE_string(
+    "input", None, "--mode=predict: an image file, a folder or a glob.")
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "--mode=predict: folder for scores, maps and pictures.")
+_VISUALIZE = flags.DEFINE_bool(
+    "visualize", True, "--mode=predict: write a picture per image.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
@@ -34,20 +48,26 @@ _DEBUG = flags.DEFINE_bool("debug", False,
                            "Show tracebacks for jax_oneclass errors.")
 _VERBOSE = flags.DEFINE_bool("verbose", False,
                              "Show INFO logs of JAX, Orbax and TF.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 
 def format_results(results: dict) -> str:
-  """A small table of AUROC per scorer."""
+  """A small table of AUROC and F1 at the held-out threshold per scorer."""
   if not results:
     return "Training halted early (config.halt_after_step); rerun to go on."
-  width = max(len(k) for k in results["auroc"])
+  width = max(len(k) for k in results["auroc"]) + 2
+  calibration = results["calibration"]
   lines = [f"{results['method']} on {results['data']}, normal class "
            f"{results['normal_class']} ({results['class_name']}), step "
            f"{results['step']}: {results['num_test']} test images, "
-           f"{results['num_anomalous']} anomalous.",
-           f"{'scorer'.ljust(width)}  AUROC"]
-  lines += [f"{k.ljust(width)}  {v:.4f}" for k, v in results["auroc"].items()]
+           f"{results['num_anomalous']} anomalous. Thresholds at FPR "
+           f"{calibration['fpr']:g} on {calibration['num_images']} "
+           f"{calibration['split']} images; * = config.eval.scorer.",
+           f"{'scorer'.ljust(width)}  AUROC   F1@thr"]
+  for name, auroc in results["auroc"].items():
+    mark = "* " if name == results["scorer"] else "  "
+    f1 = results["thresholds"][name]["at_threshold"]["f1"]
+    lines.append(f"{(mark + name).ljust(width)}  {auroc:.4f}  {f1:.4f}")
   return "\n".join(lines)
 
 
@@ -88,15 +108,34 @@ def main(argv):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # tf.data only; JAX owns GPUs.
 
-  from jax_oneclass import evaluate, parallel, train  # pylint: disable=g-import-not-at-top
-  from jax_oneclass.errors import OneClassError  # pylint: disable=g-import-not-at-top
+  from jax_oneclass import detector, evaluate, parallel, train  # pylint: disable=g-import-not-at-top
+  from jax_oneclass import run as run_lib  # pylint: disable=g-import-not-at-top
+  from jax_oneclass.errors import ConfigError, OneClassError  # pylint: disable=g-import-not-at-top
   try:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
+    config = _CONFIG.value
+    if config is None and _MODE.value == "train":
+      raise ConfigError("Training needs --config, e.g. "
+                        "--config=configs/disaug.py:digits.")
+    if config is None and _MODE.value == "eval":
+      config = run_lib.saved_config(_WORKDIR.value)
+      if config is None:
+        raise ConfigError(
+            f"No config.json in {_WORKDIR.value}: point --workdir at a "
+            "trained run, or pass --config.")
     if _MODE.value == "train":
-      results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      results = train.train_and_evaluate(
+          config, _WORKDIR.value,
+          allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    elif _MODE.value == "eval":
+      results = evaluate.evaluate(config, _WORKDIR.value,
+                                  refit=_REFIT.value)
     else:
-      results = evaluate.evaluate(_CONFIG.value, _WORKDIR.value)
+      detector.predict_folder(_WORKDIR.value, _INPUT.value, _OUTPUT.value,
+                              config=config, refit=_REFIT.value,
+                              visualize_images=_VISUALIZE.value)
+      return
   except OneClassError as e:
     if _DEBUG.value:
       raise
@@ -110,5 +149,11 @@ def main(argv):
       print(f"Results: {os.path.join(_WORKDIR.value, 'results.json')}")
 
 
-if __name__ == "__main__":
+def run(extra_args=()):
+  """Runs the CLI on sys.argv with `extra_args` put before the user's."""
+  sys.argv[1:1] = list(extra_args)
   app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -7,6 +7,7 @@ hands the same `Run` and state on to evaluation.
 """
 
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -14,6 +15,7 @@ import ml_collections
 
 from jax_oneclass import checkpointing, data, logging_utils, methods, optim
 from jax_oneclass import parallel
+from jax_oneclass.components import pretrained
 from jax_oneclass.errors import CheckpointError, ConfigError
 from jax_oneclass.methods import interface
 
@@ -41,18 +43,151 @@ def resolve_duration(config, info) -> ml_collections.ConfigDict:
   return config
 
 
-def setup(config, workdir) -> Run:
-  """The run of `config` in `workdir`."""
+# Keys that say which run a workdir holds: evaluating or resuming with
+# other values would mix two runs.
+_IDENTITY_KEYS = ("method", "data.name", "data.normal_class", "data.protocol",
+                  "data.category", "data.image_size", "data.channels",
+                  "data.holdout_fraction")
+# Keys a resumed run may change freely (output, pacing, evaluation).
+_FREE_KEYS = ("progress_bar", "log_every_steps", "checkpoint_every_steps",
+              "checkpoint_every_secs", "keep_checkpoints", "halt_after_step",
+              "data.data_dir", "data.folder")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def _tuples(value):
+  """JSON lists back to the tuples configs use."""
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return value
+
+
+def saved_config(workdir):
+  """The config a workdir's run last ran with (its config.json), or None."""
+  path = Path(workdir) / "config.json"
+  if not path.is_file():
+    return None
+  try:
+    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+  except ValueError as e:
+    raise ConfigError(f"{path} is not a readable config ({e}); pass "
+                      "--config explicitly.") from e
+
+
+def config_changes(old, new) -> dict:
+  """{dotted key: (old value, new value)} where two configs differ."""
+  old = _flat(json.loads(json.dumps(old.to_dict())))
+  new = _flat(json.loads(json.dumps(new.to_dict())))
+  return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k)}
+
+
+def check_against_run(config, workdir, resuming: bool,
+                      allow_config_change: bool = False) -> dict:
+  """Refuses a config that does not belong to the run in `workdir`.
+
+  Identity keys (method, data set, normal class, model, ...) must match the
+  saved config. When `resuming` training, every other key but output and
+  pacing ones must match too, unless `allow_config_change`. Returns the
+  allowed changes.
+  """
+  saved = saved_config(workdir)
+  if saved is None:
+    return {}
+  changes = config_changes(saved, config)
+  show = lambda keys: "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}"
+                                for k in keys[:6])
+  identity = [k for k in changes
+              if k in _IDENTITY_KEYS or k.startswith("model.")]
+  if identity:
+    raise ConfigError(
+        f"The config differs from the run in {workdir} ({show(identity)}). "
+        "Use another --workdir for a new run, or leave --config out to "
+        "evaluate the run with its own config.")
+  training = [k for k in changes
+              if k not in _FREE_KEYS and not k.startswith("eval.")]
+  if resuming and training and not allow_config_change:
+    raise ConfigError(
+        f"The config differs from the one the run in {workdir} was trained "
+        f"with ({show(training)}). Resume with --allow_config_change to "
+        "continue with it (the change is recorded in config_history/), or "
+        "use another --workdir.")
+  return {k: changes[k] for k in training}
+
+
+def _info_path(workdir) -> Path:
+  return Path(workdir) / "dataset_info.json"
+
+
+def saved_info(workdir):
+  """The DatasetInfo a run recorded, or None (runs before it was saved)."""
+  path = _info_path(workdir)
+  if not path.is_file():
+    return None
+  fields = json.loads(path.read_text())
+  fields["image_shape"] = tuple(fields["image_shape"])
+  fields["class_names"] = tuple(fields["class_names"])
+  return data.DatasetInfo(**fields)
+
+
+def setup(config, workdir, info=None, mode: str = "train",
+          allow_config_change: bool = False) -> Run:
+  """The run of `config` in `workdir`, checked against the run already there.
+
+  `info` skips reading the data set (a deployed detector); `mode` 'train'
+  resumes a run (stricter checks, see `check_against_run`), anything else
+  only reads it.
+  """
   parallel.check_batch_size(config.batch_size)
   parallel.check_batch_size(config.eval.batch_size, "eval.batch_size")
-  info = data.dataset_info(config)
+  info = info or data.dataset_info(config)
   config = resolve_duration(config, info)
   workdir = Path(workdir)
+  checkpointer = checkpointing.Checkpointer(workdir / "checkpoints",
+                                            config.keep_checkpoints)
+  resuming = mode == "train" and checkpointer.latest_step() is not None
+  changes = check_against_run(config, workdir, resuming, allow_config_change)
+  if resuming and changes:
+    logging_utils.info(
+        "Resuming with a changed config: " + "; ".join(
+            f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()) + ".")
   return Run(config=config, workdir=workdir, info=info,
-             method=methods.get_method(config, info),
-             mesh=parallel.make_mesh(),
-             checkpointer=checkpointing.Checkpointer(
-                 workdir / "checkpoints", config.keep_checkpoints))
+             method=methods.get_method(
+                 _method_config(config, checkpointer), info),
+             mesh=parallel.make_mesh(), checkpointer=checkpointer)
+
+
+def _method_config(config, checkpointer):
+  """The config the method is built from: when a checkpoint will be
+  restored, its frozen backbone comes from there, so no weights file is
+  read (it may have moved since training)."""
+  if (checkpointer.latest_step() is None
+      or not config.model.get("pretrained")):
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.pretrained = pretrained.FROM_CHECKPOINT
+  return config
+
+
+def save_run_files(run: "Run", start_step: int) -> None:
+  """config.json, its copy under config_history/ and dataset_info.json."""
+  payload = run.config.to_dict()
+  logging_utils.write_json(run.workdir / "config.json", payload)
+  logging_utils.write_json(
+      run.workdir / "config_history" / f"step_{start_step:09d}.json", payload)
+  logging_utils.write_json(_info_path(run.workdir),
+                           dataclasses.asdict(run.info))
 
 
 def initial_state(method, image_shape, mesh, seed: int):
@@ -68,9 +203,21 @@ def run_initial_state(run: Run):
                        run.config.seed)
 
 
+def abstract_state(run: Run):
+  """Shapes, dtypes and shardings of the run's state, computing nothing:
+  the target checkpoints are restored into."""
+  sharding = parallel.replicated(run.mesh)
+  image_shape = tuple(run.info.image_shape)
+  shapes = jax.eval_shape(lambda key: run.method.init_state(key, image_shape),
+                          jax.random.key(run.config.seed))
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      shapes)
+
+
 def restore(run: Run, step: int):
   """(state, meta) of the checkpoint at `step`, checked against the config."""
-  state, meta = run.checkpointer.restore(step, run_initial_state(run))
+  state, meta = run.checkpointer.restore(step, abstract_state(run))
   if meta.get("method") != run.config.method:
     raise ConfigError(
         f"The workdir holds a {meta.get('method')!r} run but the config asks "

@@ -47,9 +47,10 @@ def _summarise(pending: list, step: int, checkpointer) -> dict:
   return summary
 
 
-def train(config, workdir):
+def train(config, workdir, allow_config_change: bool = False):
   """Trains `config.method` in `workdir`; returns (run, final state)."""
-  run = run_lib.setup(config, workdir)
+  run = run_lib.setup(config, workdir,
+                      allow_config_change=allow_config_change)
   try:
     return run, train_run(run)
   finally:
@@ -62,7 +63,7 @@ def train_run(run: run_lib.Run):
   mesh, checkpointer = run.mesh, run.checkpointer
   state, start_step = run_lib.restore_or_init(run)
   total = config.num_train_steps
-  logging_utils.write_json(workdir / "config.json", config.to_dict())
+  run_lib.save_run_files(run, start_step)
   logging_utils.info(
       f"{config.method} on {config.data.name}, normal class "
       f"{config.data.normal_class} "
@@ -117,9 +118,11 @@ def train_run(run: run_lib.Run):
   return state
 
 
-def train_and_evaluate(config, workdir) -> dict:
+def train_and_evaluate(config, workdir,
+                       allow_config_change: bool = False) -> dict:
   """Trains, then (unless halted early) evaluates; returns the results."""
-  run = run_lib.setup(config, workdir)
+  run = run_lib.setup(config, workdir,
+                      allow_config_change=allow_config_change)
   try:
     state = train_run(run)
     if 0 < run.config.halt_after_step < run.config.num_train_steps:

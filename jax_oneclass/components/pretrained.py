@@ -38,6 +38,11 @@ def load_torchvision(path: str, arch: str, with_layer4: bool = False):
   return convert_state_dict(read_state_dict(path), arch, with_layer4)
 
 
+# `model.pretrained` of a run restored from its checkpoint, which holds the
+# backbone's weights: nothing is read.
+FROM_CHECKPOINT = "<checkpoint>"
+
+
 def load_or_announce_random(path: str, arch: str, role: str):
   """Variables from `path`, or None (random init) when `path` is empty.
 
@@ -45,8 +50,10 @@ def load_or_announce_random(path: str, arch: str, role: str):
   (rotnet, clr, disaug) trained with `model.arch=arch`, whose backbone
   becomes a self-supervised one. Either way the log says which, so a run
   with random or self-supervised features is never mistaken for one with
-  ImageNet features.
+  ImageNet features. `FROM_CHECKPOINT` reads nothing (None).
   """
+  if path == FROM_CHECKPOINT:
+    return None
   if path and os.path.isdir(path):
     variables, origin = load_self_supervised(path, arch)
     logging_utils.info(f"{role}: {arch} SELF-SUPERVISED ({origin}) from "

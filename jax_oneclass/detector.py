@@ -1,0 +1,299 @@
+"""A trained detector for notebooks and services.
+
+  det = jax_oneclass.Detector.load("/tmp/run")
+  out = det.predict(["a.png", "b.jpg"])  # or uint8 arrays [N, H, W, C]
+  out.score, out.normalized_score, out.is_anomaly, out.maps, out.masks
+
+Images of any size and 1, 3 or 4 channels are resized as in training;
+scoring is the run's jit-compiled `score` over all local devices, on
+batches padded to `eval.batch_size`. The fitted stage and thresholds come
+from the workdir (fitted and saved there first if missing).
+"""
+
+import csv
+import dataclasses
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from PIL import Image
+
+from jax_oneclass import data, evaluate, logging_utils, parallel, thresholds
+from jax_oneclass import visualize
+from jax_oneclass import run as run_lib
+from jax_oneclass.errors import CheckpointError, ConfigError, DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff",
+                  ".webp")
+_TF_DECODES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+
+@dataclasses.dataclass
+class Prediction:
+  """Per-image outputs for N images (NumPy).
+
+  `score`, `normalized_score` (the threshold at 0.5) and `is_anomaly` are
+  those of the headline scorer `scorer`; `scores` holds every scorer's raw
+  score. For localising methods `maps` {name: [N, H, W]} at the model's
+  resolution, `normalized_maps` likewise and `masks` {name: bool [N, H, W]}
+  (normalised map above 0.5); empty otherwise.
+  """
+
+  names: list[str]
+  scorer: str
+  threshold: float
+  score: np.ndarray
+  normalized_score: np.ndarray
+  is_anomaly: np.ndarray
+  scores: dict[str, np.ndarray]
+  maps: dict[str, np.ndarray]
+  normalized_maps: dict[str, np.ndarray]
+  masks: dict[str, np.ndarray]
+
+
+def list_images(source) -> list[Path]:
+  """Image files named by a file, a folder (not recursive) or a glob."""
+  text = os.fspath(source)
+  path = Path(text)
+  if path.is_dir():
+    return sorted(p for p in path.iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES)
+  if path.is_file():
+    return [path]
+  if any(c in text for c in "*?["):
+    return sorted(Path(p) for p in glob.glob(text, recursive=True)
+                  if Path(p).is_file())
+  raise DataError(f"--input {text!r} is no file, folder or glob pattern; "
+                  "name an image file, a folder of images or e.g. "
+                  "'images/*.png'.")
+
+
+def read_image(path) -> np.ndarray:
+  """uint8 [H, W, C] of an image file (first frame of an animation)."""
+  path = Path(path)
+  raw = path.read_bytes()
+  if path.suffix.lower() in _TF_DECODES:
+    # TF decodes as the training pipeline does (same bytes -> same pixels).
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    try:
+      return tf.io.decode_image(raw, expand_animations=False).numpy()
+    except (tf.errors.InvalidArgumentError, ValueError):
+      pass  # Let PIL say what is wrong, or read what TF cannot.
+  with Image.open(path) as image:
+    image.seek(0)
+    if image.mode not in ("L", "RGB", "RGBA"):
+      image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    return np.asarray(image)
+
+
+def load_images(paths: Sequence) -> tuple[list, list[str], list[str]]:
+  """(uint8 images, their names, 'path: reason' of those skipped)."""
+  images, names, skipped = [], [], []
+  for path in paths:
+    try:
+      images.append(read_image(path))
+      names.append(str(path))
+    except (OSError, ValueError, SyntaxError) as e:
+      skipped.append(f"{path}: {type(e).__name__}: {e}")
+  return images, names, skipped
+
+
+class Detector:
+  """A trained run: its method, state, fitted stage and thresholds."""
+
+  def __init__(self, run: run_lib.Run, state, stage: evaluate.FittedStage,
+               step: int):
+    self.run, self.state, self.stage, self.step = run, state, stage, step
+    self.config = run.config
+    self.image_shape = tuple(run.info.image_shape)
+    self._score = evaluate.score_fn(run)
+    # The headline scorer (config.eval.scorer), checked against the saved
+    # calibration's scorers.
+    self.scorer = evaluate.headline_scorer(run.config,
+                                           stage.calibration["image"])
+
+  @classmethod
+  def load(cls, workdir, config=None, refit: bool = False) -> "Detector":
+    """The detector of a workdir's newest checkpoint.
+
+    `config` defaults to the run's own (config.json); `refit` fits the
+    non-gradient stage and thresholds anew.
+    """
+    require_checkpoint(workdir)
+    config = config or run_lib.saved_config(workdir)
+    if config is None:
+      raise ConfigError(f"No config.json in {workdir}: point it at a "
+                        "trained run's workdir.")
+    run = run_lib.setup(config, workdir, info=run_lib.saved_info(workdir),
+                        mode="predict")
+    try:
+      state, step = run_lib.restore_latest(run)
+    finally:
+      run.checkpointer.close()
+    return cls(run, state, evaluate.load_or_fit(run, state, step, refit),
+               step)
+
+  def _batches(self, images: list) -> Any:
+    """Model inputs in padded batches of eval.batch_size: (batch, count)."""
+    size = self.config.eval.batch_size
+    for start in range(0, len(images), size):
+      chunk = [data.to_model_input(x, self.image_shape)
+               for x in images[start:start + size]]
+      batch = np.zeros((size,) + self.image_shape, np.float32)
+      batch[:len(chunk)] = chunk
+      yield batch, len(chunk)
+
+  def score_images(self, images: list, progress: bool = False) -> Any:
+    """The method's raw `Scores` of uint8 images, as host arrays."""
+    if jax.process_count() > 1:
+      raise ConfigError("Detector runs in one process (all its devices); "
+                        "use --mode=eval for multi-host scoring.")
+    outputs = []
+    total = -(-len(images) // self.config.eval.batch_size)
+    bar = logging_utils.progress_bar(total, "batches", enabled=progress)
+    for batch, count in self._batches(images):
+      sharded = parallel.shard_batch(self.run.mesh, {"image": batch})
+      out = parallel.to_host(self._score(self.state, self.stage.fitted,
+                                         sharded))
+      outputs.append(jax.tree.map(lambda v, n=count: v[:n], out))
+      bar.update(1)
+    bar.close()
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+
+  def predict(self, images, names: Sequence[str] | None = None,
+              progress: bool = False) -> Prediction:
+    """Scores, labels and (for localising methods) maps and masks.
+
+    `images`: uint8 [N, H, W(, C)] or a list of uint8 arrays of any sizes,
+    or of image file paths.
+    """
+    if isinstance(images, np.ndarray):
+      images = list(images)
+    images = list(images)
+    if not images:
+      raise DataError("No images to predict.")
+    if isinstance(images[0], (str, os.PathLike)):
+      paths = images
+      images, names, skipped = load_images(paths)
+      if skipped:
+        raise DataError(f"Cannot read {skipped[0]}.")
+    names = list(names) if names is not None else [
+        f"image {i}" for i in range(len(images))]
+    raw = self.score_images(images, progress)
+    scorer = self.scorer
+    calib = self.stage.calibration
+    stats = calib["image"][scorer]
+    normalized_maps = {k: thresholds.normalize(v, calib["maps"][k])
+                       .astype(np.float32) for k, v in raw.maps.items()}
+    return Prediction(
+        names=names, scorer=scorer, threshold=stats["threshold"],
+        score=raw.image[scorer],
+        normalized_score=thresholds.normalize(raw.image[scorer], stats),
+        is_anomaly=raw.image[scorer] > stats["threshold"],
+        scores=raw.image, maps=raw.maps, normalized_maps=normalized_maps,
+        masks={k: v > 0.5 for k, v in normalized_maps.items()})
+
+
+def require_checkpoint(workdir) -> None:
+  """Fails clearly when `workdir` holds no trained run."""
+  if not (Path(workdir) / "checkpoints").is_dir():
+    raise CheckpointError(f"No checkpoints/ in {workdir}: train first or "
+                          "point --workdir at a trained run.")
+
+
+def _stem(index: int, name: str) -> str:
+  base = os.path.splitext(os.path.basename(name))[0]
+  return f"{index:05d}_{base}"
+
+
+def _mask_at_size(normalized_map: np.ndarray, size) -> np.ndarray:
+  """The predicted mask at an image's (height, width): the normalised map
+  resized bilinearly, above 0.5."""
+  picture = Image.fromarray(normalized_map.astype(np.float32), mode="F")
+  resized = np.asarray(picture.resize((size[1], size[0]), Image.BILINEAR))
+  return resized > 0.5
+
+
+def predict_folder(workdir, source, output, config=None, refit: bool = False,
+                   visualize_images: bool = True,
+                   progress: bool = True) -> list[dict]:
+  """Predicts every image of `source` (file, folder or glob) into `output`.
+
+  Writes predictions.csv and predictions.json (per image: raw score,
+  normalised score, label at the run's threshold), for localising methods
+  maps/<name>.npy (the raw map at the model's resolution) and
+  masks/<name>.png (the predicted mask at the image's own size), and with
+  `visualize_images` a panel per image in visualizations/. Unreadable files
+  are named and skipped. Returns the per-image records.
+  """
+  if not source or not output:
+    raise DataError("Predicting needs --input (an image file, a folder or a "
+                    "glob) and --output (a folder for the results).")
+  paths = list_images(source)
+  if not paths:
+    raise DataError(f"--input {source!r} holds no image files ("
+                    f"{', '.join(IMAGE_SUFFIXES)}).")
+  images, names, skipped = load_images(paths)
+  for line in skipped:
+    logging_utils.info(f"Skipped unreadable image {line}")
+  if not images:
+    raise DataError(f"None of the {len(paths)} files of {source!r} could be "
+                    "read as an image; see the lines above.")
+  det = Detector.load(workdir, config=config, refit=refit)
+  out = det.predict(images, names, progress=progress)
+  output = Path(output)
+  output.mkdir(parents=True, exist_ok=True)
+  stats = det.stage.calibration["image"][out.scorer]
+  records = []
+  for i, name in enumerate(names):
+    stem = _stem(i, name)
+    record = {"file": name, "scorer": out.scorer,
+              "score": float(out.score[i]),
+              "normalized_score": float(out.normalized_score[i]),
+              "threshold": float(out.threshold),
+              "label": "anomalous" if out.is_anomaly[i] else "normal",
+              "scores": {k: float(v[i]) for k, v in sorted(out.scores.items())}}
+    for map_name, values in out.maps.items():
+      suffix = "" if len(out.maps) == 1 else "_" + map_name
+      map_path = output / "maps" / f"{stem}{suffix}.npy"
+      mask_path = output / "masks" / f"{stem}{suffix}.png"
+      map_path.parent.mkdir(exist_ok=True)
+      mask_path.parent.mkdir(exist_ok=True)
+      np.save(map_path, values[i])
+      mask = _mask_at_size(out.normalized_maps[map_name][i],
+                           images[i].shape[:2])
+      Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+      record.setdefault("maps", {})[map_name] = {
+          "map": str(map_path.relative_to(output)),
+          "mask": str(mask_path.relative_to(output)),
+          "anomalous_pixels": float(mask.mean())}
+    records.append(record)
+  if visualize_images:
+    model_inputs = [data.to_model_input(im, det.image_shape) for im in images]
+    map_name = sorted(out.maps)[0] if out.maps else None
+    visualize.save_panels(
+        output / "visualizations", model_inputs, names, out.score, stats,
+        out.scorer,
+        maps=None if map_name is None else out.maps[map_name],
+        map_calibration=(None if map_name is None else
+                         det.stage.calibration["maps"][map_name]))
+  with open(output / "predictions.csv", "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["file", "score", "normalized_score", "label"])
+    for r in records:
+      writer.writerow([r["file"], f"{r['score']:.7g}",
+                       f"{r['normalized_score']:.6f}", r["label"]])
+  (output / "predictions.json").write_text(json.dumps(
+      {"workdir": str(workdir), "step": det.step, "scorer": out.scorer,
+       "threshold": float(out.threshold), "skipped": skipped,
+       "images": records}, indent=2) + "\n")
+  anomalous = int(np.sum(out.is_anomaly))
+  logging_utils.info(
+      f"{len(records)} images scored ({anomalous} anomalous at "
+      f"{out.scorer} > {out.threshold:.4g}), {len(skipped)} skipped; "
+      f"results in {output}.")
+  return records

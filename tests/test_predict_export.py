@@ -1,0 +1,238 @@
+"""A trained detector: evaluate, predict, Detector.load, export, CLIs.
+
+Every method is trained once (tiny; on digits, or a 4-image MVTec-shaped
+folder for the localising methods) and shared by the tests of this module;
+xdist keeps them on one worker (group 'trained').
+"""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import jax_oneclass
+from jax_oneclass import data, export, train
+from jax_oneclass import run as run_lib
+from tests.conftest import METHODS, REPO, localises, tiny_config
+from tests.test_mvtec import write_widget
+
+pytestmark = pytest.mark.xdist_group("trained")
+NUM_IMAGES = 12
+_RUNS = {}
+
+
+def trained(method, tmp_path_factory):
+  """(workdir, results) of a tiny trained run of `method`."""
+  if method not in _RUNS:
+    workdir = tmp_path_factory.mktemp(f"trained_{method}")
+    if localises(method):
+      root = tmp_path_factory.mktemp("widget")
+      write_widget(root)
+      config = tiny_config(method, steps=2, arg=(
+          f"mvtec,folder={root},category=widget,data_dir={root / 'tfds'}"))
+      config.data.image_size = 32
+      config.batch_size = config.eval.batch_size = 4
+      config.data.holdout_fraction = 0.25  # 1 of the 4 good images.
+    else:
+      config = tiny_config(method, steps=2)
+      if "head_dims" in config.model:  # Fewer scorers: faster ONNX export.
+        config.classifiers = {"gde": {}, "ocsvm": {}}
+    config.eval.plots = False
+    config.eval.num_overlays = 2
+    results = train.train_and_evaluate(config, workdir)
+    _RUNS[method] = (workdir, results)
+  return _RUNS[method]
+
+
+def _test_images(workdir, count=NUM_IMAGES):
+  """The first test images of the run's data, as its source stores them."""
+  source = data.sources.get_source(run_lib.saved_config(workdir))
+  return [np.asarray(source.decode(ex["image"])) for ex in source.records(
+      "test", 1, 0).take(count).as_numpy_iterator()]
+
+
+def _csv_scores(workdir):
+  with open(workdir / "test_scores.csv") as f:
+    return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_predict_gives_the_scores_evaluate_wrote(method, tmp_path_factory):
+  workdir, results = trained(method, tmp_path_factory)
+  assert (workdir / "fitted" / "2").is_dir()
+  det = jax_oneclass.Detector.load(workdir)
+  out = det.predict(_test_images(workdir))
+  rows = _csv_scores(workdir)[:len(out.score)]
+  assert out.scorer == results["scorer"]
+  for name, values in out.scores.items():
+    np.testing.assert_allclose(values, [float(r[name]) for r in rows],
+                               rtol=1e-4, atol=1e-5, err_msg=name)
+  np.testing.assert_array_equal(
+      out.is_anomaly, [int(r["predicted_anomaly"]) for r in rows])
+  assert ((out.normalized_score > 0.5) == out.is_anomaly).all()
+  threshold = results["thresholds"][out.scorer]["threshold"]
+  assert out.threshold == threshold
+  if out.maps:  # Localising methods.
+    (amap,) = out.maps.values()
+    assert amap.shape == (len(out.score),) + det.image_shape[:2]
+    (mask,) = out.masks.values()
+    assert mask.dtype == bool and mask.shape == amap.shape
+
+
+def test_results_report_thresholds_and_metrics(tmp_path_factory):
+  workdir, results = trained("reverse_distillation", tmp_path_factory)
+  assert results["calibration"] == {"split": "holdout", "num_images": 1,
+                                    "fpr": 0.01, "pixel_fpr": 0.01}
+  report = results["thresholds"]["map_max"]
+  assert set(report["at_threshold"]) == {"precision", "recall", "f1", "fpr"}
+  assert "chosen on the labelled test split" in (
+      report["f1_optimal_on_test"]["note"])
+  assert results["image_metrics"] == report["at_threshold"]
+  assert len(_csv_scores(workdir)) == results["num_test"] == 4
+  assert sorted(r["filename"] for r in _csv_scores(workdir)) == [
+      "test/good/000.png", "test/good/001.png", "test/scratch/000.png",
+      "test/scratch/001.png"]
+  assert "localization" in results and "threshold" in results[
+      "localization"]["anomaly_map"]
+  assert len(list((workdir / "visualizations").glob("*.png"))) == 2
+
+
+def test_the_detector_loads_in_a_fresh_process(tmp_path_factory):
+  workdirs = {m: str(trained(m, tmp_path_factory)[0]) for m in METHODS}
+  script = (
+      "import json, sys\n"
+      "import jax_oneclass\n"
+      "from tests.test_predict_export import _test_images\n"
+      "from pathlib import Path\n"
+      "out = {}\n"
+      "for m, w in json.loads(sys.argv[1]).items():\n"
+      "  p = jax_oneclass.Detector.load(w).predict(_test_images(Path(w)))\n"
+      "  out[m] = p.score.tolist()\n"
+      "print(json.dumps(out))\n")
+  done = subprocess.run([sys.executable, "-c", script, json.dumps(workdirs)],
+                        cwd=REPO, capture_output=True, text=True,
+                        timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  fresh = json.loads(done.stdout.strip().splitlines()[-1])
+  for method, workdir in workdirs.items():
+    here = jax_oneclass.Detector.load(workdir).predict(
+        _test_images(trained(method, tmp_path_factory)[0]))
+    np.testing.assert_allclose(fresh[method], here.score, rtol=1e-5,
+                               atol=1e-6, err_msg=method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_export_format_reloads_and_matches(method, tmp_path_factory,
+                                                 tmp_path):
+  workdir, _ = trained(method, tmp_path_factory)
+  det = jax_oneclass.Detector.load(workdir)
+  images = np.stack([
+      np.round(data.to_model_input(x, det.image_shape) * 255).astype(np.uint8)
+      for x in _test_images(workdir, 5)])
+  want = det.predict(list(images))
+  for fmt in export.FORMATS:
+    path = export.export(det, fmt, tmp_path / fmt)
+    signature = json.loads((path / "signature.json").read_text())
+    assert signature["scorer"] == want.scorer
+    got = export.load(path)(images)
+    np.testing.assert_allclose(got["score"], want.score, rtol=2e-4,
+                               atol=2e-4, err_msg=f"{method} {fmt}")
+    # A score within float noise of the threshold may flip its label.
+    near = np.abs(want.score - want.threshold) < 1e-3 * (
+        1 + abs(want.threshold))
+    np.testing.assert_array_equal(got["is_anomaly"][~near],
+                                  want.is_anomaly[~near])
+    if want.maps:
+      (amap,) = want.maps.values()
+      np.testing.assert_allclose(got["anomaly_map"], amap, rtol=2e-4,
+                                 atol=2e-4, err_msg=f"{method} {fmt} map")
+    assert len(got["score"]) == len(images)  # Any batch size: 3 works too.
+    assert len(export.load(path)(images[:3])["score"]) == 3
+
+
+def _write_inputs(folder):
+  """PNG, BMP, RGBA, grey and a corrupt file, of several sizes."""
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(
+      folder / "a.png")
+  Image.fromarray(rng.integers(0, 255, (20, 30), np.uint8)).save(
+      folder / "b.bmp")
+  Image.fromarray(rng.integers(0, 255, (16, 16, 4), np.uint8)).save(
+      folder / "c.png")
+  (folder / "broken.jpg").write_bytes(b"not a jpeg")
+
+
+def test_predict_cli_writes_scores_maps_masks_and_pictures(
+    tmp_path_factory, tmp_path):
+  workdir, results = trained("gradient_preference", tmp_path_factory)
+  _write_inputs(tmp_path / "in")
+  out = tmp_path / "out"
+  done = subprocess.run(
+      [sys.executable, "-m", "jax_oneclass.predict", f"--workdir={workdir}",
+       f"--input={tmp_path / 'in'}", f"--output={out}"],
+      cwd=REPO, capture_output=True, text=True, timeout=400, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "broken.jpg" in done.stdout + done.stderr
+  summary = json.loads((out / "predictions.json").read_text())
+  assert [i["file"].rsplit("/", 1)[-1] for i in summary["images"]] == [
+      "a.png", "b.bmp", "c.png"]
+  assert summary["skipped"][0].startswith(str(tmp_path / "in" / "broken.jpg"))
+  assert summary["scorer"] == results["scorer"] == "nn_max"
+  first = summary["images"][0]
+  assert first["label"] in ("normal", "anomalous")
+  assert (first["normalized_score"] > 0.5) == (first["label"] == "anomalous")
+  amap = np.load(out / first["maps"]["anomaly_map"]["map"])
+  assert amap.shape == (32, 32)  # The model's resolution.
+  with Image.open(out / summary["images"][1]["maps"]["anomaly_map"][
+      "mask"]) as mask:
+    assert mask.size == (30, 20)  # b.bmp's own size.
+  assert len(list((out / "visualizations").glob("*.png"))) == 3
+  assert (out / "predictions.csv").read_text().count("\n") == 4
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ("empty", "holds no image files"),
+    ("missing", "is no file, folder or glob"),
+    ("corrupt", "could be read as an image"),
+])
+def test_predict_refuses_inputs_with_nothing_to_score(
+    tmp_path_factory, tmp_path, inputs, message):
+  from jax_oneclass import detector  # pylint: disable=g-import-not-at-top
+  from jax_oneclass.errors import DataError  # pylint: disable=g-import-not-at-top
+  workdir, _ = trained("ganomaly", tmp_path_factory)
+  folder = tmp_path / "in"
+  if inputs != "missing":
+    folder.mkdir()
+  if inputs == "corrupt":
+    (folder / "x.png").write_bytes(b"\x89PNG broken")
+  with pytest.raises(DataError, match=message):
+    detector.predict_folder(workdir, folder, tmp_path / "out",
+                              progress=False)
+
+
+def test_eval_without_config_reuses_and_refits_the_stage(tmp_path_factory):
+  workdir, results = trained("dgad", tmp_path_factory)
+  main = [sys.executable, "-m", "jax_oneclass.main", f"--workdir={workdir}",
+          "--mode=eval"]
+  again = subprocess.run(main, cwd=REPO, capture_output=True, text=True,
+                         timeout=400, check=False)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "Using the fitted stage saved for step 2" in again.stdout
+  rerun = json.loads((workdir / "results.json").read_text())
+  assert rerun["auroc"] == pytest.approx(results["auroc"], abs=1e-6)
+  refit = subprocess.run(main + ["--refit"], cwd=REPO, capture_output=True,
+                         text=True, timeout=400, check=False)
+  assert refit.returncode == 0, refit.stderr[-3000:]
+  assert "Using the fitted stage" not in refit.stdout
+  other = subprocess.run(
+      main + ["--config=configs/dgad.py:digits,normal_class=5"], cwd=REPO,
+      capture_output=True, text=True, timeout=400, check=False)
+  assert other.returncode == 2
+  assert "The config differs from the run" in other.stderr
+  assert "data.normal_class: 0 -> 5" in other.stderr
+  assert "Traceback" not in other.stderr
