@@ -130,9 +130,14 @@ def load_or_fit(run: run_lib.Run, state, step: int,
       fitted = jax.device_get(fitted)
       calibration = calibrate(run, state,
                               parallel.replicate(run.mesh, fitted))
-      store.save(step, fitted, calibration, {
-          "step": int(step), "num_fit": num_fit, "method": run.config.method,
-          "fit_seconds": round(time.perf_counter() - start, 2)})
+      if logging_utils.writable(store.directory.parent):
+        store.save(step, fitted, calibration, {
+            "step": int(step), "num_fit": num_fit,
+            "method": run.config.method,
+            "fit_seconds": round(time.perf_counter() - start, 2)})
+      else:
+        logging_utils.info(f"{run.workdir} is read-only: the fitted stage "
+                           "is not saved and will be fitted again next time.")
   finally:
     store.close()
   return FittedStage(parallel.replicate(run.mesh, fitted), calibration,
@@ -188,7 +193,8 @@ def _write_scores_csv(path: Path, scores: dict, labels: dict, headline: str,
 
 def evaluate(config, workdir, refit: bool = False,
              output_dir=None) -> dict:
-  """Scores the test split with the workdir's newest checkpoint."""
+  """Scores the test split with the workdir's newest checkpoint (see
+  `evaluate_run` for `output_dir`)."""
   run = run_lib.setup(config, workdir, mode="eval")
   try:
     state, step = run_lib.restore_latest(run)
@@ -204,10 +210,13 @@ def evaluate_run(run: run_lib.Run, state, step, refit: bool = False,
   Writes results.json (AUROC per scorer; thresholds and F1 / precision /
   recall per scorer; pixel AUROC, AUPRO and pixel thresholds per map),
   test_scores.csv, and pictures (visualizations/, plots/) to `output_dir`
-  (default: the workdir); returns the results.
+  (default: the workdir; False: nothing is written); returns the results.
   """
   config, info = run.config, run.info
-  out = Path(output_dir or run.workdir)
+  out = None if output_dir is False else Path(output_dir or run.workdir)
+  if out is not None and not logging_utils.writable(out):
+    raise ConfigError(f"Cannot write the results to {out} (read-only or no "
+                      "permission): pass --results_path=<a writable folder>.")
   start = time.perf_counter()
   stage = load_or_fit(run, state, step, refit)
   test_batches = data.eval_batches(config, "test", config.eval.batch_size)
@@ -252,19 +261,21 @@ def evaluate_run(run: run_lib.Run, state, step, refit: bool = False,
       **({"localization": pixel} if pixel else {}),
       "eval_seconds": round(time.perf_counter() - start, 2),
   }
-  logging_utils.write_json(out / "results.json", results)
-  if logging_utils.is_main_process():
-    _write_scores_csv(out / "test_scores.csv", scores.image, labels,
-                      headline, calib)
-    _draw(out, config, scores, labels, headline, calib, aurocs)
-  writer = logging_utils.MetricWriter(run.workdir / "tensorboard" / "eval")
-  writer.write_scalars(results["step"], {
-      **{f"auroc/{k}": v for k, v in aurocs.items()},
-      **{f"f1/{k}": v["at_threshold"]["f1"]
-         for k, v in image_thresholds.items()},
-      **{f"{metric}/{k}": v for k, per in pixel.items()
-         for metric, v in per.items() if metric != "threshold"}})
-  writer.close()
+  if out is not None:
+    logging_utils.write_json(out / "results.json", results)
+    if logging_utils.is_main_process():
+      _write_scores_csv(out / "test_scores.csv", scores.image, labels,
+                        headline, calib)
+      _draw(out, config, scores, labels, headline, calib, aurocs)
+  if logging_utils.writable(run.workdir / "tensorboard"):
+    writer = logging_utils.MetricWriter(run.workdir / "tensorboard" / "eval")
+    writer.write_scalars(results["step"], {
+        **{f"auroc/{k}": v for k, v in aurocs.items()},
+        **{f"f1/{k}": v["at_threshold"]["f1"]
+           for k, v in image_thresholds.items()},
+        **{f"{metric}/{k}": v for k, per in pixel.items()
+           for metric, v in per.items() if metric != "threshold"}})
+    writer.close()
   return results
 
 

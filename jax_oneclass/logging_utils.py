@@ -4,6 +4,7 @@ Only process 0 writes; the other processes get no-op writers.
 """
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +25,16 @@ def write_json(path, payload: dict) -> None:
   tmp = path.with_suffix(path.suffix + ".tmp")
   tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
   tmp.replace(path)
+
+
+def writable(directory) -> bool:
+  """Whether files can be created in `directory` (made if missing)."""
+  try:
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+      return True
+  except OSError:
+    return False
 
 
 def info(message: str) -> None:

@@ -33,6 +33,9 @@ _REFIT = flags.DEFINE_bool(
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume training with a config that "
     "differs from the run's (recorded in config_history/).")
+_RESULTS_PATH = flags.DEFINE_string(
+    "results_path", None, "--mode=eval: folder for results.json, "
+    "test_scores.csv and pictures (default: the workdir).")
 _INPUT = flags.DEFINE_string(
     "input", None, "--mode=predict: an image file, a folder or a glob.")
 _OUTPUT = flags.DEFINE_string(
@@ -108,9 +111,10 @@ def main(argv):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # tf.data only; JAX owns GPUs.
 
-  from jax_oneclass import detector, evaluate, parallel, train  # pylint: disable=g-import-not-at-top
+  from jax_oneclass import detector, evaluate, logging_utils, parallel, train  # pylint: disable=g-import-not-at-top
   from jax_oneclass import run as run_lib  # pylint: disable=g-import-not-at-top
   from jax_oneclass.errors import ConfigError, OneClassError  # pylint: disable=g-import-not-at-top
+  output = None
   try:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
@@ -129,8 +133,11 @@ def main(argv):
           config, _WORKDIR.value,
           allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     elif _MODE.value == "eval":
+      output = _RESULTS_PATH.value
+      if output is None and not logging_utils.writable(_WORKDIR.value):
+        output = False  # Print the results; say where they could go.
       results = evaluate.evaluate(config, _WORKDIR.value,
-                                  refit=_REFIT.value)
+                                  refit=_REFIT.value, output_dir=output)
     else:
       detector.predict_folder(_WORKDIR.value, _INPUT.value, _OUTPUT.value,
                               config=config, refit=_REFIT.value,
@@ -145,8 +152,14 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     print(format_results(results))
+    if results and _MODE.value == "eval" and output is False:
+      print(f"\nerror: {_WORKDIR.value} is read-only, so the results were "
+            "not written; pass --results_path=<a writable folder> to keep "
+            "them.", file=sys.stderr)
+      sys.exit(2)
     if results:
-      print(f"Results: {os.path.join(_WORKDIR.value, 'results.json')}")
+      folder = _RESULTS_PATH.value or _WORKDIR.value
+      print(f"Results: {os.path.join(folder, 'results.json')}")
 
 
 def run(extra_args=()):

@@ -149,6 +149,10 @@ def setup(config, workdir, info=None, mode: str = "train",
   resumes a run (stricter checks, see `check_against_run`), anything else
   only reads it.
   """
+  if mode == "train" and not logging_utils.writable(workdir):
+    raise ConfigError(
+        f"Cannot write to --workdir={workdir} (read-only or no permission), "
+        "where checkpoints and logs go: pass a writable folder.")
   parallel.check_batch_size(config.batch_size)
   parallel.check_batch_size(config.eval.batch_size, "eval.batch_size")
   info = info or data.dataset_info(config)

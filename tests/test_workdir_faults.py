@@ -1,0 +1,98 @@
+"""A workdir that cannot be written, and a resume with a changed config."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from jax_oneclass import evaluate, logging_utils, train
+from jax_oneclass.errors import ConfigError
+from tests.conftest import REPO, tiny_config
+
+
+def test_resuming_with_a_changed_config_is_refused_then_recorded(tmp_path):
+  halted = tiny_config("clr", steps=4)
+  halted.halt_after_step = 2
+  train.train(halted, tmp_path)
+  changed = tiny_config("clr", steps=6)
+  changed.optimizer.learning_rate = 0.5
+  with pytest.raises(ConfigError, match=r"differs from the one the run .* "
+                     r"(num_train_steps: 4 -> 6|optimizer.learning_rate).*"
+                     r"--allow_config_change"):
+    train.train(changed, tmp_path)
+  assert json.loads((tmp_path / "config.json").read_text())[
+      "num_train_steps"] == 4  # Nothing was overwritten.
+  run, _ = train.train(changed, tmp_path, allow_config_change=True)
+  assert run.checkpointer.latest_step() == 6
+  history = sorted(p.name for p in (tmp_path / "config_history").iterdir())
+  assert history == ["step_000000000.json", "step_000000002.json"]
+  assert json.loads((tmp_path / "config_history" / history[1]).read_text())[
+      "optimizer"]["learning_rate"] == 0.5
+
+
+def test_another_run_in_the_workdir_is_refused_even_when_allowed(tmp_path):
+  train.train(tiny_config("clr", steps=2), tmp_path)
+  other = tiny_config("clr", steps=2)
+  other.data.normal_class = 3
+  with pytest.raises(ConfigError, match="data.normal_class: 0 -> 3"):
+    train.train(other, tmp_path, allow_config_change=True)
+
+
+def test_eval_of_an_unwritable_workdir_still_scores(tmp_path, monkeypatch):
+  config = tiny_config("ganomaly", steps=2)
+  train.train(config, tmp_path / "run")
+  shutil.rmtree(tmp_path / "run" / "fitted", ignore_errors=True)
+  real = logging_utils.writable
+  monkeypatch.setattr(logging_utils, "writable", lambda d: not str(
+      d).startswith(str(tmp_path / "run")) and real(d))
+  results = evaluate.evaluate(config, tmp_path / "run", output_dir=False)
+  assert results["num_test"] == 599
+  assert not (tmp_path / "run" / "results.json").exists()
+  assert not (tmp_path / "run" / "fitted").exists()
+  with pytest.raises(ConfigError, match="--results_path"):
+    evaluate.evaluate(config, tmp_path / "run")
+  evaluate.evaluate(config, tmp_path / "run", output_dir=tmp_path / "out")
+  assert (tmp_path / "out" / "results.json").is_file()
+
+
+def _read_only(source, target, command):
+  """`command` run with `target` a read-only view of `source` (a private
+  mount namespace), or None where this machine allows no such mount."""
+  target.mkdir()
+  script = (f"mount --bind {source} {target} && "
+            f"mount -o remount,ro,bind {target} && exec \"$@\"")
+  probe = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", "true"],
+                         capture_output=True, text=True, check=False)
+  if probe.returncode:
+    return None
+  return subprocess.run(["unshare", "-m", "sh", "-c", script, "sh",
+                         *command], cwd=REPO, capture_output=True, text=True,
+                        timeout=400, check=False)
+
+
+def test_a_read_only_workdir_through_the_command_line(tmp_path):
+  config = tiny_config("ganomaly", steps=2)
+  train.train(config, tmp_path / "run")
+  main = [sys.executable, "-m", "jax_oneclass.main"]
+  view = tmp_path / "view"
+  done = _read_only(tmp_path / "run", view, [
+      *main, f"--workdir={view}", "--mode=eval"])
+  if done is None:
+    pytest.skip("No mount namespaces here to make a read-only workdir.")
+  assert done.returncode == 2
+  assert "latent_mse" in done.stdout  # The results were printed.
+  assert "is read-only" in done.stderr and "--results_path" in done.stderr
+  assert "Traceback" not in done.stderr
+  done = _read_only(tmp_path / "run", tmp_path / "view2", [
+      *main, f"--workdir={tmp_path / 'view2'}", "--mode=eval",
+      f"--results_path={tmp_path / 'out'}"])
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert (tmp_path / "out" / "results.json").is_file()
+  done = _read_only(tmp_path / "run", tmp_path / "view3", [
+      *main, "--config=configs/ganomaly.py:digits",
+      f"--workdir={tmp_path / 'view3' / 'new'}"])
+  assert done.returncode == 2
+  assert "Cannot write to --workdir" in done.stderr
+  assert "Traceback" not in done.stderr
