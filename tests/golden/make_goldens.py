@@ -37,7 +37,8 @@ OUT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _numpy_state(module):
-  return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+  return {k: v.detach().cpu().numpy().copy()
+          for k, v in module.state_dict().items()}
 
 
 def seed_and_calibrate(module, seed, run_train):
