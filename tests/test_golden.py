@@ -109,3 +109,147 @@ def test_reverse_distillation_against_anomalib():
                              mutable=["batch_stats"])
   loss = rd.reverse_distillation_loss(maps, student, "flattened")
   assert float(loss) == pytest.approx(float(golden["train_loss"]), rel=1e-5)
+
+
+# torch sub-network -> our sub-module, for GANomaly's two networks.
+_GAN_PARTS = {"encoder1": "encoder", "decoder": "decoder",
+              "encoder2": "reencoder", "features": "trunk",
+              "classifier": "trunk"}
+_CONV_KINDS = ("ConvTranspose", "Conv", "UpConv", "final_conv")
+
+
+def _conv_order(name):
+  kind, _, index = name.rpartition("_")
+  if name == "final_conv":
+    return (3, 0)
+  return (_CONV_KINDS.index(kind), int(index))
+
+
+def _gan_key_map(torch_keys, params):
+  """{torch key: (our path, kernel transform)}: within each sub-network the
+  torch convolutions and BatchNorms, in their order, are our Conv_i /
+  ConvTranspose_0 / UpConv_i / final_conv and BatchNorm_i."""
+  mapping = {}
+  for torch_part, ours in _GAN_PARTS.items():
+    keys = [k for k in torch_keys if k.split(".")[0] == torch_part]
+    if not keys:
+      continue
+    convs = sorted((n for n in params[ours] if not n.startswith("BatchNorm")),
+                   key=_conv_order)
+    norms = sorted((n for n in params[ours] if n.startswith("BatchNorm")),
+                   key=lambda n: int(n.split("_")[1]))
+    conv_keys = [k for k in keys if k.endswith(".weight")
+                 and k[:-len("weight")] + "running_mean" not in torch_keys]
+    norm_prefixes = [k[:-len("running_mean")] for k in keys
+                     if k.endswith("running_mean")]
+    if torch_part == "features":  # Discriminator: classifier holds the last.
+      convs = convs[:-1]
+    elif torch_part == "classifier":
+      convs, norms = convs[-1:], []
+    assert len(conv_keys) == len(convs) and len(norm_prefixes) == len(norms)
+    for key, name in zip(conv_keys, convs):
+      kind = name.rpartition("_")[0] or name
+      transform = {"ConvTranspose": lambda w: w.transpose(2, 3, 0, 1)[::-1,
+                                                                    ::-1],
+                   "UpConv": lambda w: w.transpose(2, 3, 0, 1)}.get(
+                       kind, lambda w: w.transpose(2, 3, 1, 0))
+      mapping[key] = ((ours, name, "kernel"), transform)
+    for prefix, name in zip(norm_prefixes, norms):
+      for torch_leaf, leaf in (("weight", "scale"), ("bias", "bias"),
+                               ("running_mean", "mean"),
+                               ("running_var", "var")):
+        mapping[prefix + torch_leaf] = ((ours, name, leaf), lambda v: v)
+  return mapping
+
+
+def _gan_tree(tensors, mapping, leaves):
+  """Our {path: array} tree from torch tensors, for the given leaf names."""
+  flat = {path: np.ascontiguousarray(transform(np.asarray(tensors[key])))
+          for key, (path, transform) in mapping.items()
+          if path[-1] in leaves and key in tensors}
+  return traverse_util.unflatten_dict(flat)
+
+
+def test_ganomaly_step_against_the_official_code():
+  golden = _load("ganomaly")
+  from tests.conftest import load_config  # pylint: disable=g-import-not-at-top
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from jax_oneclass import data  # pylint: disable=g-import-not-at-top
+  config = load_config("ganomaly")
+  config.model.width, config.model.latent_size = 4, 8
+  config.model.extra_layers = 0
+  info = dataclasses.replace(data.dataset_info(config),
+                             image_shape=golden["images"].shape[1:])
+  method = ganomaly.Method(config, info)
+  state = method.init_state(jax.random.key(0), info.image_shape)
+  networks, maps = {}, {}
+  for name in ("generator", "discriminator"):
+    tensors = {k.split("/", 1)[1]: v for k, v in golden.items()
+               if k.startswith(name + "/")}
+    network = getattr(state, name)
+    maps[name] = _gan_key_map(list(tensors), network.params)
+    params = _gan_tree(tensors, maps[name], ("kernel", "scale", "bias"))
+    stats = _gan_tree(tensors, maps[name], ("mean", "var"))
+    assert (jax.tree.map(np.shape, params)
+            == jax.tree.map(np.shape, network.params))
+    assert len(maps[name]) == len(
+        [k for k in tensors if not k.endswith("num_batches_tracked")])
+    networks[name] = gan.Network(params, stats, method.tx.init(params))
+  state = state.replace(**networks)
+  images = jnp.asarray(golden["images"])
+  g, d = state.generator, state.discriminator
+  outputs, _ = gan.apply_train(method.generator, g.params, g.batch_stats,
+                               images)
+  close = lambda got, want, tol: np.testing.assert_allclose(
+      got, want, atol=tol * max(1.0, float(np.abs(want).max())), rtol=0)
+  for key in ("fake", "latent_in", "latent_out"):
+    close(outputs[key], golden[key], 1e-5)
+  for side, x in (("real", images), ("fake", outputs["fake"])):
+    (logits, features), _ = gan.apply_train(method.discriminator, d.params,
+                                            d.batch_stats, x)
+    close(features, golden[f"features_{side}"], 1e-5)
+    close(jax.nn.sigmoid(logits), golden[f"prob_{side}"], 1e-5)
+  g_out, d_out = jax.jit(method.gradients)(state, images)
+  for term in ("adversarial", "contextual", "encoder"):
+    assert float(g_out.metrics[f"generator_{term}"]) == pytest.approx(
+        float(golden[term]), rel=1e-5, abs=1e-9), term
+  assert float(g_out.loss) == pytest.approx(float(golden["generator_loss"]),
+                                            rel=1e-5)
+  assert float(d_out.loss) == pytest.approx(
+      float(golden["discriminator_loss"]), rel=1e-5)
+  for name, out in (("generator", g_out), ("discriminator", d_out)):
+    grads = {k.split("/", 2)[2]: v for k, v in golden.items()
+             if k.startswith(f"grad/{name}/")}
+    want = _gan_tree(grads, maps[name], ("kernel", "scale", "bias"))
+    jax.tree.map(lambda a, b: close(a, b, 1e-4), out.grads, want)
+  # One train step: both Adam updates.
+  batch = {"image": ((images + 1) / 2)[:, None]}
+  new, _ = jax.jit(method.train_step)(state, batch, jax.random.key(1))
+  lr = config.optimizer.learning_rate
+  for name in ("generator", "discriminator"):
+    deltas = {k.split("/", 2)[2]: v for k, v in golden.items()
+              if k.startswith(f"step/{name}/")}
+    want = _gan_tree(deltas, maps[name], ("kernel", "scale", "bias"))
+    got = jax.tree.map(jnp.subtract, getattr(new, name).params,
+                       getattr(state, name).params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, atol=1e-3 * lr, rtol=0), got, want)
+  # The generator's BatchNorm statistics after its one train-mode pass.
+  after = {k.split("/", 2)[2]: v for k, v in golden.items()
+           if k.startswith("after/generator/")}
+  want = traverse_util.flatten_dict(
+      _gan_tree(after, maps["generator"], ("mean", "var")))
+  before = traverse_util.flatten_dict(state.generator.batch_stats)
+  for path, got in traverse_util.flatten_dict(
+      new.generator.batch_stats).items():
+    if path[-1] == "mean":
+      close(got, want[path], 1e-5)
+      continue
+    # torch folds the unbiased batch variance into running_var, Flax the
+    # biased one: the increments differ by n / (n - 1), n >= 64 here.
+    ours = np.asarray(got) - 0.9 * before[path]
+    torch_increment = want[path] - 0.9 * before[path]
+    constant = (np.abs(ours) < 1e-7) & (np.abs(torch_increment) < 1e-7)
+    ratio = torch_increment / np.where(constant, 1.0, ours)
+    assert np.all(constant | ((ratio > 1 - 1e-3) & (ratio < 1 + 1.5 / 63))
+                  ), (path, ratio)
