@@ -50,7 +50,7 @@ def test_torchvision_backbone(arch):
     assert np.abs(np.asarray(got[name]) - want).max() < tol, name
   with jax.enable_x64(True):
     variables = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
-    got = backbone.apply(variables, x)
+    got = jax.jit(backbone.apply)(variables, x)
     for name in ("layer1", "layer2", "layer3"):
       np.testing.assert_allclose(got[name], golden[name], atol=1e-9, rtol=0,
                                  err_msg=name)
