@@ -110,9 +110,10 @@ def fetch(arch: str, timeout: float = 60.0) -> Path:
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
       if attempt == _ATTEMPTS or isinstance(e, urllib.error.URLError):
         reason = getattr(e, "reason", e)
+        kept = (f" {_size(part)} bytes are in {part}, which the next run "
+                "resumes." if _size(part) else "")
         raise CheckpointError(
-            f"Cannot download {url} ({reason}); have "
-            f"{_size(part)} bytes in {part}, which the next run resumes. "
+            f"Cannot download {url} ({reason}).{kept} "
             + _by_hand(url, weights, directory)) from e
       logging_utils.info(f"Download interrupted ({e}); resuming.")
   digest = sha256_of(part)
