@@ -3,7 +3,9 @@ code (main.py).
 
   # One MVTec AD category from an extracted copy, with ImageNet weights:
   python -m jax_oneclass.main --config=configs/reverse_distillation.py:mvtec,folder=/data/mvtec_anomaly_detection,category=bottle \
-      --config.model.pretrained=/weights/wide_resnet50_2-95faca4d.pth --workdir=/tmp/rd_bottle
+      --config.model.pretrained=imagenet --workdir=/tmp/rd_bottle
+  # (imagenet: torchvision's file, downloaded once into $JAX_ONECLASS_CACHE;
+  # a local copy works too: --config.model.pretrained=/weights/wide_resnet50_2-95faca4d.pth)
 """
 
 from jax_oneclass import config as config_lib
@@ -21,7 +23,8 @@ def get_config(arg=None):
 
   config.model.backbone = "wide_resnet50_2"  # Teacher and mirrored student.
   config.model.ocbe_width_per_group = 0  # 0: the backbone's (128 for WRN).
-  # A torchvision state dict, or the workdir of a two-stage run trained with
+  # A torchvision state dict, "imagenet" (torchvision's weights, downloaded
+  # and cached), or the workdir of a two-stage run trained with
   # --config.model.arch=<model.backbone> (self-supervised); "" = random.
   config.model.pretrained = ""
 

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from jax_oneclass import checkpointing, logging_utils
-from jax_oneclass.components import backbones
+from jax_oneclass.components import backbones, weights_cache
 from jax_oneclass.components.weights_io import read_state_dict
 from jax_oneclass.errors import CheckpointError
 
@@ -41,19 +41,27 @@ def load_torchvision(path: str, arch: str, with_layer4: bool = False):
 # `model.pretrained` of a run restored from its checkpoint, which holds the
 # backbone's weights: nothing is read.
 FROM_CHECKPOINT = "<checkpoint>"
+# `model.pretrained` naming torchvision's ImageNet weights of the backbone,
+# downloaded once into the cache (`weights_cache.fetch`).
+IMAGENET = "imagenet"
 
 
 def load_or_announce_random(path: str, arch: str, role: str):
   """Variables from `path`, or None (random init) when `path` is empty.
 
-  `path` is a torchvision weights file, or the workdir of a two-stage run
-  (rotnet, clr, disaug) trained with `model.arch=arch`, whose backbone
-  becomes a self-supervised one. Either way the log says which, so a run
-  with random or self-supervised features is never mistaken for one with
-  ImageNet features. `FROM_CHECKPOINT` reads nothing (None).
+  `path` is a torchvision weights file, `IMAGENET` (torchvision's file for
+  `arch`, downloaded into the cache on first use), or the workdir of a
+  two-stage run (rotnet, clr, disaug) trained with `model.arch=arch`, whose
+  backbone becomes a self-supervised one. Either way the log says which, so
+  a run with random or self-supervised features is never mistaken for one
+  with ImageNet features. `FROM_CHECKPOINT` reads nothing (None).
   """
   if path == FROM_CHECKPOINT:
     return None
+  if path == IMAGENET:
+    path = str(weights_cache.fetch(arch))
+    logging_utils.info(f"{role}: {arch} ImageNet weights from {path}.")
+    return load_torchvision(path, arch)
   if path and os.path.isdir(path):
     variables, origin = load_self_supervised(path, arch)
     logging_utils.info(f"{role}: {arch} SELF-SUPERVISED ({origin}) from "
