@@ -94,6 +94,8 @@ def base_config(method: str) -> ml_collections.ConfigDict:
 
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
+  # Also save when this many seconds passed since the last save (0: off).
+  c.checkpoint_every_secs = 0.0
   c.keep_checkpoints = 3
   c.halt_after_step = -1  # Stop (with a checkpoint) after this step, if > 0.
   c.progress_bar = True

@@ -8,7 +8,7 @@ import pytest
 
 from jax_oneclass import checkpointing, train
 from jax_oneclass import run as run_lib
-from jax_oneclass.errors import CheckpointError, NonFiniteLossError
+from jax_oneclass.errors import CheckpointError, Interrupted, NonFiniteLossError
 from tests.conftest import tiny_config
 
 
@@ -95,7 +95,27 @@ def test_interrupt_saves_the_current_step(tmp_path, monkeypatch):
     raise KeyboardInterrupt
 
   monkeypatch.setattr(train.data, "train_batches", interrupted_after_three)
-  with pytest.raises(KeyboardInterrupt):
+  with pytest.raises(Interrupted, match="at step 3 of 10; saved the "
+                     "checkpoint .*3. Run the same command again"):
     train.train(config, tmp_path)
   assert checkpointing.Checkpointer(
       tmp_path / "checkpoints").latest_step() == 3
+
+  def interrupted_at_once(cfg, start_step):  # E.g. while compiling.
+    del cfg, start_step
+    raise KeyboardInterrupt
+    yield  # pylint: disable=unreachable
+
+  monkeypatch.setattr(train.data, "train_batches", interrupted_at_once)
+  with pytest.raises(Interrupted, match="nothing new to save.*continue from "
+                     "the checkpoint at step 3"):
+    train.train(config, tmp_path)
+
+
+def test_time_based_checkpoints(tmp_path):
+  config = tiny_config("clr", steps=3)
+  config.checkpoint_every_steps = 100
+  config.checkpoint_every_secs = 1e-6  # Due after every step.
+  train.train(config, tmp_path)
+  assert checkpointing.Checkpointer(
+      tmp_path / "checkpoints").all_steps() == [1, 2, 3]
