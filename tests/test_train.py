@@ -70,9 +70,12 @@ def test_corrupt_checkpoint_gives_clear_error_and_keeps_files(tmp_path):
       path.write_bytes(b"garbage")
       corrupted += 1
   assert corrupted
-  with pytest.raises(CheckpointError, match="Move that folder aside"):
+  with pytest.raises(CheckpointError, match="No checkpoint in .* passed "
+                     "verification .*corrupt_checkpoints.*step 0"):
     train.train(config, tmp_path)
-  assert step_dir.exists()
+  moved = list((tmp_path / checkpointing.CORRUPT_DIR).iterdir())
+  assert [p.name.split("-")[0] for p in moved] == ["2"]  # Kept, not deleted.
+  assert (moved[0] / "state").is_dir()
 
 
 def test_workdir_of_another_method_is_refused(tmp_path):

@@ -1,0 +1,209 @@
+"""Faults injected through the command line: SIGTERM, corrupt checkpoints
+and a full disk each end with one clear line, and a rerun continues."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jax_oneclass import checkpointing, train
+from jax_oneclass import run as run_lib
+from jax_oneclass.errors import CheckpointError
+from tests.conftest import REPO, tiny_config
+
+pytestmark = pytest.mark.xdist_group("faults")
+
+
+def _config_file(tmp_path, steps: int, **keys) -> str:
+  """A config file giving `tiny_config('clr', steps)` with `keys` set."""
+  path = tmp_path / "tiny_clr.py"
+  path.write_text(textwrap.dedent(f"""\
+      from tests.conftest import tiny_config
+      def get_config(arg=None):
+        config = tiny_config("clr", steps={steps})
+        config.update_from_flattened_dict({keys!r})
+        return config
+      """))
+  return f"--config={path}"
+
+
+def _command(config_arg, workdir, *extra):
+  return [sys.executable, "-m", "jax_oneclass.main", config_arg,
+          f"--workdir={workdir}", *extra]
+
+
+def _run(command, **kwargs):
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                        timeout=400, check=False, **kwargs)
+
+
+def _last_line(text: str) -> str:
+  return [line for line in text.splitlines() if line.strip()][-1]
+
+
+def _final_params(workdir, config):
+  run = run_lib.setup(config, workdir)
+  try:
+    state, meta = run_lib.restore(run, run.checkpointer.latest_step())
+  finally:
+    run.checkpointer.close()
+  return jax.device_get(state.params), meta["step"]
+
+
+def test_sigterm_saves_and_the_rerun_is_bit_identical(tmp_path):
+  keys = {"checkpoint_every_steps": 20, "log_every_steps": 10,
+          "eval.plots": False, "eval.num_overlays": 0}
+  config_arg = _config_file(tmp_path, 400, **keys)
+  command = _command(config_arg, tmp_path / "run")
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  first = tmp_path / "run" / "checkpoints" / "20"
+  deadline = time.monotonic() + 300
+  while not first.is_dir() and process.poll() is None:
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 2, stderr[-3000:]
+  line = _last_line(stderr)
+  assert "Stopped by SIGTERM at step" in line
+  assert "Run the same command again" in line and "Traceback" not in stderr
+  stopped = int(line.split("at step ")[1].split()[0])
+  assert 20 <= stopped < 400
+  assert (tmp_path / "run" / "checkpoints" / str(stopped)).is_dir()
+
+  done = _run(command)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"Resumed from the checkpoint at step {stopped}" in done.stdout
+  config = tiny_config("clr", steps=400)
+  config.update_from_flattened_dict(keys)
+  train.train(config, tmp_path / "straight")
+  resumed, step = _final_params(tmp_path / "run", config)
+  straight, _ = _final_params(tmp_path / "straight", config)
+  assert step == 400
+  jax.tree.map(np.testing.assert_array_equal, straight, resumed)
+
+
+def _data_files(step_dir):
+  files = [p for p in (step_dir / "state").rglob("*")
+           if p.is_file() and "/d/" in str(p)]
+  return sorted(files, key=lambda p: -p.stat().st_size)
+
+
+def test_flipped_and_truncated_checkpoints_fall_back(tmp_path):
+  config_arg = _config_file(tmp_path, 6, **{"eval.plots": False,
+                                            "eval.num_overlays": 0})
+  workdir = tmp_path / "run"
+  train.train(tiny_config("clr", steps=6), workdir)
+  checkpoints = workdir / "checkpoints"
+  flipped = _data_files(checkpoints / "6")[0]
+  data = bytearray(flipped.read_bytes())
+  data[:4096] = bytes(b ^ 0xFF for b in data[:4096])
+  flipped.write_bytes(bytes(data))
+  truncated = _data_files(checkpoints / "4")[0]
+  truncated.write_bytes(truncated.read_bytes()[:100])
+  assert checkpointing.verify(checkpoints / "6").startswith(
+      "fails its checksums")
+
+  done = _run(_command(config_arg, workdir))
+  assert done.returncode == 0, done.stderr[-3000:]
+  for step in (6, 4):
+    assert f"warning: Skipping the checkpoint {checkpoints / str(step)}: " \
+           "it fails its checksums" in done.stderr
+  assert "Resumed from the checkpoint at step 2" in done.stdout
+  assert "Traceback" not in done.stderr
+  assert "Event loop is closed" not in done.stderr
+  moved = sorted(p.name.split("-")[0]
+                 for p in (workdir / checkpointing.CORRUPT_DIR).iterdir())
+  assert moved == ["4", "6"]  # Moved aside, never deleted.
+  assert checkpointing.Checkpointer(checkpoints).latest_step() == 6
+
+
+def test_unverified_unreadable_checkpoint_is_skipped(tmp_path):
+  """A checkpoint from before checksums (none written) that cannot be read
+  is skipped as well."""
+  workdir = tmp_path / "run"
+  train.train(tiny_config("clr", steps=4), workdir)
+  step_dir = workdir / "checkpoints" / "4"
+  (step_dir / checkpointing.CHECKSUMS).unlink()
+  for path in (step_dir / "state").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"garbage")
+  run, _ = train.train(tiny_config("clr", steps=4), workdir)
+  assert run.checkpointer.latest_step() == 4
+  assert len(list((workdir / checkpointing.CORRUPT_DIR).iterdir())) == 1
+
+
+def _can_mount_tmpfs(tmp_path) -> bool:
+  probe = subprocess.run(
+      ["unshare", "-m", "sh", "-c",
+       f"mkdir -p {tmp_path}/probe && mount -t tmpfs -o size=1m tmpfs "
+       f"{tmp_path}/probe"], capture_output=True, check=False)
+  return probe.returncode == 0
+
+
+def test_disk_full_during_save_then_a_clean_rerun(tmp_path):
+  if not _can_mount_tmpfs(tmp_path):
+    pytest.skip("No mount namespaces here for a small tmpfs.")
+  config_arg = _config_file(tmp_path, 4, **{"eval.plots": False,
+                                            "eval.num_overlays": 0})
+  disk = tmp_path / "disk"
+  main = " ".join(_command(config_arg, disk / "run"))
+  # Train to step 2 (halted), fill the disk but for 40 KiB (less than one
+  # checkpoint), train on, then free the space and rerun.
+  script = textwrap.dedent(f"""\
+      mkdir -p {disk} && mount -t tmpfs -o size=4m tmpfs {disk} || exit 90
+      {main} --config.halt_after_step=2 >/dev/null 2>&1 || exit 91
+      free=$(df -k --output=avail {disk} | tail -1)
+      fallocate -l $(( (free - 40) * 1024 )) {disk}/filler || exit 92
+      {main} > {tmp_path}/full.out 2> {tmp_path}/full.err
+      echo $? > {tmp_path}/full.rc
+      ls -a {disk}/run/checkpoints > {tmp_path}/left.txt
+      rm {disk}/filler
+      {main} > {tmp_path}/rerun.out 2> {tmp_path}/rerun.err
+      echo $? > {tmp_path}/rerun.rc
+      ls {disk}/run/checkpoints > {tmp_path}/final.txt
+      """)
+  done = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO,
+                        capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert done.returncode == 0, done.stdout + done.stderr
+  stderr = (tmp_path / "full.err").read_text()
+  assert (tmp_path / "full.rc").read_text().strip() == "2", stderr[-3000:]
+  line = _last_line(stderr)
+  assert "Disk full while saving the checkpoint of step 4" in line
+  assert "free, a checkpoint needs about" in line
+  assert "continue from step 2" in line
+  assert "Traceback" not in stderr and "RESOURCE_EXHAUSTED" not in stderr
+  assert "tmp" not in (tmp_path / "left.txt").read_text()  # No partial left.
+  rerun = (tmp_path / "rerun.err").read_text()
+  assert (tmp_path / "rerun.rc").read_text().strip() == "0", rerun[-3000:]
+  assert "Resumed from the checkpoint at step 2" in (
+      tmp_path / "rerun.out").read_text()
+  assert (tmp_path / "final.txt").read_text().split() == ["2", "4"]
+
+
+def test_disk_full_reported_by_the_writer(tmp_path, monkeypatch):
+  """The same path where no tmpfs can be mounted: the writer raises ENOSPC."""
+  checkpointer = checkpointing.Checkpointer(tmp_path / "checkpoints")
+  partial = tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1234"
+
+  def full(step, args):
+    del step, args
+    partial.mkdir(parents=True)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(checkpointer.manager, "save", full)
+  with pytest.raises(CheckpointError, match=r"Disk full while saving the "
+                     r"checkpoint of step 3 .* free, .*Removed the partial "
+                     r"3.orbax-checkpoint-tmp-1234"):
+    checkpointer.save(3, {"x": np.zeros(3)}, {"step": 3})
+  assert not partial.exists()
+  checkpointer.close()
