@@ -58,17 +58,18 @@ def _final_params(workdir, config):
 
 
 def test_sigterm_saves_and_the_rerun_is_bit_identical(tmp_path):
-  keys = {"checkpoint_every_steps": 20, "log_every_steps": 10,
-          "eval.plots": False, "eval.num_overlays": 0}
-  config_arg = _config_file(tmp_path, 400, **keys)
+  # Halting one step before the end skips evaluation: training is tested.
+  keys = {"checkpoint_every_steps": 10, "log_every_steps": 5,
+          "halt_after_step": 80}
+  config_arg = _config_file(tmp_path, 81, **keys)
   command = _command(config_arg, tmp_path / "run")
   process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-  first = tmp_path / "run" / "checkpoints" / "20"
+  first = tmp_path / "run" / "checkpoints" / "10"
   deadline = time.monotonic() + 300
   while not first.is_dir() and process.poll() is None:
     assert time.monotonic() < deadline
-    time.sleep(0.05)
+    time.sleep(0.02)
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=300)
   assert process.returncode == 2, stderr[-3000:]
@@ -76,18 +77,18 @@ def test_sigterm_saves_and_the_rerun_is_bit_identical(tmp_path):
   assert "Stopped by SIGTERM at step" in line
   assert "Run the same command again" in line and "Traceback" not in stderr
   stopped = int(line.split("at step ")[1].split()[0])
-  assert 20 <= stopped < 400
+  assert 10 <= stopped < 80
   assert (tmp_path / "run" / "checkpoints" / str(stopped)).is_dir()
 
   done = _run(command)
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"Resumed from the checkpoint at step {stopped}" in done.stdout
-  config = tiny_config("clr", steps=400)
+  config = tiny_config("clr", steps=81)
   config.update_from_flattened_dict(keys)
   train.train(config, tmp_path / "straight")
   resumed, step = _final_params(tmp_path / "run", config)
   straight, _ = _final_params(tmp_path / "straight", config)
-  assert step == 400
+  assert step == 80
   jax.tree.map(np.testing.assert_array_equal, straight, resumed)
 
 
@@ -207,3 +208,56 @@ def test_disk_full_reported_by_the_writer(tmp_path, monkeypatch):
     checkpointer.save(3, {"x": np.zeros(3)}, {"step": 3})
   assert not partial.exists()
   checkpointer.close()
+
+
+# Bad input: one line naming the key facts, exit code 2, no traceback.
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/nope.py"],
+     "no config file 'configs/nope.py' (from --config)"),
+    (["--config=configs/clr.py:digits", "--config.batch_size=abc"],
+     "config key 'batch_size' cannot take the value 'abc'"),
+    (["--config=configs/clr.py:folder,folder={folder},normal_class=cow"],
+     "normal_class='cow' is not a class of the folder '{folder}'; its "
+     "classes are 0 cat, 1 dog."),
+    (["--config=configs/clr.py:digits,normal_class=x"],
+     "the digits data set takes a class index"),
+])
+def test_bad_input_table(tmp_path, args, message):
+  folder = tmp_path / "images"
+  for name in ("cat", "dog"):
+    (folder / "train" / name).mkdir(parents=True)
+  args = [a.format(folder=folder) for a in args]
+  done = _run([sys.executable, "-m", "jax_oneclass.main", *args,
+               f"--workdir={tmp_path / 'run'}"])
+  assert done.returncode == 2
+  assert message.format(folder=folder) in _last_line(done.stderr)
+  assert "Traceback" not in done.stderr
+
+
+def test_folder_classes_by_name(tmp_path):
+  from jax_oneclass import config as config_lib  # pylint: disable=g-import-not-at-top
+  for name in ("cat", "dog"):
+    (tmp_path / "train" / name).mkdir(parents=True)
+  config = config_lib.load("clr", f"folder,folder={tmp_path},normal_class=dog")
+  assert config.data.normal_class == 1
+
+
+def test_a_batch_larger_than_the_training_set_warns(capsys):
+  from jax_oneclass import data  # pylint: disable=g-import-not-at-top
+  config = tiny_config("clr")
+  info = data.dataset_info(config)
+  run_lib.warn_small_training_set(config, info)
+  assert not capsys.readouterr().err
+  config.batch_size = 256
+  run_lib.warn_small_training_set(config, info)
+  err = capsys.readouterr().err
+  assert f"batch_size 256 is larger than the {info.num_train} normal " \
+         "training images" in err and "negatives" in err
+
+
+def test_make_mvtec_like_without_its_source(tmp_path):
+  done = _run([sys.executable, "experiments/make_mvtec_like.py",
+               f"--out={tmp_path}", f"--source={tmp_path / 'none.tar.gz'}"])
+  assert done.returncode == 2
+  assert "is missing. Pass --source=" in _last_line(done.stderr)
+  assert "Traceback" not in done.stderr

@@ -122,3 +122,28 @@ def test_time_based_checkpoints(tmp_path):
   train.train(config, tmp_path)
   assert checkpointing.Checkpointer(
       tmp_path / "checkpoints").all_steps() == [1, 2, 3]
+
+
+def test_pixel_baseline_is_the_distance_to_the_mean_normal_image(tmp_path):
+  from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
+  from jax_oneclass import data, evaluate  # pylint: disable=g-import-not-at-top
+  config = tiny_config("clr")
+  run = run_lib.setup(config, tmp_path, mode="eval")
+  scores = evaluate.pixel_baseline(run)
+  run.checkpointer.close()
+
+  def images(split):
+    out, anomalous = [], []
+    for batch in data.eval_batches(config, split, 128):
+      keep = batch["mask"].astype(bool)
+      out.append(batch["image"][keep])
+      anomalous.append(batch["is_anomaly"][keep])
+    return np.concatenate(out), np.concatenate(anomalous)
+
+  train_images, _ = images("train")
+  test_images, is_anomaly = images("test")
+  expected = ((test_images - train_images.mean(0)) ** 2).sum((1, 2, 3))
+  np.testing.assert_allclose(scores, expected, rtol=1e-4)
+  # Digit 1, the digits default, is the raw pixels' hardest class.
+  assert config.data.normal_class == 1
+  assert 0.8 < roc_auc_score(is_anomaly, scores) < 0.97
