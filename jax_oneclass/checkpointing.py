@@ -34,7 +34,8 @@ def file_digests(step_dir) -> dict:
   step_dir = Path(step_dir)
   digests = {}
   for path in sorted(step_dir.rglob("*")):
-    if path.is_file() and path.name != CHECKSUMS:
+    if path.is_file() and not path.name.startswith((CHECKSUMS,
+                                                    f".{CHECKSUMS}")):
       digest = hashlib.sha256()
       with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):  # pylint: disable=cell-var-from-loop
@@ -125,8 +126,10 @@ class Checkpointer:
       step_dir = self.directory / str(step)
       if step_dir.is_dir() and jax.process_index() == 0:
         payload = json.dumps({"sha256": file_digests(step_dir)}, indent=1)
-        try:
-          (step_dir / CHECKSUMS).write_text(payload)
+        try:  # Atomically: a half-written list would fail a good step.
+          partial = step_dir / f".{CHECKSUMS}.tmp"
+          partial.write_text(payload)
+          partial.replace(step_dir / CHECKSUMS)
         except OSError as e:
           self._raise_save_error(step, e)
     self._unsummed = []

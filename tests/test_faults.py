@@ -18,7 +18,6 @@ from jax_oneclass import run as run_lib
 from jax_oneclass.errors import CheckpointError
 from tests.conftest import REPO, tiny_config
 
-pytestmark = pytest.mark.xdist_group("faults")
 
 
 def _config_file(tmp_path, steps: int, **keys) -> str:
@@ -261,3 +260,34 @@ def test_make_mvtec_like_without_its_source(tmp_path):
   assert done.returncode == 2
   assert "is missing. Pass --source=" in _last_line(done.stderr)
   assert "Traceback" not in done.stderr
+
+
+def test_bad_data_through_the_command_line(tmp_path):
+  """Rows 'bad image files' and 'stale prepared data' of the bad-input
+  table: a class left without a readable image, and an MVTec-like folder
+  changed since it was prepared."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from jax_oneclass.data import mvtec  # pylint: disable=g-import-not-at-top
+  from tests.test_mvtec import write_widget  # pylint: disable=g-import-not-at-top
+  folder = tmp_path / "images"
+  for split in ("train", "test"):
+    for name in ("cat", "dog"):
+      (folder / split / name).mkdir(parents=True)
+      Image.new("RGB", (8, 8)).save(folder / split / name / "0.png")
+  (folder / "train" / "cat" / "0.png").write_bytes(b"\x89PNG broken")
+  write_widget(tmp_path / "mvtec")
+  data_dir = tmp_path / "tfds"
+  mvtec.build_mvtec_like(tmp_path / "mvtec", "widget", data_dir=data_dir)
+  (tmp_path / "mvtec" / "widget" / "train" / "good" / "000.png").unlink()
+  cases = [
+      (f"--config=configs/clr.py:folder,folder={folder}",
+       f"No image of {folder}/train/cat can be decoded"),
+      (f"--config=configs/reverse_distillation.py:mvtec,folder="
+       f"{tmp_path / 'mvtec'},category=widget,data_dir={data_dir}",
+       "its files changed since. Delete"),
+  ]
+  for config_arg, message in cases:
+    done = _run(_command(config_arg, tmp_path / "run"))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert message in _last_line(done.stderr)
+    assert "Traceback" not in done.stderr
