@@ -185,6 +185,13 @@ def main(argv):
     logging.flush()
     print(f"\nerror: {e}", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:  # Outside the training loop (it saves itself).
+    if _DEBUG.value:
+      raise
+    print("\nerror: Interrupted (Ctrl-C) outside training, e.g. while "
+          "reading data or evaluating; every finished checkpoint is kept. "
+          "Run the same command again to continue.", file=sys.stderr)
+    sys.exit(2)
   except OSError as e:
     if _DEBUG.value or not checkpointing.is_disk_full(e):
       raise

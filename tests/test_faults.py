@@ -277,7 +277,8 @@ def test_bad_data_through_the_command_line(tmp_path):
   (folder / "train" / "cat" / "0.png").write_bytes(b"\x89PNG broken")
   write_widget(tmp_path / "mvtec")
   data_dir = tmp_path / "tfds"
-  mvtec.build_mvtec_like(tmp_path / "mvtec", "widget", data_dir=data_dir)
+  mvtec.build_mvtec_like(tmp_path / "mvtec", "widget",
+                         data_dir=os.fspath(data_dir))
   (tmp_path / "mvtec" / "widget" / "train" / "good" / "000.png").unlink()
   cases = [
       (f"--config=configs/clr.py:folder,folder={folder}",
