@@ -312,13 +312,14 @@ def restore_newest_good(run: Run, move_bad: bool):
                        f"{where}.")
     skipped.append(step)
   if skipped:
+    corrupt = checkpointer.directory.parent / checkpointing.CORRUPT_DIR
     raise CheckpointError(
         f"No checkpoint in {checkpointer.directory} passed verification "
         f"(steps {', '.join(map(str, skipped))}"
-        + (f", moved to {checkpointer.directory.parent / checkpointing.CORRUPT_DIR}"
-           if move_bad else "")
-        + "). Run the same command again to start training from step 0, or "
-        "restore the files from a backup.")
+        + (f", moved to {corrupt}). Run the same command again to start "
+           "training from step 0" if move_bad else
+           "). Train again (--mode=train)")
+        + ", or restore the files from a backup.")
   return None
 
 
