@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -44,6 +45,12 @@ def run_method(method, arg, workdir, overrides=None) -> dict:
 def cifar_folder(path: str) -> str:
   """An extracted folder with train/ and test/, extracting a .tar.gz once."""
   path = Path(path)
+  if not path.exists():
+    print(f"error: {path} does not exist: the CIFAR-10 JPEG data "
+          "(cifar10-jpeg.tar.gz, read from ../shared/data/ beside the "
+          "repository by default) is missing. Pass --source=<that .tar.gz or "
+          "its extracted folder with train/ and test/>.", file=sys.stderr)
+    raise SystemExit(2)
   if path.is_file():
     target = Path(os.environ.get("JAX_ONECLASS_DATA", "/tmp/jax_oneclass_data"))
     marker = target / (path.name + ".extracted")

@@ -3,10 +3,17 @@
 Each checkpoint holds two items: 'state' (the method's state pytree) and
 'meta' (JSON: step, examples seen, seed, method and data set), enough to
 continue a run exactly, because the input pipeline and the step's random
-keys are functions of (seed, step).
+keys are functions of (seed, step). Beside them, checksums.json holds the
+SHA-256 of every file once the save has finished, so that a flipped or
+truncated file is found on restore instead of loading garbage.
 """
 
 from collections.abc import Sequence
+import errno
+import hashlib
+import json
+import shutil
+import time
 from pathlib import Path
 
 from flax import traverse_util
@@ -14,11 +21,71 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jax_oneclass import logging_utils
 from jax_oneclass.errors import CheckpointError
+
+CHECKSUMS = "checksums.json"
+# Where checkpoints that fail verification are moved, beside checkpoints/.
+CORRUPT_DIR = "corrupt_checkpoints"
+
+
+def file_digests(step_dir) -> dict:
+  """{path relative to `step_dir`: SHA-256} of every file but checksums.json."""
+  step_dir = Path(step_dir)
+  digests = {}
+  for path in sorted(step_dir.rglob("*")):
+    if path.is_file() and not path.name.startswith((CHECKSUMS,
+                                                    f".{CHECKSUMS}")):
+      digest = hashlib.sha256()
+      with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):  # pylint: disable=cell-var-from-loop
+          digest.update(block)
+      digests[str(path.relative_to(step_dir))] = digest.hexdigest()
+  return digests
+
+
+def verify(step_dir):
+  """Why the checkpoint in `step_dir` fails its checksums ('fails its
+  checksums (changed: state/...)'), or None if it
+  passes (or predates them: no checksums.json)."""
+  step_dir = Path(step_dir)
+  listed = step_dir / CHECKSUMS
+  if not listed.is_file():
+    return None
+  try:
+    expected = json.loads(listed.read_text())["sha256"]
+  except (ValueError, KeyError, OSError) as e:
+    return f"has an unreadable {CHECKSUMS} ({e})"
+  found = file_digests(step_dir)
+  missing = sorted(set(expected) - set(found))
+  changed = sorted(k for k in expected if k in found and found[k] != expected[k])
+  if missing or changed:
+    return "fails its checksums (" + "; ".join(part for part in (
+        f"missing: {', '.join(missing[:3])}" if missing else "",
+        f"changed: {', '.join(changed[:3])}" if changed else "") if part) + ")"
+  return None
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """Whether `error` (or what caused it) is 'no space left on device'."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC,
+                                                      errno.EDQUOT):
+      return True
+    if "No space left on device" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _size(path: Path) -> int:
+  return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 class Checkpointer:
-  """Periodic saves, keep-last-N, restore of the latest good step."""
+  """Periodic saves, keep-last-N, checksums, restore of the latest good step."""
 
   def __init__(self, directory, max_to_keep: int = 3):
     self.directory = Path(directory).absolute()
@@ -27,6 +94,8 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                              create=True),
         item_names=("state", "meta"))
+    self._unsummed = []  # Saved steps whose checksums are not written yet.
+    self._failed = False  # A save failed; Orbax would raise it again.
 
   def latest_step(self):
     """The newest complete checkpoint's step, or None."""
@@ -36,12 +105,83 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state, meta: dict) -> None:
-    """Saves asynchronously; `wait` blocks until written."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    """Saves asynchronously; `wait` blocks until written and checksummed."""
+    self.wait()
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_save_error(step, e)
+    self._unsummed.append(step)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until the pending save is written, then writes its checksums."""
+    if self._failed:
+      return
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_save_error(self._unsummed[-1] if self._unsummed else None, e)
+    for step in self._unsummed:
+      step_dir = self.directory / str(step)
+      if step_dir.is_dir() and jax.process_index() == 0:
+        payload = json.dumps({"sha256": file_digests(step_dir)}, indent=1)
+        try:  # Atomically: a half-written list would fail a good step.
+          partial = step_dir / f".{CHECKSUMS}.tmp"
+          partial.write_text(payload)
+          partial.replace(step_dir / CHECKSUMS)
+        except OSError as e:
+          self._raise_save_error(step, e)
+    self._unsummed = []
+
+  def _raise_save_error(self, step, error: Exception):
+    """One clear CheckpointError; a disk-full save leaves no partial files."""
+    self._failed = True
+    if not is_disk_full(error):
+      raise CheckpointError(
+          f"Saving the checkpoint of step {step} in {self.directory} failed "
+          f"({type(error).__name__}: {str(error)[:300]}).") from error
+    removed = []
+    if step is not None and jax.process_index() == 0:
+      for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+        shutil.rmtree(partial, ignore_errors=True)
+        removed.append(partial.name)
+      (self.directory / str(step) / CHECKSUMS).unlink(missing_ok=True)
+    done = [s for s in self.all_steps() if s != step]
+    need = _size(self.directory / str(max(done))) if done else 0
+    free = shutil.disk_usage(self.directory).free
+    raise CheckpointError(
+        f"Disk full while saving the checkpoint of step {step} in "
+        f"{self.directory}: {logging_utils.human_bytes(free)} free, a "
+        f"checkpoint needs about {logging_utils.human_bytes(need)}. "
+        + (f"Removed the partial {', '.join(removed)}. " if removed else "")
+        + "Free some space, then run the same command again to continue"
+        + (f" from step {max(done)}." if done else "."
+           )) from error
+
+  def reload(self) -> None:
+    """Re-reads the steps on disk (after one was moved aside)."""
+    self.manager.reload()
+
+  def verify(self, step: int):
+    """Why checkpoint `step` fails verification, or None."""
+    return verify(self.directory / str(step))
+
+  def move_aside(self, step: int) -> Path:
+    """Moves checkpoint `step` to ../corrupt_checkpoints/ (never deletes)."""
+    target = self.directory.parent / CORRUPT_DIR / (
+        f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(self.directory / str(step)), str(target))
+    self.reload()
+    return target
+
+  def saved_shapes(self, step: int) -> dict:
+    """{key path: shape} of the arrays saved in checkpoint `step`."""
+    saved = self.manager.item_metadata(step)["state"]
+    saved = getattr(saved, "tree", saved)
+    flat = traverse_util.flatten_dict(_plain(saved), sep="/")
+    return {k: tuple(getattr(v, "shape", ())) for k, v in flat.items()}
 
   def restore(self, step: int, target):
     """Restores (state, meta) at `step` into the structure of `target`.
@@ -66,8 +206,20 @@ class Checkpointer:
     return restored["state"], dict(restored["meta"])
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    if not self._failed:
+      self.wait()
+    try:
+      self.manager.close()
+    except Exception:  # pylint: disable=broad-except
+      if not self._failed:
+        raise
+
+
+def _plain(tree):
+  """Nested dicts (Orbax metadata may hold other mappings) of `tree`."""
+  if hasattr(tree, "items"):
+    return {str(k): _plain(v) for k, v in tree.items()}
+  return tree
 
 
 def restore_parts(directory, step: int, parts: Sequence[tuple[str, ...]]):

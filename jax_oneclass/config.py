@@ -94,6 +94,8 @@ def base_config(method: str) -> ml_collections.ConfigDict:
 
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
+  # Also save when this many seconds passed since the last save (0: off).
+  c.checkpoint_every_secs = 0.0
   c.keep_checkpoints = 3
   c.halt_after_step = -1  # Stop (with a checkpoint) after this step, if > 0.
   c.progress_bar = True
@@ -172,10 +174,42 @@ def apply_arg(config: ml_collections.ConfigDict, arg,
     if "=" in token:
       key, text = (s.strip() for s in token.split("=", 1))
       values["data." + key if key in _DATA_SHORTHANDS else key] = text
+  class_name = values.get("data.normal_class", "0")
+  if not class_name.lstrip("-").isdigit():
+    del values["data.normal_class"]
   try:
     override(config, values)
+    if "data.normal_class" not in values and class_name != "0":
+      config.data.normal_class = class_index(config, class_name)
   except ConfigError as e:
     raise ConfigError(f"{e} (in {arg!r})") from e
+
+
+def folder_class_names(folder: str) -> tuple[str, ...]:
+  """Class names of an image folder: the class folders of train/ and test/,
+  sorted (their index is the label)."""
+  splits = [Path(folder) / s for s in ("train", "test")]
+  return tuple(sorted({p.name for split in splits if split.is_dir()
+                       for p in split.iterdir() if p.is_dir()}))
+
+
+def class_index(config, name: str) -> int:
+  """The index of class `name` of the config's data set (folder data sets
+  name classes by their folders); ConfigError listing them otherwise."""
+  if config.data.name == "folder":
+    names = folder_class_names(config.data.folder)
+    if name in names:
+      return names.index(name)
+    listed = ", ".join(f"{i} {n}" for i, n in enumerate(names))
+    raise ConfigError(
+        f"normal_class={name!r} is not a class of the folder "
+        f"{config.data.folder!r}" + (f"; its classes are {listed}."
+                                     if names else " (it has no class "
+                                     "folders in train/ or test/)."))
+  raise ConfigError(
+      f"normal_class={name!r}: the {config.data.name} data set takes a "
+      "class index (an integer); a run's dataset_info.json lists the class "
+      "names by index.")
 
 
 def set_dataset(config: ml_collections.ConfigDict, name: str,
@@ -190,6 +224,10 @@ def set_dataset(config: ml_collections.ConfigDict, name: str,
   config.data.image_size = DATASETS[name]["image_size"]
   config.data.channels = DATASETS[name]["channels"]
   if name == "digits":
+    # Class 1: raw pixels tell it apart worst (squared distance to the mean
+    # image: AUROC 0.92; class 0: 1.0), so the quickstart shows whether the
+    # learned features work. See experiments/RESULTS.md.
+    config.data.normal_class = 1
     config.model.width = 16
     config.num_train_steps = 400
     config.data.shuffle_buffer = 2_000

@@ -19,3 +19,7 @@ class CheckpointError(OneClassError, RuntimeError):
 
 class NonFiniteLossError(OneClassError, FloatingPointError):
   """Training produced a NaN or infinite loss."""
+
+
+class Interrupted(OneClassError):
+  """Training was stopped by SIGTERM or Ctrl-C (after saving what it could)."""

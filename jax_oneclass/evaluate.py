@@ -144,6 +144,30 @@ def load_or_fit(run: run_lib.Run, state, step: int,
                      num_fit)
 
 
+PIXEL_BASELINE = ("pixel_baseline: squared distance of a test image's raw "
+                  "pixels (the model input) to the mean normal training "
+                  "image")
+
+
+def pixel_baseline(run: run_lib.Run) -> np.ndarray:
+  """Per test image, the squared pixel distance to the mean normal training
+  image: a detector with nothing learned, to compare the scorers with."""
+  config = run.config
+  images = jax.jit(lambda batch: {"image": batch["image"]},
+                   out_shardings=parallel.replicated(run.mesh))
+  train, _ = _collect(images, (), data.eval_batches(
+      config, "train", config.eval.batch_size), run.mesh)
+  mean = jnp.asarray(train["image"][:config.eval.max_fit_examples].mean(0))
+  distance = jax.jit(
+      lambda m, batch: jnp.sum(jnp.square(batch["image"] - m),
+                               axis=tuple(range(1, batch["image"].ndim))),
+      out_shardings=parallel.replicated(run.mesh))
+  scores, _ = _collect(distance, (parallel.replicate(run.mesh, mean),),
+                       data.eval_batches(config, "test",
+                                         config.eval.batch_size), run.mesh)
+  return scores
+
+
 def headline_scorer(config, scorers) -> str:
   """`config.eval.scorer`, checked against the method's scorers."""
   name = config.eval.get("scorer", "")
@@ -219,6 +243,7 @@ def evaluate_run(run: run_lib.Run, state, step, refit: bool = False,
                       "permission): pass --results_path=<a writable folder>.")
   start = time.perf_counter()
   stage = load_or_fit(run, state, step, refit)
+  logging_utils.info(f"Scoring the {info.num_test} test images...")
   test_batches = data.eval_batches(config, "test", config.eval.batch_size)
   scores, labels = _collect(
       score_fn(run), (state, stage.fitted), test_batches, run.mesh,
@@ -258,6 +283,9 @@ def evaluate_run(run: run_lib.Run, state, step, refit: bool = False,
                       "fpr": float(config.eval.fpr),
                       "pixel_fpr": float(config.eval.pixel_fpr)},
       "thresholds": image_thresholds,
+      "pixel_baseline": {
+          "auroc": metrics.auroc(pixel_baseline(run), is_anomaly),
+          "note": PIXEL_BASELINE},
       **({"localization": pixel} if pixel else {}),
       "eval_seconds": round(time.perf_counter() - start, 2),
   }

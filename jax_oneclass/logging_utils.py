@@ -4,6 +4,8 @@ Only process 0 writes; the other processes get no-op writers.
 """
 
 import json
+import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,10 +39,41 @@ def writable(directory) -> bool:
     return False
 
 
+class _DropLibraryNoise(logging.Filter):
+  """Drops the errors Orbax logs (with tracebacks) for failures that reach
+  the user anyway, as one jax_oneclass error line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "/orbax/" not in record.pathname.replace("\\", "/")
+
+
+def quiet_libraries() -> None:
+  """Silences Orbax's error logs and asyncio's shutdown tracebacks (e.g.
+  'Event loop is closed'); `--verbose` leaves them on."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.get_absl_logger().addFilter(_DropLibraryNoise())
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
+def human_bytes(size: float) -> str:
+  """1536 -> '1.5 KiB'."""
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if size < 1024 or unit == "GiB":
+      return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+    size /= 1024
+  return f"{size:.1f} TiB"
+
+
 def info(message: str) -> None:
   """Prints a run message on process 0 (absl INFO is left to libraries)."""
   if is_main_process():
     tqdm.tqdm.write(message)
+
+
+def warn(message: str) -> None:
+  """Prints 'warning: <message>' to stderr on process 0."""
+  if is_main_process():
+    tqdm.tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 class MetricWriter:

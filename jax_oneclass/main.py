@@ -58,7 +58,7 @@ def format_results(results: dict) -> str:
   """A small table of AUROC and F1 at the held-out threshold per scorer."""
   if not results:
     return "Training halted early (config.halt_after_step); rerun to go on."
-  width = max(len(k) for k in results["auroc"]) + 2
+  width = max(len(k) for k in [*results["auroc"], "pixel_baseline"]) + 2
   calibration = results["calibration"]
   lines = [f"{results['method']} on {results['data']}, normal class "
            f"{results['normal_class']} ({results['class_name']}), step "
@@ -71,20 +71,35 @@ def format_results(results: dict) -> str:
     mark = "* " if name == results["scorer"] else "  "
     f1 = results["thresholds"][name]["at_threshold"]["f1"]
     lines.append(f"{(mark + name).ljust(width)}  {auroc:.4f}  {f1:.4f}")
+  if "pixel_baseline" in results:  # Nothing learned: raw pixels.
+    lines.append(f"{'  pixel_baseline'.ljust(width)}  "
+                 f"{results['pixel_baseline']['auroc']:.4f}       -  "
+                 "(distance to the mean normal image)")
   return "\n".join(lines)
 
 
 def _flag_error_message(error: Exception, argv) -> str:
   """One clear line for a config that cannot be loaded or overridden."""
-  cause = error
+  from jax_oneclass.errors import OneClassError  # pylint: disable=g-import-not-at-top
+  top = str(error)
+  cause, ours = error, None
   while cause.__cause__ is not None or cause.__context__ is not None:
     cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OneClassError):
+      ours = cause  # The deepest is the original, not a re-raised copy.
+  if ours is not None:
+    return str(ours).strip()
   if isinstance(cause, (AttributeError, KeyError)):
     key = str(cause).strip("'\" ")
     overrides = [a for a in argv if a.startswith("--config.")]
     return (f"unknown config key {key!r} (in {', '.join(overrides)}). "
             "The keys are those of the config file's get_config(); "
             "config.json in a run's workdir lists them all.")
+  if top.startswith("flag --config."):  # A value of the wrong type.
+    flag, _, why = top.partition(": ")
+    key, _, value = flag[len("flag --config."):].partition("=")
+    return (f"config key {key!r} cannot take the value {value!r} ({why}); "
+            f"pass a value of the type config.json shows for {key}.")
   text = str(cause)
   if "No such file" in text or isinstance(cause, FileNotFoundError):
     return (f"{text.strip()}. Pass an existing config file, e.g. "
@@ -92,12 +107,31 @@ def _flag_error_message(error: Exception, argv) -> str:
   return text.strip()
 
 
+def _config_file_arg(argv):
+  """The file part of --config=<file>[:arg], or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg[len("--config="):].split(":")[0]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":")[0]
+  return None
+
+
 def parse_flags(argv):
   """absl flag parsing that reports bad configs without a traceback."""
   from jax_oneclass.errors import OneClassError  # pylint: disable=g-import-not-at-top
+  path = _config_file_arg(argv)
+  if path is not None and not os.path.isfile(path) and "--debug" not in argv:
+    print(f"error: no config file {path!r} (from --config); pass an "
+          "existing one, e.g. --config=configs/disaug.py:digits.",
+          file=sys.stderr)
+    sys.exit(2)
   try:
-    return flags.FLAGS(argv)
-  except (flags.Error, OneClassError, AttributeError, KeyError, OSError) as e:
+    parsed = flags.FLAGS(argv)
+    _ = flags.FLAGS["config"].value  # ml_collections loads it lazily.
+    return parsed
+  except (flags.Error, OneClassError, AttributeError, KeyError, OSError,
+          ValueError, TypeError) as e:
     if "--debug" in argv:
       raise
     print(f"error: {_flag_error_message(e, argv)}", file=sys.stderr)
@@ -106,12 +140,14 @@ def parse_flags(argv):
 
 def main(argv):
   del argv
+  from jax_oneclass import logging_utils  # pylint: disable=g-import-not-at-top
   if not _VERBOSE.value:
     logging.set_verbosity(logging.WARNING)
+    logging_utils.quiet_libraries()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # tf.data only; JAX owns GPUs.
 
-  from jax_oneclass import detector, evaluate, logging_utils, parallel, train  # pylint: disable=g-import-not-at-top
+  from jax_oneclass import checkpointing, detector, evaluate, parallel, train  # pylint: disable=g-import-not-at-top
   from jax_oneclass import run as run_lib  # pylint: disable=g-import-not-at-top
   from jax_oneclass.errors import ConfigError, OneClassError  # pylint: disable=g-import-not-at-top
   output = None
@@ -148,6 +184,21 @@ def main(argv):
       raise
     logging.flush()
     print(f"\nerror: {e}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:  # Outside the training loop (it saves itself).
+    if _DEBUG.value:
+      raise
+    print("\nerror: Interrupted (Ctrl-C) outside training, e.g. while "
+          "reading data or evaluating; every finished checkpoint is kept. "
+          "Run the same command again to continue.", file=sys.stderr)
+    sys.exit(2)
+  except OSError as e:
+    if _DEBUG.value or not checkpointing.is_disk_full(e):
+      raise
+    print(f"\nerror: Disk full writing {e.filename or 'run output'} "
+          f"({e.strerror}). Free some space, then run the same command "
+          "again: training resumes from its newest checkpoint.",
+          file=sys.stderr)
     sys.exit(2)
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:

@@ -162,6 +162,8 @@ def setup(config, workdir, info=None, mode: str = "train",
                                             config.keep_checkpoints)
   resuming = mode == "train" and checkpointer.latest_step() is not None
   changes = check_against_run(config, workdir, resuming, allow_config_change)
+  if mode == "train":
+    warn_small_training_set(config, info)
   if resuming and changes:
     logging_utils.info(
         "Resuming with a changed config: " + "; ".join(
@@ -170,6 +172,25 @@ def setup(config, workdir, info=None, mode: str = "train",
              method=methods.get_method(
                  _method_config(config, checkpointer), info),
              mesh=parallel.make_mesh(), checkpointer=checkpointer)
+
+
+# Methods whose loss treats the other images of a batch as negatives.
+_CONTRASTIVE = ("clr", "disaug")
+
+
+def warn_small_training_set(config, info) -> None:
+  """Warns when a batch is larger than the normal training set, so that
+  each batch repeats images (contrastive methods then contrast duplicates
+  as negatives)."""
+  if config.batch_size <= info.num_train:
+    return
+  logging_utils.warn(
+      f"batch_size {config.batch_size} is larger than the "
+      f"{info.num_train} normal training images, so every batch repeats "
+      f"about {config.batch_size - info.num_train} of them"
+      + (" (and contrasts the copies as negatives)"
+         if config.method in _CONTRASTIVE else "")
+      + f"; set --config.batch_size={info.num_train} or lower.")
 
 
 def _method_config(config, checkpointer):
@@ -229,24 +250,97 @@ def restore(run: Run, step: int):
   return state, meta
 
 
+def _key_name(key) -> str:
+  for field in ("name", "key", "idx"):
+    if hasattr(key, field):
+      return str(getattr(key, field))
+  return str(key)
+
+
+def _shape_mismatch(run: Run, step: int):
+  """What differs between checkpoint `step`'s arrays and the state the
+  config builds (e.g. another model width), or None if the shapes agree."""
+  try:
+    saved = run.checkpointer.saved_shapes(step)
+  except Exception:  # pylint: disable=broad-except
+    return None  # Unreadable metadata: corruption, not a config change.
+  built = {"/".join(_key_name(k) for k in path): tuple(leaf.shape)
+           for path, leaf in jax.tree_util.tree_flatten_with_path(
+               abstract_state(run))[0]}
+  if sorted(saved.values()) == sorted(built.values()):
+    return None
+  common = [k for k in built if k in saved and saved[k] != built[k]]
+  if common:
+    return (f"{common[0]}: saved {saved[common[0]]}, the config builds "
+            f"{built[common[0]]}")
+  return (f"the checkpoint holds {len(saved)} arrays, the config builds "
+          f"{len(built)}")
+
+
+def restore_newest_good(run: Run, move_bad: bool):
+  """(state, meta, step) of the newest checkpoint that verifies and reads.
+
+  Newer ones that fail their checksums or cannot be read are skipped with a
+  warning naming them and, when `move_bad` (training, which would write
+  those steps again), moved to corrupt_checkpoints/ beside checkpoints/;
+  nothing is deleted. Returns None when there is no checkpoint; raises
+  ConfigError when the newest one was written by another model config.
+  """
+  checkpointer = run.checkpointer
+  steps = sorted(checkpointer.all_steps(), reverse=True)
+  skipped = []
+  for step in steps:
+    path = checkpointer.directory / str(step)
+    problem = checkpointer.verify(step)
+    if problem is None:
+      try:
+        state, meta = restore(run, step)
+        return state, meta, step
+      except CheckpointError as e:
+        mismatch = _shape_mismatch(run, step)
+        if mismatch is not None:
+          raise ConfigError(
+              f"The config differs from the one the run in {run.workdir} "
+              f"was trained with: its model does not fit the checkpoint "
+              f"({mismatch}). Use the run's own config (leave --config out "
+              "to evaluate it) or another --workdir for a new run.") from e
+        problem = f"cannot be read ({str(e.__cause__ or e)[:200]})"
+    where = ""
+    if move_bad:
+      where = f"; moved to {checkpointer.move_aside(step)}"
+    logging_utils.warn(f"Skipping the checkpoint {path}: it {problem}"
+                       f"{where}.")
+    skipped.append(step)
+  if skipped:
+    corrupt = checkpointer.directory.parent / checkpointing.CORRUPT_DIR
+    raise CheckpointError(
+        f"No checkpoint in {checkpointer.directory} passed verification "
+        f"(steps {', '.join(map(str, skipped))}"
+        + (f", moved to {corrupt}). Run the same command again to start "
+           "training from step 0" if move_bad else
+           "). Train again (--mode=train)")
+        + ", or restore the files from a backup.")
+  return None
+
+
 def restore_or_init(run: Run):
-  """The newest checkpoint's state and step, or a fresh state at step 0."""
-  step = run.checkpointer.latest_step()
-  if step is None:
+  """The newest good checkpoint's state and step, or a fresh state at 0."""
+  found = restore_newest_good(run, move_bad=True)
+  if found is None:
     return run_initial_state(run), 0
-  state, meta = restore(run, step)
+  state, meta, step = found
   logging_utils.info(f"Resumed from the checkpoint at step {step}.")
   return state, int(meta["step"])
 
 
 def restore_latest(run: Run):
-  """(state, step) of the newest checkpoint; CheckpointError if none."""
-  step = run.checkpointer.latest_step()
-  if step is None:
+  """(state, step) of the newest good checkpoint; CheckpointError if none."""
+  found = restore_newest_good(run, move_bad=False)
+  if found is None:
     raise CheckpointError(
         f"No checkpoint in {run.workdir / 'checkpoints'}: train first "
         "(--mode=train) or point --workdir at a trained run.")
-  state, _ = restore(run, step)
+  state, _, step = found
   return state, step
 
 

@@ -7,14 +7,19 @@ the step keys are functions of (seed, step), the continued run is identical
 to an uninterrupted one.
 """
 
+import contextlib
 import math
+import signal
+import threading
+import time
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from jax_oneclass import data, evaluate, logging_utils, parallel
 from jax_oneclass import run as run_lib
-from jax_oneclass.errors import NonFiniteLossError
+from jax_oneclass.errors import Interrupted, NonFiniteLossError
 
 
 def jit_train_step(method, mesh):
@@ -45,6 +50,37 @@ def _summarise(pending: list, step: int, checkpointer) -> dict:
         + ". Lower optimizer.learning_rate or set optimizer.grad_clip_norm, "
         "then run again with the same --workdir to resume from it.")
   return summary
+
+
+@contextlib.contextmanager
+def sigterm_requests():
+  """Yields an Event that SIGTERM sets (instead of killing the process).
+
+  SLURM, Kubernetes and TPU pre-emption send SIGTERM; the loop reads the
+  event at step boundaries, saves and stops. Only the main thread can take
+  signals; elsewhere the event is never set.
+  """
+  requested = threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    yield requested
+    return
+  previous = signal.signal(signal.SIGTERM, lambda *_: requested.set())
+  try:
+    yield requested
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _agreed(flags: tuple[bool, ...], step: int, every: int) -> tuple:
+  """`flags` or-ed over processes. Saving is collective, so every process
+  must decide alike: with several processes they agree at log steps only."""
+  if jax.process_count() == 1:
+    return flags
+  if step % every:
+    return (False,) * len(flags)
+  gathered = multihost_utils.process_allgather(np.asarray(flags, np.int32))
+  return tuple(bool(v) for v in np.asarray(gathered).reshape(
+      -1, len(flags)).max(axis=0))
 
 
 def train(config, workdir, allow_config_change: bool = False):
@@ -81,36 +117,59 @@ def train_run(run: run_lib.Run):
       total, config.halt_after_step)
   batches = data.train_batches(config, start_step)
   pending, step = [], start_step
+  last_save = time.monotonic()
+  every_secs = config.get("checkpoint_every_secs", 0.0)
   try:
-    while step < stop:
-      batch = parallel.shard_batch(mesh, next(batches))
-      state, metrics = step_fn(state, batch, rng)
-      pending.append(metrics)
-      step += 1
-      save = step % config.checkpoint_every_steps == 0 or step == stop
-      stopped_early = False
-      if save or step % config.log_every_steps == 0:
-        summary = _summarise(pending, step, checkpointer)
-        pending = []
-        summary["images_per_sec"] = progress.update(step, summary)
-        writer.write_scalars(step, summary)
-        # A method that stops early freezes itself and reports it.
-        stopped_early = summary.get("stop_training", 0) > 0
-      if save or stopped_early:
-        checkpointer.save(step, state, run_lib.checkpoint_meta(config, step))
-      if stopped_early:
-        logging_utils.info(f"Early stopping at step {step} of {total}.")
-        break
+    with sigterm_requests() as sigterm:
+      while step < stop:
+        batch = parallel.shard_batch(mesh, next(batches))
+        state, metrics = step_fn(state, batch, rng)
+        pending.append(metrics)
+        step += 1
+        timed = every_secs > 0 and time.monotonic() - last_save >= every_secs
+        timed, terminated = _agreed((timed, sigterm.is_set()), step,
+                                    config.log_every_steps)
+        save = (step % config.checkpoint_every_steps == 0 or step == stop
+                or timed or terminated)
+        stopped_early = False
+        if save or step % config.log_every_steps == 0:
+          summary = _summarise(pending, step, checkpointer)
+          pending = []
+          summary["images_per_sec"] = progress.update(step, summary)
+          writer.write_scalars(step, summary)
+          # A method that stops early freezes itself and reports it.
+          stopped_early = summary.get("stop_training", 0) > 0
+        if save or stopped_early:
+          checkpointer.save(step, state, run_lib.checkpoint_meta(config, step))
+          last_save = time.monotonic()
+        if terminated:
+          checkpointer.wait()
+          raise Interrupted(
+              f"Stopped by SIGTERM at step {step} of {total}; saved the "
+              f"checkpoint {checkpointer.directory / str(step)}. Run the same "
+              "command again to continue from it.")
+        if stopped_early:
+          logging_utils.info(f"Early stopping at step {step} of {total}.")
+          break
   except KeyboardInterrupt:
     # Keep the work done so far unless it is already broken.
     if pending:
       _summarise(pending, step, checkpointer)
     checkpointer.wait()
-    if step > (checkpointer.latest_step() or 0):
+    last = checkpointer.latest_step()
+    if step > (last or 0):
       checkpointer.save(step, state, run_lib.checkpoint_meta(config, step))
-    checkpointer.wait()
-    logging_utils.info(f"Interrupted at step {step}; saved. Rerun to continue.")
-    raise
+      checkpointer.wait()
+      message = (f"Interrupted at step {step} of {total}; saved the "
+                 f"checkpoint {checkpointer.directory / str(step)}. Run the "
+                 "same command again to continue from it.")
+    else:  # E.g. during compilation: no step finished since the last save.
+      message = (f"Interrupted at step {step} of {total} before a new step "
+                 "finished; nothing new to save. " + (
+                     f"Run the same command again to continue from the "
+                     f"checkpoint at step {last}." if last is not None else
+                     "No checkpoint was written yet."))
+    raise Interrupted(message) from None
   finally:
     progress.close()
     writer.close()

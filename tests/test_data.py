@@ -15,6 +15,7 @@ import tensorflow as tf
 tf.config.set_visible_devices([], 'GPU')
 
 from jax_oneclass import data  # pylint: disable=g-import-not-at-top
+from jax_oneclass.data import sources  # pylint: disable=g-import-not-at-top
 from jax_oneclass.errors import ConfigError, DataError  # pylint: disable=g-import-not-at-top
 
 _AUG = ('random_resized_crop(0.5)|flip_lr|color_jitter(0.4,0.4,0.4,0.1,p=0.8)'
@@ -212,3 +213,37 @@ def test_parse_augment_keeps_shape_and_range():
   again = augment(image, tf.constant([3, 4]))
   np.testing.assert_array_equal(out.numpy(), again.numpy())
   assert data.parse_augment('')(image, tf.constant([0, 0])).shape == image.shape
+
+
+def test_folder_bad_files_and_other_formats(tmp_path, capsys):
+  _write_folder(tmp_path)
+  (tmp_path / 'train' / 'a' / 'fake.png').write_text('not an image')
+  whole = (tmp_path / 'train' / 'a' / '0.png').read_bytes()
+  (tmp_path / 'train' / 'a' / 'cut.png').write_bytes(whole[:len(whole) // 2])
+  (tmp_path / 'train' / 'a' / 'notes.txt').write_text('x')
+  pixels = np.random.default_rng(1).integers(0, 256, (12, 12, 3), np.uint8)
+  for extension in ('bmp', 'gif', 'webp', 'tif'):
+    Image.fromarray(pixels).save(tmp_path / 'test' / 'b' / f'x.{extension}',
+                                 **({'lossless': True} if extension == 'webp'
+                                    else {}))
+  config = make_config(name='folder', folder=str(tmp_path), normal_class=0,
+                       channels=3)
+  info = data.dataset_info(config)
+  err = capsys.readouterr().err
+  assert 'Skipped 2 image files' in err and 'train/a/fake.png' in err
+  assert 'train/a/cut.png (image file is truncated)' in err
+  assert 'Skipped 1 files' in err and 'train/a/notes.txt' in err
+  assert info.num_train + info.num_holdout == 5 and info.num_test == 14
+  decoded = {}
+  for path in (tmp_path / 'test' / 'b').glob('x.*'):
+    decoded[path.suffix] = sources.decode_any_image(
+        tf.io.read_file(str(path))).numpy()
+  for suffix in ('.bmp', '.webp', '.tif'):  # Lossless formats.
+    np.testing.assert_array_equal(decoded[suffix], pixels)
+  assert decoded['.gif'].shape == (12, 12, 3)
+  assert len(list(data.eval_batches(config, 'test', 16))) == 1
+  for path in (tmp_path / 'train' / 'a').glob('*.png'):
+    path.write_text('broken')
+  sources._list_folder.cache_clear()  # pylint: disable=protected-access
+  with pytest.raises(DataError, match=r"No image of .*train/a can be decoded"):
+    data.dataset_info(config)

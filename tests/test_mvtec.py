@@ -156,7 +156,7 @@ def test_missing_folders(tmp_path):
                      r'cable.*zipper; any other name must be a folder'):
     mvtec.build_mvtec_like(tmp_path, 'botle', data_dir=tmp_path / 'tfds')
   (tmp_path / 'widget' / 'train' / 'good').mkdir(parents=True)
-  with pytest.raises(DataError, match=r'No training images in .*train/good'):
+  with pytest.raises(DataError, match=r'No readable training images in .*train/good'):
     mvtec.build_mvtec_like(tmp_path, 'widget', data_dir=tmp_path / 'tfds')
 
 
@@ -245,3 +245,42 @@ def test_localising_methods_run_from_the_command_line(widget, tmp_path,
   with Image.open(panels[0]) as panel:  # Image and heat map, enlarged.
     assert panel.size[0] > 2 * 224 and panel.size[1] > 224
   assert (tmp_path / 'plots' / f'{sorted(scorers)[0]}.png').is_file()
+
+
+def test_bad_files_are_skipped_and_named(tmp_path, capsys):
+  write_widget(tmp_path / 'src')
+  good = tmp_path / 'src' / 'widget' / 'train' / 'good'
+  (good / 'not_an_image.png').write_text('hello')
+  whole = (good / '000.png').read_bytes()
+  (good / 'truncated.png').write_bytes(whole[:len(whole) // 2])
+  (good / 'notes.txt').write_text('x')
+  pixels = np.full((_SIZE, _SIZE, 3), 7, np.uint8)
+  for extension in ('bmp', 'webp', 'tif', 'gif'):
+    Image.fromarray(pixels).save(good / f'extra.{extension}')
+  builder = mvtec.build_mvtec_like(tmp_path / 'src', 'widget',
+                                   data_dir=os.fspath(tmp_path / 'tfds'))
+  err = capsys.readouterr().err
+  assert ('Skipped 2 image files of' in err and 'train/good/not_an_image.png'
+          in err and 'train/good/truncated.png (image file is truncated)'
+          in err)
+  assert 'not images by their extension: .txt (1)' in err
+  train = read(builder, 'train')
+  assert len(train) == 8  # 4 PNGs, and BMP, WebP, TIFF, GIF.
+  np.testing.assert_array_equal(train['train/good/extra.bmp']['image'],
+                                pixels)
+
+
+def test_a_changed_source_folder_is_refused(tmp_path):
+  write_widget(tmp_path / 'src')
+  data_dir = os.fspath(tmp_path / 'tfds')
+  mvtec.build_mvtec_like(tmp_path / 'src', 'widget', data_dir=data_dir)
+  mvtec.build_mvtec_like(tmp_path / 'src', 'widget', data_dir=data_dir)
+  good = tmp_path / 'src' / 'widget' / 'train' / 'good'
+  (good / '004.png').write_bytes((good / '000.png').read_bytes())
+  with pytest.raises(DataError, match=r'does not match .*src/widget: its '
+                     r'files changed since. Delete .*to prepare it again'):
+    mvtec.build_mvtec_like(tmp_path / 'src', 'widget', data_dir=data_dir)
+  write_widget(tmp_path / 'other')  # Same category name, other files.
+  (tmp_path / 'other' / 'widget' / 'train' / 'good' / '000.png').unlink()
+  with pytest.raises(DataError, match=r'it was prepared from .*src/widget'):
+    mvtec.build_mvtec_like(tmp_path / 'other', 'widget', data_dir=data_dir)

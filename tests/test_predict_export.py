@@ -234,5 +234,5 @@ def test_eval_without_config_reuses_and_refits_the_stage(tmp_path_factory):
       capture_output=True, text=True, timeout=400, check=False)
   assert other.returncode == 2
   assert "The config differs from the run" in other.stderr
-  assert "data.normal_class: 0 -> 5" in other.stderr
+  assert "data.normal_class: 1 -> 5" in other.stderr
   assert "Traceback" not in other.stderr

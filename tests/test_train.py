@@ -8,7 +8,7 @@ import pytest
 
 from jax_oneclass import checkpointing, train
 from jax_oneclass import run as run_lib
-from jax_oneclass.errors import CheckpointError, NonFiniteLossError
+from jax_oneclass.errors import CheckpointError, Interrupted, NonFiniteLossError
 from tests.conftest import tiny_config
 
 
@@ -70,9 +70,12 @@ def test_corrupt_checkpoint_gives_clear_error_and_keeps_files(tmp_path):
       path.write_bytes(b"garbage")
       corrupted += 1
   assert corrupted
-  with pytest.raises(CheckpointError, match="Move that folder aside"):
+  with pytest.raises(CheckpointError, match="No checkpoint in .* passed "
+                     "verification .*corrupt_checkpoints.*step 0"):
     train.train(config, tmp_path)
-  assert step_dir.exists()
+  moved = list((tmp_path / checkpointing.CORRUPT_DIR).iterdir())
+  assert [p.name.split("-")[0] for p in moved] == ["2"]  # Kept, not deleted.
+  assert (moved[0] / "state").is_dir()
 
 
 def test_workdir_of_another_method_is_refused(tmp_path):
@@ -95,7 +98,52 @@ def test_interrupt_saves_the_current_step(tmp_path, monkeypatch):
     raise KeyboardInterrupt
 
   monkeypatch.setattr(train.data, "train_batches", interrupted_after_three)
-  with pytest.raises(KeyboardInterrupt):
+  with pytest.raises(Interrupted, match="at step 3 of 10; saved the "
+                     "checkpoint .*3. Run the same command again"):
     train.train(config, tmp_path)
   assert checkpointing.Checkpointer(
       tmp_path / "checkpoints").latest_step() == 3
+
+  def interrupted_at_once(cfg, start_step):  # E.g. while compiling.
+    del cfg, start_step
+    raise KeyboardInterrupt
+    yield  # pylint: disable=unreachable
+
+  monkeypatch.setattr(train.data, "train_batches", interrupted_at_once)
+  with pytest.raises(Interrupted, match="nothing new to save.*continue from "
+                     "the checkpoint at step 3"):
+    train.train(config, tmp_path)
+
+
+def test_time_based_checkpoints(tmp_path):
+  config = tiny_config("clr", steps=3)
+  config.checkpoint_every_steps = 100
+  config.checkpoint_every_secs = 1e-6  # Due after every step.
+  train.train(config, tmp_path)
+  assert checkpointing.Checkpointer(
+      tmp_path / "checkpoints").all_steps() == [1, 2, 3]
+
+
+def test_pixel_baseline_is_the_distance_to_the_mean_normal_image(tmp_path):
+  from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
+  from jax_oneclass import data, evaluate  # pylint: disable=g-import-not-at-top
+  config = tiny_config("clr")
+  run = run_lib.setup(config, tmp_path, mode="eval")
+  scores = evaluate.pixel_baseline(run)
+  run.checkpointer.close()
+
+  def images(split):
+    out, anomalous = [], []
+    for batch in data.eval_batches(config, split, 128):
+      keep = batch["mask"].astype(bool)
+      out.append(batch["image"][keep])
+      anomalous.append(batch["is_anomaly"][keep])
+    return np.concatenate(out), np.concatenate(anomalous)
+
+  train_images, _ = images("train")
+  test_images, is_anomaly = images("test")
+  expected = ((test_images - train_images.mean(0)) ** 2).sum((1, 2, 3))
+  np.testing.assert_allclose(scores, expected, rtol=1e-4)
+  # Digit 1, the digits default, is the raw pixels' hardest class.
+  assert config.data.normal_class == 1
+  assert 0.8 < roc_auc_score(is_anomaly, scores) < 0.97

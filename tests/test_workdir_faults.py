@@ -36,7 +36,7 @@ def test_another_run_in_the_workdir_is_refused_even_when_allowed(tmp_path):
   train.train(tiny_config("clr", steps=2), tmp_path)
   other = tiny_config("clr", steps=2)
   other.data.normal_class = 3
-  with pytest.raises(ConfigError, match="data.normal_class: 0 -> 3"):
+  with pytest.raises(ConfigError, match="data.normal_class: 1 -> 3"):
     train.train(other, tmp_path, allow_config_change=True)
 
 

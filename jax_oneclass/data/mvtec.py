@@ -20,14 +20,16 @@ subfolder, 'good' for normal images) and 'filename' (the path relative to the
 category folder, e.g. 'test/scratch/000.png').
 """
 
+import collections
+import hashlib
 import os
 
-from absl import logging
 import numpy as np
 from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from jax_oneclass import logging_utils
 from jax_oneclass.errors import ConfigError, DataError
 
 CATEGORIES = ('bottle', 'cable', 'capsule', 'carpet', 'grid', 'hazelnut',
@@ -35,7 +37,9 @@ CATEGORIES = ('bottle', 'cable', 'capsule', 'carpet', 'grid', 'hazelnut',
               'transistor', 'wood', 'zipper')
 LABEL_NAMES = ('good', 'defect')
 SPLITS = ('train', 'test')
-_IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+# What PIL decodes (GIF: the first frame); other files are skipped, named.
+_IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff',
+                     '.gif')
 _VERSION = '1.0.0'
 
 _LAYOUT = ('expected layout: <root>/<category>/train/good/*.png, '
@@ -111,8 +115,10 @@ class MVTecAD(tfds.core.GeneratorBasedBuilder):
     except AssertionError as e:  # tfds's way of saying it is missing.
       raise DataError(f'{e}\n{_LAYOUT}.') from e
     category = self.builder_config.name
-    examples = _list_examples(root, category)
+    examples = _list_examples(root, category, validate=True)
     self.info.metadata['source_dir'] = os.path.join(root, category)
+    self.info.metadata['source_fingerprint'] = source_fingerprint(
+        os.path.join(root, category))
     # Saved with the prepared data, so sources know the class sizes without
     # reading every record.
     self.info.metadata['label_counts'] = {
@@ -121,6 +127,14 @@ class MVTecAD(tfds.core.GeneratorBasedBuilder):
         for split, items in examples.items()}
     return {split: self._generate_examples(items)
             for split, items in examples.items()}
+
+  # tfds prints 'Downloading and preparing ...' and '... downloaded and
+  # prepared': nothing is downloaded from a local folder.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
 
   def _generate_examples(self, items):
     for item in items:
@@ -163,19 +177,60 @@ def build_mvtec_like(root, category: str | None = None,
   root = os.fspath(root).rstrip('/') or '/'
   if category is None:
     root, category = os.path.split(root)
-  builder = mvtec_builder(category, data_dir)
   source_dir = os.path.join(root, category)
-  if builder.is_prepared():
-    built_from = builder.info.metadata.get('source_dir')
-    if built_from and built_from != source_dir:
-      logging.warning('Reusing %s prepared from %s, not %s; use another '
-                      'data_dir to build %s.', builder.data_dir, built_from,
-                      source_dir, source_dir)
-    return builder
-  _list_examples(root, category)  # Fails fast, before tfds sets up.
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=root))
+  with _quiet_tfds():  # Its notes on custom configs and fresh folders.
+    builder = mvtec_builder(category, data_dir)
+    if builder.is_prepared():
+      _check_prepared_source(builder, source_dir)
+      return builder
+    _list_examples(root, category)  # Fails fast, before tfds sets up.
+    logging_utils.info(f'Preparing {source_dir} in {builder.data_dir} '
+                       '(once; later runs reuse it).')
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=root))
   return builder
+
+
+class _quiet_tfds:  # pylint: disable=invalid-name
+  """Raises the 'absl' logger to ERROR while tfds reads local data."""
+
+  def __enter__(self):
+    import logging  # pylint: disable=g-import-not-at-top
+    self._logger = logging.getLogger('absl')
+    self._level = self._logger.level
+    self._logger.setLevel(max(self._level, logging.ERROR))
+
+  def __exit__(self, *exc):
+    self._logger.setLevel(self._level)
+
+
+def source_fingerprint(category_dir: str) -> str:
+  """SHA-256 of the sorted (relative path, size) of every file under
+  `category_dir`: changes when files are added, removed or rewritten with
+  another size."""
+  digest = hashlib.sha256()
+  for directory, _, files in sorted(tf.io.gfile.walk(category_dir)):
+    for name in sorted(files):
+      path = os.path.join(directory, name)
+      relative = os.path.relpath(path, category_dir)
+      digest.update(f'{relative}\t{tf.io.gfile.stat(path).length}\n'.encode())
+  return digest.hexdigest()
+
+
+def _check_prepared_source(builder, source_dir: str) -> None:
+  """Refuses prepared data whose source folder exists but differs now."""
+  built_from = builder.info.metadata.get('source_dir')
+  saved = builder.info.metadata.get('source_fingerprint')
+  if not saved or not tf.io.gfile.isdir(source_dir):
+    return  # Prepared before fingerprints, or the folder is gone: reuse.
+  if source_fingerprint(source_dir) == saved:
+    return
+  what = ('its files changed since' if built_from == source_dir else
+          f'it was prepared from {built_from}, whose files differ')
+  raise DataError(
+      f'The prepared data in {builder.data_dir} does not match {source_dir}: '
+      f'{what}. Delete {builder.data_dir} to prepare it again from the '
+      'folder, or pass another --config.data.data_dir.')
 
 
 def mvtec_records(builder: tfds.core.DatasetBuilder,
@@ -207,9 +262,28 @@ def _decoded_record(example):
 # ---------------------------------------------------------------- listing ---
 
 
-def _image_files(directory: str) -> list[str]:
-  return sorted(f for f in tf.io.gfile.listdir(directory)
-                if f.lower().endswith(_IMAGE_EXTENSIONS))
+def _image_files(directory: str, skipped=None) -> list[str]:
+  """Image files of `directory`; others are counted in `skipped` by
+  extension."""
+  names = sorted(f for f in tf.io.gfile.listdir(directory)
+                 if not tf.io.gfile.isdir(os.path.join(directory, f)))
+  if skipped is not None:
+    for f in names:
+      if not f.lower().endswith(_IMAGE_EXTENSIONS) and not f.startswith('.'):
+        skipped[os.path.splitext(f)[1].lower() or f].append(
+            os.path.join(directory, f))
+  return [f for f in names if f.lower().endswith(_IMAGE_EXTENSIONS)]
+
+
+def _unreadable(path: str) -> str | None:
+  """Why PIL cannot decode the image at `path`, or None."""
+  try:
+    with tf.io.gfile.GFile(path, 'rb') as f, Image.open(f) as image:
+      image.load()
+  except Exception as e:  # pylint: disable=broad-except
+    # PIL raises several types for bad files, GFile tf.errors.
+    return str(e).split('\n')[0][:80] or type(e).__name__
+  return None
 
 
 def _image_size(path: str) -> tuple[int, int]:
@@ -246,23 +320,41 @@ def _check_category_dir(root: str, category: str) -> str:
                   f'{category!r}; {_LAYOUT}.')
 
 
-def _list_examples(root: str, category: str) -> dict[str, list[dict]]:
+def _list_examples(root: str, category: str,
+                   validate: bool = False) -> dict[str, list[dict]]:
   """Checks a category folder and lists its examples per split.
+
+  Files of other extensions are skipped; with `validate`, so are image
+  files PIL cannot decode (not an image, truncated), and a warning names
+  the files skipped.
 
   Returns:
     split -> [{'filename', 'image' (path), 'mask' (path or None), 'label',
     'defect_type'}], sorted by filename.
 
   Raises:
-    DataError: a folder is missing or empty, or a defective test image has no
-      mask or one of another size.
+    DataError: a folder is missing or has no readable images, or a
+      defective test image has no mask or one of another size.
   """
   category_dir = _check_category_dir(root, category)
+  skipped, bad = collections.defaultdict(list), []
+
+  def readable(split, defect_type, files):
+    out = []
+    for f in files:
+      path = os.path.join(category_dir, split, defect_type, f)
+      why = _unreadable(path) if validate else None
+      if why is None:
+        out.append(f)
+      else:
+        bad.append(f'{split}/{defect_type}/{f} ({why})')
+    return out
+
   good_dir = os.path.join(category_dir, 'train', 'good')
-  if not tf.io.gfile.isdir(good_dir) or not _image_files(good_dir):
-    raise DataError(f'No training images in {good_dir!r}; {_LAYOUT}.')
+  files = (_image_files(good_dir, skipped) if tf.io.gfile.isdir(good_dir)
+           else [])
   train = [_example(category_dir, 'train', 'good', f, None)
-           for f in _image_files(good_dir)]
+           for f in readable('train', 'good', files)]
 
   test_dir = os.path.join(category_dir, 'test')
   defect_types = (sorted(d.rstrip('/') for d in tf.io.gfile.listdir(test_dir)
@@ -270,11 +362,27 @@ def _list_examples(root: str, category: str) -> dict[str, list[dict]]:
                   if tf.io.gfile.isdir(test_dir) else [])
   test = []
   for defect_type in defect_types:
-    for f in _image_files(os.path.join(test_dir, defect_type)):
+    files = _image_files(os.path.join(test_dir, defect_type), skipped)
+    for f in readable('test', defect_type, files):
       test.append(_example(category_dir, 'test', defect_type, f,
                            _checked_mask(category_dir, defect_type, f)))
+  if validate and bad:
+    logging_utils.warn(
+        f'Skipped {len(bad)} image files of {category_dir} that cannot be '
+        f'decoded: {"; ".join(bad[:5])}' + (' ...' if len(bad) > 5 else '')
+        + '.')
+  if validate and skipped:
+    count = sum(len(v) for v in skipped.values())
+    kinds = ', '.join(f'{k} ({len(v)})' for k, v in sorted(skipped.items()))
+    logging_utils.warn(
+        f'Skipped {count} files of {category_dir} that are not images by '
+        f'their extension: {kinds}; e.g. {next(iter(skipped.values()))[0]}.')
+  if not train:
+    raise DataError(f'No readable training images in {good_dir!r}'
+                    + (f' ({len(bad)} could not be decoded)' if bad else '')
+                    + f'; {_LAYOUT}.')
   if not test:
-    raise DataError(f'No test images in {test_dir!r}; {_LAYOUT}.')
+    raise DataError(f'No readable test images in {test_dir!r}; {_LAYOUT}.')
   return {'train': train, 'test': test}
 
 
@@ -319,9 +427,9 @@ def _encode_example(item: dict) -> dict:
 def _load_image(path: str):
   """(path or RGB PIL image, (width, height)); RGB files are kept as stored."""
   with tf.io.gfile.GFile(path, 'rb') as f, Image.open(f) as image:
-    if image.mode == 'RGB':
+    if image.mode == 'RGB' and image.format in ('PNG', 'JPEG'):
       return path, image.size
-    return image.convert('RGB'), image.size
+    return np.asarray(image.convert('RGB')), image.size
 
 
 def _load_mask(path: str | None, size: tuple[int, int]):

@@ -31,7 +31,6 @@ _CATALOG = {
 }
 SOURCE_NAMES = ('digits',) + tuple(_CATALOG) + ('folder', 'mvtec')
 SPLITS = ('train', 'test')
-_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,17 +186,108 @@ def _catalog_source(name: str, data_dir) -> Source:
 _FOLDER_LAYOUT = ('expected layout: <folder>/train/<class>/*.jpg|png and '
                   '<folder>/test/<class>/*.jpg|png; class indices follow the '
                   'alphabetical order of the class folder names')
+# tf.io.decode_image reads these; WebP and TIFF go through PIL.
+_TF_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+_PIL_EXTENSIONS = ('.webp', '.tif', '.tiff')
+_FOLDER_EXTENSIONS = _TF_EXTENSIONS + _PIL_EXTENSIONS
 
 
-def _count_folder_images(split_dir: str, class_names) -> np.ndarray:
-  """Counts images per class the way tfds's ImageFolder selects them."""
-  counts = []
-  for class_name in class_names:
-    class_dir = os.path.join(split_dir, class_name)
-    files = (tf.io.gfile.listdir(class_dir) if tf.io.gfile.isdir(class_dir)
-             else [])
-    counts.append(sum(f.lower().endswith(_IMAGE_EXTENSIONS) for f in files))
-  return np.asarray(counts, np.int64)
+def _undecodable(path: str) -> str | None:
+  """Why PIL cannot decode the image file at `path`, or None."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with tf.io.gfile.GFile(path, 'rb') as f, Image.open(f) as image:
+      image.load()
+  except Exception as e:  # pylint: disable=broad-except
+    # PIL raises several types for bad files, GFile tf.errors.
+    return str(e).split('\n')[0][:80] or type(e).__name__
+  return None
+
+
+@functools.lru_cache(maxsize=8)
+def _list_folder(root: str) -> tuple[tuple[str, ...], dict]:
+  """(class names, split -> (paths, labels)) of a checked image folder.
+
+  Every image file is decoded once: ones that fail are skipped, named in a
+  warning; so are files of other extensions. Raises DataError when a class
+  folder or a split is left with no readable image.
+  """
+  from jax_oneclass import logging_utils  # pylint: disable=g-import-not-at-top
+  class_names = tuple(sorted({
+      d.rstrip('/') for split in SPLITS
+      for d in tf.io.gfile.listdir(os.path.join(root, split))
+      if tf.io.gfile.isdir(os.path.join(root, split, d))}))
+  bad, other, listed = [], [], {}
+  emptied = set()  # Class folders none of whose images decode.
+  for split in SPLITS:
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+      class_dir = os.path.join(root, split, name)
+      files = (sorted(tf.io.gfile.listdir(class_dir))
+               if tf.io.gfile.isdir(class_dir) else [])
+      failed = readable = 0
+      for f in files:
+        path = os.path.join(class_dir, f)
+        if tf.io.gfile.isdir(path) or f.startswith('.'):
+          continue
+        if not f.lower().endswith(_FOLDER_EXTENSIONS):
+          other.append(os.path.join(split, name, f))
+          continue
+        why = _undecodable(path)
+        if why is not None:
+          bad.append(f'{os.path.join(split, name, f)} ({why})')
+          failed += 1
+          continue
+        paths.append(path)
+        labels.append(label)
+        readable += 1
+      if failed and not readable:
+        emptied.add(class_dir)
+    listed[split] = (paths, np.asarray(labels, np.int32))
+  if bad:
+    logging_utils.warn(
+        f'Skipped {len(bad)} image files of {root} that cannot be decoded: '
+        f'{"; ".join(bad[:5])}' + (' ...' if len(bad) > 5 else '') + '.')
+  if other:
+    logging_utils.warn(
+        f'Skipped {len(other)} files of {root} that are not images by their '
+        f'extension (read: {", ".join(_FOLDER_EXTENSIONS)}); e.g. '
+        f'{other[0]}.')
+  if emptied:
+    raise DataError(
+        f'No image of {", ".join(sorted(emptied))} can be decoded (see the '
+        'warning above); replace the files, or remove the folder.')
+  for split, (paths, _) in listed.items():
+    if not paths:
+      raise DataError(
+          f'Image folder {root!r} has no readable images in its {split!r} '
+          'split' + (f' ({len(bad)} files could not be decoded)' if bad
+                     else '') + f'; {_FOLDER_LAYOUT}.')
+  return class_names, listed
+
+
+def _pil_decode(encoded: bytes) -> np.ndarray:
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if isinstance(encoded, np.ndarray):  # tf.numpy_function's 0-d array.
+    encoded = encoded.item()
+  with Image.open(io.BytesIO(encoded)) as image:
+    return np.asarray(image.convert('RGB'))
+
+
+def decode_any_image(encoded: tf.Tensor) -> tf.Tensor:
+  """uint8 [H, W, 3] from PNG, JPEG, BMP, GIF (first frame), WebP or TIFF
+  bytes."""
+  head = tf.strings.substr(encoded, 0, 4)
+  by_pil = tf.reduce_any(tf.equal(head, [b'RIFF', b'II*\x00', b'MM\x00*']))
+  image = tf.cond(
+      by_pil,
+      lambda: tf.numpy_function(_pil_decode, [encoded], tf.uint8,
+                                stateful=False),
+      lambda: tf.io.decode_image(encoded, channels=3,
+                                 expand_animations=False))
+  image.set_shape([None, None, 3])
+  return image
 
 
 def _folder_source(root) -> Source:
@@ -208,30 +298,25 @@ def _folder_source(root) -> Source:
     if not tf.io.gfile.isdir(os.path.join(root, split)):
       raise DataError(f'Image folder {root!r} has no {split!r} subfolder; '
                       f'{_FOLDER_LAYOUT}.')
-  builder = tfds.folder_dataset.ImageFolder(root)
-  class_names = tuple(builder.info.features['label'].names)
-  counts = {s: _count_folder_images(os.path.join(root, s), class_names)
-            for s in SPLITS}
-  for split, split_counts in counts.items():
-    if split_counts.sum() == 0:
-      raise DataError(f'Image folder {root!r} has no images in its {split!r} '
-                      f'split; {_FOLDER_LAYOUT}.')
-  image_feature = builder.info.features['image']
-  prefix = '^' + re.escape(os.path.join(os.path.abspath(root), ''))
+  root = os.path.abspath(root)
+  class_names, listed = _list_folder(root)
+  counts = {s: np.bincount(labels, minlength=len(class_names)).astype(
+      np.int64) for s, (_, labels) in listed.items()}
+  start = len(os.path.join(root, ''))
 
   def records(split, num_shards, index):
     _check_split(split)
-    # ImageFolder has no sub-split support, so shard the records instead.
-    ds = builder.as_dataset(split=split,
-                            decoders={'image': tfds.decode.SkipDecoding()})
+    paths, labels = listed[split]
+    ds = tf.data.Dataset.from_tensor_slices(
+        {'path': paths, 'label': labels,
+         'filename': [p[start:] for p in paths]})
     ds = ds.shard(num_shards, index)
-    return ds.map(lambda ex: {'image': ex['image'],
-                              'label': tf.cast(ex['label'], tf.int32),
-                              'filename': tf.strings.regex_replace(
-                                  ex['image/filename'], prefix, '')})
+    return ds.map(lambda ex: {'image': tf.io.read_file(ex['path']),
+                              'label': ex['label'],
+                              'filename': ex['filename']})
 
   return Source(name='folder', class_names=class_names, label_counts=counts,
-                records=records, decode=image_feature.decode_example,
+                records=records, decode=decode_any_image,
                 cache_records=True, has_filenames=True)
 
 

@@ -1,0 +1,294 @@
+"""Faults injected through the command line: SIGTERM, corrupt checkpoints
+and a full disk each end with one clear line, and a rerun continues."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jax_oneclass import checkpointing, train
+from jax_oneclass import run as run_lib
+from jax_oneclass.errors import CheckpointError
+from tests.conftest import REPO, tiny_config
+
+
+
+def _config_file(tmp_path, steps: int, **keys) -> str:
+  """A config file giving `tiny_config('clr', steps)` with `keys` set."""
+  path = tmp_path / "tiny_clr.py"
+  path.write_text(textwrap.dedent(f"""\
+      from tests.conftest import tiny_config
+      def get_config(arg=None):
+        config = tiny_config("clr", steps={steps})
+        config.update_from_flattened_dict({keys!r})
+        return config
+      """))
+  return f"--config={path}"
+
+
+def _command(config_arg, workdir, *extra):
+  return [sys.executable, "-m", "jax_oneclass.main", config_arg,
+          f"--workdir={workdir}", *extra]
+
+
+def _run(command, **kwargs):
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                        timeout=400, check=False, **kwargs)
+
+
+def _last_line(text: str) -> str:
+  return [line for line in text.splitlines() if line.strip()][-1]
+
+
+def _final_params(workdir, config):
+  run = run_lib.setup(config, workdir)
+  try:
+    state, meta = run_lib.restore(run, run.checkpointer.latest_step())
+  finally:
+    run.checkpointer.close()
+  return jax.device_get(state.params), meta["step"]
+
+
+def test_sigterm_saves_and_the_rerun_is_bit_identical(tmp_path):
+  # Halting one step before the end skips evaluation: training is tested.
+  keys = {"checkpoint_every_steps": 10, "log_every_steps": 5,
+          "halt_after_step": 80}
+  config_arg = _config_file(tmp_path, 81, **keys)
+  command = _command(config_arg, tmp_path / "run")
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  first = tmp_path / "run" / "checkpoints" / "10"
+  deadline = time.monotonic() + 300
+  while not first.is_dir() and process.poll() is None:
+    assert time.monotonic() < deadline
+    time.sleep(0.02)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 2, stderr[-3000:]
+  line = _last_line(stderr)
+  assert "Stopped by SIGTERM at step" in line
+  assert "Run the same command again" in line and "Traceback" not in stderr
+  stopped = int(line.split("at step ")[1].split()[0])
+  assert 10 <= stopped < 80
+  assert (tmp_path / "run" / "checkpoints" / str(stopped)).is_dir()
+
+  done = _run(command)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"Resumed from the checkpoint at step {stopped}" in done.stdout
+  config = tiny_config("clr", steps=81)
+  config.update_from_flattened_dict(keys)
+  train.train(config, tmp_path / "straight")
+  resumed, step = _final_params(tmp_path / "run", config)
+  straight, _ = _final_params(tmp_path / "straight", config)
+  assert step == 80
+  jax.tree.map(np.testing.assert_array_equal, straight, resumed)
+
+
+def _data_files(step_dir):
+  files = [p for p in (step_dir / "state").rglob("*")
+           if p.is_file() and "/d/" in str(p)]
+  return sorted(files, key=lambda p: -p.stat().st_size)
+
+
+def test_flipped_and_truncated_checkpoints_fall_back(tmp_path):
+  config_arg = _config_file(tmp_path, 6, **{"eval.plots": False,
+                                            "eval.num_overlays": 0})
+  workdir = tmp_path / "run"
+  train.train(tiny_config("clr", steps=6), workdir)
+  checkpoints = workdir / "checkpoints"
+  flipped = _data_files(checkpoints / "6")[0]
+  data = bytearray(flipped.read_bytes())
+  data[:4096] = bytes(b ^ 0xFF for b in data[:4096])
+  flipped.write_bytes(bytes(data))
+  truncated = _data_files(checkpoints / "4")[0]
+  truncated.write_bytes(truncated.read_bytes()[:100])
+  assert checkpointing.verify(checkpoints / "6").startswith(
+      "fails its checksums")
+
+  done = _run(_command(config_arg, workdir))
+  assert done.returncode == 0, done.stderr[-3000:]
+  for step in (6, 4):
+    assert f"warning: Skipping the checkpoint {checkpoints / str(step)}: " \
+           "it fails its checksums" in done.stderr
+  assert "Resumed from the checkpoint at step 2" in done.stdout
+  assert "Traceback" not in done.stderr
+  assert "Event loop is closed" not in done.stderr
+  moved = sorted(p.name.split("-")[0]
+                 for p in (workdir / checkpointing.CORRUPT_DIR).iterdir())
+  assert moved == ["4", "6"]  # Moved aside, never deleted.
+  assert checkpointing.Checkpointer(checkpoints).latest_step() == 6
+
+
+def test_unverified_unreadable_checkpoint_is_skipped(tmp_path):
+  """A checkpoint from before checksums (none written) that cannot be read
+  is skipped as well."""
+  workdir = tmp_path / "run"
+  train.train(tiny_config("clr", steps=4), workdir)
+  step_dir = workdir / "checkpoints" / "4"
+  (step_dir / checkpointing.CHECKSUMS).unlink()
+  for path in (step_dir / "state").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"garbage")
+  run, _ = train.train(tiny_config("clr", steps=4), workdir)
+  assert run.checkpointer.latest_step() == 4
+  assert len(list((workdir / checkpointing.CORRUPT_DIR).iterdir())) == 1
+
+
+def _can_mount_tmpfs(tmp_path) -> bool:
+  probe = subprocess.run(
+      ["unshare", "-m", "sh", "-c",
+       f"mkdir -p {tmp_path}/probe && mount -t tmpfs -o size=1m tmpfs "
+       f"{tmp_path}/probe"], capture_output=True, check=False)
+  return probe.returncode == 0
+
+
+def test_disk_full_during_save_then_a_clean_rerun(tmp_path):
+  if not _can_mount_tmpfs(tmp_path):
+    pytest.skip("No mount namespaces here for a small tmpfs.")
+  config_arg = _config_file(tmp_path, 4, **{"eval.plots": False,
+                                            "eval.num_overlays": 0})
+  disk = tmp_path / "disk"
+  main = " ".join(_command(config_arg, disk / "run"))
+  # Train to step 2 (halted), fill the disk but for 40 KiB (less than one
+  # checkpoint), train on, then free the space and rerun.
+  script = textwrap.dedent(f"""\
+      mkdir -p {disk} && mount -t tmpfs -o size=4m tmpfs {disk} || exit 90
+      {main} --config.halt_after_step=2 >/dev/null 2>&1 || exit 91
+      free=$(df -k --output=avail {disk} | tail -1)
+      fallocate -l $(( (free - 40) * 1024 )) {disk}/filler || exit 92
+      {main} > {tmp_path}/full.out 2> {tmp_path}/full.err
+      echo $? > {tmp_path}/full.rc
+      ls -a {disk}/run/checkpoints > {tmp_path}/left.txt
+      rm {disk}/filler
+      {main} > {tmp_path}/rerun.out 2> {tmp_path}/rerun.err
+      echo $? > {tmp_path}/rerun.rc
+      ls {disk}/run/checkpoints > {tmp_path}/final.txt
+      """)
+  done = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO,
+                        capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert done.returncode == 0, done.stdout + done.stderr
+  stderr = (tmp_path / "full.err").read_text()
+  assert (tmp_path / "full.rc").read_text().strip() == "2", stderr[-3000:]
+  line = _last_line(stderr)
+  assert "Disk full while saving the checkpoint of step 4" in line
+  assert "free, a checkpoint needs about" in line
+  assert "continue from step 2" in line
+  assert "Traceback" not in stderr and "RESOURCE_EXHAUSTED" not in stderr
+  assert "tmp" not in (tmp_path / "left.txt").read_text()  # No partial left.
+  rerun = (tmp_path / "rerun.err").read_text()
+  assert (tmp_path / "rerun.rc").read_text().strip() == "0", rerun[-3000:]
+  assert "Resumed from the checkpoint at step 2" in (
+      tmp_path / "rerun.out").read_text()
+  assert (tmp_path / "final.txt").read_text().split() == ["2", "4"]
+
+
+def test_disk_full_reported_by_the_writer(tmp_path, monkeypatch):
+  """The same path where no tmpfs can be mounted: the writer raises ENOSPC."""
+  checkpointer = checkpointing.Checkpointer(tmp_path / "checkpoints")
+  partial = tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1234"
+
+  def full(step, args):
+    del step, args
+    partial.mkdir(parents=True)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(checkpointer.manager, "save", full)
+  with pytest.raises(CheckpointError, match=r"Disk full while saving the "
+                     r"checkpoint of step 3 .* free, .*Removed the partial "
+                     r"3.orbax-checkpoint-tmp-1234"):
+    checkpointer.save(3, {"x": np.zeros(3)}, {"step": 3})
+  assert not partial.exists()
+  checkpointer.close()
+
+
+# Bad input: one line naming the key facts, exit code 2, no traceback.
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/nope.py"],
+     "no config file 'configs/nope.py' (from --config)"),
+    (["--config=configs/clr.py:digits", "--config.batch_size=abc"],
+     "config key 'batch_size' cannot take the value 'abc'"),
+    (["--config=configs/clr.py:folder,folder={folder},normal_class=cow"],
+     "normal_class='cow' is not a class of the folder '{folder}'; its "
+     "classes are 0 cat, 1 dog."),
+    (["--config=configs/clr.py:digits,normal_class=x"],
+     "the digits data set takes a class index"),
+])
+def test_bad_input_table(tmp_path, args, message):
+  folder = tmp_path / "images"
+  for name in ("cat", "dog"):
+    (folder / "train" / name).mkdir(parents=True)
+  args = [a.format(folder=folder) for a in args]
+  done = _run([sys.executable, "-m", "jax_oneclass.main", *args,
+               f"--workdir={tmp_path / 'run'}"])
+  assert done.returncode == 2
+  assert message.format(folder=folder) in _last_line(done.stderr)
+  assert "Traceback" not in done.stderr
+
+
+def test_folder_classes_by_name(tmp_path):
+  from jax_oneclass import config as config_lib  # pylint: disable=g-import-not-at-top
+  for name in ("cat", "dog"):
+    (tmp_path / "train" / name).mkdir(parents=True)
+  config = config_lib.load("clr", f"folder,folder={tmp_path},normal_class=dog")
+  assert config.data.normal_class == 1
+
+
+def test_a_batch_larger_than_the_training_set_warns(capsys):
+  from jax_oneclass import data  # pylint: disable=g-import-not-at-top
+  config = tiny_config("clr")
+  info = data.dataset_info(config)
+  run_lib.warn_small_training_set(config, info)
+  assert not capsys.readouterr().err
+  config.batch_size = 256
+  run_lib.warn_small_training_set(config, info)
+  err = capsys.readouterr().err
+  assert f"batch_size 256 is larger than the {info.num_train} normal " \
+         "training images" in err and "negatives" in err
+
+
+def test_make_mvtec_like_without_its_source(tmp_path):
+  done = _run([sys.executable, "experiments/make_mvtec_like.py",
+               f"--out={tmp_path}", f"--source={tmp_path / 'none.tar.gz'}"])
+  assert done.returncode == 2
+  assert "is missing. Pass --source=" in _last_line(done.stderr)
+  assert "Traceback" not in done.stderr
+
+
+def test_bad_data_through_the_command_line(tmp_path):
+  """Rows 'bad image files' and 'stale prepared data' of the bad-input
+  table: a class left without a readable image, and an MVTec-like folder
+  changed since it was prepared."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from jax_oneclass.data import mvtec  # pylint: disable=g-import-not-at-top
+  from tests.test_mvtec import write_widget  # pylint: disable=g-import-not-at-top
+  folder = tmp_path / "images"
+  for split in ("train", "test"):
+    for name in ("cat", "dog"):
+      (folder / split / name).mkdir(parents=True)
+      Image.new("RGB", (8, 8)).save(folder / split / name / "0.png")
+  (folder / "train" / "cat" / "0.png").write_bytes(b"\x89PNG broken")
+  write_widget(tmp_path / "mvtec")
+  data_dir = tmp_path / "tfds"
+  mvtec.build_mvtec_like(tmp_path / "mvtec", "widget",
+                         data_dir=os.fspath(data_dir))
+  (tmp_path / "mvtec" / "widget" / "train" / "good" / "000.png").unlink()
+  cases = [
+      (f"--config=configs/clr.py:folder,folder={folder}",
+       f"No image of {folder}/train/cat can be decoded"),
+      (f"--config=configs/reverse_distillation.py:mvtec,folder="
+       f"{tmp_path / 'mvtec'},category=widget,data_dir={data_dir}",
+       "its files changed since. Delete"),
+  ]
+  for config_arg, message in cases:
+    done = _run(_command(config_arg, tmp_path / "run"))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert message in _last_line(done.stderr)
+    assert "Traceback" not in done.stderr
