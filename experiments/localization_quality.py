@@ -81,7 +81,7 @@ def part_run(args) -> dict:
   budget = {**_budget(args), "model.pretrained": args.pretrained}
   out = {"command": f"{SCRIPT} run --categories={','.join(args.categories)} "
                     f"--steps={args.steps}",
-         "budget": budget, "runs": {}}
+         "budget": budget, "runs": {}, "gp_order": "select_then_map"}
   for category in args.categories:
     for label, (method, extra) in VARIANTS.items():
       workdir = Path(args.workdir_root) / category / label.replace(", ", "_")
@@ -189,9 +189,16 @@ def render(result: dict) -> str:
                               for i in range(3)]
     lines.append(f"| **{label}** | mean | | **{mean[0]:.3f}** | "
                  f"**{mean[1]:.3f}** | **{mean[2]:.3f}** | |")
+  if result.get("gp_order") == "select_then_map":
+    criterion = ("largest spatial gradients of the feature map only, the "
+                 "selection made before the MLP trains on it")
+  else:
+    criterion = ("largest gradient norms of the MLP trained on all points "
+                 "only: these gradient-preference figures were measured "
+                 "before the 2026-12 reordering (see the selector study)")
   lines += ["", "The gradient-preference rows differ only in how the "
             "repository is chosen (bank.preferred_fraction 0.5 by default, "
-            "0 = uniform sample, 1 = largest gradient norms only): mean "
+            f"0 = uniform sample, 1 = {criterion}): mean "
             "image / pixel AUROC " + "; ".join(
                 f"{label} {m[0]:.3f} / {m[1]:.3f}"
                 for label, m in averaged.items()
