@@ -17,7 +17,8 @@ of the centre loss under an MLP first trained on ALL points, over all
 layers or only the first or last layer's weights, raw or divided by
 ||x||), each preferring the largest or the smallest values, for all of the
 repository (preferred_fraction 1) or half of it (0.5, the rest uniform),
-next to a uniform repository and all points. For the old criterion the
+next to a uniform repository and all points; the old criterion also as the
+old code selected, over all images' points at once instead of per image. For the old criterion the
 study also reports what it correlates with (Spearman): the feature norm,
 the distance to the centre after training, the distance to the nearest
 point of the other training images (isolation), and the share of the
@@ -131,6 +132,19 @@ def _pick(scores, fraction, preferred_fraction, prefer, seed):
   return np.concatenate([first, np.stack(rest)], axis=1)
 
 
+def _pick_global(scores, fraction, preferred_fraction, seed):
+  """The selection before 2026-12: over ALL training points at once, the
+  `preferred_fraction` of `fraction` of them with the largest scores, the
+  rest uniform; -> flat indices."""
+  flat = scores.reshape(-1)
+  size = max(int(round(fraction * len(flat))), 1)
+  preferred = int(round(preferred_fraction * size))
+  order = np.argsort(-flat, kind="stable")
+  rng = np.random.default_rng(seed)
+  rest = rng.choice(order[preferred:], size - preferred, replace=False)
+  return np.concatenate([order[:preferred], np.sort(rest)])
+
+
 def evaluate(config, train_sel, test_points, labels, masks, seed, steps):
   """(image AUROC, pixel AUROC) of the method trained on `train_sel`."""
   weights, _ = train_mlp(config, train_sel, seed, steps)
@@ -209,9 +223,32 @@ def study(args, category) -> dict:
     print(f"{category} | {label} | {image:.3f} | {pixel:.3f} | "
           f"{time.perf_counter() - start:.1f} s", flush=True)
 
+  old_all = criteria["old: trained-MLP gradient, all layer(s)"]
+  for share in (1.0, 0.5):
+    # Chunks of m points in a seeded order stand in for images while the
+    # MLP trains (a global selection keeps unequal numbers per image).
+    chosen = _pick_global(old_all, args.fraction, share, config.seed)
+    kept = repository.sizes(h * w, types.SimpleNamespace(
+        fraction=args.fraction, preferred_fraction=share))[0]
+    chosen = np.random.default_rng(config.seed).permutation(chosen)
+    chosen = chosen[:len(chosen) // kept * kept].reshape(-1, kept)
+    label = ("old: trained-MLP gradient, all layer(s), largest, over all "
+             f"images (the old selection), preferred_fraction {share}")
+    start = time.perf_counter()
+    image, pixel = evaluate(config, flat.reshape(-1, dim)[chosen], test,
+                            labels, masks, config.seed, args.steps)
+    out["rows"][label] = {"image_auroc": image, "pixel_auroc": pixel}
+    per_image = np.bincount(image_of[chosen.reshape(-1)], minlength=n)
+    out.setdefault("old_global_images_covered", {})[str(share)] = float(
+        (per_image > 0).mean())
+    print(f"{category} | {label} | {image:.3f} | {pixel:.3f} | "
+          f"{time.perf_counter() - start:.1f} s | images with a point: "
+          f"{(per_image > 0).mean():.2f}", flush=True)
   uniform = np.zeros((n, h * w))
   run("uniform", _pick(uniform, args.fraction, 0.0, "largest", config.seed))
   run("all points", np.tile(np.arange(h * w), (n, 1)))
+  if args.quick:
+    return out
   for label, scores in criteria.items():
     for prefer in ("largest", "smallest"):
       for share in (1.0, 0.5):
@@ -250,7 +287,13 @@ def render(result) -> str:
     m = np.mean(means, axis=0)
     lines.append(f"| {label} | " + " | ".join(cells)
                  + f" | **{m[0]:.3f}** / {m[1]:.3f} |")
-  lines += ["", "What the old criterion (all layers) follows, Spearman "
+  lines += ["", "Share of training images with at least one point in the "
+            "old global selection (preferred_fraction 1 / 0.5): " + "; ".join(
+                f"{c} " + " / ".join(
+                    f"{v:.2f}" for _, v in sorted(result["categories"][c].get(
+                        "old_global_images_covered", {}).items(),
+                        reverse=True)) for c in cats) + ".",
+            "", "What the old criterion (all layers) follows, Spearman "
             "correlation over the training points:", "",
             "| category | feature norm | distance to c | isolation | new "
             "criterion | border share of top 10% (all points) |",
@@ -275,6 +318,8 @@ def main():
   parser.add_argument("--fraction", type=float, default=0.1)
   parser.add_argument("--image_size", type=int, default=64)
   parser.add_argument("--pretrained", default="")
+  parser.add_argument("--quick", action="store_true",
+                      help="Only the old global selection, uniform and all.")
   parser.add_argument("--report", action="store_true",
                       help="Only rewrite the section from the saved JSON.")
   args = parser.parse_args()
