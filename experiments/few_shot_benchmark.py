@@ -29,6 +29,11 @@ PART = "few_shot"
 # Row label -> (method, overrides beyond the shared budget, main score).
 VARIANTS = {
     "gradient_preference": ("gradient_preference", {}, "nn_max"),
+    # The default before the selector study: half the repository by the
+    # largest feature-map gradients, half uniform.
+    "gradient_preference, largest gradients, half": (
+        "gradient_preference",
+        {"bank.prefer": "largest", "bank.preferred_fraction": 0.5}, "nn_max"),
     "nearest-neighbour repository": (
         "gradient_preference",
         {"model.mlp_widths": (), "bank.fraction": 1.0,
@@ -52,13 +57,18 @@ def part_run(args) -> dict:
   ensure_folder(Path(args.folder), args.categories)
   out = {"command": f"{SCRIPT} --categories={','.join(args.categories)} "
                     f"--shots={','.join(map(str, args.shots))} "
-                    f"--steps={args.steps}",
+                    f"--steps={args.steps} --batch_size={args.batch_size}",
          "budget": _budget(args, 0), "runs": {}}
+  if args.variants != list(VARIANTS)[:1] + list(VARIANTS)[2:]:
+    out["command"] += f" --variants='{';'.join(args.variants)}'"
+  if args.merge:
+    out["command"] += " --merge"
+  variants = {k: VARIANTS[k] for k in args.variants}
   for category in args.categories:
     arg = (f"mvtec,folder={args.folder},category={category},"
            f"data_dir={args.data_dir}")
     for shots in args.shots:
-      for label, (method, extra, score) in VARIANTS.items():
+      for label, (method, extra, score) in variants.items():
         workdir = (Path(args.workdir_root) / category / f"k{shots}" /
                    label.replace(" ", "_"))
         res = common.run_method(method, arg, workdir,
@@ -91,7 +101,9 @@ def render(result: dict) -> str:
       "Nearest-neighbour repository: every layer2+layer3 patch point of the "
       "K images, no selection, no MLP (gradient preference with "
       "model.mlp_widths=() and bank.fraction=1). Cells: image AUROC "
-      "(GP/NN: nn_max, RD: map_max) / pixel AUROC / AUPRO.", "",
+      "(GP/NN: nn_max, RD: map_max) / pixel AUROC / AUPRO."
+      + "".join(f" Rows added by `{c}`." for c in result.get(
+          "merged_commands", [])), "",
       "| method | K | " + " | ".join(cats) + " | mean image AUROC |",
       "|---|---|" + "---|" * (len(cats) + 1)]
   shots = sorted({int(k) for per in runs.values() for c in per.values()
@@ -126,11 +138,27 @@ def main():
   parser.add_argument("--subset_seed", type=int, default=0)
   parser.add_argument("--pretrained", default="")
   parser.add_argument("--workdir_root", default="/tmp/few_shot")
+  parser.add_argument("--variants", default=[
+      "gradient_preference", "nearest-neighbour repository",
+      "reverse_distillation"], type=lambda s: s.split(";"),
+                      help="';'-separated row labels of VARIANTS to run.")
+  parser.add_argument("--merge", action="store_true",
+                      help="Add the rows to the saved results (same budget).")
   parser.add_argument("--report", action="store_true",
                       help="Only rewrite the section from the saved JSON.")
   args = parser.parse_args()
   if not args.report:
-    common.save_part(PART, part_run(args))
+    result = part_run(args)
+    saved = common.RESULTS_DIR / f"{PART}.json"
+    if args.merge and saved.exists():  # Add these rows to the saved ones.
+      old = json.loads(saved.read_text())
+      for label, per_category in result["runs"].items():
+        for category, rows in per_category.items():
+          old["runs"].setdefault(label, {}).setdefault(category, {}).update(
+              rows)
+      old.setdefault("merged_commands", []).append(result["command"])
+      result = old
+    common.save_part(PART, result)
   result = json.loads((common.RESULTS_DIR / f"{PART}.json").read_text())
   print(common.write_section(PART, render(result)))
 

@@ -278,15 +278,20 @@ def render(result) -> str:
       + " | mean image / pixel |",
       "|---|" + "---|" * (len(cats) + 1)]
   labels = list(result["categories"][cats[0]]["rows"])
+  best = {}
   for label in labels:
     cells, means = [], []
     for c in cats:
       r = result["categories"][c]["rows"][label]
       cells.append(f"{r['image_auroc']:.3f} / {r['pixel_auroc']:.3f}")
       means.append((r["image_auroc"], r["pixel_auroc"]))
-    m = np.mean(means, axis=0)
+    m = best[label] = np.mean(means, axis=0)
     lines.append(f"| {label} | " + " | ".join(cells)
                  + f" | **{m[0]:.3f}** / {m[1]:.3f} |")
+  for i, name in enumerate(("image", "pixel")):
+    top = max(best, key=lambda label: best[label][i])
+    lines.append(f"{'' if i else chr(10)}Best mean {name} AUROC: {top} "
+                 f"({best[top][i]:.3f}).")
   lines += ["", "Share of training images with at least one point in the "
             "old global selection (preferred_fraction 1 / 0.5): " + "; ".join(
                 f"{c} " + " / ".join(
