@@ -15,10 +15,21 @@ seeded uniform number (the same for every image), for the uniform baseline.
 Per image, `bank.fraction` of its h*w points are kept: the
 `bank.preferred_fraction` of them ranked first by the criterion
 (`bank.prefer`: 'largest' or 'smallest'), the rest a seeded uniform sample
-of the other positions, so the repository keeps covering the common normal
-patches. The selection depends only on the image and the config, so the
-points the MLP trains on and the repository it maps are the same ones.
+of the other positions. Selecting per image, not over all images' points at
+once, keeps every training image in the repository (see
+experiments/gp_selector_study.py). The selection depends only on the image
+and the config, so the points the MLP trains on and the repository it maps
+are the same ones.
+
+The defaults (smallest gradients, the whole repository by the criterion)
+come from that study: on the synthetic MVTec-shaped set the points inside
+smooth regions made the best repository for localisation, because a
+defect's local discontinuity is then far from every entry, while a
+repository of contour points also lies close to the discontinuities that
+defects create.
 """
+
+import types
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +39,18 @@ from jax_oneclass.errors import ConfigError
 
 CRITERIA = ("feature_gradient", "random")
 PREFER = ("largest", "smallest")
+
+
+# What a config written before the selector's own keys existed means.
+_DEFAULTS = {"criterion": "feature_gradient", "prefer": "largest",
+             "normalize": False, "max_size": 0}
+
+
+def bank_settings(bank) -> types.SimpleNamespace:
+  """`config.bank` with defaults for keys older configs lack, checked."""
+  settings = types.SimpleNamespace(**{**_DEFAULTS, **dict(bank)})
+  check_bank(settings)
+  return settings
 
 
 def check_bank(bank) -> None:
