@@ -221,3 +221,28 @@ def test_bad_configs_fail_with_clear_messages():
   with pytest.raises(ConfigError, match="bank.prefer"):
     _method(**{"bank.prefer": "most"})
 
+
+
+def test_old_bank_configs_get_the_selector_defaults():
+  old = ml_collections.ConfigDict(dict(fraction=0.1, preferred_fraction=0.5,
+                                       max_size=0))
+  settings = repository.bank_settings(old)
+  assert (settings.criterion, settings.prefer, settings.normalize) == (
+      "feature_gradient", "largest", False)
+  assert settings.preferred_fraction == 0.5
+
+
+def test_no_mlp_widths_is_a_plain_repository_of_the_selected_points():
+  method = _method(**{"model.mlp_widths": (), "bank.fraction": 1.0})
+  state = method.init_state(jax.random.key(0), (16, 16, 1))
+  images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 1))
+  points = method._points(state.backbone, images)  # pylint: disable=protected-access
+  assert state.params == {} and state.center.shape == (points.shape[-1],)
+  features = method.embed(state, {"image": images})["features"]
+  np.testing.assert_allclose(
+      np.sort(np.asarray(features).reshape(-1)),
+      np.sort(np.asarray(points).reshape(-1)), rtol=1e-6)
+  fitted = method.fit({"features": features})
+  scores = method.score(state, fitted, {"image": images})
+  # Training images are their own nearest entries: distance 0 everywhere.
+  np.testing.assert_allclose(scores.maps["anomaly_map"], 0.0, atol=1e-3)
