@@ -43,9 +43,10 @@ def get_config(arg=None):
   # `criterion` ('feature_gradient': the feature map's spatial gradient,
   # divided by the feature's norm if `normalize`; 'random'), `prefer`
   # 'largest' or 'smallest' first, the rest a seeded uniform sample; all
-  # images' points together, capped at `max_size` if > 0.
-  config.bank = dict(fraction=0.1, preferred_fraction=0.5, max_size=0,
-                     criterion="feature_gradient", prefer="largest",
+  # images' points together, capped at `max_size` if > 0. The defaults
+  # come from experiments/gp_selector_study.py (see RESULTS.md).
+  config.bank = dict(fraction=0.1, preferred_fraction=1.0, max_size=0,
+                     criterion="feature_gradient", prefer="smallest",
                      normalize=False)
 
   config.eval.batch_size = 16

@@ -52,7 +52,7 @@ def _budget(args, shots: int) -> dict:
           "eval.plots": False}
 
 
-def part_run(args) -> dict:
+def part_run(args, save) -> dict:
   """Every variant for every K and category."""
   ensure_folder(Path(args.folder), args.categories)
   out = {"command": f"{SCRIPT} --categories={','.join(args.categories)} "
@@ -67,10 +67,10 @@ def part_run(args) -> dict:
   for category in args.categories:
     arg = (f"mvtec,folder={args.folder},category={category},"
            f"data_dir={args.data_dir}")
-    for shots in args.shots:
-      for label, (method, extra, score) in variants.items():
+    for label, (method, extra, score) in variants.items():
+      for shots in args.shots:
         workdir = (Path(args.workdir_root) / category / f"k{shots}" /
-                   label.replace(" ", "_"))
+                   label.replace(" ", "_").replace(",", ""))
         res = common.run_method(method, arg, workdir,
                                 {**_budget(args, shots), **extra})
         pixel = res["localization"]["anomaly_map"]
@@ -80,6 +80,7 @@ def part_run(args) -> dict:
         out["runs"].setdefault(label, {}).setdefault(category, {})[
             str(shots)] = row
         print(f"{category} K={shots} {label}: {json.dumps(row)}", flush=True)
+        save(out)  # Every row as it comes: a cut-short run keeps them.
   return out
 
 
@@ -148,17 +149,22 @@ def main():
                       help="Only rewrite the section from the saved JSON.")
   args = parser.parse_args()
   if not args.report:
-    result = part_run(args)
     saved = common.RESULTS_DIR / f"{PART}.json"
-    if args.merge and saved.exists():  # Add these rows to the saved ones.
-      old = json.loads(saved.read_text())
-      for label, per_category in result["runs"].items():
-        for category, rows in per_category.items():
-          old["runs"].setdefault(label, {}).setdefault(category, {}).update(
-              rows)
-      old.setdefault("merged_commands", []).append(result["command"])
-      result = old
-    common.save_part(PART, result)
+    old = json.loads(saved.read_text()) if (
+        args.merge and saved.exists()) else None
+
+    def save(result):
+      if old is not None:  # These rows added to the saved ones.
+        merged = json.loads(json.dumps(old))
+        for label, per_category in result["runs"].items():
+          for category, rows in per_category.items():
+            merged["runs"].setdefault(label, {}).setdefault(
+                category, {}).update(rows)
+        merged.setdefault("merged_commands", []).append(result["command"])
+        result = merged
+      common.save_part(PART, result)
+
+    part_run(args, save)
   result = json.loads((common.RESULTS_DIR / f"{PART}.json").read_text())
   print(common.write_section(PART, render(result)))
 
