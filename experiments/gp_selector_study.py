@@ -112,7 +112,8 @@ def layer_gradient_norms(weights, center, x, layer):
   delta = 2.0 * (out - center)
   last = len(weights) - 1
   if layer == "last":
-    return jnp.linalg.norm(delta, axis=-1) * jnp.linalg.norm(inputs[last], axis=-1)
+    return (jnp.linalg.norm(delta, axis=-1)
+            * jnp.linalg.norm(inputs[last], axis=-1))
   for i in range(last, 0, -1):
     delta = (delta @ weights[f"dense_{i}"].T) * (pre[i - 1] > 0)
   return jnp.linalg.norm(delta, axis=-1) * jnp.linalg.norm(inputs[0], axis=-1)
@@ -128,7 +129,8 @@ def _pick(scores, fraction, preferred_fraction, prefer, seed):
   rest = []
   for row, taken in zip(signed, first):
     free = np.setdiff1d(np.arange(len(row)), taken)
-    rest.append(free[np.argsort(-noise[free], kind="stable")[:kept - preferred]])
+    order = np.argsort(-noise[free], kind="stable")
+    rest.append(free[order[:kept - preferred]])
   return np.concatenate([first, np.stack(rest)], axis=1)
 
 
@@ -184,7 +186,8 @@ def study(args, category) -> dict:
   criteria["old: trained-MLP gradient / ||x||"] = (
       criteria["old: trained-MLP gradient, all layer(s)"] / norm)
   for normalize in (False, True):
-    label = "new: feature-map spatial gradient" + (" / ||x||" if normalize else "")
+    label = ("new: feature-map spatial gradient"
+             + (" / ||x||" if normalize else ""))
     criteria[label] = np.asarray(repository.feature_gradient(
         jnp.asarray(train), normalize)).reshape(n, -1)
 
@@ -210,7 +213,8 @@ def study(args, category) -> dict:
       "spearman_isolation": stats.spearmanr(old[sample], isolation)[0],
       "spearman_new_criterion": stats.spearmanr(
           old, criteria["new: feature-map spatial gradient"].reshape(-1))[0],
-      "border_share_top10pct": float(np.tile(border.reshape(-1), n)[top].mean()),
+      "border_share_top10pct": float(
+          np.tile(border.reshape(-1), n)[top].mean()),
       "border_share_all": float(border.mean())}
   print(category, json.dumps(out["old_criterion"]), flush=True)
 
