@@ -10,7 +10,7 @@ category, with the same backbone and image size. It is NOT MVTec AD (see
 experiments/README.md); without ImageNet weights every backbone is random
 unless --pretrained names a torchvision resnet18 file.
 
-  python experiments/few_shot_benchmark.py --categories=automobile --shots=1,4,16 --steps=100
+  python experiments/few_shot_benchmark.py --categories=automobile --shots=1,4,16 --steps=50 --batch_size=8
 """
 
 import argparse
