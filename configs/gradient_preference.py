@@ -27,7 +27,9 @@ def get_config(arg=None):
   config.model.pretrained = ""
   config.model.feature_layers = ("layer2", "layer3")  # Multi-level points.
   config.model.neighbourhood = 3  # Patch = 3x3 average of its surroundings.
-  config.model.mlp_widths = (512, 256)  # Bias-free; the last is the space.
+  # Bias-free; the last is the space. () = no mapping: a plain
+  # nearest-neighbour repository of the selected backbone features.
+  config.model.mlp_widths = (512, 256)
 
   config.optimizer.name = "adam"
   config.optimizer.learning_rate = 1e-4
@@ -36,9 +38,16 @@ def get_config(arg=None):
   config.center_steps = 5  # Batches averaged for the fixed centre.
   config.early_stopping = dict(decay=0.9, min_delta=1e-3, patience=40)
 
-  # Repository: `fraction` of all training patch points (capped at
-  # `max_size` if > 0), `preferred_fraction` of it chosen by gradient norm.
-  config.bank = dict(fraction=0.1, preferred_fraction=0.5, max_size=0)
+  # Repository, selected before the MLP trains (on it): per training image
+  # `fraction` of its patch points, `preferred_fraction` of them ranked by
+  # `criterion` ('feature_gradient': the feature map's spatial gradient,
+  # divided by the feature's norm if `normalize`; 'random'), `prefer`
+  # 'largest' or 'smallest' first, the rest a seeded uniform sample; all
+  # images' points together, capped at `max_size` if > 0. The defaults
+  # come from experiments/gp_selector_study.py (see RESULTS.md).
+  config.bank = dict(fraction=0.1, preferred_fraction=1.0, max_size=0,
+                     criterion="feature_gradient", prefer="smallest",
+                     normalize=False)
 
   config.eval.batch_size = 16
   config.eval.k = 1  # Nearest repository entries averaged per patch.

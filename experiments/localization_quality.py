@@ -35,7 +35,12 @@ VARIANTS = {
         "gradient_preference", {"bank.preferred_fraction": 0.0}),
     "gradient_preference, preferred points only": (
         "gradient_preference", {"bank.preferred_fraction": 1.0}),
+    "gradient_preference, largest feature gradients": (
+        "gradient_preference", {"bank.prefer": "largest"}),
 }
+# Rows of the runs before the 2026-12 reordering; newer runs skip it (the
+# default already takes every point by the criterion).
+_OLD_ONLY = ("gradient_preference, preferred points only",)
 MAIN_SCORE = {"reverse_distillation": "map_max",
               "gradient_preference": "nn_max"}
 
@@ -81,9 +86,11 @@ def part_run(args) -> dict:
   budget = {**_budget(args), "model.pretrained": args.pretrained}
   out = {"command": f"{SCRIPT} run --categories={','.join(args.categories)} "
                     f"--steps={args.steps}",
-         "budget": budget, "runs": {}}
+         "budget": budget, "runs": {}, "gp_order": "select_then_map"}
   for category in args.categories:
     for label, (method, extra) in VARIANTS.items():
+      if label in _OLD_ONLY:
+        continue
       workdir = Path(args.workdir_root) / category / label.replace(", ", "_")
       _run(out, label, category, method, args, workdir, {**budget, **extra})
   return out
@@ -189,9 +196,18 @@ def render(result: dict) -> str:
                               for i in range(3)]
     lines.append(f"| **{label}** | mean | | **{mean[0]:.3f}** | "
                  f"**{mean[1]:.3f}** | **{mean[2]:.3f}** | |")
+  if result.get("gp_order") == "select_then_map":
+    how = ("smallest spatial gradients of the feature map per image by "
+           "default, selected before the MLP trains on them; 'largest "
+           "feature gradients' the opposite direction; random = uniform")
+  else:
+    how = ("bank.preferred_fraction 0.5 then, 0 = uniform sample, 1 = "
+           "largest gradient norms of the MLP trained on all points only, "
+           "chosen over all images at once: these gradient-preference "
+           "figures were measured before the 2026-12 reordering (see the "
+           "selector study)")
   lines += ["", "The gradient-preference rows differ only in how the "
-            "repository is chosen (bank.preferred_fraction 0.5 by default, "
-            "0 = uniform sample, 1 = largest gradient norms only): mean "
+            f"repository is chosen ({how}): mean "
             "image / pixel AUROC " + "; ".join(
                 f"{label} {m[0]:.3f} / {m[1]:.3f}"
                 for label, m in averaged.items()

@@ -66,6 +66,10 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   # Normal training images held out from training and fitting, to calibrate
   # thresholds and score normalisation (0: calibrate on the training ones).
   c.data.holdout_fraction = 0.1
+  # Few-shot protocol: train and fit on a seeded subset of K normal training
+  # images, taken after the held-out split (0: all of them).
+  c.data.num_train_images = 0
+  c.data.subset_seed = 0
 
   c.model = ml_collections.ConfigDict()
   c.model.width = 64

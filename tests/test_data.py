@@ -247,3 +247,43 @@ def test_folder_bad_files_and_other_formats(tmp_path, capsys):
   sources._list_folder.cache_clear()  # pylint: disable=protected-access
   with pytest.raises(DataError, match=r"No image of .*train/a can be decoded"):
     data.dataset_info(config)
+
+def _train_images(config):
+  batches = list(data.eval_batches(config, 'train', 64))
+  return np.concatenate([b['image'][b['mask']] for b in batches])
+
+
+def test_num_train_images_is_a_seeded_subset_after_the_holdout():
+  full = make_config(holdout_fraction=0.2)
+  everything = _train_images(full)
+  holdout = np.concatenate([b['image'][b['mask']] for b in
+                            data.eval_batches(full, 'holdout', 64)])
+  few = make_config(holdout_fraction=0.2, num_train_images=4)
+  assert data.dataset_info(few).num_train == 4
+  subset = _train_images(few)
+  assert len(subset) == 4
+  # Every kept image is a training one (not held out), none repeated.
+  as_rows = lambda x: {r.tobytes() for r in x.reshape(len(x), -1)}
+  assert as_rows(subset) <= as_rows(everything)
+  assert not as_rows(subset) & as_rows(holdout)
+  assert len(as_rows(subset)) == 4
+  # The held-out split does not change; the subset follows subset_seed.
+  np.testing.assert_array_equal(
+      np.concatenate([b['image'][b['mask']] for b in
+                      data.eval_batches(few, 'holdout', 64)]), holdout)
+  np.testing.assert_array_equal(_train_images(few), subset)
+  other = _train_images(make_config(holdout_fraction=0.2, num_train_images=4,
+                                    subset_seed=1))
+  assert as_rows(other) != as_rows(subset)
+  # Training batches cycle through the K images only.
+  seen = np.concatenate([b['image'][:, 0] for b in
+                         take(data.train_batches(few), 3)])
+  assert as_rows(seen) == as_rows(subset)
+  available = data.dataset_info(full).num_train
+  assert data.dataset_info(make_config(
+      holdout_fraction=0.2, num_train_images=available)).num_train == available
+  with pytest.raises(ConfigError, match='exceeds the .* held-out split'):
+    data.dataset_info(make_config(holdout_fraction=0.2,
+                                  num_train_images=available + 1))
+  with pytest.raises(ConfigError, match='int >= 0'):
+    data.dataset_info(make_config(num_train_images=-1))

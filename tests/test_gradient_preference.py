@@ -1,5 +1,5 @@
 """Gradient preference: chunked nearest neighbours, per-point gradient norms,
-repository selection, patch features, and the training step's phases."""
+the selector, patch features, and the training step's phases."""
 
 import types
 
@@ -80,21 +80,61 @@ def test_per_point_gradient_norms_equal_autodiff_per_point():
       jax.vmap(one_norm)(points), rtol=1e-5)
 
 
-def _bank(fraction, preferred_fraction, max_size=0):
+def _bank(fraction, preferred_fraction, max_size=0, criterion="feature_gradient",
+          prefer="largest", normalize=False):
   return ml_collections.ConfigDict(dict(
       fraction=fraction, preferred_fraction=preferred_fraction,
-      max_size=max_size))
+      max_size=max_size, criterion=criterion, prefer=prefer,
+      normalize=normalize))
 
 
-def test_repository_keeps_the_largest_gradients_then_samples_the_rest():
-  norms = np.random.default_rng(0).permutation(100).astype(np.float32)
-  chosen = repository.select_repository(norms, _bank(0.2, 0.5), seed=0)
-  assert len(chosen) == 20 and len(set(chosen)) == 20
-  np.testing.assert_array_equal(norms[chosen[:10]], np.arange(99, 89, -1))
-  assert norms[chosen[10:]].max() < 90  # The rest come from the others.
+def test_feature_gradient_is_the_central_difference_magnitude():
+  points = np.random.default_rng(0).normal(size=(2, 5, 6, 3))
+  got = np.asarray(repository.feature_gradient(jnp.asarray(points), False))
+  padded = np.pad(points, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+  for b, i, j in [(0, 0, 0), (1, 2, 3), (0, 4, 5), (1, 0, 4)]:
+    d_x = padded[b, i + 1, j + 2] - padded[b, i + 1, j]
+    d_y = padded[b, i + 2, j + 1] - padded[b, i, j + 1]
+    want = 0.5 * np.sqrt((d_x**2).sum() + (d_y**2).sum())
+    np.testing.assert_allclose(got[b, i, j], want, rtol=1e-5)
+  normalised = repository.feature_gradient(jnp.asarray(points), True)
+  np.testing.assert_allclose(
+      normalised, got / (np.linalg.norm(points, axis=-1) + 1e-6), rtol=1e-5)
+
+
+def test_selector_keeps_the_preferred_points_then_samples_the_rest():
+  # One image whose feature map is flat but for a bright 2x2 square: the
+  # square and its ring have the largest spatial gradients.
+  points = np.zeros((2, 8, 8, 4), np.float32)
+  points[0, 3:5, 3:5] = 5.0
+  points[1] = np.random.default_rng(1).normal(size=(8, 8, 4))
+  scores = np.asarray(repository.feature_gradient(jnp.asarray(points), False))
+  index = np.asarray(repository.select_indices(jnp.asarray(points),
+                                               _bank(0.25, 0.5), seed=0))
+  assert index.shape == (2, 16)
+  for b in range(2):
+    assert len(set(index[b])) == 16  # No point twice.
+    flat = scores[b].reshape(-1)
+    np.testing.assert_allclose(np.sort(flat[index[b, :8]]),
+                               np.sort(flat)[-8:], rtol=1e-6)
+  # The rest: the same seeded positions in every image, none preferred.
+  rest = [set(index[b, 8:]) for b in range(2)]
+  assert not rest[0] & set(index[0, :8])
+  smallest = np.asarray(repository.select_indices(
+      jnp.asarray(points), _bank(0.25, 1.0, prefer="smallest"), seed=0))
+  np.testing.assert_allclose(np.sort(scores[1].reshape(-1)[smallest[1]]),
+                             np.sort(scores[1].reshape(-1))[:16], rtol=1e-6)
+  uniform = np.asarray(repository.select_indices(
+      jnp.asarray(points), _bank(0.25, 1.0, criterion="random"), seed=0))
+  np.testing.assert_array_equal(uniform[0], uniform[1])
+  np.testing.assert_array_equal(index, np.asarray(repository.select_indices(
+      jnp.asarray(points), _bank(0.25, 0.5), seed=0)))
+  selected = repository.select_points(jnp.asarray(points), _bank(0.25, 0.5),
+                                      seed=0)
   np.testing.assert_array_equal(
-      chosen, repository.select_repository(norms, _bank(0.2, 0.5), seed=0))
-  assert len(repository.select_repository(norms, _bank(0.5, 1.0, max_size=7), 0)) == 7
+      selected[1], points[1].reshape(-1, 4)[index[1]])
+  assert len(repository.cap(100, 7, seed=0)) == 7
+  np.testing.assert_array_equal(repository.cap(5, 7, seed=0), np.arange(5))
 
 
 def test_patch_features_average_neighbourhoods_and_join_levels():
@@ -145,7 +185,11 @@ def test_step_phases_centre_then_training_then_early_stop():
   # Steps 0-1 estimate the centre: the mean output over both batches.
   assert same(history[0], history[2])
   def mean_output(batch):
-    points = method._points(history[0].backbone, batch[:, 0])  # pylint: disable=protected-access
+    # The centre is the mean over the selected (repository) points only.
+    points = method._selected(history[0].backbone, batch[:, 0])  # pylint: disable=protected-access
+    grid = method._points(history[0].backbone, batch[:, 0]).shape[1:3]  # pylint: disable=protected-access
+    assert points.shape[1] == round(method.config.bank.fraction * grid[0] *
+                                    grid[1]) < grid[0] * grid[1]
     return np.asarray(center_mlp.mlp_apply(
         history[0].params, points.reshape(-1, points.shape[-1]))).mean(0)
 
@@ -172,4 +216,33 @@ def test_bad_configs_fail_with_clear_messages():
     _method(**{"bank.fraction": 0.0})
   with pytest.raises(ConfigError, match="center_steps must be >= 1"):
     _method(center_steps=0)
+  with pytest.raises(ConfigError, match="bank.criterion='sobel'"):
+    _method(**{"bank.criterion": "sobel"})
+  with pytest.raises(ConfigError, match="bank.prefer"):
+    _method(**{"bank.prefer": "most"})
 
+
+
+def test_old_bank_configs_get_the_selector_defaults():
+  old = ml_collections.ConfigDict(dict(fraction=0.1, preferred_fraction=0.5,
+                                       max_size=0))
+  settings = repository.bank_settings(old)
+  assert (settings.criterion, settings.prefer, settings.normalize) == (
+      "feature_gradient", "largest", False)
+  assert settings.preferred_fraction == 0.5
+
+
+def test_no_mlp_widths_is_a_plain_repository_of_the_selected_points():
+  method = _method(**{"model.mlp_widths": (), "bank.fraction": 1.0})
+  state = method.init_state(jax.random.key(0), (16, 16, 1))
+  images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 1))
+  points = method._points(state.backbone, images)  # pylint: disable=protected-access
+  assert state.params == {} and state.center.shape == (points.shape[-1],)
+  features = method.embed(state, {"image": images})["features"]
+  np.testing.assert_allclose(
+      np.sort(np.asarray(features).reshape(-1)),
+      np.sort(np.asarray(points).reshape(-1)), rtol=1e-6)
+  fitted = method.fit({"features": features})
+  scores = method.score(state, fitted, {"image": images})
+  # Training images are their own nearest entries: distance 0 everywhere.
+  np.testing.assert_allclose(scores.maps["anomaly_map"], 0.0, atol=1e-3)

@@ -29,7 +29,8 @@ class DatasetInfo:
     image_shape: (H, W, C) after preprocessing.
     class_names: names of the source classes (label = index).
     num_train: normal training examples the model and the fitted stage see
-      (all hosts), before rotation distribution augmentation.
+      (all hosts), before rotation distribution augmentation; K when
+      `config.data.num_train_images` = K > 0 (the few-shot protocol).
     num_test: examples in the whole test split.
     num_holdout: normal training examples held out for calibration
       (`config.data.holdout_fraction`; thresholds, normalisation).
@@ -85,6 +86,33 @@ def num_held_out(num_normal: int, fraction: float) -> int:
   return int(np.floor(num_normal * fraction + 1e-9))
 
 
+def num_train_images(config, available: int) -> int:
+  """The checked `config.data.num_train_images` (0 = all `available`)."""
+  k = config.data.get('num_train_images', 0)
+  if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+    raise ConfigError(
+        f'config.data.num_train_images={k!r} must be an int >= 0: the number '
+        'of normal training images to train and fit on (0 = all).')
+  if k > available:
+    raise ConfigError(
+        f'config.data.num_train_images={k} exceeds the {available} normal '
+        'training images left after the held-out split '
+        '(data.holdout_fraction); lower it, or set 0 to use all.')
+  return k or available
+
+
+def few_shot_indices(config, available: int) -> np.ndarray | None:
+  """Sorted positions (among the `available` training images left after
+  the held-out split) of the seeded subset `data.num_train_images` keeps,
+  or None when it keeps all. Seeded by `data.subset_seed`, so the subset
+  can change without changing the model's seed."""
+  k = num_train_images(config, available)
+  if k == available:
+    return None
+  rng = np.random.default_rng(int(config.data.get('subset_seed', 0)))
+  return np.sort(rng.choice(available, k, replace=False))
+
+
 def _is_held_out(index, fraction: float):
   """Every 1/fraction-th normal image, evenly spread: index i is held out
   when floor((i + 1) f) > floor(i f)."""
@@ -109,21 +137,26 @@ def _is_anomaly(label, c: int, protocol: str):
   return tf.cast(tf.logical_not(_is_train_class(label, c, protocol)), tf.int32)
 
 
+def _normal_counts(config, source: sources.Source) -> tuple[int, int]:
+  """(normal training images, how many of them are held out)."""
+  c = _check_class(config, source)
+  train_counts = source.label_counts['train']
+  normal = int(train_counts[c])
+  if _protocol(config) == 'one_class_anomalous':
+    normal = int(train_counts.sum()) - normal
+  return normal, num_held_out(normal, holdout_fraction(config))
+
+
 def dataset_info(config, source: sources.Source | None = None) -> DatasetInfo:
   """Returns shapes, class names and example counts of the configured task.
 
   `source` is the configured source when the caller has already built it.
   """
   source = source or sources.get_source(config)
-  c = _check_class(config, source)
-  train_counts = source.label_counts['train']
-  normal = int(train_counts[c])
-  if _protocol(config) == 'one_class_anomalous':
-    normal = int(train_counts.sum()) - normal
-  held_out = num_held_out(normal, holdout_fraction(config))
+  normal, held_out = _normal_counts(config, source)
   return DatasetInfo(image_shape=_image_shape(config),
                      class_names=source.class_names,
-                     num_train=normal - held_out,
+                     num_train=num_train_images(config, normal - held_out),
                      num_test=int(source.label_counts['test'].sum()),
                      num_holdout=held_out)
 
@@ -158,10 +191,29 @@ def _resize_mask(mask, size: int):
 def _one_class_records(config, source, split: str):
   """This host's records of `split`.
 
-  'train': the normal training images the model and fitted stage see;
+  'train': the normal training images the model and fitted stage see
+  (the `data.num_train_images` subset of those not held out, if set);
   'holdout': the normal training images held out for calibration; 'test':
   the whole test split.
   """
+  ds = _normal_records(config, source, split)
+  if split != 'train' or not config.data.get('num_train_images', 0):
+    return ds
+  if jax.process_count() > 1:
+    raise ConfigError('config.data.num_train_images is for one-host runs; '
+                      'leave it at 0 with several hosts.')
+  normal, held_out = _normal_counts(config, source)
+  keep = few_shot_indices(config, normal - held_out)
+  if keep is None:
+    return ds
+  keep = tf.constant(keep, tf.int64)
+  return ds.enumerate().filter(
+      lambda index, unused: tf.reduce_any(tf.equal(index, keep))).map(
+          lambda unused, example: example)
+
+
+def _normal_records(config, source, split: str):
+  """`_one_class_records` before the few-shot subset."""
   c = _check_class(config, source)
   protocol = _protocol(config)
   ds = source.records('test' if split == 'test' else 'train',

@@ -18,7 +18,10 @@ import jax.numpy as jnp
 
 
 def init_mlp(rng: jax.Array, in_dim: int, widths) -> dict[str, jax.Array]:
-  """He-normal weights for layers in_dim -> widths[0] -> ... -> widths[-1]."""
+  """He-normal weights for layers in_dim -> widths[0] -> ... -> widths[-1]
+  ({} for no widths: the identity map)."""
+  if not widths:
+    return {}
   weights = {}
   sizes = (in_dim,) + tuple(widths)
   for i, key in enumerate(jax.random.split(rng, len(widths))):

@@ -2,40 +2,56 @@
 arXiv 2204.11014): a repository of selected patch features mapped by a
 centre-constrained MLP, scored by nearest-neighbour distance.
 
-The concrete design is ours, made to follow the abstract's four parts:
+The concrete design is ours, made to follow the abstract's order (select,
+build the repository, map the repository, score against it):
 
 1. Multi-level features: layer2 and layer3 of a frozen ImageNet ResNet
    (`model.backbone`, weights from `model.pretrained`, random and logged as
    such without), each averaged over a 3x3 neighbourhood and resized to
    layer2's grid, concatenated (`model.feature_layers`, `neighbourhood`).
-2. Centre-constrained discriminative learning: a bias-free MLP
-   (`model.mlp_widths`) maps every patch feature towards a centre c,
-   loss mean ||f(x) - c||^2. c is the mean of the initial network's outputs
-   over the first `center_steps` batches, during which the weights do not
-   move (Deep SVDD's recipe); it then stays fixed.
-3. Early stopping: the loss of each incoming batch, taken before the step
+2. Gradient-preference selector and repository (`repository.py`): per
+   normal image, `bank.fraction` of its patch points, ranked by the
+   spatial gradient of the feature map (`bank.criterion`), by default
+   those with the smallest gradients (`bank.prefer`), all of the kept
+   points by it (`bank.preferred_fraction` 1; below 1 the rest is a seeded
+   uniform sample of the image's other positions). The criterion needs no
+   trained network, so it runs first; the repository is the selected
+   points of every training image (capped at `bank.max_size`). The
+   direction and share were chosen on experiments/gp_selector_study.py
+   (synthetic set, random backbone): smallest-first gave the best pixel
+   AUROC and an image AUROC level with the other per-image rules.
+3. Centre-constrained discriminative learning on the repository: a
+   bias-free MLP (`model.mlp_widths`; () = no mapping, a plain
+   nearest-neighbour repository) maps the selected points towards a
+   centre c, loss mean ||f(x) - c||^2. Each training step selects the
+   points of its batch's images, so it trains on exactly the repository's
+   points. c is the mean of the initial network's outputs over the first
+   `center_steps` batches, during which the weights do not move (Deep
+   SVDD's recipe); it then stays fixed.
+4. Early stopping: the loss of each incoming batch, taken before the step
    that uses it, estimates the held-out loss (exactly so in the first
    epoch, when no batch has been trained on yet); when its moving average
    (`early_stopping.decay`) has not improved by a relative
    `early_stopping.min_delta` for `early_stopping.patience` steps, the
    weights freeze and the step reports `stop_training`, on which the
    trainer stops (this happens inside the state, so a resumed run agrees).
-4. Gradient-preference selector and repository: after training, every
-   training patch point gets the norm of the centre loss's gradient with
-   respect to the MLP weights, computed per point
-   (`center_mlp.per_point_gradient_norms`). Points the compact mapping has
-   not absorbed have large gradients and are the informative ones; the
-   repository keeps the `bank.preferred_fraction` of its entries with the
-   largest gradient norms, and fills the rest with a seeded uniform sample
-   of the other points so the dense core of normal patches stays covered
-   (`repository.select_repository`).
 
-Scoring: the distance in the MLP's space from each test patch to its
-nearest repository entries (`eval.k`, chunked and jit-compiled:
-`components.knn`), upsampled to the image (align corners)
-and smoothed (sigma `eval.map_sigma`) into 'anomaly_map'. Image scores:
-'nn_max' (the map's maximum, the main score), 'nn_mean', and 'center_max'
-(the largest patch distance to c, no repository).
+Scoring: the repository mapped by the trained MLP (`fit`) is searched for
+each test patch's nearest entries in the MLP's space (`eval.k`, chunked and
+jit-compiled: `components.knn`); the distances are upsampled to the image
+(align corners) and smoothed (sigma `eval.map_sigma`) into 'anomaly_map'.
+Image scores: 'nn_max' (the map's maximum, the main score), 'nn_mean', and
+'center_max' (the largest patch distance to c, no repository).
+
+Before 2026-12 the MLP trained on every patch point and the repository was
+chosen afterwards, over all images' points at once, by the trained MLP's
+per-point gradient norms (`center_mlp.per_point_gradient_norms`). That
+criterion needs the trained MLP, so it cannot come first, and the study
+found its weak repository (image AUROC 0.43 with only the preferred points)
+came from the global selection: the largest gradients (far from c, large
+feature norm) sit in about a fifth of the images, which leaves the others'
+normal patches uncovered. Per image, the same criterion is level with the
+others; it is kept only in the study.
 """
 
 from typing import Any
@@ -50,8 +66,7 @@ from jax_oneclass.components import anomaly_map, backbones, knn, pretrained
 from jax_oneclass.errors import ConfigError
 from jax_oneclass.methods import interface
 from jax_oneclass.methods.gradient_preference import center_mlp
-from jax_oneclass.methods.gradient_preference.repository import (
-    select_repository)
+from jax_oneclass.methods.gradient_preference import repository
 
 
 @flax.struct.dataclass
@@ -90,10 +105,7 @@ class Method:
           "center_steps must be >= 1: the centre is the mean output over "
           "those first batches (a zero centre lets the bias-free MLP "
           "collapse by shrinking its weights).")
-    bank = config.bank
-    if not (0 < bank.fraction <= 1 and 0 <= bank.preferred_fraction <= 1):
-      raise ConfigError("bank.fraction must be in (0, 1] and "
-                        "bank.preferred_fraction in [0, 1].")
+    self.bank = repository.bank_settings(config.bank)
     self.tx = optim.make_optimizer(config, info)
     self.pretrained = pretrained.load_or_announce_random(
         model.pretrained, model.backbone, "Backbone")
@@ -104,12 +116,13 @@ class Method:
     example = jnp.zeros((1,) + tuple(image_shape[:2]) + (3,))
     variables = self.pretrained or self.backbone.init(b_rng, example)
     in_dim = self._points(variables, example).shape[-1]
-    params = center_mlp.init_mlp(m_rng, in_dim, self.config.model.mlp_widths)
+    widths = tuple(self.config.model.mlp_widths)
+    params = center_mlp.init_mlp(m_rng, in_dim, widths)
     scalar = lambda v, dtype=jnp.float32: jnp.asarray(v, dtype)
     return GPState(
         step=scalar(0, jnp.int32), backbone=variables, params=params,
         opt_state=self.tx.init(params),
-        center=jnp.zeros((self.config.model.mlp_widths[-1],)),
+        center=jnp.zeros((widths[-1] if widths else in_dim,)),
         loss_average=scalar(jnp.inf), best_loss_average=scalar(jnp.inf),
         stale_steps=scalar(0, jnp.int32), stopped=scalar(0, jnp.int32))
 
@@ -119,12 +132,17 @@ class Method:
     return backbones.patch_features(features, self.layers,
                                     self.config.model.neighbourhood)
 
+  def _selected(self, variables, images) -> jax.Array:
+    """[B, m, D] the repository points the selector keeps per image."""
+    return repository.select_points(self._points(variables, images),
+                                    self.bank, int(self.config.seed))
+
   def train_step(self, state, batch, rng):
     """Centre estimation for `center_steps` steps, then centre-loss Adam
-    steps until early stopping freezes the weights."""
-    del rng  # No randomness: all patch points of the batch are used.
-    images = batch["image"][:, 0]
-    points = self._points(state.backbone, images)
+    steps until early stopping freezes the weights, on the selected
+    (repository) points of the batch's images."""
+    del rng  # The selection is a fixed function of each image.
+    points = self._selected(state.backbone, batch["image"][:, 0])
     points = points.reshape(-1, points.shape[-1])
     warmup = int(self.config.center_steps)
     in_warmup = state.step < warmup
@@ -174,24 +192,18 @@ class Method:
     return center_mlp.mlp_apply(state.params, points)
 
   def embed(self, state, batch):
-    """Per training image: mapped patch points [h*w, d] and their
-    gradient-preference scores [h*w]."""
-    points = self._points(state.backbone, batch["image"])
-    batch_size, dim = points.shape[0], points.shape[-1]
-    flat = points.reshape(-1, dim)
-    return {
-        "features": center_mlp.mlp_apply(state.params, flat).reshape(
-            batch_size, -1, self.config.model.mlp_widths[-1]),
-        "gradient_norm": center_mlp.per_point_gradient_norms(
-            state.params, state.center, flat).reshape(batch_size, -1)}
+    """Per training image: its repository points [m, d], mapped by the
+    trained MLP."""
+    return {"features": center_mlp.mlp_apply(
+        state.params, self._selected(state.backbone, batch["image"]))}
 
   def fit(self, embeddings):
-    """The repository (preferred points plus a uniform sample), laid out
-    once for the chunked search."""
+    """The mapped repository (capped at `bank.max_size`), laid out once for
+    the chunked search."""
     features = np.asarray(embeddings["features"], np.float32)
     features = features.reshape(-1, features.shape[-1])
-    scores = np.asarray(embeddings["gradient_norm"]).reshape(-1)
-    chosen = select_repository(scores, self.config.bank, self.config.seed)
+    chosen = repository.cap(len(features), int(self.bank.max_size),
+                            int(self.config.seed))
     if len(chosen) < self.config.eval.k:
       raise ConfigError(
           f"The repository holds {len(chosen)} points but eval.k is "
