@@ -69,6 +69,12 @@ def base_config(method: str) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.width = 64
+  # Compute dtype of convolutions: 'float32' or 'bfloat16' (parameters,
+  # BatchNorm statistics and losses stay float32; components/precision.py).
+  c.dtype = "float32"
+  # How convolution weight gradients are computed: 'auto' (by backend and
+  # shape), 'xla', 'taps' or 'im2col'; see components/conv.py.
+  c.conv_weight_grad = "auto"
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"
