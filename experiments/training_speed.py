@@ -125,7 +125,7 @@ def part_steps(args) -> dict:
   """Every row: ours (per mode) and torch alternating in fresh processes."""
   modes = args.modes.split(",")
   out = {"command": " ".join([
-      SCRIPT, "steps", f"--rows={args.rows}", f"--modes={args.modes}",
+      SCRIPT, "steps", f"--rows={args.rows}", f"--tag={args.tag}", f"--modes={args.modes}",
       f"--steps={args.steps}", f"--warmup={args.warmup}",
       f"--rounds={args.rounds}", f"--two_stage_batch={args.two_stage_batch}",
       f"--rd_image_size={args.rd_image_size}", f"--rd_batch={args.rd_batch}",
@@ -189,31 +189,36 @@ def part_end_to_end(args) -> dict:
   return out
 
 
+def _steps_table(steps: dict) -> list[str]:
+  """One 'steps' run's table."""
+  modes = [k for k in next(iter(steps["rows"].values()))["best"]
+           if k != "torch"]
+  lines = [f"`PYTHONPATH=$PWD {steps['command']}` on {steps['cpu']}, "
+           f"{steps['cores']} cores. Median step of each side's fastest "
+           "fresh process; load = 1-min load average before the runs "
+           "(the machine was shared).", "",
+           "| row | torch ms | " + " | ".join(f"ours ({m[5:]}) ms"
+                                               for m in modes)
+           + " | speedup (torch / ours) | load |",
+           "|---|---|" + "---|" * len(modes) + "---|---|"]
+  for row, res in steps["rows"].items():
+    best = res["best"]
+    loads = [r["load_before"] for v in res["all"].values() for r in v]
+    lines.append(
+        f"| {row} | {best['torch']['step_ms_median']:.0f} | "
+        + " | ".join(f"{best[m]['step_ms_median']:.0f}" for m in modes)
+        + " | " + ", ".join(f"{m[5:]} {res['speedup'][m]:.2f}x"
+                            for m in modes)
+        + f" | {min(loads):.1f}-{max(loads):.1f} |")
+  return lines + [""]
+
+
 def render(parts: dict) -> str:
   """The training-speed section of RESULTS.md."""
   lines = ["## Training speed (steady state, float32)", ""]
-  steps = parts.get("training_speed_steps")
-  if steps:
-    modes = [k for k in next(iter(steps["rows"].values()))["best"]
-             if k != "torch"]
-    lines += [f"`PYTHONPATH=$PWD {steps['command']}` on {steps['cpu']}, "
-              f"{steps['cores']} cores. Median step of each side's fastest "
-              "fresh process; load = 1-min load average before the runs "
-              "(the machine was shared).", "",
-              "| row | torch ms | " + " | ".join(f"ours ({m[5:]}) ms"
-                                                  for m in modes)
-              + " | speedup (torch / ours) | load |",
-              "|---|---|" + "---|" * len(modes) + "---|---|"]
-    for row, res in steps["rows"].items():
-      best = res["best"]
-      loads = [r["load_before"] for v in res["all"].values() for r in v]
-      lines.append(
-          f"| {row} | {best['torch']['step_ms_median']:.0f} | "
-          + " | ".join(f"{best[m]['step_ms_median']:.0f}" for m in modes)
-          + " | " + ", ".join(f"{m[5:]} {res['speedup'][m]:.2f}x"
-                              for m in modes)
-          + f" | {min(loads):.1f}-{max(loads):.1f} |")
-    lines.append("")
+  for name in sorted(parts):
+    if name.startswith("training_speed_steps"):
+      lines += _steps_table(parts[name])
   e2e = parts.get("training_speed_end_to_end")
   if e2e:
     lines += [f"`PYTHONPATH=$PWD {e2e['command']}` on {e2e['cpu']}: wall "
@@ -242,6 +247,7 @@ def main():
       ("torch_python", os.environ.get("ANOMALIB_PYTHON",
                                       "/work/torch_venv/bin/python")),
       ("checkouts", f"/work/main,{ROOT}"), ("cifar", ""),
+      ("tag", ""),  # Results file suffix, to keep several runs' rows.
       ("cifar_steps", 200),
       # The children of 'steps':
       ("method", "disaug"), ("batch_size", 32), ("image_size", 32),
@@ -254,7 +260,7 @@ def main():
     return
   from experiments import common  # pylint: disable=g-import-not-at-top
   if args.part != "report":
-    common.save_part(f"training_speed_{args.part}",
+    common.save_part(f"training_speed_{args.part}{args.tag}",
                      globals()[f"part_{args.part}"](args))
   parts = {p.stem: json.loads(p.read_text())
            for p in sorted(common.RESULTS_DIR.glob("training_speed_*.json"))}
