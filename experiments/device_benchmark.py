@@ -75,7 +75,10 @@ def _overrides(method: str, args, dtype: str) -> dict:
     wanted["data.image_size"] = args.map_size
   if args.tiny:
     wanted.update(TINY)
-    wanted["data.image_size"] = 16 if method in LOCALISING else 8
+    # The smallest side each network takes: RD halves 5 times, DCGAN
+    # pyramids need a power of two >= 16; the CIFAR ResNet takes any.
+    wanted["data.image_size"] = (32 if method in LOCALISING else
+                                 16 if method in ("ganomaly", "dgad") else 8)
   if args.batch_size:
     wanted["batch_size"] = args.batch_size
   out = {}

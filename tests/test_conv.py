@@ -1,12 +1,14 @@
 """The convolution with a custom weight gradient, and the bf16 policy."""
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
 from jax_oneclass import data, methods
+from jax_oneclass import run as run_lib
 from jax_oneclass.components import conv, precision
 from jax_oneclass.errors import ConfigError
 from tests.conftest import tiny_config
@@ -121,3 +123,14 @@ def test_bf16_step_is_close_to_f32(method_name):
   assert np.isfinite(losses["bfloat16"])
   np.testing.assert_allclose(losses["bfloat16"], losses["float32"],
                              rtol=0.05)
+
+
+def test_runs_saved_without_the_new_keys_are_unchanged():
+  config = tiny_config("rotnet")
+  saved = config.to_dict()
+  del saved["dtype"], saved["conv_weight_grad"]
+  saved = ml_collections.ConfigDict(saved)
+  assert run_lib.config_changes(saved, config) == {}
+  config.dtype = "bfloat16"
+  assert run_lib.config_changes(saved, config) == {
+      "dtype": ("float32", "bfloat16")}
