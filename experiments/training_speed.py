@@ -210,6 +210,13 @@ def _steps_table(steps: dict) -> list[str]:
         + " | " + ", ".join(f"{m[5:]} {res['speedup'][m]:.2f}x"
                             for m in modes)
         + f" | {min(loads):.1f}-{max(loads):.1f} |")
+  for row, res in steps["rows"].items():
+    tuned = res["best"].get("ours_auto", {}).get("conv_tuned")
+    if tuned:
+      picks = [v["best"] for v in tuned.values()]
+      lines.append(f"- {row}, `auto`: {len(picks)} convolution shapes "
+                   "timed; kept " + ", ".join(
+                       f"{m} for {picks.count(m)}" for m in sorted(set(picks))))
   return lines + [""]
 
 

@@ -1,8 +1,8 @@
 """The convolution with a custom weight gradient, and the bf16 policy."""
 
 import jax
-import ml_collections
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from jax import lax
