@@ -86,7 +86,7 @@ def test_mode_switches_and_errors(monkeypatch):
     with pytest.raises(ConfigError, match="conv_weight_grad"):
       conv.weight_grad_mode()
   finally:
-    conv.set_weight_grad_mode("auto")
+    conv.set_weight_grad_mode("xla")
   with pytest.raises(ConfigError, match="float32, bfloat16"):
     precision.parse_dtype("float16")
 

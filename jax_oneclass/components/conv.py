@@ -9,12 +9,18 @@ signature of `lax.conv_general_dilated` (pass it as `nn.Conv`'s
 `conv_general_dilated=`) and, for 2-D NHWC/HWIO convolutions without
 dilation or groups, can compute the weight gradient another way:
 
-  'xla'     XLA's own gradient (no custom VJP at all).
+  'xla'     (default) XLA's own gradient (no custom VJP at all).
   'taps'    one GEMM per kernel tap over a strided view of the padded input.
   'im2col'  the taps side by side in one [N*H*W, kh*kw*C] matrix, one GEMM.
-  'auto'    (default) 'xla' off the CPU and for small convolutions; on the
-            CPU, per shape, whichever of the three runs fastest there,
-            timed once per process (a few tenths of a second per shape).
+  'auto'    'xla' off the CPU and for small convolutions; on the CPU, per
+            shape, whichever of the three runs fastest there alone, timed
+            once per process in the first backward pass.
+
+'auto' is not the default because it measured slower in a whole step: on
+the shared Intel Xeon of issue 14 it kept im2col for 7 of ResNet-18's 11
+convolution shapes (each faster alone, e.g. a 1x1 stride-2 shortcut's
+weight gradient 4 ms against XLA's 135 ms), yet a DisAug step took 25 s
+against 14 s with 'xla' (experiments/RESULTS.md, training speed).
 
 The input gradient is always XLA's. The mode comes from the environment
 variable JAX_ONECLASS_CONV_GRAD if set, else from `set_weight_grad_mode`
@@ -42,7 +48,7 @@ ENV_VAR = "JAX_ONECLASS_CONV_GRAD"
 # below it the weight gradient costs too little to be worth a custom VJP.
 AUTO_MIN_FLOPS = 2e8
 _NHWC = ("NHWC", "HWIO", "NHWC")
-_mode = "auto"
+_mode = "xla"
 _tuned: dict = {}
 
 
