@@ -21,7 +21,8 @@ process. Rows (`--rows`):
                    (experiments/anomalib_ganomaly.py throughput)
 
 Ours runs once per `--modes` entry (config.conv_weight_grad, through
-$JAX_ONECLASS_CONV_GRAD). 'end_to_end' times the quickstart (DisAug on
+$JAX_ONECLASS_CONV_GRAD). 'in_process' compiles the two-stage step once per
+mode in one process and calls them in turn (`--modes=xla,im2col,taps`). 'end_to_end' times the quickstart (DisAug on
 digits, train + eval) and a short CIFAR-10 class run in fresh processes,
 alternating between git checkouts (e.g. main before and this branch after).
 """
@@ -149,6 +150,55 @@ def part_steps(args) -> dict:
   return out
 
 
+def part_in_process(args) -> dict:
+  """The two-stage step compiled once per mode in one process, then the
+  compiled steps called in turn for `--rounds` rounds of `--steps` each:
+  the fairest mode comparison on a machine whose load drifts."""
+  # pylint: disable=g-import-not-at-top
+  from experiments import common
+  from jax_oneclass import methods, parallel, train
+  from jax_oneclass import run as run_lib
+  from jax_oneclass.components import conv
+  # pylint: enable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  views = 4 if args.method == "rotnet" else 2
+  config = common.config_with(args.method, "cifar10", {
+      "batch_size": args.two_stage_batch, "num_train_steps": 1000})
+  info = types.SimpleNamespace(image_shape=(32, 32, 3), num_train=5000,
+                               class_names=("a", "b"))
+  method = methods.get_method(config, info)
+  mesh = parallel.make_mesh()
+  state = run_lib.initial_state(method, info.image_shape, mesh, 0)
+  images = jax.random.uniform(jax.random.key(0),
+                              (args.two_stage_batch, views, 32, 32, 3))
+  batch = parallel.shard_batch(mesh, {"image": images})
+  rng = jax.random.key(1)
+  compiled = {}
+  for mode in args.modes.split(","):
+    with conv.forced_weight_grad_mode(mode):
+      compiled[mode] = train.jit_train_step(method, mesh).lower(
+          state, batch, rng).compile()
+  seconds = {mode: [] for mode in compiled}
+  loads = []
+  for _ in range(args.warmup + args.rounds):
+    loads.append(round(os.getloadavg()[0], 2))
+    for mode, step in compiled.items():
+      for _ in range(args.steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batch, rng)
+        jax.block_until_ready(metrics)
+        seconds[mode].append(round(time.perf_counter() - start, 3))
+  timed = {m: s[args.warmup * args.steps:] for m, s in seconds.items()}
+  return {"command": " ".join([
+      SCRIPT, "in_process", f"--method={args.method}",
+      f"--modes={args.modes}", f"--two_stage_batch={args.two_stage_batch}",
+      f"--steps={args.steps}", f"--warmup={args.warmup}",
+      f"--rounds={args.rounds}"]),
+          "cpu": cpu_model(), "cores": os.cpu_count(), "loads": loads,
+          "seconds_each": seconds,
+          "median_s": {m: sorted(s)[len(s) // 2] for m, s in timed.items()}}
+
+
 def part_end_to_end(args) -> dict:
   """Wall time of whole runs (train + eval) per checkout, alternating."""
   folder = None
@@ -226,6 +276,18 @@ def render(parts: dict) -> str:
   for name in sorted(parts):
     if name.startswith("training_speed_steps"):
       lines += _steps_table(parts[name])
+  inproc = parts.get("training_speed_in_process")
+  if inproc:
+    lines += [f"`PYTHONPATH=$PWD {inproc['command']}` on {inproc['cpu']}: "
+              "median seconds per step after the warm-up rounds, the modes' "
+              "compiled steps called in turn in one process; load "
+              f"{min(inproc['loads']):.1f}-{max(inproc['loads']):.1f}.", "",
+              "| mode | median s | every step |", "|---|---|---|"]
+    for mode, median in inproc["median_s"].items():
+      lines.append(f"| {mode} | {median:.2f} | "
+                   f"{' '.join(str(t) for t in inproc['seconds_each'][mode])}"
+                   " |")
+    lines.append("")
   e2e = parts.get("training_speed_end_to_end")
   if e2e:
     lines += [f"`PYTHONPATH=$PWD {e2e['command']}` on {e2e['cpu']}: wall "
@@ -245,8 +307,8 @@ def render(parts: dict) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("part", choices=["steps", "end_to_end", "report",
-                                       "_ours_two_stage"])
+  parser.add_argument("part", choices=["steps", "in_process", "end_to_end",
+                                       "report", "_ours_two_stage"])
   for name, default in (
       ("rows", DEFAULT_ROWS), ("modes", "auto,xla"), ("steps", 8),
       ("warmup", 3), ("rounds", 2), ("two_stage_batch", 32),

@@ -16,11 +16,14 @@ dilation or groups, can compute the weight gradient another way:
             shape, whichever of the three runs fastest there alone, timed
             once per process in the first backward pass.
 
-'auto' is not the default because it measured slower in a whole step: on
-the shared Intel Xeon of issue 14 it kept im2col for 7 of ResNet-18's 11
-convolution shapes (each faster alone, e.g. a 1x1 stride-2 shortcut's
-weight gradient 4 ms against XLA's 135 ms), yet a DisAug step took 25 s
-against 14 s with 'xla' (experiments/RESULTS.md, training speed).
+'xla' is the default because the whole-step evidence is mixed: on the
+shared (7x oversubscribed) Intel Xeon of issue 14, 'auto' kept im2col or
+taps for 8 of 11 convolution shapes (each faster alone, e.g. a 1x1
+stride-2 shortcut's weight gradient 4 ms against XLA's 135 ms); a DisAug
+step then took 25 s against 14 s with 'xla' in fresh processes (one
+warm-up step), but 12.0 s with im2col everywhere against 14.4 s with 'xla'
+in one process, alternating (experiments/RESULTS.md). Until a quiet rerun
+decides, the default keeps main's exact computation.
 
 The input gradient is always XLA's. The mode comes from the environment
 variable JAX_ONECLASS_CONV_GRAD if set, else from `set_weight_grad_mode`
