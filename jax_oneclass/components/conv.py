@@ -20,10 +20,11 @@ dilation or groups, can compute the weight gradient another way:
 shared (7x oversubscribed) Intel Xeon of issue 14, 'auto' kept im2col or
 taps for 8 of 11 convolution shapes (each faster alone, e.g. a 1x1
 stride-2 shortcut's weight gradient 4 ms against XLA's 135 ms); a DisAug
-step then took 25 s against 14 s with 'xla' in fresh processes (one
-warm-up step), but 12.0 s with im2col everywhere against 14.4 s with 'xla'
-in one process, alternating (experiments/RESULTS.md). Until a quiet rerun
-decides, the default keeps main's exact computation.
+step then took 25 s against 14 s with 'xla' in fresh processes with one
+warm-up step, while two more careful runs had im2col everywhere ~1.1x
+faster than 'xla' (4.38 vs 4.85 s in one process; 6.17 vs 6.94 s in fresh
+processes after three warm-up steps; experiments/RESULTS.md). Until a quiet
+rerun confirms it, the default keeps main's exact computation.
 
 The input gradient is always XLA's. The mode comes from the environment
 variable JAX_ONECLASS_CONV_GRAD if set, else from `set_weight_grad_mode`
