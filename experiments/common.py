@@ -103,9 +103,9 @@ def matmul_flops(fn, *args) -> float:
 
 
 def time_train_step(method, info, batch_size: int, steps: int,
-                    warmup: int) -> tuple[dict, object]:
+                    warmup: int, views: int = 1) -> tuple[dict, object]:
   """Times `method`'s jitted train step on one fixed batch of random images
-  (no input pipeline) in this process.
+  ([batch_size, views, H, W, C]; no input pipeline) in this process.
 
   Returns (`measure.time_steps`'s figures plus the step's conv + matmul
   GFLOP, the machine's float32 kernel rates, the last step's scalar metrics
@@ -119,8 +119,8 @@ def time_train_step(method, info, batch_size: int, steps: int,
   box = {"state": run_lib.initial_state(method, info.image_shape, mesh, 0)}
   step_fn = train.jit_train_step(method, mesh)
   images = jax.random.uniform(jax.random.key(0),
-                              (batch_size, 1) + tuple(info.image_shape))
-  batch = parallel.shard_batch(mesh, {"image": images})  # One view axis.
+                              (batch_size, views) + tuple(info.image_shape))
+  batch = parallel.shard_batch(mesh, {"image": images})
   rng = jax.random.key(1)
   flops = matmul_flops(step_fn, box["state"], batch, rng)
 
@@ -128,7 +128,8 @@ def time_train_step(method, info, batch_size: int, steps: int,
     box["state"], box["metrics"] = step_fn(box["state"], batch, rng)
     jax.block_until_ready(box["metrics"])
 
-  timing = measure.time_steps(step, steps, warmup, batch_size, "images")
+  timing = measure.time_steps(step, steps, warmup, batch_size * views,
+                              "images")
   return {**timing, "peak_rss_mb": measure.rss_mb(),
           "step_matmul_gflop": flops / 1e9,
           "kernel_rates": measure.jax_kernel_rates(),

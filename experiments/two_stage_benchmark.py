@@ -11,8 +11,11 @@ re-rendered from every results file present):
               seed is 1), to show how much the means move between seeds.
   cifar10     CIFAR-10 from the shared JPEG copy for a few normal classes
               with a small CPU budget, next to raw-pixel baselines.
-  throughput  train-step images/s per method (step alone on staged batches,
-              and end to end with the input pipeline).
+  throughput  steady-state train-step images/s per method, each in a fresh
+              process: end to end with the input pipeline (median of the
+              last half of --throughput_steps timed steps, once the batches
+              tf.data prefetched during compilation are spent) and the
+              step alone on staged batches.
   report      only re-render RESULTS.md.
 
   python experiments/two_stage_benchmark.py digits
@@ -149,7 +152,15 @@ def part_cifar10(args):
   return out
 
 
-def _throughput(method, arg, overrides, steps) -> dict:
+def _throughput(method, arg, overrides, steps, warmup) -> dict:
+  """Steady-state step time of one method, in this process.
+
+  End to end first: after `warmup` untimed steps (compiling), each of
+  `steps` steps through the input pipeline is timed on its own, and the
+  figure is the median of the last half, when whatever tf.data prefetched
+  during compilation is long spent. Then the step alone, on `steps` batches
+  staged on the device beforehand.
+  """
   config = common.config_with(method, arg, overrides)
   info = data.dataset_info(config)
   config = run_lib.resolve_duration(config, info)
@@ -159,30 +170,42 @@ def _throughput(method, arg, overrides, steps) -> dict:
   state = run_lib.initial_state(method_obj, info.image_shape, mesh, 0)
   rng = jax.random.key(0)
   batches = data.train_batches(config)
+
+  def pipeline_step(state):
+    state, metrics = step_fn(state, parallel.shard_batch(mesh, next(batches)),
+                             rng)
+    jax.block_until_ready(metrics)
+    return state
+
+  for _ in range(warmup):
+    state = pipeline_step(state)
+  each = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state = pipeline_step(state)
+    each.append(time.perf_counter() - start)
+  end_to_end = float(np.median(each[len(each) // 2:]))
   staged = [parallel.shard_batch(mesh, next(batches)) for _ in range(steps)]
-  state, metrics = step_fn(state, staged[0], rng)  # Compile.
-  jax.block_until_ready(metrics)
   start = time.perf_counter()
   for batch in staged:
     state, metrics = step_fn(state, batch, rng)
   jax.block_until_ready(metrics)
-  step_only = time.perf_counter() - start
-  start = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = step_fn(state, parallel.shard_batch(mesh, next(batches)),
-                             rng)
-  jax.block_until_ready(metrics)
-  end_to_end = time.perf_counter() - start
-  views = config.data.num_views
-  return {"batch_size": config.batch_size, "views": views,
+  step_only = (time.perf_counter() - start) / steps
+  return {"batch_size": config.batch_size, "views": config.data.num_views,
           "image_shape": list(info.image_shape), "width": config.model.width,
-          "step_images_per_sec": steps * config.batch_size / step_only,
-          "end_to_end_images_per_sec": steps * config.batch_size / end_to_end,
-          "step_ms": 1000 * step_only / steps}
+          "steps": steps, "warmup": warmup,
+          "step_images_per_sec": config.batch_size / step_only,
+          "end_to_end_images_per_sec": config.batch_size / end_to_end,
+          "step_ms": 1000 * step_only, "end_to_end_ms": 1000 * end_to_end,
+          "end_to_end_s_each": [round(t, 4) for t in each]}
 
 
 def part_throughput(args):
-  out = {"command": f"{SCRIPT} throughput", "devices": str(jax.devices()),
+  """Every setting x method, each in a fresh process (`_throughput_one`)."""
+  out = {"command": f"{SCRIPT} throughput --methods={','.join(args.methods)}"
+                    f" --throughput_steps={args.throughput_steps}"
+                    f" --throughput_warmup={args.throughput_warmup}",
+         "devices": str(jax.devices()), "load_before": os.getloadavg()[0],
          "runs": {}}
   settings = {"digits (quickstart)": ("digits", {}),
               "cifar10 32x32, width 32": (
@@ -192,9 +215,14 @@ def part_throughput(args):
                   f"folder,folder={common.cifar_folder(args.data)}", {})}
   for name, (arg, overrides) in settings.items():
     for method in args.methods:
-      res = _throughput(method, arg, overrides, args.throughput_steps)
+      child = json.dumps(dict(method=method, arg=arg, overrides=overrides,
+                              steps=args.throughput_steps,
+                              warmup=args.throughput_warmup))
+      res = common.run_json([sys.executable, __file__, "_throughput_one",
+                             f"--child={child}"])
       out["runs"][f"{name} / {method}"] = res
       print(name, method, res, flush=True)
+  out["load_after"] = os.getloadavg()[0]
   return out
 
 
@@ -338,12 +366,21 @@ def render_report() -> str:
     lines += ["## Train-step throughput", "",
               f"Command: `{part['command']}`. Devices: {part['devices']}. "
               "Images/s count source images per second (each has `views` "
-              "augmented views through the network).", "",
+              "augmented views through the network). End to end: median "
+              "of the last half of the timed steps through the input "
+              "pipeline, each setting in a fresh process. Rows with '-' as "
+              "end-to-end ms come from the script before 2026-12-02, which "
+              "timed 5 pipeline steps right after the staged ones, when "
+              "tf.data had prefetched them: they overstate end-to-end "
+              "speed.", "",
               "| setting / method | batch x views | step ms | step img/s | "
-              "end-to-end img/s |", "|---|---|---|---|---|"]
+              "end-to-end ms | end-to-end img/s |",
+              "|---|---|---|---|---|---|"]
     for name, r in part["runs"].items():
+      e2e_ms = r.get("end_to_end_ms")
       lines.append(f"| {name} | {r['batch_size']} x {r['views']} | "
                    f"{r['step_ms']:.0f} | {r['step_images_per_sec']:.0f} | "
+                   f"{'-' if e2e_ms is None else f'{e2e_ms:.0f}'} | "
                    f"{r['end_to_end_images_per_sec']:.0f} |")
     lines.append("")
   return "\n".join(lines)
@@ -352,7 +389,8 @@ def render_report() -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("part", choices=["digits", "digits_long", "digits_seed",
-                                       "cifar10", "throughput", "report"])
+                                       "cifar10", "throughput", "report",
+                                       "_throughput_one"])
   parser.add_argument("--classes", default=None,
                       help="Comma-separated normal classes.")
   parser.add_argument("--methods", default=",".join(METHODS))
@@ -363,10 +401,16 @@ def main():
   parser.add_argument("--seed", type=int, default=2,
                       help="digits_seed: the training seed.")
   parser.add_argument("--width", type=int, default=32)
-  parser.add_argument("--throughput_steps", type=int, default=5)
+  parser.add_argument("--throughput_steps", type=int, default=30)
+  parser.add_argument("--throughput_warmup", type=int, default=3)
+  parser.add_argument("--child", default="",
+                      help="_throughput_one: its settings as JSON.")
   parser.add_argument("--workdir_root", default="/tmp/jax_oneclass_bench")
   args = parser.parse_args()
   os.chdir(ROOT)
+  if args.part == "_throughput_one":  # A child of 'throughput'.
+    print(json.dumps(_throughput(**json.loads(args.child))))
+    return
   args.methods = args.methods.split(",")
   default_classes = ("0,1,2,3,4,5,6,7,8,9" if args.part.startswith("digits")
                      else "0")

@@ -73,6 +73,13 @@ def base_config(method: str) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.width = 64
+  # Compute dtype of convolutions: 'float32' or 'bfloat16' (parameters,
+  # BatchNorm statistics and losses stay float32; components/precision.py).
+  c.dtype = "float32"
+  # How convolution weight gradients are computed: 'xla', 'auto' (timed per
+  # shape on the CPU), 'taps' or 'im2col'; see components/conv.py. 'xla' by
+  # default: 'auto' measured slower in a whole DisAug step (RESULTS.md).
+  c.conv_weight_grad = "xla"
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"

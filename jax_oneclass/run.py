@@ -51,7 +51,10 @@ _IDENTITY_KEYS = ("method", "data.name", "data.normal_class", "data.protocol",
 # Keys a resumed run may change freely (output, pacing, evaluation).
 _FREE_KEYS = ("progress_bar", "log_every_steps", "checkpoint_every_steps",
               "checkpoint_every_secs", "keep_checkpoints", "halt_after_step",
-              "data.data_dir", "data.folder")
+              "data.data_dir", "data.folder", "conv_weight_grad")
+# Keys added after runs were saved, with the value those runs implicitly
+# had: a saved config without them is not a change.
+_ADDED_KEYS = {"dtype": "float32", "conv_weight_grad": "xla"}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -89,6 +92,7 @@ def config_changes(old, new) -> dict:
   """{dotted key: (old value, new value)} where two configs differ."""
   old = _flat(json.loads(json.dumps(old.to_dict())))
   new = _flat(json.loads(json.dumps(new.to_dict())))
+  old = {**{k: v for k, v in _ADDED_KEYS.items() if k in new}, **old}
   return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
           if old.get(k) != new.get(k)}
 

@@ -4,6 +4,8 @@ BatchNorm, and depth-to-space."""
 import flax.linen as nn
 import jax
 
+from jax_oneclass.components import conv as conv_lib
+
 # torchvision's defaults: BatchNorm2d(eps=1e-5, momentum=0.1), which is Flax
 # momentum 0.9; convolutions drawn with kaiming_normal_(mode='fan_out').
 BN_MOMENTUM = 0.9
@@ -18,7 +20,8 @@ def conv(features: int, kernel: int, stride: int = 1, name=None):
   pad = (kernel - 1) // 2
   return nn.Conv(features, (kernel, kernel), (stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=CONV_INIT, name=name)
+                 kernel_init=CONV_INIT, name=name,
+                 conv_general_dilated=conv_lib.conv_general_dilated)
 
 
 def batch_norm(train: bool, name=None):

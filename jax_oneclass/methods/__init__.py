@@ -7,6 +7,7 @@ here and one config file.
 
 import importlib
 
+from jax_oneclass.components import conv, precision
 from jax_oneclass.errors import ConfigError
 
 _MODULES = {
@@ -41,5 +42,10 @@ def method_module(name: str):
 
 
 def get_method(config, info):
-  """Builds the method named by `config.method` for the data set `info`."""
-  return method_module(config.method).Method(config, info)
+  """Builds the method named by `config.method` for the data set `info`,
+  its functions bound to `config.dtype`; sets `config.conv_weight_grad`."""
+  dtype = config.get("dtype", "float32")
+  precision.parse_dtype(dtype)
+  conv.set_weight_grad_mode(config.get("conv_weight_grad", "xla"))
+  return precision.apply_to_method(
+      method_module(config.method).Method(config, info), dtype)

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax_oneclass.components import conv as conv_lib
 from jax_oneclass.components.layers import depth_to_space
 from jax_oneclass.errors import ConfigError
 
@@ -34,7 +35,8 @@ def _batch_norm(train: bool):
 def _conv(features: int, kernel: int, stride: int, pad: int, name=None):
   return nn.Conv(features, (kernel, kernel), (stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=_CONV_INIT, name=name)
+                 kernel_init=_CONV_INIT, name=name,
+                 conv_general_dilated=conv_lib.conv_general_dilated)
 
 
 class UpConv(nn.Module):
@@ -60,7 +62,7 @@ class UpConv(nn.Module):
     k = k.transpose(0, 2, 1, 3, 5, 4).reshape(2, 2, 4 * self.features, c_in)
     k = k[::-1, ::-1].transpose(0, 1, 3, 2)
     x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    y = jax.lax.conv_general_dilated(
+    y = conv_lib.conv_general_dilated(
         x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return depth_to_space(y)[:, 1:-1, 1:-1]
 

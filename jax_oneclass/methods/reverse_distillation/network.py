@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_oneclass.components import backbones, layers
+from jax_oneclass.components import conv as conv_lib
 from jax_oneclass.errors import ConfigError
 
 # Flax's fan_out of a [2, 2, C_in, C_out] kernel is 4 * C_out, so this is
@@ -57,7 +58,7 @@ class ConvTranspose2x2(nn.Module):
     kernel = self.param("kernel", _CONV_TRANSPOSE_INIT,
                         (2, 2, c_in, self.features))
     kernel = kernel.transpose(2, 0, 1, 3).reshape(c_in, 4 * self.features)
-    return layers.depth_to_space(jnp.dot(x, kernel))
+    return layers.depth_to_space(conv_lib.matmul(x, kernel))
 
 
 def _upsample(x, features: int, train: bool):

@@ -12,6 +12,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jax_oneclass.components import conv as conv_lib
 from jax_oneclass.components import backbones
 
 # The TF2 reference code uses BatchNorm momentum 0.9, eps 1e-5.
@@ -41,7 +42,8 @@ class BasicBlock(nn.Module):
   def __call__(self, x, train: bool):
     conv = lambda f, k, s, name: nn.Conv(
         f, (k, k), (s, s), padding="SAME", use_bias=False, name=name,
-        kernel_init=_CONV_INIT)
+        kernel_init=_CONV_INIT,
+        conv_general_dilated=conv_lib.conv_general_dilated)
     y = conv(self.features, 3, self.strides, "conv1")(x)
     y = nn.relu(_batch_norm(train, name="bn1")(y))
     y = conv(self.features, 3, 1, "conv2")(y)
@@ -62,7 +64,8 @@ class ResNet(nn.Module):
   def __call__(self, images, train: bool):
     x = 2.0 * images - 1.0  # Inputs arrive in [0, 1].
     x = nn.Conv(self.width, (3, 3), padding="SAME", use_bias=False,
-                kernel_init=_CONV_INIT, name="stem_conv")(x)
+                kernel_init=_CONV_INIT, name="stem_conv",
+                conv_general_dilated=conv_lib.conv_general_dilated)(x)
     x = nn.relu(_batch_norm(train, name="stem_bn")(x))
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):

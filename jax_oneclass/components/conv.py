@@ -1,0 +1,295 @@
+"""The convolution every network of the library calls, with a choice of how
+its weight gradient is computed, and the compute dtype of the precision
+policy (`components.precision`).
+
+XLA:CPU computes the weight gradient of a 3x3 convolution far below its
+forward rate on some CPUs (experiments/conv_grad_repro.py: 2 GFLOP/s
+against 58 forward on an AMD EPYC). `conv_general_dilated` here has the
+signature of `lax.conv_general_dilated` (pass it as `nn.Conv`'s
+`conv_general_dilated=`) and, for 2-D NHWC/HWIO convolutions without
+dilation or groups, can compute the weight gradient another way:
+
+  'xla'     (default) XLA's own gradient (no custom VJP at all).
+  'taps'    one GEMM per kernel tap over a strided view of the padded input.
+  'im2col'  the taps side by side in one [N*H*W, kh*kw*C] matrix, one GEMM.
+  'auto'    'xla' off the CPU and for small convolutions; on the CPU, per
+            shape, whichever of the three runs fastest there alone, timed
+            once per process in the first backward pass.
+
+'xla' is the default because the whole-step evidence is mixed: on the
+shared (7x oversubscribed) Intel Xeon of issue 14, 'auto' kept im2col or
+taps for 8 of 11 convolution shapes (each faster alone, e.g. a 1x1
+stride-2 shortcut's weight gradient 4 ms against XLA's 135 ms); a DisAug
+step then took 25 s against 14 s with 'xla' in fresh processes with one
+warm-up step, while two more careful runs had im2col everywhere ~1.1x
+faster than 'xla' (4.38 vs 4.85 s in one process; 6.17 vs 6.94 s in fresh
+processes after three warm-up steps; experiments/RESULTS.md). Until a quiet
+rerun confirms it, the default keeps main's exact computation.
+
+The input gradient is always XLA's. The mode comes from the environment
+variable JAX_ONECLASS_CONV_GRAD if set, else from `set_weight_grad_mode`
+(the trainer sets it from `config.conv_weight_grad`).
+"""
+
+import concurrent.futures
+import contextlib
+import functools
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_oneclass.components import precision as precision_lib
+from jax_oneclass.errors import ConfigError
+
+MODES = ("auto", "xla", "taps", "im2col")
+ENV_VAR = "JAX_ONECLASS_CONV_GRAD"
+# 'auto' tunes only convolutions of at least this many FLOPs (forward):
+# below it the weight gradient costs too little to be worth a custom VJP.
+AUTO_MIN_FLOPS = 2e8
+_NHWC = ("NHWC", "HWIO", "NHWC")
+_mode = "xla"
+_tuned: dict = {}
+
+
+def check_mode(mode: str) -> str:
+  """`mode` if it is one of MODES; ConfigError otherwise."""
+  if mode not in MODES:
+    raise ConfigError(f"Unknown conv weight-gradient mode {mode!r}; use one "
+                      f"of {', '.join(MODES)} (config.conv_weight_grad or "
+                      f"${ENV_VAR}).")
+  return mode
+
+
+def set_weight_grad_mode(mode: str) -> None:
+  """Sets the process-wide mode (the environment variable still wins)."""
+  global _mode
+  _mode = check_mode(mode)
+
+
+def weight_grad_mode() -> str:
+  """The mode in force: $JAX_ONECLASS_CONV_GRAD, else the one set."""
+  return check_mode(os.environ.get(ENV_VAR) or _mode)
+
+
+@contextlib.contextmanager
+def forced_weight_grad_mode(mode: str):
+  """Within the block, convolutions trace with `mode` (e.g. 'xla' for an
+  export, which needs no gradient and no custom VJP)."""
+  global _mode
+  previous, _mode = _mode, check_mode(mode)
+  saved = os.environ.pop(ENV_VAR, None)
+  try:
+    yield
+  finally:
+    _mode = previous
+    if saved is not None:
+      os.environ[ENV_VAR] = saved
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count=1, batch_group_count=1,
+                         precision=None, preferred_element_type=None):
+  """`lax.conv_general_dilated`, in the policy's compute dtype, with the
+  weight gradient of the mode in force (see the module docstring)."""
+  dtype = _compute_dtype(lhs, rhs)
+  lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
+  kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                dimension_numbers=dimension_numbers,
+                feature_group_count=feature_group_count,
+                batch_group_count=batch_group_count, precision=precision,
+                preferred_element_type=preferred_element_type)
+  plain = functools.partial(lax.conv_general_dilated, lhs, rhs,
+                            window_strides, padding, **kwargs)
+  if not _supported(lhs, rhs, padding, kwargs):
+    return plain()
+  strides = tuple(int(s) for s in window_strides)
+  pads = _explicit_pads(lhs, rhs, strides, padding)
+  mode = _resolve(weight_grad_mode(), lhs, rhs, strides, pads)
+  if mode == "xla":
+    return plain()
+  return _conv(lhs, rhs, strides, pads, mode)
+
+
+def matmul(x, kernel):
+  """x @ kernel (a 1x1 convolution written as a product), in the policy's
+  compute dtype."""
+  dtype = _compute_dtype(x, kernel)
+  return jnp.dot(x.astype(dtype), kernel.astype(dtype))
+
+
+def _compute_dtype(lhs, rhs):
+  dtype = precision_lib.compute_dtype()
+  if dtype is None or not jnp.issubdtype(lhs.dtype, jnp.floating):
+    return jnp.result_type(lhs, rhs)
+  return dtype
+
+
+def _supported(lhs, rhs, padding, kwargs) -> bool:
+  dn = kwargs["dimension_numbers"]
+  if dn is None or lhs.ndim != 4:
+    return False
+  if not isinstance(dn, lax.ConvDimensionNumbers):
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dn)
+  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  dilations = (kwargs["lhs_dilation"], kwargs["rhs_dilation"])
+  return (dn == nhwc
+          and all(d is None or all(v == 1 for v in d) for d in dilations)
+          and kwargs["feature_group_count"] == 1
+          and kwargs["batch_group_count"] == 1
+          and kwargs["preferred_element_type"] is None
+          and kwargs["precision"] is None)
+
+
+def _explicit_pads(lhs, rhs, strides, padding):
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides,
+                                  padding)
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def conv_flops(lhs_shape, rhs_shape, strides, pads) -> float:
+  """Forward multiply-adds x 2 of a NHWC/HWIO convolution."""
+  out_hw = _out_size(lhs_shape, rhs_shape, strides, pads)
+  return 2.0 * lhs_shape[0] * out_hw[0] * out_hw[1] * np.prod(rhs_shape)
+
+
+def _out_size(lhs_shape, rhs_shape, strides, pads):
+  return tuple((lhs_shape[1 + d] + sum(pads[d]) - rhs_shape[d]) // strides[d]
+               + 1 for d in range(2))
+
+
+# ---------------------------------------------------------------------------
+# The custom VJP.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(lhs, rhs, strides, pads, mode):
+  return lax.conv_general_dilated(lhs, rhs, strides, pads,
+                                  dimension_numbers=_NHWC)
+
+
+def _conv_fwd(lhs, rhs, strides, pads, mode):
+  return _conv(lhs, rhs, strides, pads, mode), (lhs, rhs)
+
+
+def _conv_bwd(strides, pads, mode, residuals, dy):
+  lhs, rhs = residuals
+  if mode == "auto":  # Tuned here, so a forward-only use never times.
+    mode = _tuned_mode(lhs, rhs, strides, pads)
+  plain = lambda x, w: lax.conv_general_dilated(x, w, strides, pads,
+                                                dimension_numbers=_NHWC)
+  if mode == "xla":
+    return jax.vjp(plain, lhs, rhs)[1](dy)
+  (dx,) = jax.vjp(lambda x: plain(x, rhs), lhs)[1](dy)
+  return dx, weight_grad(lhs, dy, rhs.shape, strides, pads, mode)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _tap_views(lhs, kernel_hw, out_hw, strides, pads):
+  """The input pixels each kernel tap (i, j) meets: [N, OH, OW, C] views,
+  in row-major tap order."""
+  padded = jnp.pad(lhs, ((0, 0), pads[0], pads[1], (0, 0)))
+  views = []
+  for i in range(kernel_hw[0]):
+    for j in range(kernel_hw[1]):
+      views.append(lax.slice(
+          padded, (0, i, j, 0),
+          (lhs.shape[0], i + (out_hw[0] - 1) * strides[0] + 1,
+           j + (out_hw[1] - 1) * strides[1] + 1, lhs.shape[3]),
+          (1, strides[0], strides[1], 1)))
+  return views
+
+
+def weight_grad(lhs, dy, rhs_shape, strides, pads, mode: str):
+  """The gradient of sum(conv(lhs, w) * dy) with respect to w [kh, kw, I, O],
+  computed by `mode` ('taps' or 'im2col'); float32 accumulation."""
+  kh, kw, c_in, c_out = rhs_shape
+  out_hw = dy.shape[1:3]
+  views = _tap_views(lhs, (kh, kw), out_hw, strides, pads)
+  acc = dict(preferred_element_type=jnp.float32)
+  if mode == "taps":
+    taps = [jnp.einsum("nhwi,nhwo->io", v, dy, **acc) for v in views]
+    grad = jnp.stack(taps).reshape(rhs_shape)
+  elif mode == "im2col":
+    patches = jnp.concatenate(views, axis=-1).reshape(-1, kh * kw * c_in)
+    grad = lax.dot_general(patches, dy.reshape(-1, c_out),
+                           (((0,), (0,)), ((), ())), **acc)
+    grad = grad.reshape(rhs_shape)
+  else:
+    raise ConfigError(f"No custom weight gradient {mode!r}.")
+  return grad.astype(dy.dtype)
+
+
+# ---------------------------------------------------------------------------
+# 'auto': by backend and shape, timed once per process.
+
+def _resolve(mode, lhs, rhs, strides, pads) -> str:
+  """'auto' becomes 'xla' off the CPU, for symbolic shapes (an export) and
+  for small convolutions; it stays 'auto' (tuned in the backward pass) for
+  the rest."""
+  if mode != "auto":
+    return mode
+  if jax.default_backend() != "cpu":
+    return "xla"
+  if not all(isinstance(d, int) for d in lhs.shape):
+    return "xla"
+  if conv_flops(lhs.shape, rhs.shape, strides, pads) < AUTO_MIN_FLOPS:
+    return "xla"
+  return "auto"
+
+
+def _tuned_mode(lhs, rhs, strides, pads) -> str:
+  key = (tuple(lhs.shape), tuple(rhs.shape), jnp.dtype(lhs.dtype).name,
+         strides, pads)
+  if key not in _tuned:
+    # A fresh thread has no trace in progress, so the timing runs for real
+    # even when this call is being traced.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      _tuned[key] = pool.submit(tune, *key).result()
+    logging.info("conv weight gradient for %s: %s", key, _tuned[key])
+  return _tuned[key]["best"]
+
+
+def tune(lhs_shape, rhs_shape, dtype, strides, pads, repeats: int = 3
+         ) -> dict:
+  """Seconds of each mode's weight gradient for one convolution (the best
+  of `repeats` after a compiling call) and the fastest, as 'best'."""
+  key = jax.random.key(0)
+  lhs = jax.random.normal(key, lhs_shape, dtype)
+  out_hw = _out_size(lhs_shape, rhs_shape, strides, pads)
+  dy = jax.random.normal(key, (lhs_shape[0], *out_hw, rhs_shape[3]), dtype)
+  rhs = jnp.zeros(rhs_shape, dtype)
+
+  def xla(lhs, dy):
+    _, vjp = jax.vjp(lambda w: lax.conv_general_dilated(
+        lhs, w, strides, pads, dimension_numbers=_NHWC), rhs)
+    return vjp(dy)[0]
+
+  candidates = dict(
+      xla=xla,
+      taps=lambda x, d: weight_grad(x, d, rhs_shape, strides, pads, "taps"),
+      im2col=lambda x, d: weight_grad(x, d, rhs_shape, strides, pads,
+                                      "im2col"))
+  seconds = {}
+  for name, fn in candidates.items():
+    fn = jax.jit(fn)
+    fn(lhs, dy).block_until_ready()
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      fn(lhs, dy).block_until_ready()
+      times.append(time.perf_counter() - start)
+    seconds[name] = min(times)
+  return dict(seconds=seconds, best=min(seconds, key=seconds.get))
+
+
+def tuned_choices() -> dict:
+  """What 'auto' chose in this process, per convolution key."""
+  return dict(_tuned)
