@@ -31,11 +31,14 @@ def two_stage_config(method: str) -> ml_collections.ConfigDict:
   c.optimizer.schedule = "cosine_epoch"  # util/scheduler.py: per epoch.
 
   # One-class classifiers on frozen features: name -> hyper-parameters
-  # (defaults in components/oneclass.py follow util/train.py). gde_lw is
-  # not in the reference: GDE with Ledoit-Wolf shrinkage, for banks with
-  # fewer images than feature dimensions (e.g. ~120 digits, 128-d features).
+  # (defaults in components/oneclass.py follow util/train.py): the
+  # reference's kde, gde, ocsvm (its kocsvm), locsvm (linear OC-SVM on raw
+  # features) and nn (its 'auc': 1-NN cosine distance). gde_lw is not in the
+  # reference: GDE with Ledoit-Wolf shrinkage, for banks with fewer images
+  # than feature dimensions (e.g. ~120 digits, 128-d features).
   c.classifiers = ml_collections.ConfigDict(
       {"kde": {}, "gde": {}, "ocsvm": {},
+       "locsvm": {"classifier": "ocsvm", "kernel": "linear"}, "nn": {},
        "gde_lw": {"classifier": "gde", "shrinkage": "ledoit_wolf"}})
   c.eval.rotation_averaging = True
   return c
