@@ -11,10 +11,14 @@ def two_stage_config(method: str) -> ml_collections.ConfigDict:
   c = config_lib.base_config(method)
   c.num_epochs = 2048  # script/run_*.sh: --num_epoch=2048.
   # Reference aug string 'cnr0.5+hflip+jitter_b0.4_c0.4_s0.4_h0.4+gray0.2+
-  # blur0.5': square crops of 1/2 to full side, jitter always applied. Its
+  # blur0.5': square crops of 1/2 to full side, jitter always applied, in
+  # the reference's form (additive brightness x + U(-0.4, 0.4), the four ops
+  # in random order, unclipped until the pipeline's end; the library's other
+  # form, 'multiplicative', scales brightness and clips after every op). Its
   # blur op is a no-op in training, so it is left out.
   c.data.augment = ("random_resized_crop(0.25,ratio=(1.0,1.0))|flip_lr|"
-                    "color_jitter(0.4,0.4,0.4,0.4,p=1.0)|grayscale(p=0.2)")
+                    "color_jitter(0.4,0.4,0.4,0.4,p=1.0,form='reference')|"
+                    "grayscale(p=0.2)")
   c.data.num_views = 2
 
   c.model.stage_sizes = (2, 2, 2, 2)  # ResNet-18.
