@@ -97,6 +97,11 @@ def raw_pixel_baselines(config) -> dict:
 
 # --- runs --------------------------------------------------------------------
 
+def _save_partial(args, out) -> None:
+  """Saves the runs so far, marked partial, so a stopped part keeps them."""
+  common.save_part(args.save_name, {**out, "partial": True})
+
+
 def _tag_flag(args) -> str:
   return f" --tag={args.tag}" if args.tag else ""
 
@@ -125,6 +130,7 @@ def part_digits(args, overrides=None):
       res = common.run_method(method, f"digits,normal_class={c}", workdir,
                               overrides)
       out["runs"].setdefault(method, {})[str(c)] = res
+      _save_partial(args, out)
       print(f"digits class {c} {method}: {res['wall_seconds']} s, best "
             f"{max(res['auroc'].values()):.4f}", flush=True)
   return out
@@ -165,6 +171,7 @@ def part_cifar10(args):
                  / method / str(c))
       res = common.run_method(method, arg, workdir, overrides)
       out["runs"].setdefault(method, {})[str(c)] = res
+      _save_partial(args, out)
       print(f"cifar10 class {c} {method}: {res['wall_seconds']} s, best "
             f"{max(res['auroc'].values()):.4f}", flush=True)
   return out
@@ -320,6 +327,8 @@ def _rerun_section(name, before, after) -> list[str]:
   the classes and methods both have."""
   part, tag = name.split(".", 1)
   lines = [f"## Rerun of `{part}` after `{tag}`", "",
+           *(["Stopped early: only the runs listed below finished.", ""]
+             if after.get("partial") else []),
            f"Before: `{before['command']}`. After: `{after['command']}`. "
            "Same settings; only the code changed. Mean AUROC over the "
            "classes both runs have; every scorer is listed.", "",
@@ -432,9 +441,9 @@ def main():
   run_part = globals().get(f"part_{args.part}")
   if args.part == "digits_seed":
     args.part = f"digits_seed{args.seed}"  # Its results file and workdirs.
+  args.save_name = args.part + (f".{args.tag}" if args.tag else "")
   if run_part is not None:
-    common.save_part(args.part + (f".{args.tag}" if args.tag else ""),
-                     run_part(args))
+    common.save_part(args.save_name, run_part(args))
   print(common.write_section("two_stage", render_report()))
 
 if __name__ == "__main__":
