@@ -29,8 +29,9 @@ choice (each can be changed by config):
 7. Padding (`model.padding`): zeros (GANomaly's), reflect or circular for
    every padded convolution of both networks. Zero padding lets a network
    read absolute position from the border, which can tell rotations apart
-   without any content; the paper's ablation reports that such position
-   information hurts the generator on geometric-transformation tasks.
+   without any content; the paper's ablation reportedly finds that such
+   position information hurts the generator on geometric-transformation
+   tasks (only its abstract was at hand here, which does not say).
 Both networks use BatchNorm running statistics at test time.
 """
 
