@@ -18,11 +18,16 @@ re-rendered from every results file present):
               step alone on staged batches.
   report      only re-render RESULTS.md.
 
+--tag=NAME writes results/<part>.NAME.json instead, e.g. a subset rerun
+after a change; RESULTS.md then compares it with <part>.json on the classes
+and methods both have ("before" / "after").
+
   python experiments/two_stage_benchmark.py digits
   python experiments/two_stage_benchmark.py digits_long --steps=800 --methods=disaug
   python experiments/two_stage_benchmark.py digits_seed --seed=2
   python experiments/two_stage_benchmark.py cifar10 --data=../shared/data/cifar10-jpeg.tar.gz
   python experiments/two_stage_benchmark.py throughput
+  python experiments/two_stage_benchmark.py digits --classes=1,8 --tag=issue13
 """
 
 import argparse
@@ -95,19 +100,40 @@ def raw_pixel_baselines(config) -> dict:
 
 # --- runs --------------------------------------------------------------------
 
+def _save_partial(args, out) -> None:
+  """Saves the runs so far, marked partial, so a stopped part keeps them."""
+  common.save_part(args.save_name, {**out, "partial": True})
+
+
+def _tag_flag(args) -> str:
+  return f" --tag={args.tag}" if args.tag else ""
+
+
+def _subset_flags(args) -> str:
+  """The flags of a digits run that are not the defaults."""
+  flags = ""
+  if args.classes != list(range(10)):
+    flags += f" --classes={','.join(map(str, args.classes))}"
+  if tuple(args.methods) != METHODS:
+    flags += f" --methods={','.join(args.methods)}"
+  return flags + _tag_flag(args)
+
+
 def part_digits(args, overrides=None):
   seed = (overrides or {}).get("seed", common.config_with("clr", "digits").seed)
-  out = {"command": f"{SCRIPT} digits", "seed": seed, "runs": {},
-         "baselines": {}}
+  out = {"command": f"{SCRIPT} digits" + _subset_flags(args), "seed": seed,
+         "runs": {}, "baselines": {}}
   for c in args.classes:
     base_cfg = common.config_with("clr", f"digits,normal_class={c}")
     base_cfg.data.image_size = 8  # Native 8x8 pixels for the baselines.
     out["baselines"][str(c)] = raw_pixel_baselines(base_cfg)
     for method in args.methods:
-      workdir = Path(args.workdir_root) / args.part / method / str(c)
+      workdir = (Path(args.workdir_root) / (args.part + (args.tag or ""))
+                 / method / str(c))
       res = common.run_method(method, f"digits,normal_class={c}", workdir,
                               overrides)
       out["runs"].setdefault(method, {})[str(c)] = res
+      _save_partial(args, out)
       print(f"digits class {c} {method}: {res['wall_seconds']} s, best "
             f"{max(res['auroc'].values()):.4f}", flush=True)
   return out
@@ -138,15 +164,17 @@ def part_cifar10(args):
   out = {"command": f"{SCRIPT} cifar10 --data={args.data} --steps="
                     f"{args.steps} --width={args.width} --classes="
                     f"{','.join(map(str, args.classes))} --methods="
-                    f"{','.join(args.methods)}",
+                    f"{','.join(args.methods)}" + _tag_flag(args),
          "budget": overrides, "runs": {}, "baselines": {}}
   for c in args.classes:
     arg = f"folder,folder={folder},normal_class={c}"
     out["baselines"][str(c)] = raw_pixel_baselines(common.config_with("clr", arg))
     for method in args.methods:
-      workdir = Path(args.workdir_root) / "cifar10" / method / str(c)
+      workdir = (Path(args.workdir_root) / ("cifar10" + (args.tag or ""))
+                 / method / str(c))
       res = common.run_method(method, arg, workdir, overrides)
       out["runs"].setdefault(method, {})[str(c)] = res
+      _save_partial(args, out)
       print(f"cifar10 class {c} {method}: {res['wall_seconds']} s, best "
             f"{max(res['auroc'].values()):.4f}", flush=True)
   return out
@@ -322,11 +350,44 @@ def _seed_section(parts) -> list[str]:
   return lines
 
 
+def _rerun_section(name, before, after) -> list[str]:
+  """Mean AUROC per scorer of a tagged rerun next to the untagged part's, on
+  the classes and methods both have."""
+  part, tag = name.split(".", 1)
+  lines = [f"## Rerun of `{part}` after `{tag}`", "",
+           *(["Stopped early: only the runs listed below finished.", ""]
+             if after.get("partial") else []),
+           f"Before: `{before['command']}`. After: `{after['command']}`. "
+           "Same settings; only the code changed. Mean AUROC over the "
+           "classes both runs have; every scorer is listed.", "",
+           "| method | classes | scorer | before | after | change |",
+           "|---|---|---|---|---|---|"]
+  for method, runs in after["runs"].items():
+    classes = sorted((c for c in runs if c in before["runs"].get(method, {})),
+                     key=int)
+    if not classes:
+      continue
+    for scorer in runs[classes[0]]["auroc"]:
+      old = [before["runs"][method][c]["auroc"].get(scorer) for c in classes]
+      new = _mean(runs[c]["auroc"][scorer] for c in classes)
+      if None in old:
+        lines.append(f"| {method} | {','.join(classes)} | {scorer} | - | "
+                     f"{new:.4f} | new |")
+        continue
+      old = _mean(old)
+      lines.append(f"| {method} | {','.join(classes)} | {scorer} | "
+                   f"{old:.4f} | {new:.4f} | {new - old:+.4f} |")
+  lines.append("")
+  return lines
+
+
 def render_report() -> str:
   """This script's section of RESULTS.md, from its results files."""
   lines = []
   parts = {p.stem: json.loads(p.read_text())
            for p in sorted(RESULTS_DIR.glob("*.json"))}
+  reruns = {k: v for k, v in parts.items() if "." in k}
+  parts = {k: v for k, v in parts.items() if "." not in k}
   if "digits" in parts:
     lines += _auroc_section(
         "Two-stage family on scikit-learn digits (one class normal)",
@@ -383,6 +444,9 @@ def render_report() -> str:
                    f"{'-' if e2e_ms is None else f'{e2e_ms:.0f}'} | "
                    f"{r['end_to_end_images_per_sec']:.0f} |")
     lines.append("")
+  for name, after in reruns.items():
+    if name.split(".", 1)[0] in parts:
+      lines += _rerun_section(name, parts[name.split(".", 1)[0]], after)
   return "\n".join(lines)
 
 
@@ -406,6 +470,9 @@ def main():
   parser.add_argument("--child", default="",
                       help="_throughput_one: its settings as JSON.")
   parser.add_argument("--workdir_root", default="/tmp/jax_oneclass_bench")
+  parser.add_argument("--tag", default=None,
+                      help="Save as results/<part>.<tag>.json (a rerun to "
+                      "compare with <part>.json).")
   args = parser.parse_args()
   os.chdir(ROOT)
   if args.part == "_throughput_one":  # A child of 'throughput'.
@@ -418,8 +485,9 @@ def main():
   run_part = globals().get(f"part_{args.part}")
   if args.part == "digits_seed":
     args.part = f"digits_seed{args.seed}"  # Its results file and workdirs.
+  args.save_name = args.part + (f".{args.tag}" if args.tag else "")
   if run_part is not None:
-    common.save_part(args.part, run_part(args))
+    common.save_part(args.save_name, run_part(args))
   print(common.write_section("two_stage", render_report()))
 
 if __name__ == "__main__":

@@ -48,3 +48,18 @@ def test_auroc_section_ranks_scorers_and_flags_runs_without_gde_lw():
     del baselines["pixels/gde_lw"]
   assert "predates the `gde_lw`" in "\n".join(
       bench._auroc_section("Title", part, "note"))
+
+
+def test_rerun_section_compares_the_shared_classes_only():
+  before = _part(1, [0.9, 1.0, 0.8], [0.95] * 3, "before")
+  after = _part(1, [0.95, 0.9], [0.95] * 2, "after")
+  after["runs"]["disaug"]["1"]["auroc"]["pool/nn"] = 0.7
+  del after["runs"]["disaug"]["0"]  # Only class 1 finished.
+  after["partial"] = True
+  text = "\n".join(bench._rerun_section("digits.fix", before, after))
+  assert "## Rerun of `digits` after `fix`" in text
+  assert "Stopped early" in text
+  # Class 1 only: before 1.0, after 0.9.
+  assert (f"| disaug | 1 | {bench.HEADLINE_SCORER} | 1.0000 | 0.9000 | "
+          "-0.1000 |") in text
+  assert "| disaug | 1 | pool/nn | - | 0.7000 | new |" in text

@@ -162,7 +162,22 @@ def test_ocsvm_matches_sklearn_decision_function(hparams):
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('name', ['kde', 'ocsvm'])
+def test_nn_is_one_minus_the_largest_cosine_similarity():
+  train, test = _data()
+  cos = _np_normalize(test) @ _np_normalize(train).T
+  got = clf_lib.nn_score(clf_lib.nn_fit(train), test)
+  np.testing.assert_allclose(got, 1.0 - cos.max(axis=1), rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_nn_raw_is_half_the_squared_nearest_distance():
+  train, test = _data()
+  d2 = ((test[:, None, :].astype(np.float64) - train[None]) ** 2).sum(-1)
+  got = clf_lib.nn_score(clf_lib.nn_fit(train, normalize=False), test)
+  np.testing.assert_allclose(got, 0.5 * d2.min(axis=1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('name', ['kde', 'ocsvm', 'nn'])
 def test_chunking_matches_unchunked(name):
   train, test = _data(n=53)
   clf = clf_lib.get_classifier(name)

@@ -287,3 +287,42 @@ def test_num_train_images_is_a_seeded_subset_after_the_holdout():
                                   num_train_images=available + 1))
   with pytest.raises(ConfigError, match='int >= 0'):
     data.dataset_info(make_config(num_train_images=-1))
+
+def test_reference_jitter_brightness_is_additive_and_unclipped():
+  from jax_oneclass.data import augment as augment_lib  # pylint: disable=g-import-not-at-top
+  op = augment_lib.color_jitter(0.4, 0, 0, 0, p=1.0, form='reference')
+  image = tf.fill((4, 4, 3), 0.9)
+  deltas = []
+  for i in range(20):
+    shift = (op(image, tf.constant([i, 7])) - image).numpy()
+    np.testing.assert_allclose(shift, shift.flat[0], atol=1e-6)
+    deltas.append(shift.flat[0])
+  assert -0.4 <= min(deltas) < 0 < 0.1 < max(deltas) <= 0.4
+  # The multiplicative form scales instead and clips at 1.
+  old = augment_lib.color_jitter(0.4, 0, 0, 0, p=1.0)
+  assert float(tf.reduce_max(old(image, tf.constant([0, 7])))) <= 1.0
+
+
+def test_reference_jitter_applies_its_ops_in_a_random_order():
+  from jax_oneclass.data import augment as augment_lib  # pylint: disable=g-import-not-at-top
+  image = tf.random.stateless_uniform((6, 6, 3), (5, 6))
+  orders = set()
+  for i in range(12):
+    seed = tf.constant([i, 3])
+    got = augment_lib._reference_jitter(image, seed, 0.4, 0.4, 0.4, 0.4)
+    ops = augment_lib._reference_jitter_ops(seed, 0.4, 0.4, 0.4, 0.4, 3)
+    for order in itertools.permutations(range(4)):
+      expected = image
+      for k in order:
+        expected = ops[k](expected)
+      if np.allclose(got.numpy(), expected.numpy(), atol=1e-5):
+        orders.add(order)
+        break
+    else:
+      raise AssertionError(f'seed {i}: output is no ordering of the ops')
+  assert len(orders) > 3
+
+
+def test_color_jitter_unknown_form():
+  with pytest.raises(ConfigError, match='form'):
+    data.parse_augment("color_jitter(0.4,0.4,0.4,0.4,form='simclr')")

@@ -222,3 +222,37 @@ def test_shared_discriminator_passes_give_the_reference_gradients():
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   jax.tree.map(close, g_out.grads, g_grads)
   jax.tree.map(close, d_out.grads, d_grads)
+
+
+def test_padding_modes_keep_the_parameter_tree():
+  x = jnp.zeros((2, 16, 16, 1))
+  shapes = {}
+  for padding in dcgan.PADDING_MODES:
+    net = dcgan.EncoderDecoder(8, 4, extra_layers=1, padding=padding)
+    variables = jax.eval_shape(
+        lambda n=net: n.init(jax.random.key(0), x, train=False))
+    shapes[padding] = jax.tree.map(lambda v: v.shape, variables)
+  assert shapes["reflect"] == shapes["circular"] == shapes["zeros"]
+
+
+def test_circular_padding_makes_the_encoder_shift_equivariant():
+  # 16 px -> 4x4 features through two stride-2 convs: a circular shift of
+  # the input by 4 px shifts the features by 1, when nothing reads the
+  # border; zero padding breaks this.
+  x = jax.random.normal(jax.random.key(0), (1, 16, 16, 1))
+  shifted = jnp.roll(x, 4, axis=2)
+  gaps = {}
+  for padding in ("circular", "zeros"):
+    net = dcgan.DCGANEncoder(3, 4, padding=padding)
+    variables = net.init(jax.random.key(1), x, False)
+    apply = jax.jit(lambda v, y, n=net: n.apply(v, y, False)[1])
+    features, moved = apply(variables, x), apply(variables, shifted)
+    gaps[padding] = float(jnp.abs(jnp.roll(features, 1, axis=2) - moved).max())
+  assert gaps["circular"] < 1e-5 < 1e-2 < gaps["zeros"]
+
+
+def test_unknown_padding_mode_is_a_config_error():
+  config = tiny_config("dgad", steps=1)
+  config.model.padding = "replicate"
+  with pytest.raises(ConfigError, match="padding"):
+    methods.get_method(config, data.dataset_info(config))

@@ -8,7 +8,7 @@ import pytest
 from jax_oneclass import config as config_lib
 from jax_oneclass import data, methods
 from jax_oneclass.errors import ConfigError
-from jax_oneclass.methods.two_stage import clr
+from jax_oneclass.methods.two_stage import clr, network
 from jax_oneclass.methods.two_stage.network import SelfSupervisedNet
 from tests.conftest import METHODS, load_config, tiny_config
 
@@ -58,6 +58,42 @@ def test_resnet18_shapes_and_size():
       variables["params"]["backbone"]))
   # CIFAR ResNet-18 without its classifier: 11.17M parameters.
   assert 11.1e6 < backbone < 11.2e6
+
+
+def _reference_block(x, params, stats, eps=1e-5):
+  """The reference's basic block in TF: ZeroPadding2D(k // 2) + VALID conv."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def conv(x, name, stride):
+    kernel = np.asarray(params[name]["kernel"])
+    pad = kernel.shape[0] // 2
+    x = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    return tf.nn.conv2d(x, kernel, stride, "VALID")
+
+  def bn(x, name):
+    p, s = params[name], stats[name]
+    return ((x - np.asarray(s["mean"])) / np.sqrt(np.asarray(s["var"]) + eps)
+            * np.asarray(p["scale"]) + np.asarray(p["bias"]))
+
+  y = tf.nn.relu(bn(conv(x, "conv1", 2), "bn1"))
+  y = bn(conv(y, "conv2", 1), "bn2")
+  shortcut = bn(conv(x, "shortcut_conv", 2), "shortcut_bn")
+  return tf.nn.relu(shortcut + y).numpy()
+
+
+def test_stride2_block_pads_symmetrically_like_the_reference():
+  block = network.BasicBlock(features=8, strides=2)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  variables = block.init(jax.random.key(1), x, train=False)
+  # Non-trivial running statistics, so the BatchNorms are not identities.
+  variables = jax.tree.map(
+      lambda v: v + 0.1 * jax.random.uniform(jax.random.key(2), v.shape),
+      variables)
+  ours = block.apply(variables, x, train=False)
+  expected = _reference_block(np.asarray(x), variables["params"],
+                              variables["batch_stats"])
+  assert ours.shape == (2, 4, 4, 8)
+  np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_batchnorm_train_updates_stats_and_eval_is_batch_independent():

@@ -32,7 +32,10 @@ Defaults follow the reference (see each `*_DEFAULTS` dict):
   "Modeling the Distribution of Normal Data in Pre-Trained Deep Features for
   Anomaly Detection"); it matters when the bank has about as many or fewer
   rows than dimensions, where the MLE covariance is (near) singular.
-* OC-SVM = sklearn `OneClassSVM` with its default `nu=0.5`.
+* OC-SVM = sklearn `OneClassSVM` with its default `nu=0.5`; `kernel='linear'`
+  is the reference's linear OC-SVM (`*.locsvm`, raw features).
+* NN = the reference's `*.auc` score: 1 - the largest cosine similarity to a
+  bank feature (the 1-nearest-neighbour cosine distance).
 """
 
 import functools
@@ -81,6 +84,11 @@ OCSVM_DEFAULTS: Mapping[str, Any] = {
     # raw features).
     'normalize': None,
     'tol': 1e-3,
+}
+NN_DEFAULTS: Mapping[str, Any] = {
+    # True: cosine distance, as in the reference. False: half the squared
+    # Euclidean distance to the nearest raw feature.
+    'normalize': True,
 }
 
 
@@ -410,12 +418,49 @@ def ocsvm_score(params: Params, features: jax.Array,
 
 
 # ----------------------------------------------------------------------------
+# 1-nearest neighbour
+
+
+def nn_fit(features: np.ndarray, **hparams: Any) -> Params:
+  """Stores the (L2-normalised) bank [N, D] for nearest-neighbour scoring.
+
+  Hyper-parameters (see NN_DEFAULTS): normalize (default True: cosine, as
+  the reference's 1-NN score).
+  """
+  hp = _resolve_hparams('nn', NN_DEFAULTS, hparams)
+  bank = _maybe_normalize(_check_train_features(features),
+                          bool(hp['normalize']))
+  return {'bank': bank, 'normalize': np.asarray(bool(hp['normalize']))}
+
+
+@functools.partial(jax.jit, static_argnames=('chunk_size',))
+def nn_score(params: Params, features: jax.Array,
+             chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
+  """min_i ||x - b_i||^2 / 2 [M] for features [M, D].
+
+  On normalised features this is 1 - max_i cos(x, b_i), the reference's
+  `1 - top_k(similarity, 1)`.
+  """
+  x = _score_input(params, features, 'bank')
+  bank = jnp.asarray(params['bank'], jnp.float32)
+
+  def chunk_min(b, pad):
+    return jnp.min(0.5 * _sq_dists(x, b) + pad[None, :], axis=1)
+
+  per_chunk = _map_bank_chunks(chunk_min, bank,
+                               jnp.zeros((bank.shape[0],), jnp.float32),
+                               jnp.inf, chunk_size)
+  return jnp.min(per_chunk, axis=0)
+
+
+# ----------------------------------------------------------------------------
 # Registry
 
 CLASSIFIERS: dict[str, Classifier] = {
     'kde': Classifier(fit=kde_fit, score=kde_score),
     'gde': Classifier(fit=gde_fit, score=gde_score),
     'ocsvm': Classifier(fit=ocsvm_fit, score=ocsvm_score),
+    'nn': Classifier(fit=nn_fit, score=nn_score),
 }
 
 

@@ -9,6 +9,7 @@ augmentation is a pure function of its seed (needed for exact resume).
 """
 
 import ast
+import functools
 import inspect
 import math
 from typing import Callable
@@ -78,16 +79,64 @@ def _jitter(image, seed, brightness, contrast, saturation, hue):
   return tf.clip_by_value(image, 0.0, 1.0)
 
 
-def color_jitter(brightness: float, contrast: float, saturation: float,
-                 hue: float, p: float = 0.8) -> Op:
-  """SimCLR-style colour jitter applied with probability p.
+def _reference_jitter_ops(seed, brightness, contrast, saturation, hue,
+                          channels):
+  """The reference's four jitter ops as fns of the image, unclipped.
 
-  Saturation and hue are skipped for 1-channel images.
+  Op i draws from fold(seed, i), whatever its place in the order.
   """
+  ops = []
+  if brightness:  # tf.image.random_brightness: x + U(-b, b).
+    ops.append(lambda x: tf.image.stateless_random_brightness(
+        x, brightness, _fold(seed, 0)))
+  if contrast:
+    ops.append(lambda x: tf.image.stateless_random_contrast(
+        x, 1 - contrast, 1 + contrast, _fold(seed, 1)))
+  if channels == 3 and saturation:
+    ops.append(lambda x: tf.image.stateless_random_saturation(
+        x, 1 - saturation, 1 + saturation, _fold(seed, 2)))
+  if channels == 3 and hue:  # The reference bounds the hue delta by 0.5.
+    ops.append(lambda x: tf.image.stateless_random_hue(
+        x, min(hue, 0.5), _fold(seed, 3)))
+  return ops
+
+
+def _reference_jitter(image, seed, brightness, contrast, saturation, hue):
+  """The ops of `_reference_jitter_ops` in a random order, no clipping."""
+  ops = _reference_jitter_ops(seed, brightness, contrast, saturation, hue,
+                              image.shape[-1])
+  if len(ops) < 2:
+    return ops[0](image) if ops else image
+  order = tf.argsort(_uniform(_fold(seed, 4), shape=(len(ops),)))
+  for position in range(len(ops)):
+    image = tf.switch_case(order[position],
+                           [functools.partial(op, image) for op in ops])
+  return image
+
+
+def color_jitter(brightness: float, contrast: float, saturation: float,
+                 hue: float, p: float = 0.8, form: str = 'multiplicative'
+                 ) -> Op:
+  """Colour jitter applied with probability p.
+
+  form 'multiplicative': brightness x * U(1 - b, 1 + b), then contrast,
+  saturation and hue in that order, clipped to [0, 1] after every op.
+  form 'reference': the reference code's ColorJitter (Sohn et al. 2021,
+  data/augment_ops.py): tf.image.random_brightness's additive x + U(-b, b),
+  the four ops in a random order (drawn per image here), nothing clipped
+  (the augment pipeline clips once at its end). Saturation and hue are
+  skipped for 1-channel images in both forms.
+  """
+  forms = {'multiplicative': _jitter, 'reference': _reference_jitter}
+  if form not in forms:
+    raise ConfigError(f'color_jitter: form must be one of {sorted(forms)}, '
+                      f'got {form!r}.')
+  jitter = forms[form]
+
   def op(image, seed):
     return _with_probability(
         p, image, seed,
-        lambda x, s: _jitter(x, s, brightness, contrast, saturation, hue))
+        lambda x, s: jitter(x, s, brightness, contrast, saturation, hue))
 
   return op
 

@@ -32,11 +32,35 @@ def _batch_norm(train: bool):
                       epsilon=1e-5, scale_init=_bn_scale_init)
 
 
-def _conv(features: int, kernel: int, stride: int, pad: int, name=None):
-  return nn.Conv(features, (kernel, kernel), (stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=_CONV_INIT, name=name,
+# Padding modes, named as torch's Conv2d padding_mode, as jnp.pad modes.
+PADDING_MODES = {"zeros": "constant", "reflect": "reflect", "circular": "wrap"}
+
+
+def check_padding(padding: str) -> None:
+  """Raises ConfigError unless `padding` is one of PADDING_MODES."""
+  if padding not in PADDING_MODES:
+    raise ConfigError(
+        f"Unknown padding mode {padding!r}; set config.model.padding to one "
+        f"of {', '.join(PADDING_MODES)}.")
+
+
+def _pad(x, pad: int, padding: str):
+  """Pads the two spatial sides of NHWC x by `pad` in the given mode."""
+  if pad == 0:
+    return x
+  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)),
+                 mode=PADDING_MODES[padding])
+
+
+def _conv(features: int, kernel: int, stride: int, pad: int,
+          padding: str = "zeros", name=None):
+  """A bias-free conv; `pad` pixels each side in mode `padding` (zeros,
+  reflect or circular), then a VALID window."""
+  conv = nn.Conv(features, (kernel, kernel), (stride, stride),
+                 padding="VALID", use_bias=False, kernel_init=_CONV_INIT,
+                 name=name,
                  conv_general_dilated=conv_lib.conv_general_dilated)
+  return lambda x: conv(_pad(x, pad, padding))
 
 
 class UpConv(nn.Module):
@@ -51,6 +75,9 @@ class UpConv(nn.Module):
   """
 
   features: int
+  # The one-pixel border around the input the transposed conv sees: zeros
+  # (torch's only mode for ConvTranspose2d), reflect or circular.
+  padding: str = "zeros"
 
   @nn.compact
   def __call__(self, x):
@@ -61,7 +88,7 @@ class UpConv(nn.Module):
     k = kernel.reshape(2, 2, 2, 2, c_in, self.features)
     k = k.transpose(0, 2, 1, 3, 5, 4).reshape(2, 2, 4 * self.features, c_in)
     k = k[::-1, ::-1].transpose(0, 1, 3, 2)
-    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    x = _pad(x, 1, self.padding)
     y = conv_lib.conv_general_dilated(
         x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return depth_to_space(y)[:, 1:-1, 1:-1]
@@ -95,21 +122,25 @@ class DCGANEncoder(nn.Module):
       discriminator's logit).
     width: channels of the first layer (ngf).
     extra_layers: 3x3 conv + BN + LeakyReLU layers after the first layer.
+    padding: how the padded convolutions pad (see PADDING_MODES); GANomaly's
+      is zeros.
   """
 
   out_features: int
   width: int = 64
   extra_layers: int = 0
+  padding: str = "zeros"
 
   @nn.compact
   def __call__(self, x, train: bool):
     check_image_size(x.shape[1])
-    x = nn.leaky_relu(_conv(self.width, 4, 2, 1)(x), 0.2)
+    check_padding(self.padding)
+    x = nn.leaky_relu(_conv(self.width, 4, 2, 1, self.padding)(x), 0.2)
     for _ in range(self.extra_layers):
-      x = nn.leaky_relu(_batch_norm(train)(_conv(x.shape[-1], 3, 1, 1)(x)),
-                        0.2)
+      x = _conv(x.shape[-1], 3, 1, 1, self.padding)(x)
+      x = nn.leaky_relu(_batch_norm(train)(x), 0.2)
     while x.shape[1] > 4:
-      x = _conv(2 * x.shape[-1], 4, 2, 1)(x)
+      x = _conv(2 * x.shape[-1], 4, 2, 1, self.padding)(x)
       x = nn.leaky_relu(_batch_norm(train)(x), 0.2)
     features = x
     code = _conv(self.out_features, 4, 1, 0, name="final_conv")(x)
@@ -123,19 +154,22 @@ class DCGANDecoder(nn.Module):
   channels: int
   width: int = 64
   extra_layers: int = 0
+  padding: str = "zeros"  # Of the UpConvs and the 3x3 extra layers.
 
   @nn.compact
   def __call__(self, z, train: bool):
     check_image_size(self.image_size)
+    check_padding(self.padding)
     x = z.reshape((z.shape[0], 1, 1, z.shape[-1]))
     channels = top_width(self.image_size, self.width)
     x = nn.relu(_batch_norm(train)(_project_up(channels)(x)))
     while x.shape[1] < self.image_size // 2:
       channels //= 2
-      x = nn.relu(_batch_norm(train)(UpConv(channels)(x)))
+      x = nn.relu(_batch_norm(train)(UpConv(channels, self.padding)(x)))
     for _ in range(self.extra_layers):
-      x = nn.relu(_batch_norm(train)(_conv(channels, 3, 1, 1)(x)))
-    return jnp.tanh(UpConv(self.channels)(x))
+      x = _conv(channels, 3, 1, 1, self.padding)(x)
+      x = nn.relu(_batch_norm(train)(x))
+    return jnp.tanh(UpConv(self.channels, self.padding)(x))
 
 
 class GANomalyGenerator(nn.Module):
@@ -186,11 +220,13 @@ class EncoderDecoder(nn.Module):
   latent_size: int
   width: int
   extra_layers: int = 0
+  padding: str = "zeros"
 
   @nn.compact
   def __call__(self, x, train: bool):
     code, _ = DCGANEncoder(self.latent_size, self.width, self.extra_layers,
-                           name="encoder")(x, train)
+                           self.padding, name="encoder")(x, train)
     fake = DCGANDecoder(x.shape[1], x.shape[-1], self.width,
-                        self.extra_layers, name="decoder")(code, train)
+                        self.extra_layers, self.padding,
+                        name="decoder")(code, train)
     return {"fake": fake, "code": code}

@@ -26,6 +26,12 @@ choice (each can be changed by config):
    same on T_k(x) (the discriminator alone); 'latent/<classifier>',
    one-class classifiers on the generator's L2-normalised codes of the
    untransformed normal training images.
+7. Padding (`model.padding`): zeros (GANomaly's), reflect or circular for
+   every padded convolution of both networks. Zero padding lets a network
+   read absolute position from the border, which can tell rotations apart
+   without any content; the paper's ablation reportedly finds that such
+   position information hurts the generator on geometric-transformation
+   tasks (only its abstract was at hand here, which does not say).
 Both networks use BatchNorm running statistics at test time.
 """
 
@@ -39,7 +45,7 @@ from jax_oneclass.errors import ConfigError
 from jax_oneclass.methods import interface
 from jax_oneclass.methods.gan import family as gan
 from jax_oneclass.methods.gan.dcgan import (DCGANEncoder, EncoderDecoder,
-                                            check_image_size)
+                                            check_image_size, check_padding)
 
 TRANSFORMS = {"rotate": 4, "rotate_flip": 8}
 
@@ -75,11 +81,13 @@ class Method:
                         f"of {', '.join(TRANSFORMS)}.")
     self.num_transforms = TRANSFORMS[config.transforms]
     model = config.model
+    padding = model.get("padding", "zeros")
+    check_padding(padding)
     self.generator = EncoderDecoder(model.latent_size, model.width,
-                                    model.extra_layers)
+                                    model.extra_layers, padding)
     # K pretext logits and, last, one real/fake logit.
     self.discriminator = DCGANEncoder(self.num_transforms + 1, model.width,
-                                      model.extra_layers)
+                                      model.extra_layers, padding)
     self.tx = optim.make_optimizer(config, info)
     self.classifier_hparams = oneclass.checked_hparams(config.classifiers)
 

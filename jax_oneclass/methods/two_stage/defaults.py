@@ -11,10 +11,14 @@ def two_stage_config(method: str) -> ml_collections.ConfigDict:
   c = config_lib.base_config(method)
   c.num_epochs = 2048  # script/run_*.sh: --num_epoch=2048.
   # Reference aug string 'cnr0.5+hflip+jitter_b0.4_c0.4_s0.4_h0.4+gray0.2+
-  # blur0.5': square crops of 1/2 to full side, jitter always applied. Its
+  # blur0.5': square crops of 1/2 to full side, jitter always applied, in
+  # the reference's form (additive brightness x + U(-0.4, 0.4), the four ops
+  # in random order, unclipped until the pipeline's end; the library's other
+  # form, 'multiplicative', scales brightness and clips after every op). Its
   # blur op is a no-op in training, so it is left out.
   c.data.augment = ("random_resized_crop(0.25,ratio=(1.0,1.0))|flip_lr|"
-                    "color_jitter(0.4,0.4,0.4,0.4,p=1.0)|grayscale(p=0.2)")
+                    "color_jitter(0.4,0.4,0.4,0.4,p=1.0,form='reference')|"
+                    "grayscale(p=0.2)")
   c.data.num_views = 2
 
   c.model.stage_sizes = (2, 2, 2, 2)  # ResNet-18.
@@ -31,11 +35,14 @@ def two_stage_config(method: str) -> ml_collections.ConfigDict:
   c.optimizer.schedule = "cosine_epoch"  # util/scheduler.py: per epoch.
 
   # One-class classifiers on frozen features: name -> hyper-parameters
-  # (defaults in components/oneclass.py follow util/train.py). gde_lw is
-  # not in the reference: GDE with Ledoit-Wolf shrinkage, for banks with
-  # fewer images than feature dimensions (e.g. ~120 digits, 128-d features).
+  # (defaults in components/oneclass.py follow util/train.py): the
+  # reference's kde, gde, ocsvm (its kocsvm), locsvm (linear OC-SVM on raw
+  # features) and nn (its 'auc': 1-NN cosine distance). gde_lw is not in the
+  # reference: GDE with Ledoit-Wolf shrinkage, for banks with fewer images
+  # than feature dimensions (e.g. ~120 digits, 128-d features).
   c.classifiers = ml_collections.ConfigDict(
       {"kde": {}, "gde": {}, "ocsvm": {},
+       "locsvm": {"classifier": "ocsvm", "kernel": "linear"}, "nn": {},
        "gde_lw": {"classifier": "gde", "shrinkage": "ledoit_wolf"}})
   c.eval.rotation_averaging = True
   return c

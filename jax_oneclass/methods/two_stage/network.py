@@ -32,6 +32,16 @@ def _batch_norm(train: bool, zero_init: bool = False, name=None):
   )
 
 
+def _symmetric_padding(kernel_size: int):
+  """k // 2 zeros on every side, as the reference's ZeroPadding2D + VALID.
+
+  Not "SAME": for a stride-2 3x3 convolution on an even size, SAME pads
+  (0, 1), which shifts the sampling grid one pixel off the 1x1 shortcut's.
+  """
+  pad = kernel_size // 2
+  return ((pad, pad), (pad, pad))
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convolutions with an identity or 1x1-projection shortcut."""
 
@@ -41,8 +51,8 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     conv = lambda f, k, s, name: nn.Conv(
-        f, (k, k), (s, s), padding="SAME", use_bias=False, name=name,
-        kernel_init=_CONV_INIT,
+        f, (k, k), (s, s), padding=_symmetric_padding(k), use_bias=False,
+        name=name, kernel_init=_CONV_INIT,
         conv_general_dilated=conv_lib.conv_general_dilated)
     y = conv(self.features, 3, self.strides, "conv1")(x)
     y = nn.relu(_batch_norm(train, name="bn1")(y))
@@ -63,7 +73,8 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool):
     x = 2.0 * images - 1.0  # Inputs arrive in [0, 1].
-    x = nn.Conv(self.width, (3, 3), padding="SAME", use_bias=False,
+    x = nn.Conv(self.width, (3, 3), padding=_symmetric_padding(3),
+                use_bias=False,
                 kernel_init=_CONV_INIT, name="stem_conv",
                 conv_general_dilated=conv_lib.conv_general_dilated)(x)
     x = nn.relu(_batch_norm(train, name="stem_bn")(x))

@@ -1,0 +1,184 @@
+"""DGAD's speed claim: training time to the same AUROC as RotNet / DisAug.
+
+Xia et al. 2021 say their discriminative-generative method has "a great
+advantage in speed" over discriminative methods at close performance. This
+measures it on a small budget: each method trains once for --steps steps
+(its preset batch size, network width --width), writing a checkpoint every
+--eval_every steps; each checkpoint is then scored on the test split with
+the method's headline scorer (configs/<method>.py eval.scorer, fixed before
+these runs). The training time to a checkpoint is the time from the start
+of training to that checkpoint being written (compilation, input pipeline
+and checkpoint writes included; evaluation excluded). The cosine schedules
+are those of a --steps run, so an early checkpoint is not a shorter run.
+
+Writes experiments/results/dgad_speed.json and its RESULTS.md section:
+AUROC against training seconds for every method and class, and per AUROC
+target the first checkpoint reaching it.
+
+  python experiments/dgad_speed.py --data=../shared/data/cifar10-jpeg.tar.gz --classes=0,1 --steps=600 --eval_every=100
+  python experiments/dgad_speed.py --data=digits --classes=1 --steps=20 --eval_every=10  # smoke run
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments import common  # pylint: disable=g-import-not-at-top
+
+from jax_oneclass import evaluate  # pylint: disable=g-import-not-at-top
+from jax_oneclass import run as run_lib  # pylint: disable=g-import-not-at-top
+from jax_oneclass import train  # pylint: disable=g-import-not-at-top
+
+PART = "dgad_speed"
+SCRIPT = "python experiments/dgad_speed.py"
+METHODS = ("dgad", "rotnet", "disaug")
+
+
+def _load() -> str:
+  """`uptime`'s load averages, to read the times with."""
+  return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def _cpu_name() -> str:
+  """The CPU model (lscpu's 'Model name') and the core count."""
+  names = [line.split(":", 1)[1].strip()
+           for line in Path("/proc/cpuinfo").read_text().splitlines()
+           if line.startswith("model name")]
+  return f"{names[0] if names else os.uname().machine}, {os.cpu_count()} cores"
+
+
+def _checkpoint_seconds(workdir: Path, start: float) -> dict[int, float]:
+  """{step: seconds from `start` until its checkpoint was committed}."""
+  out = {}
+  for path in (workdir / "checkpoints").iterdir():
+    if path.name.isdigit():
+      marker = path / "commit_success.txt"
+      stamp = (marker if marker.exists() else path).stat().st_mtime
+      out[int(path.name)] = round(stamp - start, 1)
+  return dict(sorted(out.items()))
+
+
+def run_one(method: str, arg: str, workdir: Path, overrides: dict) -> dict:
+  """Trains one method from scratch, then scores every checkpoint."""
+  config = common.config_with(method, arg, overrides)
+  config.progress_bar = False
+  shutil.rmtree(workdir, ignore_errors=True)  # Times need a fresh start.
+  load_before = _load()
+  start = time.time()
+  train.train(config, workdir)
+  train_seconds = round(time.time() - start, 1)
+  seconds = _checkpoint_seconds(workdir, start)
+  run = run_lib.setup(config, workdir, mode="eval")
+  points = []
+  try:
+    for step, secs in seconds.items():
+      state, _ = run_lib.restore(run, step)
+      results = evaluate.evaluate_run(run, state, step, output_dir=False)
+      points.append({"step": step, "train_seconds": secs,
+                     "auroc": results["auroc"][config.eval.scorer]})
+      print(f"{method} {arg.split(',')[-1]} step {step}: {secs} s, "
+            f"AUROC {points[-1]['auroc']:.4f}", flush=True)
+  finally:
+    run.checkpointer.close()
+  return {"scorer": config.eval.scorer, "batch_size": config.batch_size,
+          "views": config.data.num_views, "train_seconds": train_seconds,
+          "load_before": load_before, "load_after": _load(),
+          "points": points}
+
+
+def time_to(points: list[dict], target: float):
+  """(seconds, step) of the first point with AUROC >= target, or None."""
+  for p in points:
+    if p["auroc"] >= target:
+      return p["train_seconds"], p["step"]
+  return None
+
+
+def render(result: dict) -> str:
+  """The RESULTS.md section."""
+  lines = ["## DGAD's speed claim: training time to an AUROC", "",
+           f"Command: `{result['command']}`. CPU: {result['cpu']}. Each "
+           "method's preset batch size, network width "
+           f"{result['width']}, {result['steps']} steps, a checkpoint every "
+           f"{result['eval_every']}; AUROC of the method's headline scorer "
+           "(fixed in its config before this run) at each checkpoint; "
+           "seconds from the start of training to that checkpoint "
+           "(compilation included, evaluation excluded). The machine was "
+           "shared, so times carry its load (1/5/15-min load averages "
+           "before and after each run are listed).", "",
+           "| class | method | scorer | batch x views | step: seconds, AUROC "
+           "| load before / after |", "|---|---|---|---|---|---|"]
+  for c, by_method in result["runs"].items():
+    for method, r in by_method.items():
+      curve = "; ".join(f"{p['step']}: {p['train_seconds']:.0f} s, "
+                        f"{p['auroc']:.3f}" for p in r["points"])
+      lines.append(f"| {c} | {method} | {r['scorer']} | {r['batch_size']} x "
+                   f"{r['views']} | {curve} | {r['load_before']} / "
+                   f"{r['load_after']} |")
+  lines += ["", "Time to reach each AUROC target (seconds, at step); '-' "
+            "where the run never reached it:", "",
+            "| class | target | " + " | ".join(result["methods"]) + " |",
+            "|---|---|" + "---|" * len(result["methods"])]
+  for c, by_method in result["runs"].items():
+    for target in result["targets"]:
+      cells = []
+      for method in result["methods"]:
+        hit = time_to(by_method[method]["points"], target) if (
+            method in by_method) else None
+        cells.append(f"{hit[0]:.0f} s (step {hit[1]})" if hit else "-")
+      lines.append(f"| {c} | {target} | " + " | ".join(cells) + " |")
+  lines.append("")
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--data", default="../shared/data/cifar10-jpeg.tar.gz",
+                      help="CIFAR-10 JPEG .tar.gz or folder, or 'digits'.")
+  parser.add_argument("--classes", default="0,1")
+  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument("--steps", type=int, default=600)
+  parser.add_argument("--eval_every", type=int, default=100)
+  parser.add_argument("--width", type=int, default=32)
+  parser.add_argument("--targets", default="0.6,0.65,0.7,0.75")
+  parser.add_argument("--workdir_root", default="/tmp/jax_oneclass_speed")
+  args = parser.parse_args()
+  os.chdir(common.ROOT)
+  methods = args.methods.split(",")
+  classes = args.classes.split(",")
+  if args.data == "digits":
+    base = "digits"
+  else:
+    base = f"folder,folder={common.cifar_folder(args.data)}"
+  overrides = {"num_train_steps": args.steps, "model.width": args.width,
+               "checkpoint_every_steps": args.eval_every,
+               "keep_checkpoints": args.steps // args.eval_every + 1,
+               "eval.batch_size": 500, "log_every_steps": args.eval_every}
+  result = {
+      "command": f"{SCRIPT} --data={args.data} --classes={args.classes} "
+                 f"--methods={args.methods} --steps={args.steps} "
+                 f"--eval_every={args.eval_every} --width={args.width} "
+                 f"--targets={args.targets}",
+      "cpu": _cpu_name(),
+      "methods": methods, "steps": args.steps, "eval_every": args.eval_every,
+      "width": args.width,
+      "targets": [float(t) for t in args.targets.split(",")], "runs": {}}
+  for c in classes:
+    for method in methods:
+      workdir = Path(args.workdir_root) / method / c
+      result["runs"].setdefault(c, {})[method] = run_one(
+          method, f"{base},normal_class={c}", workdir, overrides)
+      common.save_part(PART, {**result, "partial": True})
+  common.save_part(PART, result)
+  common.write_section(PART, render(result))
+  print(json.dumps(result["runs"], indent=1))
+
+
+if __name__ == "__main__":
+  main()
