@@ -105,7 +105,11 @@ def _write_onnx(fn, shape, output: Path) -> list[str]:
   from jax2onnx.converter import conversion_api  # pylint: disable=g-import-not-at-top
   keys = sorted(jax.eval_shape(
       fn, jax.ShapeDtypeStruct((1,) + shape, jnp.uint8)))
-  as_list = lambda images: [fn(images)[k] for k in keys]
+
+  def as_list(images):
+    out = fn(images)  # One trace: the graph holds the network once.
+    return [out[k] for k in keys]
+
   # jax2onnx 0.17's graph optimiser drops transposes a ResNet's residual
   # adds still need (wrong graphs for reverse distillation and gradient
   # preference) and is quadratic in the graph size; convert without it.

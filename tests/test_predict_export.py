@@ -236,3 +236,27 @@ def test_eval_without_config_reuses_and_refits_the_stage(tmp_path_factory):
   assert "The config differs from the run" in other.stderr
   assert "data.normal_class: 0 -> 5" in other.stderr
   assert "Traceback" not in other.stderr
+
+
+def test_onnx_export_holds_the_network_once(tmp_path):
+  """Every output comes from one trace: a one-conv network with four
+  outputs gives an ONNX graph with one Conv (not one per output)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import onnx  # pylint: disable=g-import-not-at-top
+  kernel = jnp.ones((3, 3, 3, 2), jnp.float32) / 27.0
+
+  def fn(images):
+    x = images.astype(jnp.float32) / 255.0
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    score = y.mean(axis=(1, 2, 3))
+    return {"score": score, "normalized_score": score * 2,
+            "is_anomaly": score > 0.5, "anomaly_map": y[..., 0]}
+
+  keys = export._write_onnx(fn, (8, 8, 3), tmp_path)  # pylint: disable=protected-access
+  assert keys == sorted(keys) and len(keys) == 4
+  graph = onnx.load(str(tmp_path / "model.onnx")).graph
+  ops = [node.op_type for node in graph.node]
+  assert ops.count("Conv") == 1, ops
+  assert len(graph.output) == 4
