@@ -6,7 +6,8 @@
 
 Images of any size and 1, 3 or 4 channels are resized as in training;
 scoring is the run's jit-compiled `score` over all local devices, on
-batches padded to `eval.batch_size`. The fitted stage and thresholds come
+batches of `eval.batch_size` (a shorter one padded to the next power of
+two, so a single image is scored alone). The fitted stage and thresholds come
 from the workdir (fitted and saved there first if missing).
 """
 
@@ -138,12 +139,21 @@ class Detector:
                step)
 
   def _batches(self, images: list) -> Any:
-    """Model inputs in padded batches of eval.batch_size: (batch, count)."""
+    """Model inputs in padded batches: (batch, count).
+
+    Full chunks of eval.batch_size; a shorter (last or only) chunk is padded
+    to `padded_size` only, so one image costs one image, not a whole batch.
+    """
     size = self.config.eval.batch_size
+    # Batch-statistics BatchNorm (GANomaly's eval.batch_norm='batch'): the
+    # scores depend on the padding, so pad as evaluation does.
+    whole = self.config.eval.get("batch_norm") == "batch"
     for start in range(0, len(images), size):
       chunk = [data.to_model_input(x, self.image_shape)
                for x in images[start:start + size]]
-      batch = np.zeros((size,) + self.image_shape, np.float32)
+      padded = size if whole else padded_size(len(chunk), size,
+                                              jax.device_count())
+      batch = np.zeros((padded,) + self.image_shape, np.float32)
       batch[:len(chunk)] = chunk
       yield batch, len(chunk)
 
@@ -196,6 +206,15 @@ class Detector:
         is_anomaly=raw.image[scorer] > stats["threshold"],
         scores=raw.image, maps=raw.maps, normalized_maps=normalized_maps,
         masks={k: v > 0.5 for k, v in normalized_maps.items()})
+
+
+def padded_size(count: int, batch_size: int, num_devices: int = 1) -> int:
+  """The batch `count` (<= `batch_size`) images are padded to: the next
+  power of two (so a few compiled shapes serve every count), at most
+  `batch_size`, rounded up to a multiple of `num_devices`."""
+  size = 1 << max(0, count - 1).bit_length()
+  size = min(size, batch_size)
+  return -(-max(size, num_devices) // num_devices) * num_devices
 
 
 def require_checkpoint(workdir) -> None:

@@ -260,3 +260,34 @@ def test_onnx_export_holds_the_network_once(tmp_path):
   ops = [node.op_type for node in graph.node]
   assert ops.count("Conv") == 1, ops
   assert len(graph.output) == 4
+
+
+def test_padded_size_is_a_power_of_two_up_to_the_batch():
+  from jax_oneclass.detector import padded_size  # pylint: disable=g-import-not-at-top
+  assert [padded_size(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [
+      1, 2, 4, 8, 16, 16]
+  assert padded_size(12, 12) == 12
+  assert [padded_size(n, 16, 4) for n in (1, 5, 16)] == [4, 8, 16]
+  assert padded_size(5, 6, 4) == 8  # A multiple of the devices.
+
+
+def test_one_image_is_scored_alone_and_alike(tmp_path_factory):
+  workdir, _ = trained("reverse_distillation", tmp_path_factory)
+  det = jax_oneclass.Detector.load(workdir)
+  images = _test_images(workdir, 3)
+  together = det.predict(images)
+  shapes = []
+  score = det._score  # pylint: disable=protected-access
+
+  def recording(state, fitted, batch):
+    shapes.append(batch["image"].shape[0])
+    return score(state, fitted, batch)
+
+  det._score = recording  # pylint: disable=protected-access
+  alone = det.predict(images[1:2])
+  assert shapes == [1]  # Not padded to eval.batch_size (4).
+  np.testing.assert_allclose(alone.score, together.score[1:2], rtol=1e-5,
+                             atol=1e-6)
+  (name,) = alone.maps
+  np.testing.assert_allclose(alone.maps[name], together.maps[name][1:2],
+                             rtol=1e-4, atol=1e-5)
