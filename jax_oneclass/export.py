@@ -121,8 +121,31 @@ def _write_onnx(fn, shape, output: Path) -> list[str]:
                     model_name="jax_oneclass")
   finally:
     conversion_api.optimize_graph = optimize
+  _drop_unused_initializers(model.graph)
   (output / "model.onnx").write_bytes(model.SerializeToString())
   return keys
+
+
+def _graph_inputs(graph) -> set[str]:
+  """Every value name a node of `graph` (or of its subgraphs) reads."""
+  names = {o.name for o in graph.output}
+  for node in graph.node:
+    names.update(node.input)
+    for attr in node.attribute:
+      for sub in [attr.g, *attr.graphs]:
+        if sub is not None and sub.node:
+          names |= _graph_inputs(sub)
+  return names
+
+
+def _drop_unused_initializers(graph) -> None:
+  """Removes initializers no node reads: jax2onnx keeps each convolution's
+  HWIO kernel next to the OIHW copy the Conv node uses (about twice the
+  file size of a convolutional network)."""
+  used = _graph_inputs(graph)
+  kept = [init for init in graph.initializer if init.name in used]
+  del graph.initializer[:]
+  graph.initializer.extend(kept)
 
 
 def export(detector, fmt: str, output) -> Path:

@@ -240,7 +240,8 @@ def test_eval_without_config_reuses_and_refits_the_stage(tmp_path_factory):
 
 def test_onnx_export_holds_the_network_once(tmp_path):
   """Every output comes from one trace: a one-conv network with four
-  outputs gives an ONNX graph with one Conv (not one per output)."""
+  outputs gives an ONNX graph with one Conv (not one per output) and one
+  copy of its kernel."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import onnx  # pylint: disable=g-import-not-at-top
@@ -260,6 +261,11 @@ def test_onnx_export_holds_the_network_once(tmp_path):
   ops = [node.op_type for node in graph.node]
   assert ops.count("Conv") == 1, ops
   assert len(graph.output) == 4
+  # The kernel is stored once (as the Conv reads it), unused ones dropped.
+  read = {name for node in graph.node for name in node.input}
+  assert all(init.name in read for init in graph.initializer)
+  assert sum(1 for init in graph.initializer
+             if sorted(init.dims) == [2, 3, 3, 3]) == 1
 
 
 def test_padded_size_is_a_power_of_two_up_to_the_batch():
