@@ -117,14 +117,14 @@ def cmd_prepare(args):
                            / 2**20})
 
 
-def _runner(impl: str, workdir: Path):
+def _runner(impl: str, workdir: Path, batch_size: int = 0):
   """images uint8 [N, H, W, 3] -> host outputs, for one of our impls."""
   # pylint: disable=g-import-not-at-top
   from jax_oneclass import export
   from jax_oneclass.detector import Detector
   # pylint: enable=g-import-not-at-top
   if impl == "detector":
-    detector = Detector.load(workdir)
+    detector = Detector.load(workdir, batch_size=batch_size or None)
     return detector.predict
   return export.load(workdir / "onnx")
 
@@ -134,7 +134,8 @@ def cmd_time(args):
   import jax  # pylint: disable=g-import-not-at-top
   _, _, size, batch = MODELS[args.model]
   start = time.perf_counter()
-  run = _runner(args.impl, _workdir(Path(args.root), args.model))
+  run = _runner(args.impl, _workdir(Path(args.root), args.model),
+                args.detector_batch)
   load_s = time.perf_counter() - start
   images = np.random.default_rng(args.seed).integers(
       0, 256, (args.batch_size or batch, size, size, 3), np.uint8)
@@ -150,6 +151,7 @@ def cmd_time(args):
       "timed_s": time.perf_counter() - start,
       "cpu_steal_pct": 100 * (steal_end - steal) / max(1, total_end - total),
       "batch_size": len(images), "repeats": args.repeats,
+      "detector_batch": args.detector_batch or None,
       "peak_rss_mb": measure.rss_mb(), "jax_version": jax.__version__,
       "onnxruntime_version": onnxruntime.__version__})
 
@@ -175,7 +177,8 @@ def _commands(args, model: str) -> dict:
          f"--root={Path(args.root) / 'anomalib'}", f"--batch_size={batch}",
          f"--threads={os.cpu_count()}", *timed]
   ours = [sys.executable, __file__, "_time", f"--root={args.root}", *timed]
-  return {"ours detector": ours + ["--impl=detector"],
+  return {"ours detector": ours + ["--impl=detector",
+                                   f"--detector_batch={args.detector_batch}"],
           "anomalib torch": ref + ["--impl=torch"],
           "ours onnx": ours + ["--impl=onnx"],
           "anomalib onnx": ref + ["--impl=onnx"]}
@@ -233,8 +236,12 @@ def _table(result: dict) -> list[str]:
 
 def _markdown(result: dict) -> str:
   machine = result["machine"]
+  title = "## Inference: trained detector against anomalib's deployment"
+  if result.get("detector_batch"):
+    title += (f" (our Detector scoring {result['detector_batch']} "
+              "image(s) per compiled call)")
   lines = [
-      "## Inference: trained detector against anomalib's deployment", "",
+      title, "",
       f"`{result['command']}` (anomalib side: "
       "`experiments/anomalib_inference.py` in the PyTorch virtualenv). "
       f"{machine['cpu']}, {machine['cores']} cores; load average "
@@ -260,6 +267,10 @@ def cmd_run(args):
   models = args.models.split(",")
   command = (f"{SCRIPT} --models={args.models} --rounds={args.rounds} "
              f"--repeats={args.repeats} --warmup={args.warmup}")
+  name = "inference"
+  if args.detector_batch:
+    command += f" --detector_batch={args.detector_batch}"
+    name += f"_detector_batch{args.detector_batch}"
   start = time.perf_counter()
   machine = _machine()
   print(json.dumps(machine), flush=True)
@@ -287,9 +298,10 @@ def cmd_run(args):
   result["timed_wall_s"] = time.perf_counter() - timed_start
   result["wall_s"] = time.perf_counter() - start
   result["load_average_after"] = list(os.getloadavg())
-  common.save_part("inference", result)
+  result["detector_batch"] = args.detector_batch or None
+  common.save_part(name, result)
   markdown = _markdown(result)
-  common.write_section("inference", markdown)
+  common.write_section(name, markdown)
   print(markdown)
 
 
@@ -308,6 +320,10 @@ def _parser():
   parser.add_argument("--batch_size", type=int, default=0,
                       help="_time: the batch (0: the model's).")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument(
+      "--detector_batch", type=int, default=0,
+      help="Images per compiled call of our Detector (0: eval.batch_size, "
+      "the timing batch); results go to inference_detector_batch<k>.")
   parser.add_argument("--rebuild", action="store_true")
   parser.add_argument("--anomalib_python",
                       default="/work/torch_venv/bin/python")

@@ -297,3 +297,10 @@ def test_one_image_is_scored_alone_and_alike(tmp_path_factory):
   (name,) = alone.maps
   np.testing.assert_allclose(alone.maps[name], together.maps[name][1:2],
                              rtol=1e-4, atol=1e-5)
+  one_by_one = jax_oneclass.Detector.load(workdir, batch_size=1)
+  assert one_by_one.batch_size == 1
+  np.testing.assert_allclose(one_by_one.predict(images).score,
+                             together.score, rtol=1e-5, atol=1e-6)
+  from jax_oneclass.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match="positive multiple"):
+    jax_oneclass.Detector.load(workdir, batch_size=0)
