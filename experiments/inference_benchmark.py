@@ -254,6 +254,17 @@ def _markdown(result: dict) -> str:
       "with scores and, for reverse distillation, anomaly maps and masks on "
       "the host. Random weights on both sides (the cost does not depend on "
       "them).", "", *_table(result), ""]
+  numpy_input = [
+      f"{model} {min(r['latency_ms_numpy_input_median'] for r in runs):.0f}"
+      for model, row in result["models"].items()
+      for runs in [row["runs"]["anomalib torch"]]
+      if all("latency_ms_numpy_input_median" in r for r in runs)]
+  if numpy_input:
+    lines += [
+        "anomalib torch's batch-1 latency above feeds TorchInferencer a "
+        "float tensor [1, 3, H, W], its fastest input; with one HWC uint8 "
+        "NumPy image (its documented input, converted through torchvision's "
+        "tv_tensors) it takes, in ms: " + ", ".join(numpy_input) + ".", ""]
   versions = result["versions"]
   lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in
                                         sorted(versions.items())) + ".")
