@@ -106,9 +106,8 @@ def _torch_runner(root):
 
   @torch.no_grad()
   def run(images):
-    # A plain float tensor [N, 3, H, W]: its fastest input. A NumPy HWC
-    # image goes through torchvision's tv_tensors.Image, whose per-op
-    # dispatch is much slower (timed apart as run.numpy_input).
+    # A float tensor [N, 3, H, W] for every batch size; one NumPy HWC image
+    # (TorchInferencer's documented input) is timed apart (numpy_input).
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
     return outputs(inferencer.predict(x))
 

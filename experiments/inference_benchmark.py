@@ -24,6 +24,11 @@ GANomaly at its default size (32 px, width 64, latent 100). Weights do not
 change the cost: our workdirs are trained for one step from random weights
 (model.pretrained=''), anomalib's models are built with pre_trained=False.
 
+`_sweep --model=rd_resnet18 --batches=1,4,16` prints the per-image cost
+of our jitted score at each batch size in one process (XLA:CPU's
+convolutions cost more per image in large batches; Detector.load's
+`batch_size`, --detector_batch here, picks the images per call).
+
 The anomalib side (experiments/anomalib_inference.py) runs in the PyTorch
 virtualenv given by --anomalib_python. Writes results/inference.json and
 the section results/inference.md of RESULTS.md. Workdirs and exports are
@@ -156,6 +161,35 @@ def cmd_time(args):
       "onnxruntime_version": onnxruntime.__version__})
 
 
+def cmd_sweep(args):
+  """Per-image ms of our jitted score function at several batch sizes, in
+  one process (what the Detector's batch size costs on this machine)."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from jax_oneclass import parallel
+  from jax_oneclass.detector import Detector
+  # pylint: enable=g-import-not-at-top
+  print(json.dumps(_machine()), flush=True)
+  det = Detector.load(_workdir(Path(args.root), args.model))
+  rows = []
+  for size in [int(b) for b in args.batches.split(",")]:
+    images = np.random.default_rng(args.seed).random(
+        (size,) + det.image_shape, np.float32)
+    batch = parallel.shard_batch(det.run.mesh, {"image": images})
+    score = lambda b=batch: jax.block_until_ready(
+        det._score(det.state, det.stage.fitted, b))  # pylint: disable=protected-access
+    score()
+    times = []
+    for _ in range(max(1, 8 // size)):
+      start = time.perf_counter()
+      score()
+      times.append(time.perf_counter() - start)
+    rows.append({"batch": size, "ms_per_image": 1000 * min(times) / size,
+                 "calls": len(times), "load_average": list(os.getloadavg())})
+    print(json.dumps(rows[-1]), flush=True)
+  measure.emit({"model": args.model, "sweep": rows})
+
+
 def _machine() -> dict:
   """CPU model, load and versions, printed and stored with the figures."""
   lscpu = subprocess.run(["lscpu"], capture_output=True, text=True,
@@ -262,9 +296,9 @@ def _markdown(result: dict) -> str:
   if numpy_input:
     lines += [
         "anomalib torch's batch-1 latency above feeds TorchInferencer a "
-        "float tensor [1, 3, H, W], its fastest input; with one HWC uint8 "
-        "NumPy image (its documented input, converted through torchvision's "
-        "tv_tensors) it takes, in ms: " + ", ".join(numpy_input) + ".", ""]
+        "float tensor [1, 3, H, W]; with one HWC uint8 NumPy image (its "
+        "documented input) it takes, in ms: " + ", ".join(numpy_input) + ".",
+        ""]
   versions = result["versions"]
   lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in
                                         sorted(versions.items())) + ".")
@@ -281,7 +315,7 @@ def cmd_run(args):
   name = "inference"
   if args.detector_batch:
     command += f" --detector_batch={args.detector_batch}"
-    name += f"_detector_batch{args.detector_batch}"
+    name += f"_detector_batch{args.detector_batch}_" + "_".join(models)
   start = time.perf_counter()
   machine = _machine()
   print(json.dumps(machine), flush=True)
@@ -320,7 +354,7 @@ def _parser():
   parser = argparse.ArgumentParser(
       description=__doc__.split("\n\n", maxsplit=1)[0])
   parser.add_argument("command", nargs="?", default="run",
-                      choices=("run", "_prepare", "_time"))
+                      choices=("run", "_prepare", "_time", "_sweep"))
   parser.add_argument("--models", default="rd_resnet18,rd_wrn50,ganomaly")
   parser.add_argument("--model", choices=sorted(MODELS))
   parser.add_argument("--impl", choices=("detector", "onnx"))
@@ -331,10 +365,13 @@ def _parser():
   parser.add_argument("--batch_size", type=int, default=0,
                       help="_time: the batch (0: the model's).")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--batches", default="1,4,16",
+                      help="_sweep: the batch sizes.")
   parser.add_argument(
       "--detector_batch", type=int, default=0,
       help="Images per compiled call of our Detector (0: eval.batch_size, "
-      "the timing batch); results go to inference_detector_batch<k>.")
+      "the timing batch); results go to "
+      "inference_detector_batch<k>_<models>.")
   parser.add_argument("--rebuild", action="store_true")
   parser.add_argument("--anomalib_python",
                       default="/work/torch_venv/bin/python")
@@ -344,8 +381,8 @@ def _parser():
 def main():
   args = _parser().parse_args()
   os.environ.setdefault("TRUST_REMOTE_CODE", "1")  # anomalib's .pt loading.
-  {"run": cmd_run, "_prepare": cmd_prepare, "_time": cmd_time}[
-      args.command](args)
+  {"run": cmd_run, "_prepare": cmd_prepare, "_time": cmd_time,
+   "_sweep": cmd_sweep}[args.command](args)
 
 
 if __name__ == "__main__":
