@@ -25,8 +25,7 @@ change the cost: our workdirs are trained for one step from random weights
 (model.pretrained=''), anomalib's models are built with pre_trained=False.
 
 `_sweep --model=rd_resnet18 --batches=1,4,16` prints the per-image cost
-of our jitted score at each batch size in one process (XLA:CPU's
-convolutions cost more per image in large batches; Detector.load's
+of our jitted score at each batch size in one process (Detector.load's
 `batch_size`, --detector_batch here, picks the images per call).
 
 The anomalib side (experiments/anomalib_inference.py) runs in the PyTorch

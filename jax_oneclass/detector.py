@@ -112,9 +112,8 @@ class Detector:
     self.run, self.state, self.stage, self.step = run, state, stage, step
     self.config = run.config
     self.image_shape = tuple(run.info.image_shape)
-    # Images per compiled call; XLA:CPU convolutions cost more per image in
-    # large batches, so a smaller one can be faster there (see
-    # experiments/inference_benchmark.py).
+    # Images per compiled call; on a busy CPU a smaller batch can cost less
+    # per image (see experiments/inference_benchmark.py).
     self.batch_size = int(run.config.eval.batch_size)
     self._score = evaluate.score_fn(run)
     # The headline scorer (config.eval.scorer), checked against the saved
