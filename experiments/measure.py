@@ -79,6 +79,33 @@ def time_steps(step, steps: int, warmup: int, items: int, unit: str) -> dict:
               100 * (steal_end - steal) / max(1, total_end - total)}
 
 
+def time_latency_and_throughput(run, images, repeats: int,
+                                warmup: int) -> dict:
+  """Times an inference callable `run(images[:n])` that returns host arrays.
+
+  After `warmup` untimed calls of both sizes: the median ms of `repeats`
+  batch-1 calls (each on another image) and images/s from the median of
+  `repeats` calls on the whole batch `images`.
+  """
+  for _ in range(warmup):
+    run(images[:1])
+    run(images)
+  single, batched = [], []
+  for i in range(repeats):
+    start = time.perf_counter()
+    run(images[i % len(images):][:1])
+    single.append(time.perf_counter() - start)
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run(images)
+    batched.append(time.perf_counter() - start)
+  median = lambda values: sorted(values)[len(values) // 2]
+  return {"latency_ms_median": 1000 * median(single),
+          "latency_ms_each": [round(1000 * t, 2) for t in single],
+          "images_per_sec": len(images) / median(batched),
+          "batch_ms_each": [round(1000 * t, 2) for t in batched]}
+
+
 def _gflops_rate(run, flops: float, repeats: int) -> float:
   """GFLOP/s of the blocking `run()`, best of `repeats` after one warm-up."""
   run()

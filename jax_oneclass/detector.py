@@ -6,8 +6,10 @@
 
 Images of any size and 1, 3 or 4 channels are resized as in training;
 scoring is the run's jit-compiled `score` over all local devices, on
-batches padded to `eval.batch_size`. The fitted stage and thresholds come
-from the workdir (fitted and saved there first if missing).
+batches of `eval.batch_size` (or Detector.load's `batch_size`; a shorter
+one padded to the next power of two, so a single image is scored alone).
+The fitted stage and thresholds come from the workdir (fitted and saved
+there first if missing).
 """
 
 import csv
@@ -110,6 +112,9 @@ class Detector:
     self.run, self.state, self.stage, self.step = run, state, stage, step
     self.config = run.config
     self.image_shape = tuple(run.info.image_shape)
+    # Images per compiled call; on a busy CPU a smaller batch can cost less
+    # per image (see experiments/inference_benchmark.py).
+    self.batch_size = int(run.config.eval.batch_size)
     self._score = evaluate.score_fn(run)
     # The headline scorer (config.eval.scorer), checked against the saved
     # calibration's scorers.
@@ -117,11 +122,13 @@ class Detector:
                                            stage.calibration["image"])
 
   @classmethod
-  def load(cls, workdir, config=None, refit: bool = False) -> "Detector":
+  def load(cls, workdir, config=None, refit: bool = False,
+           batch_size: int | None = None) -> "Detector":
     """The detector of a workdir's newest checkpoint.
 
     `config` defaults to the run's own (config.json); `refit` fits the
-    non-gradient stage and thresholds anew.
+    non-gradient stage and thresholds anew; `batch_size` (default
+    eval.batch_size) is the number of images scored per compiled call.
     """
     require_checkpoint(workdir)
     config = config or run_lib.saved_config(workdir)
@@ -134,16 +141,37 @@ class Detector:
       state, step = run_lib.restore_latest(run)
     finally:
       run.checkpointer.close()
-    return cls(run, state, evaluate.load_or_fit(run, state, step, refit),
-               step)
+    detector = cls(run, state,
+                   evaluate.load_or_fit(run, state, step, refit), step)
+    if batch_size is not None:
+      if batch_size < 1 or batch_size % jax.device_count():
+        raise ConfigError(f"batch_size {batch_size} must be a positive "
+                          f"multiple of the {jax.device_count()} devices.")
+      if (config.eval.get("batch_norm") == "batch"
+          and batch_size != config.eval.batch_size):
+        raise ConfigError(
+            "This run scores with batch-statistics BatchNorm "
+            "(eval.batch_norm='batch'), so its scores depend on the batch; "
+            f"keep eval.batch_size ({config.eval.batch_size}).")
+      detector.batch_size = batch_size
+    return detector
 
   def _batches(self, images: list) -> Any:
-    """Model inputs in padded batches of eval.batch_size: (batch, count)."""
-    size = self.config.eval.batch_size
+    """Model inputs in padded batches: (batch, count).
+
+    Full chunks of `self.batch_size`; a shorter (last or only) chunk is padded
+    to `padded_size` only, so one image costs one image, not a whole batch.
+    """
+    size = self.batch_size
+    # Batch-statistics BatchNorm (GANomaly's eval.batch_norm='batch'): the
+    # scores depend on the padding, so pad as evaluation does.
+    whole = self.config.eval.get("batch_norm") == "batch"
     for start in range(0, len(images), size):
       chunk = [data.to_model_input(x, self.image_shape)
                for x in images[start:start + size]]
-      batch = np.zeros((size,) + self.image_shape, np.float32)
+      padded = size if whole else padded_size(len(chunk), size,
+                                              jax.device_count())
+      batch = np.zeros((padded,) + self.image_shape, np.float32)
       batch[:len(chunk)] = chunk
       yield batch, len(chunk)
 
@@ -153,7 +181,7 @@ class Detector:
       raise ConfigError("Detector runs in one process (all its devices); "
                         "use --mode=eval for multi-host scoring.")
     outputs = []
-    total = -(-len(images) // self.config.eval.batch_size)
+    total = -(-len(images) // self.batch_size)
     bar = logging_utils.progress_bar(total, "batches", enabled=progress)
     for batch, count in self._batches(images):
       sharded = parallel.shard_batch(self.run.mesh, {"image": batch})
@@ -196,6 +224,15 @@ class Detector:
         is_anomaly=raw.image[scorer] > stats["threshold"],
         scores=raw.image, maps=raw.maps, normalized_maps=normalized_maps,
         masks={k: v > 0.5 for k, v in normalized_maps.items()})
+
+
+def padded_size(count: int, batch_size: int, num_devices: int = 1) -> int:
+  """The batch `count` (<= `batch_size`) images are padded to: the next
+  power of two (so a few compiled shapes serve every count), at most
+  `batch_size`, rounded up to a multiple of `num_devices`."""
+  size = 1 << max(0, count - 1).bit_length()
+  size = min(size, batch_size)
+  return -(-max(size, num_devices) // num_devices) * num_devices
 
 
 def require_checkpoint(workdir) -> None:

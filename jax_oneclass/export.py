@@ -105,7 +105,11 @@ def _write_onnx(fn, shape, output: Path) -> list[str]:
   from jax2onnx.converter import conversion_api  # pylint: disable=g-import-not-at-top
   keys = sorted(jax.eval_shape(
       fn, jax.ShapeDtypeStruct((1,) + shape, jnp.uint8)))
-  as_list = lambda images: [fn(images)[k] for k in keys]
+
+  def as_list(images):
+    out = fn(images)  # One trace: the graph holds the network once.
+    return [out[k] for k in keys]
+
   # jax2onnx 0.17's graph optimiser drops transposes a ResNet's residual
   # adds still need (wrong graphs for reverse distillation and gradient
   # preference) and is quadratic in the graph size; convert without it.
@@ -117,8 +121,31 @@ def _write_onnx(fn, shape, output: Path) -> list[str]:
                     model_name="jax_oneclass")
   finally:
     conversion_api.optimize_graph = optimize
+  _drop_unused_initializers(model.graph)
   (output / "model.onnx").write_bytes(model.SerializeToString())
   return keys
+
+
+def _graph_inputs(graph) -> set[str]:
+  """Every value name a node of `graph` (or of its subgraphs) reads."""
+  names = {o.name for o in graph.output}
+  for node in graph.node:
+    names.update(node.input)
+    for attr in node.attribute:
+      for sub in [attr.g, *attr.graphs]:
+        if sub is not None and sub.node:
+          names |= _graph_inputs(sub)
+  return names
+
+
+def _drop_unused_initializers(graph) -> None:
+  """Removes initializers no node reads: jax2onnx keeps each convolution's
+  HWIO kernel next to the OIHW copy the Conv node uses (about twice the
+  file size of a convolutional network)."""
+  used = _graph_inputs(graph)
+  kept = [init for init in graph.initializer if init.name in used]
+  del graph.initializer[:]
+  graph.initializer.extend(kept)
 
 
 def export(detector, fmt: str, output) -> Path:

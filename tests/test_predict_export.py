@@ -236,3 +236,71 @@ def test_eval_without_config_reuses_and_refits_the_stage(tmp_path_factory):
   assert "The config differs from the run" in other.stderr
   assert "data.normal_class: 1 -> 5" in other.stderr
   assert "Traceback" not in other.stderr
+
+
+def test_onnx_export_holds_the_network_once(tmp_path):
+  """Every output comes from one trace: a one-conv network with four
+  outputs gives an ONNX graph with one Conv (not one per output) and one
+  copy of its kernel."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import onnx  # pylint: disable=g-import-not-at-top
+  kernel = jnp.ones((3, 3, 3, 2), jnp.float32) / 27.0
+
+  def fn(images):
+    x = images.astype(jnp.float32) / 255.0
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    score = y.mean(axis=(1, 2, 3))
+    return {"score": score, "normalized_score": score * 2,
+            "is_anomaly": score > 0.5, "anomaly_map": y[..., 0]}
+
+  keys = export._write_onnx(fn, (8, 8, 3), tmp_path)  # pylint: disable=protected-access
+  assert keys == sorted(keys) and len(keys) == 4
+  graph = onnx.load(str(tmp_path / "model.onnx")).graph
+  ops = [node.op_type for node in graph.node]
+  assert ops.count("Conv") == 1, ops
+  assert len(graph.output) == 4
+  # The kernel is stored once (as the Conv reads it), unused ones dropped.
+  read = {name for node in graph.node for name in node.input}
+  assert all(init.name in read for init in graph.initializer)
+  assert sum(1 for init in graph.initializer
+             if sorted(init.dims) == [2, 3, 3, 3]) == 1
+
+
+def test_padded_size_is_a_power_of_two_up_to_the_batch():
+  from jax_oneclass.detector import padded_size  # pylint: disable=g-import-not-at-top
+  assert [padded_size(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [
+      1, 2, 4, 8, 16, 16]
+  assert padded_size(12, 12) == 12
+  assert [padded_size(n, 16, 4) for n in (1, 5, 16)] == [4, 8, 16]
+  assert padded_size(5, 6, 4) == 8  # A multiple of the devices.
+
+
+def test_one_image_is_scored_alone_and_alike(tmp_path_factory):
+  workdir, _ = trained("reverse_distillation", tmp_path_factory)
+  det = jax_oneclass.Detector.load(workdir)
+  images = _test_images(workdir, 3)
+  together = det.predict(images)
+  shapes = []
+  score = det._score  # pylint: disable=protected-access
+
+  def recording(state, fitted, batch):
+    shapes.append(batch["image"].shape[0])
+    return score(state, fitted, batch)
+
+  det._score = recording  # pylint: disable=protected-access
+  alone = det.predict(images[1:2])
+  assert shapes == [1]  # Not padded to eval.batch_size (4).
+  np.testing.assert_allclose(alone.score, together.score[1:2], rtol=1e-5,
+                             atol=1e-6)
+  (name,) = alone.maps
+  np.testing.assert_allclose(alone.maps[name], together.maps[name][1:2],
+                             rtol=1e-4, atol=1e-5)
+  one_by_one = jax_oneclass.Detector.load(workdir, batch_size=1)
+  assert one_by_one.batch_size == 1
+  np.testing.assert_allclose(one_by_one.predict(images).score,
+                             together.score, rtol=1e-5, atol=1e-6)
+  from jax_oneclass.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match="positive multiple"):
+    jax_oneclass.Detector.load(workdir, batch_size=0)
