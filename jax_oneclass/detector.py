@@ -167,8 +167,8 @@ class Detector:
     # scores depend on the padding, so pad as evaluation does.
     whole = self.config.eval.get("batch_norm") == "batch"
     for start in range(0, len(images), size):
-      chunk = [data.to_model_input(x, self.image_shape)
-               for x in images[start:start + size]]
+      chunk = data.to_model_inputs(images[start:start + size],
+                                   self.image_shape)
       padded = size if whole else padded_size(len(chunk), size,
                                               jax.device_count())
       batch = np.zeros((padded,) + self.image_shape, np.float32)

@@ -6,6 +6,7 @@ from jax_oneclass.data.pipeline import decode_filenames
 from jax_oneclass.data.pipeline import dataset_info
 from jax_oneclass.data.pipeline import eval_batches
 from jax_oneclass.data.pipeline import to_model_input
+from jax_oneclass.data.pipeline import to_model_inputs
 from jax_oneclass.data.pipeline import train_batches
 from jax_oneclass.data.sources import SOURCE_NAMES
 
@@ -17,5 +18,6 @@ __all__ = [
     'eval_batches',
     'parse_augment',
     'to_model_input',
+    'to_model_inputs',
     'train_batches',
 ]

@@ -361,6 +361,26 @@ def to_model_input(image, image_shape) -> np.ndarray:
   return _to_float(image, tuple(image_shape), 'input').numpy()
 
 
+def to_model_inputs(images, image_shape) -> np.ndarray:
+  """uint8 images (a list or [N, ...]) as one float32 [N, H, W, C] batch.
+
+  Images already at the model's shape are scaled in one vectorised step
+  (equal to `to_model_input`: resizing to the same size is the identity);
+  the others go through `to_model_input` one by one.
+  """
+  shape = tuple(image_shape)
+  out = np.empty((len(images),) + shape, np.float32)
+  same = {shape, shape[:2]} if shape[2] == 1 else {shape}
+  ready = [i for i, x in enumerate(images)
+           if np.asarray(x).dtype == np.uint8 and np.shape(x) in same]
+  if ready:
+    stacked = np.stack([np.asarray(images[i]) for i in ready])
+    out[ready] = stacked.reshape((len(ready),) + shape) * np.float32(1 / 255)
+  for i in sorted(set(range(len(images))) - set(ready)):
+    out[i] = to_model_input(images[i], shape)
+  return out
+
+
 def eval_batches(config, split: str,
                  batch_size: int) -> Iterator[dict[str, np.ndarray]]:
   """Yields this host's unaugmented batches of one split.
