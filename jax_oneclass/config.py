@@ -76,10 +76,11 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   # Compute dtype of convolutions: 'float32' or 'bfloat16' (parameters,
   # BatchNorm statistics and losses stay float32; components/precision.py).
   c.dtype = "float32"
-  # How convolution weight gradients are computed: 'xla', 'auto' (timed per
-  # shape on the CPU), 'taps' or 'im2col'; see components/conv.py. 'xla' by
-  # default: 'auto' measured slower in a whole DisAug step (RESULTS.md).
-  c.conv_weight_grad = "xla"
+  # How convolution weight gradients are computed: 'im2col_cpu' (one GEMM
+  # on the CPU, XLA's elsewhere; faster whole CPU steps in RESULTS.md),
+  # 'xla', 'auto' (timed per shape on the CPU), 'taps' or 'im2col'; see
+  # components/conv.py.
+  c.conv_weight_grad = "im2col_cpu"
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"

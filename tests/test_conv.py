@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from jax_oneclass import config as config_lib
 from jax_oneclass import data, methods
 from jax_oneclass import run as run_lib
 from jax_oneclass.components import conv, precision
@@ -65,6 +66,21 @@ def test_xla_mode_and_unsupported_convs_take_lax_path():
     assert "custom_vjp" not in str(jaxpr)
 
 
+def test_default_mode_is_im2col_on_the_cpu_and_xla_for_symbolic_shapes():
+  assert config_lib.base_config("rotnet").conv_weight_grad == "im2col_cpu"
+  w = jnp.ones((3, 3, 2, 4))
+  grad_jaxpr = lambda x: str(jax.make_jaxpr(jax.grad(
+      lambda w: conv.conv_general_dilated(
+          x, w, (1, 1), "SAME", dimension_numbers=_DN).sum()))(w))
+  with conv.forced_weight_grad_mode("im2col_cpu"):
+    assert ("custom_vjp" in grad_jaxpr(jnp.ones((2, 5, 5, 2)))) == (
+        jax.default_backend() == "cpu")
+  symbolic = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 5, 5, 2"),
+                                  jnp.float32)
+  pads = ((1, 1), (1, 1))
+  assert conv._resolve("im2col_cpu", symbolic, w, (1, 1), pads) == "xla"  # pylint: disable=protected-access
+
+
 def test_auto_is_xla_for_small_convs_and_tunes_large_ones(monkeypatch):
   small = jax.make_jaxpr(lambda w: conv.conv_general_dilated(
       jnp.ones((2, 8, 8, 4)), w, (1, 1), "SAME", dimension_numbers=_DN))
@@ -86,7 +102,7 @@ def test_mode_switches_and_errors(monkeypatch):
     with pytest.raises(ConfigError, match="conv_weight_grad"):
       conv.weight_grad_mode()
   finally:
-    conv.set_weight_grad_mode("xla")
+    conv.set_weight_grad_mode("im2col_cpu")
   with pytest.raises(ConfigError, match="float32, bfloat16"):
     precision.parse_dtype("float16")
 
@@ -130,7 +146,11 @@ def test_runs_saved_without_the_new_keys_are_unchanged():
   saved = config.to_dict()
   del saved["dtype"], saved["conv_weight_grad"]
   saved = ml_collections.ConfigDict(saved)
-  assert run_lib.config_changes(saved, config) == {}
+  # They ran with XLA's weight gradient; the new default differs only in a
+  # key a resumed run may change freely (run._FREE_KEYS).
+  moved = {"conv_weight_grad": ("xla", "im2col_cpu")}
+  assert run_lib.config_changes(saved, config) == moved
+  assert "conv_weight_grad" in run_lib._FREE_KEYS  # pylint: disable=protected-access
   config.dtype = "bfloat16"
   assert run_lib.config_changes(saved, config) == {
-      "dtype": ("float32", "bfloat16")}
+      **moved, "dtype": ("float32", "bfloat16")}

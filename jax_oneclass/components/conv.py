@@ -9,22 +9,23 @@ signature of `lax.conv_general_dilated` (pass it as `nn.Conv`'s
 `conv_general_dilated=`) and, for 2-D NHWC/HWIO convolutions without
 dilation or groups, can compute the weight gradient another way:
 
-  'xla'     (default) XLA's own gradient (no custom VJP at all).
+  'im2col_cpu' (default) 'im2col' on the CPU backend, 'xla' elsewhere and
+            for symbolic shapes (an export).
+  'xla'     XLA's own gradient (no custom VJP at all).
   'taps'    one GEMM per kernel tap over a strided view of the padded input.
   'im2col'  the taps side by side in one [N*H*W, kh*kw*C] matrix, one GEMM.
   'auto'    'xla' off the CPU and for small convolutions; on the CPU, per
             shape, whichever of the three runs fastest there alone, timed
             once per process in the first backward pass.
 
-'xla' is the default because the whole-step evidence is mixed: on the
-shared (7x oversubscribed) Intel Xeon of issue 14, 'auto' kept im2col or
-taps for 8 of 11 convolution shapes (each faster alone, e.g. a 1x1
-stride-2 shortcut's weight gradient 4 ms against XLA's 135 ms); a DisAug
-step then took 25 s against 14 s with 'xla' in fresh processes with one
-warm-up step, while two more careful runs had im2col everywhere ~1.1x
-faster than 'xla' (4.38 vs 4.85 s in one process; 6.17 vs 6.94 s in fresh
-processes after three warm-up steps; experiments/RESULTS.md). Until a quiet
-rerun confirms it, the default keeps main's exact computation.
+On a quiet 2-core Intel Xeon (AVX512-BF16, AMX) whole float32 train steps
+ran faster with 'im2col' than with 'xla' in every row of
+`experiments/training_speed.py steps` (DisAug 1855 against 2425 ms, RotNet
+3686 against 5009, RD WRN-50-2 1893 against 2771, GANomaly 307 against
+376, RD ResNet-18 339 against 350; experiments/RESULTS.md), hence the
+default. Under heavy load (7x oversubscribed) the same comparison was
+mixed, and 'auto''s per-shape timing misled there. Runs saved before this
+key existed resume with 'xla', their exact computation.
 
 The input gradient is always XLA's. The mode comes from the environment
 variable JAX_ONECLASS_CONV_GRAD if set, else from `set_weight_grad_mode`
@@ -46,13 +47,13 @@ from jax import lax
 from jax_oneclass.components import precision as precision_lib
 from jax_oneclass.errors import ConfigError
 
-MODES = ("auto", "xla", "taps", "im2col")
+MODES = ("im2col_cpu", "auto", "xla", "taps", "im2col")
 ENV_VAR = "JAX_ONECLASS_CONV_GRAD"
 # 'auto' tunes only convolutions of at least this many FLOPs (forward):
 # below it the weight gradient costs too little to be worth a custom VJP.
 AUTO_MIN_FLOPS = 2e8
 _NHWC = ("NHWC", "HWIO", "NHWC")
-_mode = "xla"
+_mode = "im2col_cpu"
 _tuned: dict = {}
 
 
@@ -234,6 +235,9 @@ def _resolve(mode, lhs, rhs, strides, pads) -> str:
   """'auto' becomes 'xla' off the CPU, for symbolic shapes (an export) and
   for small convolutions; it stays 'auto' (tuned in the backward pass) for
   the rest."""
+  static = all(isinstance(d, int) for d in lhs.shape)
+  if mode == "im2col_cpu":
+    return "im2col" if jax.default_backend() == "cpu" and static else "xla"
   if mode != "auto":
     return mode
   if jax.default_backend() != "cpu":

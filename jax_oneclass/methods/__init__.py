@@ -46,6 +46,6 @@ def get_method(config, info):
   its functions bound to `config.dtype`; sets `config.conv_weight_grad`."""
   dtype = config.get("dtype", "float32")
   precision.parse_dtype(dtype)
-  conv.set_weight_grad_mode(config.get("conv_weight_grad", "xla"))
+  conv.set_weight_grad_mode(config.get("conv_weight_grad", "im2col_cpu"))
   return precision.apply_to_method(
       method_module(config.method).Method(config, info), dtype)
