@@ -33,13 +33,14 @@ class FittedStage:
   num_fit: int
 
 
-def _collect(fn, args, batches, mesh, num_images: int = 0):
+def _collect(fn, args, batches, mesh, num_images: int = 0, bar=None):
   """Runs `fn(*args, batch)` over batches; host arrays, padding removed.
 
   Returns (outputs, labels): the per-example outputs of `fn` (a pytree of
   arrays with a leading batch axis) concatenated over batches, and the
   batches' label fields (`_LABEL_KEYS`); with `num_images`, labels also
   holds 'image': the first ones. Labels are gathered from every host.
+  `bar` (a progress bar over images) advances per batch.
   """
   # Labels and masks are split over hosts; an identity jit replicates them.
   gather = jax.jit(lambda b: b, out_shardings=parallel.replicated(mesh))
@@ -56,6 +57,8 @@ def _collect(fn, args, batches, mesh, num_images: int = 0):
       images.append(keep.pop("image")[mask])
     outputs.append(jax.tree.map(lambda v, m=mask: v[m], out))
     labels.append({k: v[mask] for k, v in keep.items()})
+    if bar is not None:
+      bar.update(int(mask.sum()))
   concat = lambda *parts: np.concatenate(parts)
   labels = jax.tree.map(concat, *labels) if labels else {}
   if images:
@@ -245,9 +248,12 @@ def evaluate_run(run: run_lib.Run, state, step, refit: bool = False,
   stage = load_or_fit(run, state, step, refit)
   logging_utils.info(f"Scoring the {info.num_test} test images...")
   test_batches = data.eval_batches(config, "test", config.eval.batch_size)
+  bar = logging_utils.progress_bar(info.num_test, "images",
+                                   enabled=config.get("progress_bar", True))
   scores, labels = _collect(
       score_fn(run), (state, stage.fitted), test_batches, run.mesh,
-      num_images=max(int(config.eval.get("num_overlays", 0)), 0))
+      num_images=max(int(config.eval.get("num_overlays", 0)), 0), bar=bar)
+  bar.close()
   headline = headline_scorer(config, scores.image)
   is_anomaly = labels["is_anomaly"]
   calib = stage.calibration

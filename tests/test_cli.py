@@ -51,6 +51,7 @@ def test_each_method_trains_and_evaluates_from_the_command_line(
   assert out.returncode == 0, out.stderr[-3000:]
   assert "step 4: 599 test images, 540 anomalous" in out.stdout
   assert "loss=" in out.stderr  # The progress bar.
+  assert "599/599" in out.stderr  # Eval's progress bar over test images.
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["normal_class"] == 2 and results["method"] == method
   assert EXPECTED_SCORERS[method] <= set(results["auroc"])
