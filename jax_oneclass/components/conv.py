@@ -25,7 +25,8 @@ ran faster with 'im2col' than with 'xla' in every row of
 376, RD ResNet-18 339 against 350; experiments/RESULTS.md), hence the
 default. Under heavy load (7x oversubscribed) the same comparison was
 mixed, and 'auto''s per-shape timing misled there. Runs saved before this
-key existed resume with 'xla', their exact computation.
+key existed ran with 'xla'; the key may change on resume, so pass
+--config.conv_weight_grad=xla to continue one with its exact computation.
 
 The input gradient is always XLA's. The mode comes from the environment
 variable JAX_ONECLASS_CONV_GRAD if set, else from `set_weight_grad_mode`
