@@ -275,7 +275,7 @@ def _image_files(directory: str, skipped=None) -> list[str]:
   return [f for f in names if f.lower().endswith(_IMAGE_EXTENSIONS)]
 
 
-def _unreadable(path: str) -> str | None:
+def unreadable_image(path: str) -> str | None:
   """Why PIL cannot decode the image at `path`, or None."""
   try:
     with tf.io.gfile.GFile(path, 'rb') as f, Image.open(f) as image:
@@ -343,7 +343,7 @@ def _list_examples(root: str, category: str,
     out = []
     for f in files:
       path = os.path.join(category_dir, split, defect_type, f)
-      why = _unreadable(path) if validate else None
+      why = unreadable_image(path) if validate else None
       if why is None:
         out.append(f)
       else:

@@ -192,18 +192,6 @@ _PIL_EXTENSIONS = ('.webp', '.tif', '.tiff')
 _FOLDER_EXTENSIONS = _TF_EXTENSIONS + _PIL_EXTENSIONS
 
 
-def _undecodable(path: str) -> str | None:
-  """Why PIL cannot decode the image file at `path`, or None."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  try:
-    with tf.io.gfile.GFile(path, 'rb') as f, Image.open(f) as image:
-      image.load()
-  except Exception as e:  # pylint: disable=broad-except
-    # PIL raises several types for bad files, GFile tf.errors.
-    return str(e).split('\n')[0][:80] or type(e).__name__
-  return None
-
-
 @functools.lru_cache(maxsize=8)
 def _list_folder(root: str) -> tuple[tuple[str, ...], dict]:
   """(class names, split -> (paths, labels)) of a checked image folder.
@@ -213,6 +201,7 @@ def _list_folder(root: str) -> tuple[tuple[str, ...], dict]:
   folder or a split is left with no readable image.
   """
   from jax_oneclass import logging_utils  # pylint: disable=g-import-not-at-top
+  from jax_oneclass.data import mvtec  # pylint: disable=g-import-not-at-top
   class_names = tuple(sorted({
       d.rstrip('/') for split in SPLITS
       for d in tf.io.gfile.listdir(os.path.join(root, split))
@@ -233,7 +222,7 @@ def _list_folder(root: str) -> tuple[tuple[str, ...], dict]:
         if not f.lower().endswith(_FOLDER_EXTENSIONS):
           other.append(os.path.join(split, name, f))
           continue
-        why = _undecodable(path)
+        why = mvtec.unreadable_image(path)
         if why is not None:
           bad.append(f'{os.path.join(split, name, f)} ({why})')
           failed += 1
