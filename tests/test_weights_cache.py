@@ -5,11 +5,16 @@ import http.server
 import socket
 import threading
 
+import types
+
+import jax
 import numpy as np
 import pytest
 
 from jax_oneclass.components import pretrained, weights_cache
-from jax_oneclass.errors import CheckpointError
+from jax_oneclass.errors import CheckpointError, ConfigError
+from jax_oneclass.methods.two_stage import family as two_stage
+from tests.conftest import load_config
 
 
 class _Server:
@@ -63,10 +68,11 @@ class _Server:
     self.httpd.server_close()
 
 
-def _state_dict_bytes(tmp_path):
-  """A small resnet18 state dict through layer3 (float16, as .npz bytes)."""
+def _state_dict_bytes(tmp_path, with_layer4=False):
+  """A resnet18 state dict through layer3, or layer4 (float16, as .npz
+  bytes)."""
   rng = np.random.default_rng(0)
-  shapes = pretrained._variable_shapes("resnet18", False)  # pylint: disable=protected-access
+  shapes = pretrained._variable_shapes("resnet18", with_layer4)  # pylint: disable=protected-access
   state = {}
   for path, shape in shapes.items():
     if path[-1] == "kernel":
@@ -78,11 +84,12 @@ def _state_dict_bytes(tmp_path):
   return (tmp_path / "state.npz").read_bytes(), state
 
 
-@pytest.fixture
-def server(tmp_path, monkeypatch):
-  """The server holding resnet18's file, the env pointing at it, a fresh
-  cache, and resnet18's published entry replaced by the file's sha256."""
-  body, state = _state_dict_bytes(tmp_path)
+@pytest.fixture(params=[False])
+def server(request, tmp_path, monkeypatch):
+  """The server holding resnet18's file (through layer4 when the fixture is
+  parametrised with True), the env pointing at it, a fresh cache, and
+  resnet18's published entry replaced by the file's sha256."""
+  body, state = _state_dict_bytes(tmp_path, request.param)
   name = weights_cache.WEIGHTS["resnet18"].file_name
   srv = _Server()
   srv.files[name] = body
@@ -180,3 +187,42 @@ def test_missing_file_on_the_server_and_unknown_arch(server):
     weights_cache.fetch("resnet18")
   with pytest.raises(CheckpointError, match="resnet101"):
     weights_cache.fetch("resnet101")
+
+
+def _two_stage(pretrained_value, arch="resnet18"):
+  config = load_config("disaug", "digits")
+  config.model.arch = arch
+  config.model.pretrained = pretrained_value
+  info = types.SimpleNamespace(image_shape=(16, 16, 1), num_train=64)
+  return two_stage.TwoStageMethod(config, info)
+
+
+@pytest.mark.parametrize("server", [True], indirect=True)
+def test_two_stage_backbone_starts_from_imagenet_weights(server):
+  state = _two_stage("imagenet").init_state(jax.random.PRNGKey(0),
+                                            (16, 16, 1))
+  backbone = state.params["backbone"]
+  for layer in ("conv1", "layer2_0/conv1", "layer4_1/conv2"):
+    torch_name = layer.replace("_", ".").replace("/", ".") + ".weight"
+    kernel = backbone
+    for part in layer.split("/"):
+      kernel = kernel[part]
+    np.testing.assert_array_equal(
+        kernel["kernel"],
+        server.state[torch_name].astype(np.float32).transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      state.batch_stats["backbone"]["bn1"]["var"],
+      server.state["bn1.running_var"].astype(np.float32))
+  assert "head" in state.params  # The heads start random.
+  # Another seed changes the heads only.
+  other = _two_stage("imagenet").init_state(jax.random.PRNGKey(1),
+                                            (16, 16, 1))
+  np.testing.assert_array_equal(other.params["backbone"]["conv1"]["kernel"],
+                                backbone["conv1"]["kernel"])
+
+
+def test_two_stage_pretrained_needs_a_torchvision_arch(tmp_path):
+  with pytest.raises(ConfigError, match="model.arch=resnet18"):
+    _two_stage("imagenet", arch="cifar")
+  with pytest.raises(ConfigError, match="is a directory"):
+    _two_stage(str(tmp_path))

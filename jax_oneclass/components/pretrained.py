@@ -26,7 +26,7 @@ import numpy as np
 from jax_oneclass import checkpointing, logging_utils
 from jax_oneclass.components import backbones, weights_cache
 from jax_oneclass.components.weights_io import read_state_dict
-from jax_oneclass.errors import CheckpointError
+from jax_oneclass.errors import CheckpointError, ConfigError
 
 # Flax leaf name -> torch tensor name.
 _TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias",
@@ -46,7 +46,8 @@ FROM_CHECKPOINT = "<checkpoint>"
 IMAGENET = "imagenet"
 
 
-def load_or_announce_random(path: str, arch: str, role: str):
+def load_or_announce_random(path: str, arch: str, role: str,
+                            with_layer4: bool = False):
   """Variables from `path`, or None (random init) when `path` is empty.
 
   `path` is a torchvision weights file, `IMAGENET` (torchvision's file for
@@ -55,13 +56,21 @@ def load_or_announce_random(path: str, arch: str, role: str):
   backbone becomes a self-supervised one. Either way the log says which, so
   a run with random or self-supervised features is never mistaken for one
   with ImageNet features. `FROM_CHECKPOINT` reads nothing (None).
+  `with_layer4` keeps torchvision's layer4 (a two-stage workdir has no
+  usable one for this: its backbone is read without layer4).
   """
   if path == FROM_CHECKPOINT:
     return None
   if path == IMAGENET:
     path = str(weights_cache.fetch(arch))
     logging_utils.info(f"{role}: {arch} ImageNet weights from {path}.")
-    return load_torchvision(path, arch)
+    return load_torchvision(path, arch, with_layer4)
+  if path and os.path.isdir(path) and with_layer4:
+    raise ConfigError(
+        f"model.pretrained={path} is a directory; here it takes "
+        f"'{IMAGENET}' or a torchvision weights file of {arch} (a two-stage "
+        "workdir initialises the localisation methods, not another "
+        "self-supervised run).")
   if path and os.path.isdir(path):
     variables, origin = load_self_supervised(path, arch)
     logging_utils.info(f"{role}: {arch} SELF-SUPERVISED ({origin}) from "
@@ -69,7 +78,7 @@ def load_or_announce_random(path: str, arch: str, role: str):
     return variables
   if path:
     logging_utils.info(f"{role}: {arch} from {path}.")
-    return load_torchvision(path, arch)
+    return load_torchvision(path, arch, with_layer4)
   logging_utils.info(
       f"{role}: {arch} with RANDOM weights (no config.model.pretrained "
       "file); its features are not ImageNet features, so maps of real "

@@ -28,6 +28,11 @@ def two_stage_config(method: str) -> ml_collections.ConfigDict:
   # network instead, whose checkpoint the localisation methods can load as
   # a self-supervised backbone (model.pretrained=<this run's workdir>).
   c.model.arch = "cifar"
+  # Initial backbone weights of a torchvision arch: "" (random, as the
+  # paper), "imagenet" (torchvision's file, downloaded once into
+  # $JAX_ONECLASS_CACHE) or a torchvision weights file. The heads start
+  # random either way; the "cifar" ResNet has no ImageNet weights.
+  c.model.pretrained = ""
 
   c.optimizer.name = "sgd"
   c.optimizer.learning_rate = 0.01  # Momentum 0.9 as in base_config.

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_oneclass import optim
-from jax_oneclass.components import backbones, oneclass
+from jax_oneclass.components import backbones, oneclass, pretrained
 from jax_oneclass.errors import ConfigError
 from jax_oneclass.methods import interface
 from jax_oneclass.methods.two_stage.network import SelfSupervisedNet
@@ -50,6 +50,17 @@ class TwoStageMethod:
         head_dims=tuple(model_cfg.head_dims),
         num_rotations=self.num_rotation_classes,
         arch=model_cfg.arch)
+    self.pretrained = None
+    if model_cfg.get("pretrained"):
+      if model_cfg.arch == "cifar":
+        raise ConfigError(
+            f"model.pretrained={model_cfg.pretrained!r} initialises a "
+            "torchvision backbone, but model.arch is 'cifar' (the paper's "
+            "ResNet, which has no ImageNet weights): add "
+            "--config.model.arch=resnet18 (or resnet50, wide_resnet50_2).")
+      self.pretrained = pretrained.load_or_announce_random(
+          model_cfg.pretrained, model_cfg.arch, "Backbone init",
+          with_layer4=True)
     self.tx = optim.make_optimizer(config, info)
     self.classifier_hparams = oneclass.checked_hparams(config.classifiers)
 
@@ -58,11 +69,14 @@ class TwoStageMethod:
   def init_state(self, rng, image_shape) -> interface.TrainState:
     """Initial parameters, BatchNorm statistics and optimiser state."""
     variables = self.model.init(rng, jnp.zeros((2,) + tuple(image_shape)))
-    params = variables["params"]
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    if self.pretrained:  # The backbone starts from the file; heads random.
+      backbone = jax.tree.map(jnp.asarray, self.pretrained)
+      params = {**params, "backbone": backbone["params"]}
+      batch_stats = {**batch_stats, "backbone": backbone["batch_stats"]}
     return interface.TrainState(
         step=jnp.zeros((), jnp.int32), params=params,
-        batch_stats=variables["batch_stats"],
-        opt_state=self.tx.init(params))
+        batch_stats=batch_stats, opt_state=self.tx.init(params))
 
   def apply_train(self, params, batch_stats, images):
     """Forward pass in train mode; returns (outputs, new batch_stats)."""
