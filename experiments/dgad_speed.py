@@ -26,8 +26,8 @@ target the first checkpoint reaching it.
 
 import argparse
 import json
-import random
 import os
+import random
 import shutil
 import sys
 import time
