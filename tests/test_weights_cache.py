@@ -4,9 +4,9 @@ import hashlib
 import http.server
 import socket
 import threading
-
 import types
 
+from flax import traverse_util
 import jax
 import numpy as np
 import pytest
@@ -201,24 +201,23 @@ def _two_stage(pretrained_value, arch="resnet18"):
 def test_two_stage_backbone_starts_from_imagenet_weights(server):
   state = _two_stage("imagenet").init_state(jax.random.PRNGKey(0),
                                             (16, 16, 1))
-  backbone = state.params["backbone"]
-  for layer in ("conv1", "layer2_0/conv1", "layer4_1/conv2"):
-    torch_name = layer.replace("_", ".").replace("/", ".") + ".weight"
-    kernel = backbone
-    for part in layer.split("/"):
-      kernel = kernel[part]
+  backbone = traverse_util.flatten_dict(state.params["backbone"])
+  for path in (("conv1", "kernel"), ("layer2_0", "conv1", "kernel"),
+               ("layer4_1", "conv2", "kernel")):
     np.testing.assert_array_equal(
-        kernel["kernel"],
-        server.state[torch_name].astype(np.float32).transpose(2, 3, 1, 0))
+        backbone[path],
+        server.state[pretrained._torch_key(path)].astype(np.float32)  # pylint: disable=protected-access
+        .transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(
       state.batch_stats["backbone"]["bn1"]["var"],
       server.state["bn1.running_var"].astype(np.float32))
-  assert "head" in state.params  # The heads start random.
-  # Another seed changes the heads only.
+  # Another seed changes the heads only: they start random.
   other = _two_stage("imagenet").init_state(jax.random.PRNGKey(1),
                                             (16, 16, 1))
   np.testing.assert_array_equal(other.params["backbone"]["conv1"]["kernel"],
-                                backbone["conv1"]["kernel"])
+                                backbone[("conv1", "kernel")])
+  assert not np.array_equal(other.params["head"]["dense1"]["kernel"],
+                            state.params["head"]["dense1"]["kernel"])
 
 
 def test_two_stage_pretrained_needs_a_torchvision_arch(tmp_path):

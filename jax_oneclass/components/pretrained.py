@@ -65,13 +65,13 @@ def load_or_announce_random(path: str, arch: str, role: str,
     path = str(weights_cache.fetch(arch))
     logging_utils.info(f"{role}: {arch} ImageNet weights from {path}.")
     return load_torchvision(path, arch, with_layer4)
-  if path and os.path.isdir(path) and with_layer4:
-    raise ConfigError(
-        f"model.pretrained={path} is a directory; here it takes "
-        f"'{IMAGENET}' or a torchvision weights file of {arch} (a two-stage "
-        "workdir initialises the localisation methods, not another "
-        "self-supervised run).")
   if path and os.path.isdir(path):
+    if with_layer4:
+      raise ConfigError(
+          f"model.pretrained={path} is a directory; here it takes "
+          f"'{IMAGENET}' or a torchvision weights file of {arch} (a "
+          "two-stage workdir initialises the localisation methods, not "
+          "another self-supervised run).")
     variables, origin = load_self_supervised(path, arch)
     logging_utils.info(f"{role}: {arch} SELF-SUPERVISED ({origin}) from "
                        f"{path}; not ImageNet features.")
