@@ -20,7 +20,9 @@ re-rendered from every results file present):
 
 --tag=NAME writes results/<part>.NAME.json instead, e.g. a subset rerun
 after a change; RESULTS.md then compares it with <part>.json on the classes
-and methods both have ("before" / "after").
+and methods both have ("before" / "after"). On cifar10, --set=key=value
+changes a config key in every run (an ablation) and --compare_with=<stem>
+names the results file it is compared with instead.
 
   python experiments/two_stage_benchmark.py digits
   python experiments/two_stage_benchmark.py digits_long --steps=800 --methods=disaug
@@ -28,6 +30,7 @@ and methods both have ("before" / "after").
   python experiments/two_stage_benchmark.py cifar10 --data=../shared/data/cifar10-jpeg.tar.gz
   python experiments/two_stage_benchmark.py throughput
   python experiments/two_stage_benchmark.py digits --classes=1,8 --tag=issue13
+  python experiments/two_stage_benchmark.py cifar10 --steps=500 --methods=clr "--set=data.augment=..." --compare_with=cifar10.issue13 --tag=ablation
 """
 
 import argparse
@@ -106,7 +109,21 @@ def _save_partial(args, out) -> None:
 
 
 def _tag_flag(args) -> str:
-  return f" --tag={args.tag}" if args.tag else ""
+  flags = "".join(f' "--set={kv}"' for kv in args.set)
+  if args.compare_with:
+    flags += f" --compare_with={args.compare_with}"
+  return flags + (f" --tag={args.tag}" if args.tag else "")
+
+
+def _set_overrides(args) -> dict:
+  """{'dotted.key': 'value'} from the --set flags."""
+  out = {}
+  for kv in args.set:
+    key, sep, value = kv.partition("=")
+    if not sep:
+      raise SystemExit(f"--set={kv}: expected --set=dotted.key=value.")
+    out[key] = value
+  return out
 
 
 def _subset_flags(args) -> str:
@@ -160,12 +177,15 @@ def part_digits_seed(args):
 def part_cifar10(args):
   folder = common.cifar_folder(args.data)
   overrides = {"num_train_steps": args.steps, "model.width": args.width,
-               "checkpoint_every_steps": args.steps, "eval.batch_size": 500}
+               "checkpoint_every_steps": args.steps, "eval.batch_size": 500,
+               **_set_overrides(args)}
   out = {"command": f"{SCRIPT} cifar10 --data={args.data} --steps="
                     f"{args.steps} --width={args.width} --classes="
                     f"{','.join(map(str, args.classes))} --methods="
                     f"{','.join(args.methods)}" + _tag_flag(args),
          "budget": overrides, "runs": {}, "baselines": {}}
+  if args.compare_with:
+    out["compare_with"] = args.compare_with
   for c in args.classes:
     arg = f"folder,folder={folder},normal_class={c}"
     out["baselines"][str(c)] = raw_pixel_baselines(common.config_with("clr", arg))
@@ -358,8 +378,10 @@ def _rerun_section(name, before, after) -> list[str]:
            *(["Stopped early: only the runs listed below finished.", ""]
              if after.get("partial") else []),
            f"Before: `{before['command']}`. After: `{after['command']}`. "
-           "Same settings; only the code changed. Mean AUROC over the "
-           "classes both runs have; every scorer is listed.", "",
+           + ("Same settings except the --set flags. " if "--set=" in
+              after["command"] else "Same settings; only the code changed. ")
+           + "Mean AUROC over the classes both runs have; every scorer is "
+           "listed.", "",
            "| method | classes | scorer | before | after | change |",
            "|---|---|---|---|---|---|"]
   for method, runs in after["runs"].items():
@@ -384,10 +406,9 @@ def _rerun_section(name, before, after) -> list[str]:
 def render_report() -> str:
   """This script's section of RESULTS.md, from its results files."""
   lines = []
-  parts = {p.stem: json.loads(p.read_text())
-           for p in sorted(RESULTS_DIR.glob("*.json"))}
-  reruns = {k: v for k, v in parts.items() if "." in k}
-  parts = {k: v for k, v in parts.items() if "." not in k}
+  results = {p.stem: json.loads(p.read_text())
+             for p in sorted(RESULTS_DIR.glob("*.json"))}
+  parts = {k: v for k, v in results.items() if "." not in k}
   if "digits" in parts:
     lines += _auroc_section(
         "Two-stage family on scikit-learn digits (one class normal)",
@@ -444,10 +465,21 @@ def render_report() -> str:
                    f"{'-' if e2e_ms is None else f'{e2e_ms:.0f}'} | "
                    f"{r['end_to_end_images_per_sec']:.0f} |")
     lines.append("")
-  for name, after in reruns.items():
-    if name.split(".", 1)[0] in parts:
-      lines += _rerun_section(name, parts[name.split(".", 1)[0]], after)
+  lines += _rerun_sections(results)
   return "\n".join(lines)
+
+
+def _rerun_sections(results: dict) -> list[str]:
+  """A section per tagged rerun ('<part>.<tag>' in `results`, by file
+  stem), against its 'compare_with' file or else the untagged part."""
+  lines = []
+  for name, after in results.items():
+    if "." not in name:
+      continue
+    before = results.get(after.get("compare_with", name.split(".", 1)[0]))
+    if before is not None:
+      lines += _rerun_section(name, before, after)
+  return lines
 
 
 def main():
@@ -470,6 +502,13 @@ def main():
   parser.add_argument("--child", default="",
                       help="_throughput_one: its settings as JSON.")
   parser.add_argument("--workdir_root", default="/tmp/jax_oneclass_bench")
+  parser.add_argument("--set", action="append", default=[],
+                      help="cifar10: a config override dotted.key=value for "
+                      "every run (repeatable), e.g. an ablation with --tag.")
+  parser.add_argument("--compare_with", default=None,
+                      help="cifar10 with --tag: the results file (stem, e.g. "
+                      "cifar10.issue13) the rerun is compared with; default "
+                      "<part>.json.")
   parser.add_argument("--tag", default=None,
                       help="Save as results/<part>.<tag>.json (a rerun to "
                       "compare with <part>.json).")
@@ -478,6 +517,8 @@ def main():
   if args.part == "_throughput_one":  # A child of 'throughput'.
     print(json.dumps(_throughput(**json.loads(args.child))))
     return
+  if (args.set or args.compare_with) and args.part != "cifar10":
+    parser.error("--set and --compare_with apply to the cifar10 part only.")
   args.methods = args.methods.split(",")
   default_classes = ("0,1,2,3,4,5,6,7,8,9" if args.part.startswith("digits")
                      else "0")

@@ -63,3 +63,19 @@ def test_rerun_section_compares_the_shared_classes_only():
   assert (f"| disaug | 1 | {bench.HEADLINE_SCORER} | 1.0000 | 0.9000 | "
           "-0.1000 |") in text
   assert "| disaug | 1 | pool/nn | - | 0.7000 | new |" in text
+
+
+def test_an_ablation_rerun_is_compared_with_the_file_it_names():
+  results = {"cifar10": _part(1, [0.5], [0.9], "old code"),
+             "cifar10.fix": _part(1, [0.7], [0.9], "new code"),
+             "cifar10.ablation": _part(1, [0.6], [0.9], 'new code "--set=k=v"')}
+  results["cifar10.ablation"]["compare_with"] = "cifar10.fix"
+  text = "\n".join(bench._rerun_sections(results))
+  assert "## Rerun of `cifar10` after `fix`" in text
+  assert (f"| disaug | 0 | {bench.HEADLINE_SCORER} | 0.5000 | 0.7000 | "
+          "+0.2000 |") in text
+  ablation = text.split("after `ablation`")[1]
+  assert "Before: `new code`" in ablation
+  assert "Same settings except the --set flags." in ablation
+  assert (f"| disaug | 0 | {bench.HEADLINE_SCORER} | 0.7000 | 0.6000 | "
+          "-0.1000 |") in ablation
