@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import common  # pylint: disable=g-import-not-at-top
 
+from jax_oneclass import checkpointing  # pylint: disable=g-import-not-at-top
 from jax_oneclass import evaluate  # pylint: disable=g-import-not-at-top
 from jax_oneclass import run as run_lib  # pylint: disable=g-import-not-at-top
 from jax_oneclass import train  # pylint: disable=g-import-not-at-top
@@ -60,13 +61,19 @@ def _cpu_name() -> str:
 
 
 def _checkpoint_seconds(workdir: Path, start: float) -> dict[int, float]:
-  """{step: seconds from `start` until its checkpoint was committed}."""
+  """{step: seconds from `start` until its checkpoint was written}.
+
+  A checkpoint is written when its newest file is. checksums.json does not
+  count: the checkpointer writes a step's checksums only once the save
+  after it begins (saves are asynchronous), and so does the step folder's
+  own modification time move then.
+  """
   out = {}
   for path in (workdir / "checkpoints").iterdir():
     if path.name.isdigit():
-      marker = path / "commit_success.txt"
-      stamp = (marker if marker.exists() else path).stat().st_mtime
-      out[int(path.name)] = round(stamp - start, 1)
+      stamps = [f.stat().st_mtime for f in path.rglob("*")
+                if f.is_file() and f.name != checkpointing.CHECKSUMS]
+      out[int(path.name)] = round(max(stamps) - start, 1)
   return dict(sorted(out.items()))
 
 
