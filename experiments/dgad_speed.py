@@ -22,6 +22,9 @@ target the first checkpoint reaching it.
 
   python experiments/dgad_speed.py --data=../shared/data/cifar10-jpeg.tar.gz --classes=0,1 --steps=600 --eval_every=100
   python experiments/dgad_speed.py --data=digits --classes=1 --steps=20 --eval_every=10  # smoke run
+
+--merge adds runs to the saved results instead of replacing them (one
+method later, on its own budget); --report only re-renders the section.
 """
 
 import argparse
@@ -157,40 +160,64 @@ def _test_images(result: dict) -> str:
 
 def render(result: dict) -> str:
   """The RESULTS.md section."""
+  commands = "; ".join(f"`{c}`" for c in result["commands"])
   lines = ["## DGAD's speed claim: training time to an AUROC", "",
-           f"Command: `{result['command']}`. CPU: {result['cpu']}. Each "
-           "method's preset batch size, network width "
-           f"{result['width']}, {result['steps']} steps, a checkpoint every "
-           f"{result['eval_every']}; AUROC of the method's headline scorer "
-           "(fixed in its config before this run) at each checkpoint, on "
-           f"{_test_images(result)}; "
-           "seconds from the start of training to that checkpoint "
-           "(compilation included, evaluation excluded). The machine was "
-           "shared, so times carry its load (1/5/15-min load averages "
-           "before and after each run are listed).", "",
-           "| class | method | scorer | batch x views | step: seconds, AUROC "
-           "| load before / after |", "|---|---|---|---|---|---|"]
+           *(["Stopped early: only the runs listed below finished.", ""]
+             if result.get("partial") else []),
+           f"Commands: {commands}. CPU: {result['cpu']}. Each method's "
+           f"preset batch size, network width {result['width']}, the steps "
+           "listed, a checkpoint every --eval_every; AUROC of the method's "
+           "headline scorer (fixed in its config before this run) at each "
+           f"checkpoint, on {_test_images(result)}; seconds from the start "
+           "of training to that checkpoint being written (compilation "
+           "included, evaluation excluded). A method's cosine schedule is "
+           "that of its own number of steps. The 1/5/15-min load averages "
+           "before and after each run show whether anything else used the "
+           "cores.", "",
+           "| class | method | scorer | batch x views | steps | step: "
+           "seconds, AUROC | load before / after |",
+           "|---|---|---|---|---|---|---|"]
   for c, by_method in result["runs"].items():
     for method, r in by_method.items():
       curve = "; ".join(f"{p['step']}: {p['train_seconds']:.0f} s, "
                         f"{p['auroc']:.3f}" for p in r["points"])
       lines.append(f"| {c} | {method} | {r['scorer']} | {r['batch_size']} x "
-                   f"{r['views']} | {curve} | {r['load_before']} / "
-                   f"{r['load_after']} |")
+                   f"{r['views']} | {r['steps']} | {curve} | "
+                   f"{r['load_before']} / {r['load_after']} |")
   lines += ["", "Time to reach each AUROC target (seconds, at step); '-' "
-            "where the run never reached it:", "",
+            "where the run never reached it, 'not run' where the method has "
+            "no run for that class:", "",
             "| class | target | " + " | ".join(result["methods"]) + " |",
             "|---|---|" + "---|" * len(result["methods"])]
   for c, by_method in result["runs"].items():
     for target in result["targets"]:
       cells = []
       for method in result["methods"]:
-        hit = time_to(by_method[method]["points"], target) if (
-            method in by_method) else None
+        if method not in by_method:
+          cells.append("not run")
+          continue
+        hit = time_to(by_method[method]["points"], target)
         cells.append(f"{hit[0]:.0f} s (step {hit[1]})" if hit else "-")
       lines.append(f"| {c} | {target} | " + " | ".join(cells) + " |")
   lines.append("")
   return "\n".join(lines)
+
+
+def _previous() -> dict:
+  """The saved results, or {} if there are none."""
+  path = common.RESULTS_DIR / f"{PART}.json"
+  if not path.exists():
+    return {}
+  result = json.loads(path.read_text())
+  if "command" in result:  # Saved before --merge: one command, one budget.
+    command = result.pop("command")
+    result["commands"] = [command]
+    result["data"] = command.split("--data=")[1].split()[0]
+    for by_method in result["runs"].values():
+      for run in by_method.values():
+        run.update(steps=result["steps"], eval_every=result["eval_every"])
+    del result["steps"], result["eval_every"]
+  return result
 
 
 def main():
@@ -207,8 +234,17 @@ def main():
                       help="Test images per class for the evaluations (0 = "
                       "the whole test split).")
   parser.add_argument("--workdir_root", default="/tmp/jax_oneclass_speed")
+  parser.add_argument("--merge", action="store_true",
+                      help="Add these runs to the saved results (same data, "
+                      "width, targets and test subset) instead of replacing "
+                      "them, e.g. one method run later on its own budget.")
+  parser.add_argument("--report", action="store_true",
+                      help="Only re-render the RESULTS.md section.")
   args = parser.parse_args()
   os.chdir(common.ROOT)
+  if args.report:
+    print(common.write_section(PART, render(_previous())))
+    return
   methods = args.methods.split(",")
   classes = args.classes.split(",")
   if args.data == "digits":
@@ -224,21 +260,34 @@ def main():
                "checkpoint_every_steps": args.eval_every,
                "keep_checkpoints": args.steps // args.eval_every + 1,
                "eval.batch_size": 500, "log_every_steps": args.eval_every}
-  result = {
-      "command": f"{SCRIPT} --data={args.data} --classes={args.classes} "
-                 f"--methods={args.methods} --steps={args.steps} "
-                 f"--eval_every={args.eval_every} --width={args.width} "
-                 f"--targets={args.targets} "
-                 f"--test_per_class={args.test_per_class}",
-      "cpu": _cpu_name(),
-      "methods": methods, "steps": args.steps, "eval_every": args.eval_every,
-      "width": args.width, "test_per_class": args.test_per_class,
-      "targets": [float(t) for t in args.targets.split(",")], "runs": {}}
+  command = (f"{SCRIPT} --data={args.data} --classes={args.classes} "
+             f"--methods={args.methods} --steps={args.steps} "
+             f"--eval_every={args.eval_every} --width={args.width} "
+             f"--targets={args.targets} "
+             f"--test_per_class={args.test_per_class}"
+             + (" --merge" if args.merge else ""))
+  result = {"commands": [command], "cpu": _cpu_name(), "methods": methods,
+            "width": args.width, "test_per_class": args.test_per_class,
+            "data": args.data,
+            "targets": [float(t) for t in args.targets.split(",")],
+            "runs": {}}
+  previous = _previous() if args.merge else {}
+  if previous:
+    same = ("cpu", "width", "test_per_class", "data", "targets")
+    differ = [k for k in same if previous.get(k) != result[k]]
+    if differ:
+      raise SystemExit(f"--merge: the saved results differ in {differ}; "
+                       "rerun without --merge instead.")
+    result["commands"] = previous["commands"] + [command]
+    result["methods"] = [m for m in METHODS
+                         if m in methods + previous["methods"]]
+    result["runs"] = previous["runs"]
   for c in classes:
     for method in methods:
       workdir = Path(args.workdir_root) / method / c
-      result["runs"].setdefault(c, {})[method] = run_one(
-          method, f"{base},normal_class={c}", workdir, overrides)
+      run = run_one(method, f"{base},normal_class={c}", workdir, overrides)
+      run.update(steps=args.steps, eval_every=args.eval_every)
+      result["runs"].setdefault(c, {})[method] = run
       common.save_part(PART, {**result, "partial": True})
   common.save_part(PART, result)
   common.write_section(PART, render(result))

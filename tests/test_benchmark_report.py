@@ -1,5 +1,8 @@
 """The two-stage benchmark's report, rendered from hand-made results."""
 
+import json
+
+from experiments import common, dgad_speed
 from experiments import two_stage_benchmark as bench
 
 
@@ -79,3 +82,31 @@ def test_an_ablation_rerun_is_compared_with_the_file_it_names():
   assert "Same settings except the --set flags." in ablation
   assert (f"| disaug | 0 | {bench.HEADLINE_SCORER} | 0.7000 | 0.6000 | "
           "-0.1000 |") in ablation
+
+
+def _speed_run(points):
+  return {"scorer": "s", "batch_size": 64, "views": 1, "load_before": "0 0 0",
+          "load_after": "1 1 1", "train_seconds": 1.0,
+          "points": [{"step": st, "train_seconds": t, "auroc": a,
+                      "num_test": 30} for st, t, a in points]}
+
+
+def test_speed_results_saved_before_merge_read_as_one_command(
+    tmp_path, monkeypatch):
+  monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+  old = {"command": "speed --data=cifar.tar.gz --steps=600", "cpu": "c",
+         "methods": ["dgad", "rotnet", "disaug"], "steps": 600,
+         "eval_every": 100, "width": 32, "test_per_class": 3,
+         "targets": [0.6, 0.7], "partial": True,
+         "runs": {"0": {"dgad": _speed_run([(100, 50.0, 0.65)]),
+                        "rotnet": _speed_run([(100, 90.0, 0.55),
+                                              (200, 180.0, 0.72)])}}}
+  (tmp_path / "dgad_speed.json").write_text(json.dumps(old))
+  result = dgad_speed._previous()
+  assert result["commands"] == ["speed --data=cifar.tar.gz --steps=600"]
+  assert result["data"] == "cifar.tar.gz"
+  assert result["runs"]["0"]["rotnet"]["steps"] == 600
+  text = dgad_speed.render(result)
+  assert "Stopped early" in text
+  assert "| 0 | 0.6 | 50 s (step 100) | 180 s (step 200) | not run |" in text
+  assert "| 0 | 0.7 | - | 180 s (step 200) | not run |" in text
