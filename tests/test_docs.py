@@ -1,4 +1,4 @@
-"""README.md and docs/*.md: every local link resolves; the README stays short."""
+"""README.md and docs/*.md: local links resolve; the README stays short."""
 
 import re
 from pathlib import Path
