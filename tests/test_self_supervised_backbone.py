@@ -18,7 +18,8 @@ from tests.conftest import load_config, tiny_config
 pytestmark = pytest.mark.xdist_group("ssl_run")  # One worker trains it once.
 
 
-@pytest.fixture(scope="module")
+# Session-scoped: a module fixture is rebuilt when xdist interleaves modules.
+@pytest.fixture(scope="session")
 def ssl_run(tmp_path_factory):
   """Two DisAug steps of a torchvision-layout ResNet on digits."""
   workdir = tmp_path_factory.mktemp("disaug_resnet_tiny")
