@@ -2,6 +2,8 @@
 
   python -m jax_oneclass.export --workdir=/tmp/run --format=onnx --output=/tmp/x
 
+(the CLI's --mode=export: `python -m jax_oneclass.main --mode=export ...`).
+
 The artefact maps raw uint8 images [N, H, W, C] (any N; H, W, C as the run
 trained, see signature.json) to {'score', 'normalized_score',
 'is_anomaly'} and, for localising methods, {'anomaly_map',
@@ -14,23 +16,21 @@ fitted stage and the thresholds are all inside. Formats:
 Images of other sizes: resize them first, or use `jax_oneclass.Detector`.
 """
 
+# pylint: disable=g-import-not-at-top
+if __name__ == "__main__":  # The CLI checks its input before importing JAX.
+  from jax_oneclass import main as main_lib
+  main_lib.run(["--mode=export"])  # Exits.
+
 import json
-import os
-import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-# pylint: disable=g-import-not-at-top
-from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_oneclass.cli_checks import EXPORT_FORMATS as FORMATS
 from jax_oneclass.errors import ConfigError, OneClassError
 # pylint: enable=g-import-not-at-top
-
-FORMATS = ("jax", "savedmodel", "onnx")
 
 
 class ExportError(OneClassError):
@@ -202,35 +202,10 @@ def load(output):
     return lambda images: {k: v.numpy() for k, v in serve(
         images=tf.constant(images)).items()}
   import onnxruntime  # pylint: disable=g-import-not-at-top
-  session = onnxruntime.InferenceSession(str(output / "model.onnx"))
+  options = onnxruntime.SessionOptions()
+  options.log_severity_level = 3  # Errors only: no notes per graph node.
+  session = onnxruntime.InferenceSession(str(output / "model.onnx"),
+                                         options)
   input_name = session.get_inputs()[0].name
   return lambda images: dict(zip(signature["output_order"], session.run(
       None, {input_name: np.asarray(images, np.uint8)})))
-
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run's workdir.")
-_FORMAT = flags.DEFINE_enum("format", "jax", list(FORMATS), "Export format.")
-_OUTPUT = flags.DEFINE_string("output", None, "Folder to write.")
-_DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks.")
-
-
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
-  from jax_oneclass.detector import Detector  # pylint: disable=g-import-not-at-top
-  try:
-    path = export(Detector.load(_WORKDIR.value), _FORMAT.value,
-                  _OUTPUT.value)
-  except OneClassError as e:
-    if _DEBUG.value:
-      raise
-    print(f"\nerror: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(f"Exported {_FORMAT.value} to {path}.")
-
-
-if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "output"])
-  app.run(main)
