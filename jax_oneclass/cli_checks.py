@@ -92,7 +92,8 @@ def num_classes(config) -> int:
 
 
 def check_data(config) -> None:
-  """The data set exists, its folder too, and has data.normal_class."""
+  """The data set exists (its folder too), has data.normal_class, and its
+  image size and channels are valid."""
   name = config.data.name
   if name not in DATA_SETS:
     raise ConfigError(f"Unknown data set config.data.name={name!r}; valid "
@@ -102,6 +103,12 @@ def check_data(config) -> None:
   elif name == "mvtec":
     check_mvtec_data(config.data.folder, config.data.get("category", ""),
                      config.data.get("data_dir"))
+  size, channels = config.data.image_size, config.data.channels
+  if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+    raise DataError(f"config.data.image_size={size!r} must be a positive int "
+                    "(the square side in pixels); set it e.g. to 32.")
+  if channels not in (1, 3):
+    raise DataError(f"config.data.channels={channels!r} must be 1 or 3.")
   c, n = config.data.normal_class, num_classes(config)
   if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < n:
     raise ConfigError(f"config.data.normal_class={c!r} is out of range for "

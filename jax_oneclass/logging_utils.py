@@ -87,7 +87,10 @@ def import_tensorflow(quiet: bool = True):
   imported without its start-up logs when `quiet`."""
   with no_stderr_fd() if quiet else contextlib.nullcontext():
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF already set its devices up (an earlier run).
+    pass
   return tf
 
 
