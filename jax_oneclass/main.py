@@ -134,7 +134,7 @@ def _causes(error: Exception) -> list[Exception]:
   """`error` and those it was raised from or while handling, innermost
   last."""
   chain = [error]
-  while chain[-1].__cause__ or chain[-1].__context__:
+  while (chain[-1].__cause__ or chain[-1].__context__) not in (None, *chain):
     chain.append(chain[-1].__cause__ or chain[-1].__context__)
   return chain
 
