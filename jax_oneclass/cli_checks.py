@@ -3,7 +3,7 @@
 The CLI (and the sweep) run them before the heavy imports, so that a bad
 flag, config or path fails in a second, as one line. Each check raises a
 `OneClassError` whose message says what to do instead. This module must
-not import JAX or TensorFlow (tests/test_cli_checks.py holds it to that).
+not import JAX or TensorFlow (tests/test_bad_input.py holds it to that).
 """
 
 import glob
@@ -35,6 +35,7 @@ _NOT_A_RUN = "train first (--mode=train) or point --workdir at a trained run"
 
 
 def check_method(name: str) -> None:
+  """`name` (config.method) is a method of jax_oneclass.methods."""
   if name not in METHODS:
     raise ConfigError(f"Unknown method {name!r}. Available methods: "
                       f"{', '.join(METHODS)}.")
