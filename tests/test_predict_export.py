@@ -265,6 +265,27 @@ def test_onnx_export_holds_the_network_once(tmp_path):
              if sorted(init.dims) == [2, 3, 3, 3]) == 1
 
 
+def test_loading_an_onnx_export_prints_nothing(tmp_path, capfd):
+  """onnxruntime warns about every unused initializer of a loop body
+  (a scan's constants) unless its log level is raised."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def fn(images):
+    x = jnp.mean(images.astype(jnp.float32) / 255.0, axis=(1, 2, 3))
+    score, _ = jax.lax.scan(lambda c, k: (c + x * k + 2.0, None),
+                            jnp.zeros_like(x), jnp.arange(3.0))
+    return {"score": score, "is_anomaly": score > 0.5}
+
+  keys = export._write_onnx(fn, (8, 8, 3), tmp_path)  # pylint: disable=protected-access
+  (tmp_path / "signature.json").write_text(json.dumps(
+      {"format": "onnx", "output_order": keys}))
+  capfd.readouterr()
+  out = export.load(tmp_path)(np.zeros((2, 8, 8, 3), np.uint8))
+  np.testing.assert_allclose(out["score"], [6.0, 6.0])
+  assert capfd.readouterr().err == ""
+
+
 def test_padded_size_is_a_power_of_two_up_to_the_batch():
   from jax_oneclass.detector import padded_size  # pylint: disable=g-import-not-at-top
   assert [padded_size(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [
