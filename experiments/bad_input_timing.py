@@ -7,7 +7,8 @@ experiments/results/bad_input.md (case, command, exit code, median and
 slowest seconds, stderr lines, the error line) and bad_input.json, with the
 CPU model, the core count, jaxlib's version and the load averages.
 
-  nice -n 10 python experiments/bad_input_timing.py --repeats=3
+  nice -n 10 python experiments/bad_input_timing.py --repeats=3 \
+      [--baseline=<a checkout of the code to compare with>]
 
 Standard library only: the script itself imports neither JAX nor
 TensorFlow, so it does not load the machine it measures.
@@ -83,9 +84,10 @@ def _fixtures(root: Path) -> dict:
           "missing": root / "missing", "run": run}
 
 
-def _time_case(command: list[str]) -> tuple[float, subprocess.CompletedProcess]:
+def _time_case(command: list[str], repo: Path):
+  """(wall seconds, the finished process) of `command` run in `repo`."""
   start = time.perf_counter()
-  done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+  done = subprocess.run(command, cwd=repo, capture_output=True, text=True,
                         timeout=600, check=False)
   return time.perf_counter() - start, done
 
@@ -102,15 +104,16 @@ def _machine() -> dict:
           "load_average": list(os.getloadavg())}
 
 
-def measure(repeats: int) -> dict:
-  """Runs every case `repeats` times; the figures per case."""
+def measure(repeats: int, repo: Path = ROOT) -> list[dict]:
+  """Runs every case `repeats` times with the code of `repo`; a row of
+  figures per case."""
   rows = []
   with tempfile.TemporaryDirectory(prefix="bad_input_") as tmp:
     paths = _fixtures(Path(tmp))
     for case, entry, args in CASES:
       args = [a.format(**paths) for a in args]
       command = [sys.executable, "-m", f"jax_oneclass.{entry}", *args]
-      timed = [_time_case(command) for _ in range(repeats)]
+      timed = [_time_case(command, repo) for _ in range(repeats)]
       seconds = [t for t, _ in timed]
       done = timed[-1][1]
       lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -121,14 +124,20 @@ def measure(repeats: int) -> dict:
           "median_s": statistics.median(seconds), "max_s": max(seconds),
           "seconds": seconds, "stderr_lines": len(lines),
           "line": (lines[-1] if lines else "").replace(tmp, "$TMP")})
-      print(f"{case}: exit {done.returncode}, "
-            f"{statistics.median(seconds):.2f} s", flush=True)
-  return {"rows": rows, "repeats": repeats}
+      print(f"{repo.name}: {case}: exit {done.returncode}, "
+            f"{statistics.median(seconds):.2f} s, {len(lines)} stderr "
+            "lines", flush=True)
+  return rows
+
+
+def _cell(text: str) -> str:
+  return text.replace("|", "\\|")
 
 
 def markdown(result: dict) -> str:
   """The results as a markdown section."""
   machine = result["machine"]
+  before = {r["case"]: r for r in result.get("baseline_rows", [])}
   lines = [
       "# Bad input: how fast the commands fail",
       "",
@@ -139,18 +148,28 @@ def markdown(result: dict) -> str:
       f"{machine['cpu']}, {machine['cores']} cores, load average "
       f"{' '.join(f'{x:.2f}' for x in machine['load_average'])} before and "
       f"{' '.join(f'{x:.2f}' for x in result['load_after'])} after; "
-      f"jaxlib {machine['jaxlib_version']}, Python {machine['python']}.",
-      "",
-      "| case | command | exit code | median s | max s | stderr lines | "
-      "the line |",
-      "|---|---|---|---|---|---|---|"]
+      f"jaxlib {machine['jaxlib_version']}, Python {machine['python']}."]
+  if before:
+    lines += ["", f"'before' columns: the same cases with the code at "
+              f"{result['baseline']} (commit {result['baseline_commit']}), "
+              "run in the same invocation, after this code's rows."]
+  header = ["case", "command", "exit code", "median s", "max s",
+            "stderr lines", "the line"]
+  if before:
+    header[6:6] = ["before: exit code", "before: median s",
+                   "before: stderr lines"]
+  lines += ["", "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header)]
   for row in result["rows"]:
     help_row = row["case"] == _HELP
     cells = [row["case"], f"`{row['command']}`", str(row["exit_code"]),
              f"{row['median_s']:.2f}", f"{row['max_s']:.2f}",
              str(row["stderr_lines"]),
-             "(help text on stdout)" if help_row else
-             row["line"].replace("|", "\\|")]
+             "(help text on stdout)" if help_row else _cell(row["line"])]
+    old = before.get(row["case"])
+    if old is not None:
+      cells[6:6] = [str(old["exit_code"]), f"{old['median_s']:.2f}",
+                    str(old["stderr_lines"])]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -160,6 +179,9 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--out", default=str(RESULTS_DIR / PART),
                       help="Path stem of the .md and .json written.")
+  parser.add_argument("--baseline", default="",
+                      help="Another checkout (e.g. of the code before these "
+                      "checks) to run the same cases with, for comparison.")
   args = parser.parse_args()
   if args.repeats < 1:
     parser.error("--repeats must be >= 1")
@@ -172,7 +194,15 @@ def main():
                 "%Y-%m-%d %H:%M UTC"),
             "command": "python experiments/bad_input_timing.py "
                        f"--repeats={args.repeats}",
-            **measure(args.repeats)}
+            "repeats": args.repeats, "rows": measure(args.repeats)}
+  if args.baseline:
+    baseline = Path(args.baseline).resolve()
+    result.update(
+        baseline=str(baseline),
+        baseline_commit=subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=baseline,
+            capture_output=True, text=True, check=False).stdout.strip(),
+        baseline_rows=measure(args.repeats, baseline))
   result["load_after"] = list(os.getloadavg())
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)

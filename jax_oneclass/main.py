@@ -52,7 +52,7 @@ _OUTPUT = flags.DEFINE_string(
     "--mode=export: folder for the exported detector.")
 _FORMAT = flags.DEFINE_enum(
     "format", "jax", list(cli_checks.EXPORT_FORMATS),
-    "--mode=export: the format (see jax_oneclass/export.py).")
+    "--mode=export: the format (see jax_oneclass/exporting.py).")
 _VISUALIZE = flags.DEFINE_bool(
     "visualize", True, "--mode=predict: write a picture per image.")
 _COORDINATOR = flags.DEFINE_string(
@@ -268,8 +268,8 @@ def main(argv):
                               visualize_images=_VISUALIZE.value)
       return
     else:
-      from jax_oneclass import export  # pylint: disable=g-import-not-at-top
-      path = export.export(
+      from jax_oneclass import exporting  # pylint: disable=g-import-not-at-top
+      path = exporting.export(
           detector.Detector.load(_WORKDIR.value, config=config,
                                  refit=_REFIT.value),
           _FORMAT.value, _OUTPUT.value)

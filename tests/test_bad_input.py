@@ -4,22 +4,21 @@ The table runs each command's entry point in this process; one test runs
 the real command in a fresh process.
 """
 
-import importlib.util
 import json
 import os
-import runpy
 import subprocess
 import sys
 
 import pytest
 
-from jax_oneclass import cli_checks, predict
+from jax_oneclass import cli_checks, export, predict
 from jax_oneclass import main as main_lib
 from tests.conftest import REPO, load_config
 
 _LIGHT_IMPORTS = """\
 import glob, importlib.util, sys
 import jax_oneclass.cli_checks, jax_oneclass.logging_utils, jax_oneclass.main
+import jax_oneclass.export, jax_oneclass.predict
 for path in sorted(glob.glob("configs/*.py")):
   spec = importlib.util.spec_from_file_location("c", path)
   module = importlib.util.module_from_spec(spec)
@@ -50,14 +49,8 @@ def test_the_checks_know_the_methods_and_class_counts():
   assert counts == cli_checks.NUM_CLASSES
 
 
-def _export_main():
-  """`python -m jax_oneclass.export`, as runpy runs it."""
-  path = importlib.util.find_spec("jax_oneclass.export").origin
-  runpy.run_path(path, run_name="__main__")
-
-
 _ENTRIES = {"main": main_lib.run, "predict": predict.main,
-            "export": _export_main}
+            "export": export.main}
 
 
 def _fake_run(workdir, config=None):
