@@ -41,7 +41,7 @@ from experiments import measure
 SCRIPT = "python experiments/gan_benchmark.py"
 # dgad's headline scorer, as configs/dgad.py sets it.
 DGAD_SCORER = common.config_with("dgad", "digits").eval.scorer
-ANOMALIB_SCRIPT = common.ROOT / "experiments" / "anomalib_ganomaly.py"
+ANOMALIB_SCRIPT = common.ROOT / "experiments/torch/anomalib_ganomaly.py"
 
 
 def ours_throughput(image_size, batch_size, width, latent, steps,

@@ -28,7 +28,7 @@ change the cost: our workdirs are trained for one step from random weights
 of our jitted score at each batch size in one process (Detector.load's
 `batch_size`, --detector_batch here, picks the images per call).
 
-The anomalib side (experiments/anomalib_inference.py) runs in the PyTorch
+The anomalib side (experiments/torch/anomalib_inference.py) runs in the PyTorch
 virtualenv given by --anomalib_python. Writes results/inference.json and
 the section results/inference.md of RESULTS.md. Workdirs and exports are
 kept under --root and reused by later runs (--rebuild makes them anew).
@@ -52,7 +52,7 @@ from PIL import Image
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 SCRIPT = "python experiments/inference_benchmark.py"
-ANOMALIB_SCRIPT = Path(__file__).resolve().parent / "anomalib_inference.py"
+ANOMALIB_SCRIPT = Path(__file__).resolve().parent / "torch/anomalib_inference.py"
 # name: (method, config overrides, image size, batch size of the timing).
 MODELS = {
     "rd_resnet18": ("reverse_distillation",
@@ -276,7 +276,7 @@ def _markdown(result: dict) -> str:
   lines = [
       title, "",
       f"`{result['command']}` (anomalib side: "
-      "`experiments/anomalib_inference.py` in the PyTorch virtualenv). "
+      "`experiments/torch/anomalib_inference.py` in the PyTorch virtualenv). "
       f"{machine['cpu']}, {machine['cores']} cores; load average "
       f"{machine['load_average'][0]:.1f} before and "
       f"{result['load_average_after'][0]:.1f} after the run "

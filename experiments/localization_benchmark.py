@@ -11,8 +11,9 @@ Parts (each writes results/localization_<part>.json, then re-renders):
   report         only re-render.
 
 Each measurement is a fresh process, ours and the reference alternately
---rounds times, the fastest kept. The torch side is anomalib_localization.py
-under --anomalib_python (see anomalib_ganomaly.py for that virtualenv).
+--rounds times, the fastest kept. The torch side is
+torch/anomalib_localization.py under --anomalib_python (see
+torch/anomalib_ganomaly.py for that virtualenv).
 
   python experiments/localization_benchmark.py rd_throughput --steps=10 \
       --warmup=3
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from experiments import measure  # pylint: disable=g-import-not-at-top
 
 SCRIPT = "python experiments/localization_benchmark.py"
-TORCH_SCRIPT = ROOT / "experiments" / "anomalib_localization.py"
+TORCH_SCRIPT = ROOT / "experiments/torch/anomalib_localization.py"
 # anomalib's OCBE has width_per_group 64 for every backbone (the official
 # WRN-50-2 model 128); ours matches it so both sides train the same net.
 OCBE_WIDTH = 64

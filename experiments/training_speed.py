@@ -85,21 +85,21 @@ def _row_commands(row: str, args) -> tuple[list[str], list[str]]:
     flags = [f"--method={row}", f"--batch_size={args.two_stage_batch}",
              "--image_size=32", "--width=64", *steps]
     return ([sys.executable, __file__, "_ours_two_stage", *flags],
-            [args.torch_python, str(ROOT / "experiments/torch_two_stage.py"),
+            [args.torch_python, str(ROOT / "experiments/torch/torch_two_stage.py"),
              *flags, threads])
   if row.startswith("rd_"):
     flags = [f"--backbone={row[3:]}", f"--image_size={args.rd_image_size}",
              f"--batch_size={args.rd_batch}", *steps]
     return ([sys.executable, str(ROOT / "experiments/localization_benchmark.py"),
              "_ours_rd_throughput", *flags],
-            [args.torch_python, str(ROOT / "experiments/anomalib_localization.py"),
+            [args.torch_python, str(ROOT / "experiments/torch/anomalib_localization.py"),
              "rd_throughput", *flags, threads])
   if row == "ganomaly":
     flags = ["--image_size=32", f"--batch_size={args.gan_batch}",
              "--width=64", "--latent=100", *steps]
     return ([sys.executable, str(ROOT / "experiments/gan_benchmark.py"),
              "_ours_throughput", *flags],
-            [args.torch_python, str(ROOT / "experiments/anomalib_ganomaly.py"),
+            [args.torch_python, str(ROOT / "experiments/torch/anomalib_ganomaly.py"),
              "throughput", *flags, threads])
   raise SystemExit(f"Unknown row {row!r}; rows: {DEFAULT_ROWS}.")
 
