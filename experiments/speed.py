@@ -236,8 +236,8 @@ def part_steps(args) -> dict:
         "runs": {side: [{k: r[k] for k in (
             "step_s_each", "step_cpu_s_each", "warmup_s_incl_compile",
             "cpu_steal_pct", "images_per_step", "step_matmul_gflop",
-            "peak_rss_mb", "load_before", "torch_version", "threads",
-            "conv_weight_grad") if k in r} for r in found]
+            "peak_rss_mb", "kernel_rates", "load_before", "torch_version",
+            "threads", "conv_weight_grad") if k in r} for r in found]
                  for side, found in runs.items()}}
     print(row, json.dumps({k: v for k, v in out["rows"][row].items()
                            if k != "runs"}), flush=True)
