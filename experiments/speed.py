@@ -856,8 +856,7 @@ def report(parts=("steps", "device", "inference")) -> None:
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      description=__doc__.split("\n\n", maxsplit=1)[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="part", required=True)
   torch_python = os.environ.get("TORCH_PYTHON", "/work/torch_venv/bin/python")
 
@@ -877,7 +876,7 @@ def _parser() -> argparse.ArgumentParser:
   p = add("steps", "ours vs PyTorch per row", rows=DEFAULT_ROWS, rounds=2,
           torch_python=torch_python, json="", tag="", **steps)
   config_flags(p)
-  p = add("_ours_step", "a child of steps", row="disaug", rounds=1, **steps)
+  p = add("_ours_step", "a child of steps", row="disaug", **steps)
   config_flags(p)
   p = add("device", "per method and dtype on this device", methods="",
           dtypes="float32,bfloat16", steps=10, warmup=2, batch_size=0,
