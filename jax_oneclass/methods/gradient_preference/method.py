@@ -43,15 +43,14 @@ jit-compiled: `components.knn`); the distances are upsampled to the image
 Image scores: 'nn_max' (the map's maximum, the main score), 'nn_mean', and
 'center_max' (the largest patch distance to c, no repository).
 
-Before 2026-12 the MLP trained on every patch point and the repository was
-chosen afterwards, over all images' points at once, by the trained MLP's
-per-point gradient norms (`center_mlp.per_point_gradient_norms`). That
-criterion needs the trained MLP, so it cannot come first, and the study
-found its weak repository (image AUROC 0.43 with only the preferred points)
-came from the global selection: the largest gradients (far from c, large
-feature norm) sit in about a fifth of the images, which leaves the others'
-normal patches uncovered. Per image, the same criterion is level with the
-others; it is kept only in the study.
+Not used: ranking points by the trained MLP's per-point gradient norms
+(`center_mlp.per_point_gradient_norms`). That criterion needs the trained
+MLP, so it cannot come first, and chosen over all images' points at once it
+gave a weak repository (image AUROC 0.43 with only the preferred points):
+the largest gradients (far from c, large feature norm) sit in about a fifth
+of the images, which leaves the others' normal patches uncovered. Per
+image, the same criterion is level with the others; it is kept only in the
+study (experiments/RESULTS.md).
 """
 
 from typing import Any
