@@ -94,7 +94,7 @@ class Detector:
     self.config = run.config
     self.image_shape = tuple(run.info.image_shape)
     # Images per compiled call; on a busy CPU a smaller batch can cost less
-    # per image (see experiments/inference_benchmark.py).
+    # per image (see `experiments/speed.py inference_sweep`).
     self.batch_size = int(run.config.eval.batch_size)
     self._score = evaluate.score_fn(run)
     # The headline scorer (config.eval.scorer), checked against the saved
