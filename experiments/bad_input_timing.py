@@ -10,7 +10,7 @@ CPU model, the core count, jaxlib's version and the load averages.
   nice -n 10 python experiments/bad_input_timing.py --repeats=3 \
       [--baseline=<a checkout of the code to compare with>]
 
-Standard library only: the script itself imports neither JAX nor
+Standard library only (and measure.py): the script imports neither JAX nor
 TensorFlow, so it does not load the machine it measures.
 """
 
@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from experiments import measure  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 RESULTS_DIR = ROOT / "experiments" / "results"
 PART = "bad_input"
 _HELP = "--helpshort (reference)"
@@ -93,18 +96,13 @@ def _time_case(command: list[str], repo: Path):
 
 
 def _machine() -> dict:
-  """CPU model, cores, jaxlib's version and the load averages."""
-  lscpu = subprocess.run(["lscpu"], capture_output=True, text=True,
-                         check=False).stdout
-  model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines()
-                if line.startswith("Model name")), platform.processor())
-  return {"cpu": model, "cores": os.cpu_count(),
+  """measure.machine() (CPU model, cores, load) with the versions."""
+  return {**measure.machine(),
           "jaxlib_version": importlib.metadata.version("jaxlib"),
-          "python": platform.python_version(),
-          "load_average": list(os.getloadavg())}
+          "python": platform.python_version()}
 
 
-def measure(repeats: int, repo: Path = ROOT) -> list[dict]:
+def run_cases(repeats: int, repo: Path = ROOT) -> list[dict]:
   """Runs every case `repeats` times with the code of `repo`; a row of
   figures per case."""
   rows = []
@@ -194,7 +192,7 @@ def main():
                 "%Y-%m-%d %H:%M UTC"),
             "command": "python experiments/bad_input_timing.py "
                        f"--repeats={args.repeats}",
-            "repeats": args.repeats, "rows": measure(args.repeats)}
+            "repeats": args.repeats, "rows": run_cases(args.repeats)}
   if args.baseline:
     baseline = Path(args.baseline).resolve()
     result.update(
@@ -202,7 +200,7 @@ def main():
         baseline_commit=subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=baseline,
             capture_output=True, text=True, check=False).stdout.strip(),
-        baseline_rows=measure(args.repeats, baseline))
+        baseline_rows=run_cases(args.repeats, baseline))
   result["load_after"] = list(os.getloadavg())
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
