@@ -7,7 +7,6 @@ here and one config file.
 
 import importlib
 
-from jax_oneclass.components import conv, precision
 from jax_oneclass.errors import ConfigError
 
 _MODULES = {
@@ -44,6 +43,9 @@ def method_module(name: str):
 def get_method(config, info):
   """Builds the method named by `config.method` for the data set `info`,
   its functions bound to `config.dtype`; sets `config.conv_weight_grad`."""
+  # Here, not at the top: configs/ import method defaults from this package
+  # and must load without JAX (the CLI checks them before importing it).
+  from jax_oneclass.components import conv, precision  # pylint: disable=g-import-not-at-top
   dtype = config.get("dtype", "float32")
   precision.parse_dtype(dtype)
   conv.set_weight_grad_mode(config.get("conv_weight_grad", "im2col_cpu"))

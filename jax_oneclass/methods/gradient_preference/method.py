@@ -17,9 +17,10 @@ build the repository, map the repository, score against it):
    uniform sample of the image's other positions). The criterion needs no
    trained network, so it runs first; the repository is the selected
    points of every training image (capped at `bank.max_size`). The
-   direction and share were chosen on experiments/gp_selector_study.py
-   (synthetic set, random backbone): smallest-first gave the best pixel
-   AUROC and an image AUROC level with the other per-image rules.
+   direction and share were chosen by a study (synthetic set, random
+   backbone; `git show 225ab88:experiments/gp_selector_study.py`):
+   smallest-first gave the best pixel AUROC and an image AUROC level with
+   the other per-image rules.
 3. Centre-constrained discriminative learning on the repository: a
    bias-free MLP (`model.mlp_widths`; () = no mapping, a plain
    nearest-neighbour repository) maps the selected points towards a
