@@ -15,6 +15,7 @@ fitted stage and the thresholds are all inside. Formats:
 Images of other sizes: resize them first, or use `jax_oneclass.Detector`.
 """
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -88,6 +89,47 @@ def _write_savedmodel(fn, shape, output: Path) -> None:
                       signatures={"serving_default": module.serve})
 
 
+# flax.linen pooling functions and their parameters after `inputs`.
+_POOLING_PARAMS = {
+    "max_pool": ("window_shape", "strides", "padding"),
+    "min_pool": ("window_shape", "strides", "padding"),
+    "avg_pool": ("window_shape", "strides", "padding", "count_include_pad"),
+}
+
+
+@contextlib.contextmanager
+def _keyword_pooling():
+  """Within the block, flax's pooling functions take their parameters by
+  position too: jax2onnx replaces them, while it traces, by functions that
+  take only `inputs` positionally, so `nn.max_pool(x, (2, 2), (2, 2))` as
+  researchers write it would fail."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  installed = {name: getattr(nn, name) for name in _POOLING_PARAMS
+               if hasattr(nn, name)}
+
+  def by_keyword(name, pool):
+    def call(inputs, *args, **kwargs):
+      kwargs.update(zip(_POOLING_PARAMS[name], args))
+      return pool(inputs, **kwargs)
+    return call
+
+  for name, pool in installed.items():
+    setattr(nn, name, by_keyword(name, pool))
+  try:
+    yield
+  finally:
+    for name, pool in installed.items():
+      setattr(nn, name, pool)
+
+
+def _unsupported_op(error: NotImplementedError) -> str:
+  """The operation jax2onnx could not convert, as its error names it."""
+  text = str(error).splitlines()[0] if str(error) else type(error).__name__
+  if "for primitive '" in text:
+    return text.split("for primitive '", 1)[1].split("'", 1)[0]
+  return text
+
+
 def _write_onnx(fn, shape, output: Path) -> list[str]:
   """model.onnx; returns the output names in the graph's order."""
   try:
@@ -100,7 +142,8 @@ def _write_onnx(fn, shape, output: Path) -> list[str]:
       fn, jax.ShapeDtypeStruct((1,) + shape, jnp.uint8)))
 
   def as_list(images):
-    out = fn(images)  # One trace: the graph holds the network once.
+    with _keyword_pooling():  # Inside jax2onnx's own patches.
+      out = fn(images)  # One trace: the graph holds the network once.
     return [out[k] for k in keys]
 
   # jax2onnx 0.17's graph optimiser drops transposes a ResNet's residual
@@ -112,6 +155,11 @@ def _write_onnx(fn, shape, output: Path) -> list[str]:
     model = to_onnx(as_list,
                     [jax.ShapeDtypeStruct(("N",) + shape, jnp.uint8)],
                     model_name="jax_oneclass")
+  except NotImplementedError as e:
+    raise ExportError(
+        f"ONNX export cannot convert an operation of this model "
+        f"({_unsupported_op(e)}); export --format=jax or savedmodel "
+        "instead, or write that part with operations ONNX has.") from e
   finally:
     conversion_api.optimize_graph = optimize
   _drop_unused_initializers(model.graph)

@@ -328,3 +328,36 @@ def test_batched_model_inputs_equal_the_one_by_one_path():
   np.testing.assert_array_equal(
       data.to_model_inputs(gray, (16, 16, 1)),
       data.to_model_input(gray[0], (16, 16, 1))[None])
+
+
+def test_onnx_export_takes_flax_pooling_by_position(tmp_path):
+  """jax2onnx's own pooling rules take keywords only; positional calls as
+  researchers write them convert too, and give the same values."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import onnxruntime as ort  # pylint: disable=g-import-not-at-top
+
+  def fn(images):
+    x = images.astype(jnp.float32)
+    high = nn.max_pool(x, (2, 2), (2, 2))
+    mean = nn.avg_pool(x, (2, 2), (2, 2), "VALID")
+    return {"score": high.mean(axis=(1, 2, 3)) - mean.mean(axis=(1, 2, 3))}
+
+  assert export._write_onnx(fn, (8, 8, 3), tmp_path) == ["score"]  # pylint: disable=protected-access
+  assert nn.max_pool.__module__ == "flax.linen.pooling"  # Restored.
+  images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), np.uint8)
+  session = ort.InferenceSession(str(tmp_path / "model.onnx"))
+  (got,) = session.run(None, {session.get_inputs()[0].name: images})
+  np.testing.assert_allclose(got, fn(images)["score"], rtol=1e-5)
+
+
+def test_an_operation_onnx_cannot_convert_is_one_line(tmp_path):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def fn(images):
+    x = images.astype(jnp.float32).reshape(images.shape[0], 8, -1)[:, :, :8]
+    return {"score": jnp.linalg.eigh(x)[0][:, 0]}
+
+  with pytest.raises(export.ExportError,
+                     match=r"ONNX export cannot convert an operation .*eigh"):
+    export._write_onnx(fn, (8, 8, 3), tmp_path)  # pylint: disable=protected-access
