@@ -7,6 +7,7 @@ thresholds at `eval.fpr` on held-out normal images, normalisation
 statistics) are saved under <workdir>/fitted/<step> and reused.
 """
 
+import contextlib
 import csv
 import dataclasses
 import time
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_oneclass import checkpointing, data, logging_utils, metrics
-from jax_oneclass import parallel, thresholds, visualize
+from jax_oneclass import parallel, thresholds, visualize, workdir_lock
 from jax_oneclass import run as run_lib
 from jax_oneclass.errors import ConfigError
 
@@ -223,9 +224,13 @@ def evaluate(config, workdir, refit: bool = False,
   """Scores the test split with the workdir's newest checkpoint (see
   `evaluate_run` for `output_dir`)."""
   run = run_lib.setup(config, workdir, mode="eval")
+  writes = output_dir is None and logging_utils.writable(workdir)
   try:
-    state, step = run_lib.restore_latest(run)
-    return evaluate_run(run, state, step, refit=refit, output_dir=output_dir)
+    with (workdir_lock.held(workdir, "evaluation") if writes
+          else contextlib.nullcontext()):
+      state, step = run_lib.restore_latest(run)
+      return evaluate_run(run, state, step, refit=refit,
+                          output_dir=output_dir)
   finally:
     run.checkpointer.close()
 
