@@ -20,7 +20,7 @@ import numpy as np
 from jax_oneclass import checkpointing, data, logging_utils, metrics
 from jax_oneclass import parallel, thresholds, visualize, workdir_lock
 from jax_oneclass import run as run_lib
-from jax_oneclass.errors import ConfigError
+from jax_oneclass.errors import CheckpointError, ConfigError
 
 _LABEL_KEYS = ("mask", "is_anomaly", "label", "pixel_mask", "filename")
 
@@ -113,20 +113,55 @@ def calibrate(run: run_lib.Run, state, fitted) -> dict:
   }
 
 
-def load_or_fit(run: run_lib.Run, state, step: int,
-                refit: bool = False) -> FittedStage:
+def refit_command(workdir) -> str:
+  return f"python -m jax_oneclass.main --workdir={workdir} --mode=eval --refit"
+
+
+def _saved_stage(run: run_lib.Run, store, step: int, repair: bool):
+  """(fitted, calibration, meta) saved for checkpoint `step`, or None when
+  there is none or, with `repair`, it fails verification (a warning says
+  so; it is fitted anew). Without `repair` a failing stage raises a
+  CheckpointError saying how to refit, and one saved before stages had
+  checksums is used with a warning."""
+  if not store.has(step):
+    return None
+  path = store.directory / str(step)
+  problem = store.problem(step, checkpointing.checksums_digest(
+      run.checkpointer.directory / str(step)))
+  if problem == checkpointing.UNVERIFIED and not repair:
+    logging_utils.warn(f"The fitted stage at {path} {problem}: using it "
+                       f"unverified. Run {refit_command(run.workdir)} to "
+                       "fit it anew with checksums.")
+    problem = None
+  if problem is None:
+    try:
+      return store.restore(step)
+    except CheckpointError as e:
+      problem = f"cannot be read ({str(e.__cause__ or e)[:200]})"
+  if not repair:
+    raise CheckpointError(f"The fitted stage at {path} {problem}. Fit it "
+                          f"anew: {refit_command(run.workdir)}")
+  logging_utils.warn(f"The fitted stage at {path} {problem}: fitting it "
+                     "anew.")
+  return None
+
+
+def load_or_fit(run: run_lib.Run, state, step: int, refit: bool = False,
+                repair: bool = True) -> FittedStage:
   """The saved fitted stage of checkpoint `step`, else fitted now and saved.
 
-  `refit` fits anew even when one is saved.
+  `refit` fits anew even when one is saved; `repair` (see `_saved_stage`)
+  fits anew a saved one that fails verification instead of refusing it.
   """
   store = checkpointing.FittedStore(run.workdir / "fitted")
   try:
-    if store.has(step) and not refit:
-      fitted, calibration, meta = store.restore(step)
+    saved = None if refit else _saved_stage(run, store, step, repair)
+    if saved is not None:
+      fitted, calibration, meta = saved
       logging_utils.info(f"Using the fitted stage saved for step {step}.")
       num_fit = int(meta.get("num_fit", 0))
     else:
-      if not refit:
+      if not refit and not store.has(step):
         logging_utils.info(f"No fitted stage saved for step {step}: fitting "
                            "it on the normal training images.")
       start = time.perf_counter()
@@ -138,7 +173,9 @@ def load_or_fit(run: run_lib.Run, state, step: int,
         store.save(step, fitted, calibration, {
             "step": int(step), "num_fit": num_fit,
             "method": run.config.method,
-            "fit_seconds": round(time.perf_counter() - start, 2)})
+            "fit_seconds": round(time.perf_counter() - start, 2)},
+                   checkpointing.checksums_digest(
+                       run.checkpointer.directory / str(step)))
       else:
         logging_utils.info(f"{run.workdir} is read-only: the fitted stage "
                            "is not saved and will be fitted again next time.")
