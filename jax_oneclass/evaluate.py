@@ -221,6 +221,25 @@ def headline_scorer(config, scorers) -> str:
   return name
 
 
+def calibration_summary(config, calib: dict) -> dict:
+  """What the thresholds rest on: the normal images' split and number, the
+  asked false-positive rates, and the smallest one `num_images` images
+  resolve (1/n). Warns when eval.fpr is below it."""
+  num_images = int(calib["num_images"])
+  summary = {"split": calib["split"], "num_images": num_images,
+             "min_fpr": 1.0 / max(num_images, 1),
+             "fpr": float(config.eval.fpr),
+             "pixel_fpr": float(config.eval.pixel_fpr)}
+  if 0 < summary["fpr"] < summary["min_fpr"]:
+    logging_utils.warn(
+        f"eval.fpr={summary['fpr']:g} is below 1/{num_images} = "
+        f"{summary['min_fpr']:.4g}, the smallest false-positive rate "
+        f"{num_images} {calib['split']} images resolve: the thresholds sit "
+        "at the highest normal score. Hold out more normal images "
+        "(data.holdout_fraction) or raise eval.fpr.")
+  return summary
+
+
 def _threshold_report(scores, labels, stats) -> dict:
   """Held-out threshold and its test metrics, and the test-optimal F1."""
   best, best_f1 = thresholds.f1_optimal_threshold(scores, labels)
@@ -326,10 +345,7 @@ def evaluate_run(run: run_lib.Run, state, step, refit: bool = False,
       "scorer": headline,
       "auroc": aurocs,
       "image_metrics": image_thresholds[headline]["at_threshold"],
-      "calibration": {"split": calib["split"],
-                      "num_images": calib["num_images"],
-                      "fpr": float(config.eval.fpr),
-                      "pixel_fpr": float(config.eval.pixel_fpr)},
+      "calibration": calibration_summary(config, calib),
       "thresholds": image_thresholds,
       "pixel_baseline": {
           "auroc": metrics.auroc(pixel_baseline(run), is_anomaly),

@@ -79,7 +79,10 @@ def format_results(results: dict) -> str:
            f"{results['step']}: {results['num_test']} test images, "
            f"{results['num_anomalous']} anomalous. Thresholds at FPR "
            f"{calibration['fpr']:g} on {calibration['num_images']} "
-           f"{calibration['split']} images; * = config.eval.scorer.",
+           f"{calibration['split']} images (the smallest FPR they resolve: "
+           f"1/{calibration['num_images']} = "
+           f"{1 / max(calibration['num_images'], 1):.3g}); "
+           "* = config.eval.scorer.",
            f"{'scorer'.ljust(width)}  AUROC   F1@thr"]
   for name, auroc in results["auroc"].items():
     mark = "* " if name == results["scorer"] else "  "

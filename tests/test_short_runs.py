@@ -1,7 +1,9 @@
-"""Runs too short to mean anything: zero steps, and a below-chance AUROC."""
+"""Runs too short to mean anything: zero steps, a below-chance AUROC, and
+thresholds on too few normal images."""
 
 import pytest
 
+from jax_oneclass import evaluate
 from jax_oneclass import main as main_lib
 from jax_oneclass import run as run_lib
 from jax_oneclass.errors import ConfigError
@@ -44,3 +46,23 @@ def test_the_table_explains_a_headline_auroc_below_chance():
       "train longer, e.g. a larger --config.num_train_steps, or "
       "--config.num_train_steps=-1 for the paper's num_epochs schedule.")
   assert "note:" not in main_lib.format_results(_results(0.5))
+
+
+def test_the_table_says_what_the_thresholds_rest_on():
+  table = main_lib.format_results(_results(0.9))
+  assert ("Thresholds at FPR 0.05 on 20 holdout images (the smallest FPR "
+          "they resolve: 1/20 = 0.05)") in table
+
+
+@pytest.mark.parametrize("fpr, warned", [(0.01, True), (0.05, False),
+                                         (0.0, False)])
+def test_an_fpr_below_what_the_images_resolve_is_warned(fpr, warned, capsys):
+  config = tiny_config("clr")
+  config.eval.fpr = fpr
+  summary = evaluate.calibration_summary(
+      config, {"split": "holdout", "num_images": 20})
+  assert summary["min_fpr"] == 0.05 and summary["num_images"] == 20
+  err = capsys.readouterr().err
+  assert ("warning: eval.fpr=0.01 is below 1/20 = 0.05, the smallest "
+          "false-positive rate 20 holdout images resolve" in err) == warned
+  assert bool(err) == warned
