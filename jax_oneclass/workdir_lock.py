@@ -106,10 +106,34 @@ def release(workdir, payload: dict | None) -> None:
     path.unlink(missing_ok=True)
 
 
+def acquire_everywhere(workdir, purpose: str) -> dict | None:
+  """`acquire` on process 0; with several processes every one learns
+  whether it got the lock, so that none goes on (and waits for the others
+  in a collective) alone."""
+  import jax  # pylint: disable=g-import-not-at-top
+  failed = None
+  try:
+    payload = acquire(workdir, purpose)
+  except Exception as e:  # pylint: disable=broad-except
+    failed, payload = e, None
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    refused = multihost_utils.broadcast_one_to_all(
+        np.int32(failed is not None))
+    if failed is None and int(refused):
+      failed = WorkdirBusy(f"{Path(workdir)} is in use by another run, or "
+                           "its lock could not be taken (process 0 says "
+                           "which).")
+  if failed is not None:
+    raise failed
+  return payload
+
+
 @contextlib.contextmanager
 def held(workdir, purpose: str):
   """The workdir's lock for the block; also released at interpreter exit."""
-  payload = acquire(workdir, purpose)
+  payload = acquire_everywhere(workdir, purpose)
   on_exit = lambda: release(workdir, payload)
   atexit.register(on_exit)
   try:
