@@ -4,7 +4,8 @@ Every test image is scored exactly once: the last batch is padded with
 masked examples, never dropped, since dropped images change AUROC. The
 fitted stage (classifiers, memory banks) and its calibration (per-scorer
 thresholds at `eval.fpr` on held-out normal images, normalisation
-statistics) are saved under <workdir>/fitted/<step> and reused.
+statistics) are saved under <workdir>/fitted/<step> and reused while they
+pass their checksums and belong to that step's checkpoint.
 """
 
 import contextlib

@@ -54,8 +54,11 @@ def describe(holder: dict) -> str:
   """'pid 12 on host h since 2026-12-05 12:00:00 UTC (training)'."""
   if not holder:
     return "a process whose lock file cannot be read"
-  since = time.strftime("%Y-%m-%d %H:%M:%S UTC",
-                        time.gmtime(float(holder.get("since", 0))))
+  try:
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                          time.gmtime(float(holder.get("since"))))
+  except (TypeError, ValueError, OverflowError):
+    since = "an unknown time"
   return (f"pid {holder.get('pid')} on host {holder.get('host')} since "
           f"{since} ({holder.get('purpose', 'writing')})")
 

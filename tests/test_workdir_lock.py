@@ -64,3 +64,14 @@ def test_the_lock_is_held_during_the_block_only(tmp_path):
     with pytest.raises(WorkdirBusy, match="(evaluation)"):
       workdir_lock.acquire(tmp_path, "training")
   assert not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.xdist_group("run_clr")
+def test_a_command_line_run_leaves_no_lock(trained_run):
+  assert not workdir_lock.lock_path(trained_run("clr").workdir).exists()
+
+
+def test_an_unreadable_lock_is_not_taken_over(tmp_path):
+  workdir_lock.lock_path(tmp_path).write_text("{half written")
+  with pytest.raises(WorkdirBusy, match="whose lock file cannot be read"):
+    workdir_lock.acquire(tmp_path, "training")
