@@ -115,6 +115,7 @@ def calibrate(run: run_lib.Run, state, fitted) -> dict:
 
 
 def refit_command(workdir) -> str:
+  """The command that fits `workdir`'s stage anew."""
   return f"python -m jax_oneclass.main --workdir={workdir} --mode=eval --refit"
 
 
