@@ -116,9 +116,26 @@ def check_data(config) -> None:
                       f"{name!r}: valid range 0..{n - 1} ({n} classes).")
 
 
+def check_duration(config) -> None:
+  """num_train_steps > 0, or -1 (the default) for num_epochs > 0 epochs."""
+  steps, epochs = config.num_train_steps, config.num_epochs
+  if steps == 0:
+    raise ConfigError(
+        "config.num_train_steps=0 would train nothing. Pass a number of "
+        "steps > 0, or --config.num_train_steps=-1 to train for "
+        f"config.num_epochs ({epochs:g}) epochs, the paper's schedule.")
+  if steps < 0 and epochs <= 0:
+    raise ConfigError(
+        f"config.num_train_steps={steps} asks for config.num_epochs epochs, "
+        f"but num_epochs is {epochs:g}: set --config.num_epochs > 0 or "
+        "--config.num_train_steps > 0.")
+
+
 def check_train_args(config) -> None:
-  """What training a config needs: a known method and existing data."""
+  """What training a config needs: a known method, a duration and existing
+  data."""
   check_method(config.method)
+  check_duration(config)
   check_data(config)
 
 

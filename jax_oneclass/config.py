@@ -45,8 +45,8 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.method = method
   c.seed = 1  # Sohn et al. script/run_*.sh: --seed=1.
   c.batch_size = 32  # Global, over all devices and hosts.
-  # Duration: num_train_steps wins when > 0, else num_epochs over the
-  # (distribution-augmented) normal training set.
+  # Duration: num_train_steps when > 0; -1 means num_epochs over the
+  # (distribution-augmented) normal training set; 0 is refused.
   c.num_train_steps = -1
   c.num_epochs = 100
 

@@ -123,7 +123,8 @@ class Detector:
     finally:
       run.checkpointer.close()
     detector = cls(run, state,
-                   evaluate.load_or_fit(run, state, step, refit), step)
+                   evaluate.load_or_fit(run, state, step, refit,
+                                        repair=False), step)
     if batch_size is not None:
       if batch_size < 1 or batch_size % jax.device_count():
         raise ConfigError(f"batch_size {batch_size} must be a positive "

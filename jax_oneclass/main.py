@@ -79,7 +79,10 @@ def format_results(results: dict) -> str:
            f"{results['step']}: {results['num_test']} test images, "
            f"{results['num_anomalous']} anomalous. Thresholds at FPR "
            f"{calibration['fpr']:g} on {calibration['num_images']} "
-           f"{calibration['split']} images; * = config.eval.scorer.",
+           f"{calibration['split']} images (the smallest FPR they resolve: "
+           f"1/{calibration['num_images']} = "
+           f"{1 / max(calibration['num_images'], 1):.3g}); "
+           "* = config.eval.scorer.",
            f"{'scorer'.ljust(width)}  AUROC   F1@thr"]
   for name, auroc in results["auroc"].items():
     mark = "* " if name == results["scorer"] else "  "
@@ -89,7 +92,20 @@ def format_results(results: dict) -> str:
     lines.append(f"{'  pixel_baseline'.ljust(width)}  "
                  f"{results['pixel_baseline']['auroc']:.4f}       -  "
                  "(distance to the mean normal image)")
-  return "\n".join(lines)
+  note = below_chance_note(results)
+  return "\n".join(lines + ([note] if note else []))
+
+
+def below_chance_note(results: dict) -> str | None:
+  """What a headline AUROC below 0.5 means, or None."""
+  auroc = results["auroc"][results["scorer"]]
+  if not auroc < 0.5:
+    return None
+  return (f"note: AUROC {auroc:.4f} < 0.5: the {results['scorer']} scores "
+          "rank normal images above anomalous ones. The model has probably "
+          f"not trained enough ({results['step']} steps): train longer, e.g. "
+          "a larger --config.num_train_steps, or --config.num_train_steps=-1 "
+          "for the paper's num_epochs schedule.")
 
 
 def _flag_error_message(error: Exception, argv) -> str:

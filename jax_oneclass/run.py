@@ -13,7 +13,8 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from jax_oneclass import checkpointing, data, logging_utils, methods, optim
+from jax_oneclass import checkpointing, cli_checks, data, logging_utils
+from jax_oneclass import methods, optim
 from jax_oneclass import parallel
 from jax_oneclass.components import pretrained
 from jax_oneclass.errors import CheckpointError, ConfigError
@@ -33,11 +34,11 @@ class Run:
 
 
 def resolve_duration(config, info) -> ml_collections.ConfigDict:
-  """Returns a copy of `config` whose num_train_steps is set (> 0)."""
+  """Returns a copy of `config` whose num_train_steps is set (> 0): -1
+  means config.num_epochs epochs; 0 is refused (`check_duration`)."""
+  cli_checks.check_duration(config)
   config = ml_collections.ConfigDict(config.to_dict())
-  if config.num_train_steps <= 0:
-    if config.num_epochs <= 0:
-      raise ConfigError("Set config.num_train_steps or config.num_epochs > 0.")
+  if config.num_train_steps < 0:
     config.num_train_steps = int(
         config.num_epochs * optim.steps_per_epoch(config, info))
   return config

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from jax_oneclass import data, evaluate, logging_utils, parallel
+from jax_oneclass import workdir_lock
 from jax_oneclass import run as run_lib
 from jax_oneclass.errors import Interrupted, NonFiniteLossError
 
@@ -88,7 +89,8 @@ def train(config, workdir, allow_config_change: bool = False):
   run = run_lib.setup(config, workdir,
                       allow_config_change=allow_config_change)
   try:
-    return run, train_run(run)
+    with workdir_lock.held(run.workdir, "training"):
+      return run, train_run(run)
   finally:
     run.checkpointer.close()
 
@@ -183,9 +185,11 @@ def train_and_evaluate(config, workdir,
   run = run_lib.setup(config, workdir,
                       allow_config_change=allow_config_change)
   try:
-    state = train_run(run)
-    if 0 < run.config.halt_after_step < run.config.num_train_steps:
-      return {}
-    return evaluate.evaluate_run(run, state, run.checkpointer.latest_step())
+    with workdir_lock.held(run.workdir, "training"):
+      state = train_run(run)
+      if 0 < run.config.halt_after_step < run.config.num_train_steps:
+        return {}
+      return evaluate.evaluate_run(run, state,
+                                   run.checkpointer.latest_step())
   finally:
     run.checkpointer.close()

@@ -131,6 +131,14 @@ _CASES = {
     "channels": ("main", ["--config=configs/clr.py:digits",
                           "--config.data.channels=2", _WORKDIR],
                  "must be 1 or 3"),
+    "zero steps": ("main", ["--config=configs/clr.py:digits",
+                            "--config.num_train_steps=0", _WORKDIR],
+                   "config.num_train_steps=0 would train nothing. Pass a "
+                   "number of steps > 0, or --config.num_train_steps=-1 to "
+                   "train for config.num_epochs (2048) epochs"),
+    "zero epochs": ("main", ["--config=configs/clr.py",  # Steps -1.
+                             "--config.num_epochs=0", _WORKDIR],
+                    "but num_epochs is 0"),
     "train without config": ("main", [_WORKDIR], "Training needs --config"),
     "workdir under a file": ("main", ["--config=configs/clr.py:digits",
                                       "--workdir={file}/run"],

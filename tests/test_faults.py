@@ -78,6 +78,7 @@ def test_sigterm_saves_and_the_rerun_is_bit_identical(tmp_path):
   stopped = int(line.split("at step ")[1].split()[0])
   assert 10 <= stopped < 80
   assert (tmp_path / "run" / "checkpoints" / str(stopped)).is_dir()
+  assert not (tmp_path / "run" / ".lock").exists()  # Released on the way out.
 
   done = _run(command)
   assert done.returncode == 0, done.stderr[-3000:]

@@ -55,9 +55,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_two_processes(flags: list[str]) -> list[str]:
+def _run_two_processes(flags: list[str], returncode: int = 0) -> list[str]:
   """`main` with `flags` as processes 0 and 1 of one job (2 devices each);
-  their outputs."""
+  their outputs, once both exited with `returncode`."""
   flags = [*flags, "--config.progress_bar=False",
            f"--coordinator_address=127.0.0.1:{_free_port()}",
            "--num_processes=2"]
@@ -69,7 +69,7 @@ def _run_two_processes(flags: list[str]) -> list[str]:
       for i in range(2)]
   outputs = [p.communicate(timeout=400) for p in procs]
   for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
+    assert p.returncode == returncode, err[-3000:]
   return [out + err for out, err in outputs]
 
 
@@ -83,6 +83,27 @@ def test_two_processes_train_and_evaluate(tmp_path):
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["step"] == 3 and results["num_test"] == 599
   assert "4 devices in 2 processes" in outputs[0]
+
+
+def test_two_processes_both_stop_on_a_held_workdir_lock(tmp_path):
+  sleeper = subprocess.Popen([sys.executable, "-c",
+                              "import time; time.sleep(300)"])
+  try:
+    (tmp_path / ".lock").write_text(json.dumps({
+        "host": socket.gethostname(), "pid": sleeper.pid, "since": 0,
+        "purpose": "training"}))
+    outputs = _run_two_processes([
+        "--config=configs/clr.py:digits", f"--workdir={tmp_path}",
+        "--config.num_train_steps=3", "--config.batch_size=16",
+        "--config.data.image_size=8", "--config.model.stage_sizes=(1,1)",
+        "--config.model.width=4", "--config.model.head_dims=(16,8)"],
+                                 returncode=2)
+  finally:
+    sleeper.kill()
+    sleeper.wait()
+  assert f"is in use by pid {sleeper.pid} on host" in outputs[0]
+  assert "(process 0 says which)" in outputs[1]
+  assert not (tmp_path / "checkpoints" / "2").exists()
 
 
 def test_two_processes_localise_and_draw_panels(tmp_path):

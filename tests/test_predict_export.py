@@ -73,7 +73,11 @@ def test_predict_gives_the_scores_evaluate_wrote(method, trained_run):
 def test_results_report_thresholds_and_metrics(trained_run):
   workdir, results = trained("reverse_distillation", trained_run)
   assert results["calibration"] == {"split": "holdout", "num_images": 1,
-                                    "fpr": 0.01, "pixel_fpr": 0.01}
+                                    "min_fpr": 1.0, "fpr": 0.01,
+                                    "pixel_fpr": 0.01}
+  assert ("warning: eval.fpr=0.01 is below 1/1 = 1, the smallest "
+          "false-positive rate 1 holdout images resolve"
+          ) in trained_run("reverse_distillation").stderr
   report = results["thresholds"]["map_max"]
   assert set(report["at_threshold"]) == {"precision", "recall", "f1", "fpr"}
   assert "chosen on the labelled test split" in (
