@@ -209,3 +209,14 @@ def test_an_out_of_tree_method_and_classifier_train_and_are_read_again(
   for fmt in ("jax", "onnx"):
     np.testing.assert_allclose(out[fmt], out["score"], rtol=2e-4, atol=2e-4,
                                err_msg=fmt)
+
+
+def test_a_run_saved_before_plugins_existed_is_unchanged():
+  from jax_oneclass import run as run_lib  # pylint: disable=g-import-not-at-top
+  config = _config()
+  saved = ml_collections.ConfigDict(
+      {k: v for k, v in config.to_dict().items() if k != "plugins"})
+  assert run_lib.config_changes(saved, config) == {}
+  config.plugins = ("my_lab.classifiers",)
+  assert run_lib.config_changes(saved, config) == {
+      "plugins": ([], ["my_lab.classifiers"])}
