@@ -220,3 +220,45 @@ def test_a_run_saved_before_plugins_existed_is_unchanged():
   config.plugins = ("my_lab.classifiers",)
   assert run_lib.config_changes(saved, config) == {
       "plugins": ([], ["my_lab.classifiers"])}
+
+
+def _svdd_config(lab, **values):
+  from jax_oneclass import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load(str(lab / "deep_svdd_config.py"), "digits")
+  config_lib.override(config, {
+      "num_train_steps": 2, "batch_size": 16, "model.width": 4,
+      "checkpoint_every_steps": 1, "log_every_steps": 1,
+      "progress_bar": False, **values})
+  return config
+
+
+def test_prepare_runs_once_before_the_first_step_and_resumes_the_same(
+    lab, tmp_path, monkeypatch):
+  monkeypatch.syspath_prepend(str(lab))
+  from jax_oneclass import data, train  # pylint: disable=g-import-not-at-top
+  from jax_oneclass import run as run_lib  # pylint: disable=g-import-not-at-top
+  deep_svdd = methods.method_module("my_lab.deep_svdd")
+  calls = []
+  prepare = deep_svdd.Method.prepare
+  monkeypatch.setattr(deep_svdd.Method, "prepare",
+                      lambda self, *a: calls.append(1) or prepare(self, *a))
+
+  run, whole = train.train(_svdd_config(lab), tmp_path / "whole")
+  assert int(whole.step) == 2 and len(calls) == 1  # Not a step.
+  first = next(data.train_batches(run.config, 0))
+  initial = run_lib.run_initial_state(run)
+  center = run.method.encoder.apply(initial.params,
+                                    first["image"][:, 0]).mean(0)
+  np.testing.assert_allclose(whole.center, center, rtol=1e-5, atol=1e-6)
+
+  train.train(_svdd_config(lab, halt_after_step=1), tmp_path / "halted")
+  _, resumed = train.train(_svdd_config(lab), tmp_path / "halted")
+  assert len(calls) == 2  # The resumed run restored the prepared state.
+  np.testing.assert_array_equal(resumed.center, whole.center)
+  for got, want in zip(_leaves(resumed.params), _leaves(whole.params)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def _leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]

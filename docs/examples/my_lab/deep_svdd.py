@@ -60,24 +60,28 @@ class Method:
                  opt_state=self.tx.init(params),
                  center=jnp.zeros(features.shape[1:], jnp.float32))
 
+  prepare_batches = 1
+
+  def prepare(self, state, batches):
+    """The centre: the untrained network's mean feature on the first
+    batch (run once, before the first step; saved with the state)."""
+    features = [self.encoder.apply(state.params, b["image"][:, 0])
+                for b in batches]
+    return state.replace(center=jnp.concatenate(features).mean(0))
+
   def train_step(self, state, batch, rng):
     del rng  # Deterministic.
     images = batch["image"][:, 0]  # The first view: [B, H, W, C].
-    # The centre: the untrained network's mean feature at step 0.
-    center = jnp.where(state.step == 0,
-                       self.encoder.apply(state.params, images).mean(0),
-                       state.center)
-    center = jax.lax.stop_gradient(center)
 
     def loss_fn(params):
       features = self.encoder.apply(params, images)
-      return jnp.mean(jnp.sum((features - center)**2, axis=1))
+      return jnp.mean(jnp.sum((features - state.center)**2, axis=1))
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     params, opt_state = optim.apply_gradients(self.tx, state.params,
                                               state.opt_state, grads)
-    return State(step=state.step + 1, params=params, opt_state=opt_state,
-                 center=center), {"loss": loss}
+    return state.replace(step=state.step + 1, params=params,
+                         opt_state=opt_state), {"loss": loss}
 
   def embed(self, state, batch):
     return {"features": self.encoder.apply(state.params, batch["image"])}
