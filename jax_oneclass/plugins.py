@@ -27,9 +27,9 @@ def import_error(name: str, key: str, needed_by: str,
   """The one-line error for module `name` (from config `key`) that cannot be
   imported."""
   return ConfigError(
-      f"Cannot import {key}={name!r}, which {needed_by} needs ({why}). Add "
-      f"the folder that holds it to PYTHONPATH ({_pythonpath()}), or install "
-      "it.")
+      f"Cannot import module {name!r} ({key}), which {needed_by} needs "
+      f"({why}). Add the folder that holds it to PYTHONPATH "
+      f"({_pythonpath()}), or install it.")
 
 
 def findable(name: str) -> bool:

@@ -106,9 +106,11 @@ def _config(**values):
 
 @pytest.mark.parametrize("values, message", [
     ({"plugins": ("my_lab_gone.classifiers",)},
-     "config.plugins='my_lab_gone.classifiers'.*the run in /r.*PYTHONPATH"),
+     "module 'my_lab_gone.classifiers' \\(config.plugins\\), which "
+     "the run in /r needs.*PYTHONPATH"),
     ({"method": "my_lab_gone.deep_svdd"},
-     "config.method='my_lab_gone.deep_svdd'.*the run in /r.*PYTHONPATH"),
+     "module 'my_lab_gone.deep_svdd' \\(config.method\\), which "
+     "the run in /r needs.*PYTHONPATH"),
     ({"method": "deep_svdd"}, "Unknown method 'deep_svdd'"),
     ({"plugins": "my_lab.classifiers"}, "tuple of module names"),
 ])

@@ -37,8 +37,7 @@ def register(name: str, module_path: str, replace: bool = False) -> None:
     raise ConfigError(
         f"Method {name!r} is already registered (module "
         f"{_MODULES[name]!r}); pass replace=True to replace it.")
-  plugins.check_findable(module_path, f"the module of method {name!r}",
-                         "registering it")
+  plugins.check_findable(module_path, f"method {name!r}", "registering it")
   _MODULES[name] = module_path
 
 
