@@ -189,13 +189,15 @@ def test_an_out_of_tree_method_and_classifier_train_and_are_read_again(
   assert saved["method"] == "my_lab.deep_svdd"
   assert saved["plugins"] == ["my_lab.classifiers"]
 
-  # Without PYTHONPATH the run's modules are missing: one line, at once.
-  lost = run(main + ["--mode=eval"],
-             {k: v for k, v in env.items() if k != "PYTHONPATH"})
-  assert lost.returncode == 2
-  (line,) = lost.stderr.strip().splitlines()
-  assert "'my_lab.classifiers'" in line and str(workdir) in line
-  assert "PYTHONPATH" in line
+  # Without PYTHONPATH the run's modules are missing: one line, before JAX.
+  no_path = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+  for mode in ("eval", "predict", "export"):
+    lost = run(main + [f"--mode={mode}", f"--input={lab}",
+                       f"--output={tmp_path / 'out'}"], no_path)
+    assert lost.returncode == 2, mode
+    (line,) = lost.stderr.strip().splitlines()
+    assert "'my_lab.classifiers'" in line and str(workdir) in line, line
+    assert "PYTHONPATH" in line
 
   evaluated = run(main + ["--mode=eval",
                           f"--results_path={tmp_path / 'eval'}"])
