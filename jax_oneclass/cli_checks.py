@@ -13,6 +13,7 @@ from pathlib import Path
 
 import ml_collections
 
+from jax_oneclass import plugins
 from jax_oneclass.config import folder_class_names
 from jax_oneclass.errors import CheckpointError, ConfigError, DataError
 
@@ -34,11 +35,26 @@ FOLDER_LAYOUT = ("expected layout: <folder>/train/<class>/*.jpg|png and "
 _NOT_A_RUN = "train first (--mode=train) or point --workdir at a trained run"
 
 
-def check_method(name: str) -> None:
-  """`name` (config.method) is a method of jax_oneclass.methods."""
-  if name not in METHODS:
-    raise ConfigError(f"Unknown method {name!r}. Available methods: "
-                      f"{', '.join(METHODS)}.")
+def check_method(name: str, plugin_names=(), needed_by: str = "the run"
+                 ) -> None:
+  """`name` (config.method) is a method of jax_oneclass.methods or a module
+  that can be found. Another name passes when plugins (imported later, with
+  JAX) may register it."""
+  if name in METHODS:
+    return
+  if isinstance(name, str) and "." in name:
+    plugins.check_findable(name, "config.method", needed_by)
+  elif not plugin_names:
+    raise ConfigError(
+        f"Unknown method {name!r}. Available methods: {', '.join(METHODS)}; "
+        "or an import path of a module defining Method, or a name that a "
+        "module in config.plugins registers (docs/extending.md).")
+
+
+def check_method_of(config, needed_by: str = "the run") -> None:
+  """config.plugins can be found, then config.method (see check_method)."""
+  plugins.check_plugins(config, needed_by)
+  check_method(config.method, plugins.plugin_names(config), needed_by)
 
 
 def check_folder_data(folder: str) -> None:
@@ -131,10 +147,10 @@ def check_duration(config) -> None:
         "--config.num_train_steps > 0.")
 
 
-def check_train_args(config) -> None:
-  """What training a config needs: a known method, a duration and existing
-  data."""
-  check_method(config.method)
+def check_train_args(config, needed_by: str = "the run") -> None:
+  """What training a config needs: findable plugins, a known method, a
+  duration and existing data."""
+  check_method_of(config, needed_by)
   check_duration(config)
   check_data(config)
 

@@ -42,7 +42,10 @@ _DATA_SHORTHANDS = ("normal_class", "protocol", "data_dir", "folder",
 def base_config(method: str) -> ml_collections.ConfigDict:
   """Keys every method shares; method families add theirs on top."""
   c = ml_collections.ConfigDict()
-  c.method = method
+  c.method = method  # A registered name, or an import path (extending.md).
+  # Modules imported before the method is built, in every process that reads
+  # the run (e.g. ones registering classifiers); docs/extending.md.
+  c.plugins = ()
   c.seed = 1  # Sohn et al. script/run_*.sh: --seed=1.
   c.batch_size = 32  # Global, over all devices and hosts.
   # Duration: num_train_steps when > 0; -1 means num_epochs over the

@@ -224,19 +224,20 @@ def checked_config():
     if config is None:
       raise ConfigError("Training needs --config, e.g. "
                         "--config=configs/disaug.py:digits.")
-    cli_checks.check_train_args(config)
+    cli_checks.check_train_args(config, f"the run in {workdir}")
     cli_checks.check_output_dir(workdir, "--workdir")
     return config
   cli_checks.check_workdir_is_run(workdir, needs_config=config is None)
   if mode == "eval":
     used = config or cli_checks.saved_config(workdir)
     if used is not None:  # Else evaluation says why config.json is bad.
-      cli_checks.check_train_args(used)
+      cli_checks.check_train_args(used, f"the run in {workdir}")
     if _RESULTS_PATH.value:
       cli_checks.check_output_dir(_RESULTS_PATH.value, "--results_path")
     return config
-  if config is not None:
-    cli_checks.check_method(config.method)
+  used = config or cli_checks.saved_config(workdir)
+  if used is not None:
+    cli_checks.check_method_of(used, f"the run in {workdir}")
   if mode == "predict":
     cli_checks.check_input_path(_INPUT.value)
   cli_checks.check_output_dir(_OUTPUT.value)

@@ -15,7 +15,7 @@ import ml_collections
 
 from jax_oneclass import checkpointing, cli_checks, data, logging_utils
 from jax_oneclass import methods, optim
-from jax_oneclass import parallel
+from jax_oneclass import parallel, plugins
 from jax_oneclass.components import pretrained
 from jax_oneclass.errors import CheckpointError, ConfigError
 from jax_oneclass.methods import interface
@@ -55,7 +55,7 @@ _FREE_KEYS = ("progress_bar", "log_every_steps", "checkpoint_every_steps",
               "data.data_dir", "data.folder", "conv_weight_grad")
 # Keys added after runs were saved, with the value those runs implicitly
 # had: a saved config without them is not a change.
-_ADDED_KEYS = {"dtype": "float32", "conv_weight_grad": "xla"}
+_ADDED_KEYS = {"dtype": "float32", "conv_weight_grad": "xla", "plugins": []}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -160,6 +160,8 @@ def setup(config, workdir, info=None, mode: str = "train",
         "where checkpoints and logs go: pass a writable folder.")
   parallel.check_batch_size(config.batch_size)
   parallel.check_batch_size(config.eval.batch_size, "eval.batch_size")
+  plugins.import_plugins(config, f"the run in {workdir}")
+  methods.method_module(config.method, f"the run in {workdir}")
   info = info or data.dataset_info(config)
   config = resolve_duration(config, info)
   workdir = Path(workdir)
