@@ -55,7 +55,8 @@ _FREE_KEYS = ("progress_bar", "log_every_steps", "checkpoint_every_steps",
               "data.data_dir", "data.folder", "conv_weight_grad")
 # Keys added after runs were saved, with the value those runs implicitly
 # had: a saved config without them is not a change.
-_ADDED_KEYS = {"dtype": "float32", "conv_weight_grad": "xla", "plugins": []}
+_ADDED_KEYS = {"dtype": "float32", "conv_weight_grad": "xla", "plugins": [],
+               "model.map_fusion": "sum"}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
