@@ -45,14 +45,14 @@ ANOMALIB_SCRIPT = common.ROOT / "experiments" / "anomalib_ganomaly.py"
 
 
 def ours_throughput(image_size, batch_size, width, latent, steps,
-                    warmup) -> dict:
+                    warmup, conv_weight_grad="im2col_cpu") -> dict:
   """Our GANomaly step on random images (no input pipeline), this process."""
   from jax_oneclass.methods.gan import ganomaly  # pylint: disable=g-import-not-at-top
   import_rss = measure.rss_mb()
   config = common.config_with("ganomaly", "cifar10", {
       "batch_size": batch_size, "model.width": width,
       "model.latent_size": latent, "data.image_size": image_size,
-      "num_train_steps": steps})
+      "num_train_steps": steps, "conv_weight_grad": conv_weight_grad})
   info = types.SimpleNamespace(image_shape=(image_size, image_size, 3),
                                num_train=5000)
   result, _ = common.time_train_step(ganomaly.Method(config, info), info,
@@ -214,12 +214,14 @@ def main():
                       default=os.environ.get("ANOMALIB_PYTHON",
                                              "/work/anomalib_venv/bin/python"))
   parser.add_argument("--workdir_root", default="/tmp/jax_oneclass_bench")
+  parser.add_argument("--conv_weight_grad", default="im2col_cpu")
   args = parser.parse_args()
   os.chdir(common.ROOT)
   if args.part == "_ours_throughput":  # The child process of 'throughput'.
     print(json.dumps(ours_throughput(args.image_size, args.batch_size,
                                      args.width, args.latent,
-                                     args.steps, args.warmup)))
+                                     args.steps, args.warmup,
+                                     args.conv_weight_grad)))
     return
   args.classes = [int(c) for c in args.classes.split(",")]
   if args.part != "report":

@@ -57,7 +57,8 @@ def ours_rd_throughput(args) -> dict:
   size, batch_size = args.image_size, args.batch_size
   config = common.config_with("reverse_distillation", "digits", {
       "model.backbone": args.backbone, "data.image_size": size,
-      "model.ocbe_width_per_group": OCBE_WIDTH, "batch_size": batch_size})
+      "model.ocbe_width_per_group": OCBE_WIDTH, "batch_size": batch_size,
+      "conv_weight_grad": args.conv_weight_grad})
   info = types.SimpleNamespace(image_shape=(size, size, 3), num_train=200)
   result, state = common.time_train_step(
       reverse_distillation.Method(config, info), info, batch_size,
@@ -216,7 +217,8 @@ def main():
       ("steps", 5), ("warmup", 2), ("rounds", 2), ("image_size", 128),
       ("batch_size", 8), ("backbones", "wide_resnet50_2,resnet18"),
       ("bank_sizes", "100000,1000000"), ("dim", 256), ("queries", 1024),
-      ("k", 1), ("backbone", ""), ("bank_size", 0),  # The last two: children.
+      ("k", 1), ("backbone", ""), ("bank_size", 0),  # These three and the
+      ("conv_weight_grad", "im2col_cpu"),  # next: children.
       ("anomalib_python", os.environ.get("ANOMALIB_PYTHON",
                                          "/work/anomalib_venv/bin/python"))):
     parser.add_argument(f"--{name}", type=type(default), default=default)

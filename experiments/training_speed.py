@@ -21,7 +21,7 @@ process. Rows (`--rows`):
                    (experiments/anomalib_ganomaly.py throughput)
 
 Ours runs once per `--modes` entry (config.conv_weight_grad, through
-$JAX_ONECLASS_CONV_GRAD). 'in_process' compiles the two-stage step once per
+the child's --conv_weight_grad flag). 'in_process' compiles the two-stage step once per
 mode in one process and calls them in turn (`--modes=xla,im2col,taps`). 'end_to_end' times the quickstart (DisAug on
 digits, train + eval) and a short CIFAR-10 class run in fresh processes,
 alternating between git checkouts (e.g. main before and this branch after).
@@ -66,39 +66,41 @@ def ours_two_stage(args) -> dict:
   views = 4 if args.method == "rotnet" else 2
   config = common.config_with(args.method, "cifar10", {
       "batch_size": args.batch_size, "model.width": args.width,
-      "num_train_steps": 1000, "dtype": args.dtype})
+      "num_train_steps": 1000, "dtype": args.dtype,
+      "conv_weight_grad": args.conv_weight_grad})
   info = types.SimpleNamespace(image_shape=(args.image_size,) * 2 + (3,),
                                num_train=5000, class_names=("a", "b"))
   method = methods.get_method(config, info)
   result, _ = common.time_train_step(method, info, args.batch_size,
                                      args.steps, args.warmup, views)
   return {**result, "images_per_step": args.batch_size * views,
-          "conv_weight_grad": conv.weight_grad_mode(),
+          "conv_weight_grad": config.conv_weight_grad,
           "conv_tuned": {str(k): v for k, v in conv.tuned_choices().items()}}
 
 
-def _row_commands(row: str, args) -> tuple[list[str], list[str]]:
-  """(ours, torch) commands of one row."""
+def _row_commands(row: str, args, mode: str) -> tuple[list[str], list[str]]:
+  """(ours with conv weight-gradient `mode`, torch) commands of one row."""
   steps = [f"--steps={args.steps}", f"--warmup={args.warmup}"]
+  ours = [f"--conv_weight_grad={mode}"]
   threads = f"--threads={os.cpu_count()}"
   if row in ("disaug", "rotnet"):
     flags = [f"--method={row}", f"--batch_size={args.two_stage_batch}",
              "--image_size=32", "--width=64", *steps]
-    return ([sys.executable, __file__, "_ours_two_stage", *flags],
+    return ([sys.executable, __file__, "_ours_two_stage", *flags, *ours],
             [args.torch_python, str(ROOT / "experiments/torch_two_stage.py"),
              *flags, threads])
   if row.startswith("rd_"):
     flags = [f"--backbone={row[3:]}", f"--image_size={args.rd_image_size}",
              f"--batch_size={args.rd_batch}", *steps]
     return ([sys.executable, str(ROOT / "experiments/localization_benchmark.py"),
-             "_ours_rd_throughput", *flags],
+             "_ours_rd_throughput", *flags, *ours],
             [args.torch_python, str(ROOT / "experiments/anomalib_localization.py"),
              "rd_throughput", *flags, threads])
   if row == "ganomaly":
     flags = ["--image_size=32", f"--batch_size={args.gan_batch}",
              "--width=64", "--latent=100", *steps]
     return ([sys.executable, str(ROOT / "experiments/gan_benchmark.py"),
-             "_ours_throughput", *flags],
+             "_ours_throughput", *flags, *ours],
             [args.torch_python, str(ROOT / "experiments/anomalib_ganomaly.py"),
              "throughput", *flags, threads])
   raise SystemExit(f"Unknown row {row!r}; rows: {DEFAULT_ROWS}.")
@@ -133,12 +135,11 @@ def part_steps(args) -> dict:
       f"--gan_batch={args.gan_batch}"]),
       "cpu": cpu_model(), "cores": os.cpu_count(), "rows": {}}
   for row in args.rows.split(","):
-    ours_cmd, ref_cmd = _row_commands(row, args)
+    ref_cmd = _row_commands(row, args, modes[0])[1]
     runs = {**{f"ours_{m}": [] for m in modes}, "torch": []}
     for _ in range(args.rounds):
       for mode in modes:
-        runs[f"ours_{mode}"].append(
-            _run(ours_cmd, {"JAX_ONECLASS_CONV_GRAD": mode}))
+        runs[f"ours_{mode}"].append(_run(_row_commands(row, args, mode)[0]))
       runs["torch"].append(_run(ref_cmd))
     best = {k: min(v, key=lambda r: r["step_ms_median"])
             for k, v in runs.items()}
@@ -158,7 +159,6 @@ def part_in_process(args) -> dict:
   from experiments import common
   from jax_oneclass import methods, parallel, train
   from jax_oneclass import run as run_lib
-  from jax_oneclass.components import conv
   # pylint: enable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   views = 4 if args.method == "rotnet" else 2
@@ -166,18 +166,19 @@ def part_in_process(args) -> dict:
       "batch_size": args.two_stage_batch, "num_train_steps": 1000})
   info = types.SimpleNamespace(image_shape=(32, 32, 3), num_train=5000,
                                class_names=("a", "b"))
-  method = methods.get_method(config, info)
   mesh = parallel.make_mesh()
-  state = run_lib.initial_state(method, info.image_shape, mesh, 0)
+  state = run_lib.initial_state(methods.get_method(config, info),
+                                info.image_shape, mesh, 0)
   images = jax.random.uniform(jax.random.key(0),
                               (args.two_stage_batch, views, 32, 32, 3))
   batch = parallel.shard_batch(mesh, {"image": images})
   rng = jax.random.key(1)
   compiled = {}
   for mode in args.modes.split(","):
-    with conv.forced_weight_grad_mode(mode):
-      compiled[mode] = train.jit_train_step(method, mesh).lower(
-          state, batch, rng).compile()
+    config.conv_weight_grad = mode
+    method = methods.get_method(config, info)
+    compiled[mode] = train.jit_train_step(method, mesh).lower(
+        state, batch, rng).compile()
   seconds = {mode: [] for mode in compiled}
   loads = []
   for _ in range(args.warmup + args.rounds):
@@ -320,7 +321,8 @@ def main():
       ("cifar_steps", 200),
       # The children of 'steps':
       ("method", "disaug"), ("batch_size", 32), ("image_size", 32),
-      ("width", 64), ("dtype", "float32")):
+      ("width", 64), ("dtype", "float32"),
+      ("conv_weight_grad", "im2col_cpu")):
     parser.add_argument(f"--{name}", type=type(default), default=default)
   args = parser.parse_args()
   os.chdir(ROOT)

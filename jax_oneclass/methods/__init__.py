@@ -7,7 +7,6 @@ here and one config file.
 
 import importlib
 
-from jax_oneclass.components import conv, precision
 from jax_oneclass.errors import ConfigError
 
 _MODULES = {
@@ -42,10 +41,7 @@ def method_module(name: str):
 
 
 def get_method(config, info):
-  """Builds the method named by `config.method` for the data set `info`,
-  its functions bound to `config.dtype`; sets `config.conv_weight_grad`."""
-  dtype = config.get("dtype", "float32")
-  precision.parse_dtype(dtype)
-  conv.set_weight_grad_mode(config.get("conv_weight_grad", "im2col_cpu"))
-  return precision.apply_to_method(
-      method_module(config.method).Method(config, info), dtype)
+  """Builds the method named by `config.method` for the data set `info`
+  (its networks compute as `config.dtype` and `config.conv_weight_grad`
+  say)."""
+  return method_module(config.method).Method(config, info)
