@@ -30,7 +30,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-order
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-order
 
 from jax_oneclass import config as config_lib  # pylint: disable=g-import-not-at-top
-from jax_oneclass import methods, parallel  # pylint: disable=g-import-not-at-top
+from jax_oneclass import data, methods, parallel  # pylint: disable=g-import-not-at-top
 from jax_oneclass import run as run_lib  # pylint: disable=g-import-not-at-top
 from jax_oneclass import errors, train  # pylint: disable=g-import-not-at-top
 
@@ -97,7 +97,9 @@ def measure_row(method: str, dtype: str, args) -> dict:
                               _overrides(method, args, dtype))
   size, channels = config.data.image_size, config.data.channels
   info = types.SimpleNamespace(image_shape=(size, size, channels),
-                               num_train=5000, class_names=("a", "b"))
+                               num_train=5000, class_names=("a", "b"),
+                               epoch_size=data.examples_per_epoch(config,
+                                                                  5000))
   method_obj = methods.get_method(config, info)
   views = config.data.num_views
   mesh = parallel.make_mesh()

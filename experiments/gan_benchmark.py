@@ -54,7 +54,7 @@ def ours_throughput(image_size, batch_size, width, latent, steps,
       "model.latent_size": latent, "data.image_size": image_size,
       "num_train_steps": steps, "conv_weight_grad": conv_weight_grad})
   info = types.SimpleNamespace(image_shape=(image_size, image_size, 3),
-                               num_train=5000)
+                               num_train=5000, epoch_size=5000)
   result, _ = common.time_train_step(ganomaly.Method(config, info), info,
                                      batch_size, steps, warmup)
   return {**result, "import_rss_mb": import_rss}

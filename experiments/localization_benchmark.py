@@ -59,7 +59,8 @@ def ours_rd_throughput(args) -> dict:
       "model.backbone": args.backbone, "data.image_size": size,
       "model.ocbe_width_per_group": OCBE_WIDTH, "batch_size": batch_size,
       "conv_weight_grad": args.conv_weight_grad})
-  info = types.SimpleNamespace(image_shape=(size, size, 3), num_train=200)
+  info = types.SimpleNamespace(image_shape=(size, size, 3), num_train=200,
+                               epoch_size=200)
   result, state = common.time_train_step(
       reverse_distillation.Method(config, info), info, batch_size,
       args.steps, args.warmup)

@@ -60,7 +60,7 @@ def ours_two_stage(args) -> dict:
   """Our two-stage step (this process), built as a run builds it."""
   # pylint: disable=g-import-not-at-top
   from experiments import common
-  from jax_oneclass import methods
+  from jax_oneclass import data, methods
   from jax_oneclass.components import conv
   # pylint: enable=g-import-not-at-top
   views = 4 if args.method == "rotnet" else 2
@@ -68,8 +68,9 @@ def ours_two_stage(args) -> dict:
       "batch_size": args.batch_size, "model.width": args.width,
       "num_train_steps": 1000, "dtype": args.dtype,
       "conv_weight_grad": args.conv_weight_grad})
-  info = types.SimpleNamespace(image_shape=(args.image_size,) * 2 + (3,),
-                               num_train=5000, class_names=("a", "b"))
+  info = types.SimpleNamespace(
+      image_shape=(args.image_size,) * 2 + (3,), num_train=5000,
+      epoch_size=data.examples_per_epoch(config, 5000), class_names=("a", "b"))
   method = methods.get_method(config, info)
   result, _ = common.time_train_step(method, info, args.batch_size,
                                      args.steps, args.warmup, views)
@@ -157,15 +158,16 @@ def part_in_process(args) -> dict:
   the fairest mode comparison on a machine whose load drifts."""
   # pylint: disable=g-import-not-at-top
   from experiments import common
-  from jax_oneclass import methods, parallel, train
+  from jax_oneclass import data, methods, parallel, train
   from jax_oneclass import run as run_lib
   # pylint: enable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   views = 4 if args.method == "rotnet" else 2
   config = common.config_with(args.method, "cifar10", {
       "batch_size": args.two_stage_batch, "num_train_steps": 1000})
-  info = types.SimpleNamespace(image_shape=(32, 32, 3), num_train=5000,
-                               class_names=("a", "b"))
+  info = types.SimpleNamespace(
+      image_shape=(32, 32, 3), num_train=5000,
+      epoch_size=data.examples_per_epoch(config, 5000), class_names=("a", "b"))
   mesh = parallel.make_mesh()
   state = run_lib.initial_state(methods.get_method(config, info),
                                 info.image_shape, mesh, 0)
