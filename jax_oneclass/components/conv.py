@@ -1,13 +1,14 @@
 """The convolution every network of the library calls, with a choice of how
-its weight gradient is computed, and the compute dtype of the precision
-policy (`components.precision`).
+its weight gradient is computed and a compute dtype (`config.dtype`, see
+`components.precision`).
 
 XLA:CPU computes the weight gradient of a 3x3 convolution far below its
 forward rate on some CPUs (experiments/conv_grad_repro.py: 2 GFLOP/s
 against 58 forward on an AMD EPYC). `conv_general_dilated` here has the
-signature of `lax.conv_general_dilated` (pass it as `nn.Conv`'s
-`conv_general_dilated=`) and, for 2-D NHWC/HWIO convolutions without
-dilation or groups, can compute the weight gradient another way:
+signature of `lax.conv_general_dilated` plus the keywords `weight_grad` and
+`compute_dtype` (`ConvSettings.conv_general_dilated` binds them, for
+`nn.Conv`'s `conv_general_dilated=`) and, for 2-D NHWC/HWIO convolutions
+without dilation or groups, can compute the weight gradient another way:
 
   'im2col_cpu' (default) 'im2col' on the CPU backend, 'xla' elsewhere and
             for symbolic shapes (an export).
