@@ -20,9 +20,10 @@ process. Rows (`--rows`):
   ganomaly         DCGAN GANomaly; torch side anomalib's
                    (experiments/anomalib_ganomaly.py throughput)
 
-Ours runs once per `--modes` entry (config.conv_weight_grad, through
-the child's --conv_weight_grad flag). 'in_process' compiles the two-stage step once per
-mode in one process and calls them in turn (`--modes=xla,im2col,taps`). 'end_to_end' times the quickstart (DisAug on
+Ours runs once per `--modes` entry (config.conv_weight_grad, through the
+child's --conv_weight_grad flag). 'in_process' compiles the two-stage step
+once per mode in one process and calls them in turn
+(`--modes=xla,im2col,taps`). 'end_to_end' times the quickstart (DisAug on
 digits, train + eval) and a short CIFAR-10 class run in fresh processes,
 alternating between git checkouts (e.g. main before and this branch after).
 """
