@@ -139,6 +139,7 @@ def test_bf16_step_is_close_to_f32(method_name):
     assert all(leaf.dtype == jnp.float32 for leaf in leaves)
     losses[dtype] = float(metrics["loss"])
   assert np.isfinite(losses["bfloat16"])
+  assert losses["bfloat16"] != losses["float32"]  # The dtype reached it.
   np.testing.assert_allclose(losses["bfloat16"], losses["float32"],
                              rtol=0.05)
 
