@@ -157,3 +157,14 @@ def test_runs_saved_without_the_new_keys_are_unchanged():
   config.dtype = "bfloat16"
   assert run_lib.config_changes(saved, config) == {
       **moved, "dtype": ("float32", "bfloat16")}
+
+
+def test_get_method_checks_the_conv_settings_of_every_method():
+  config = tiny_config("ganomaly")
+  info = data.dataset_info(config)
+  config.dtype = "float16"
+  with pytest.raises(ConfigError, match="float32, bfloat16"):
+    methods.get_method(config, info)
+  config.dtype, config.conv_weight_grad = "float32", "fast"
+  with pytest.raises(ConfigError, match="conv_weight_grad"):
+    methods.get_method(config, info)

@@ -43,5 +43,9 @@ def method_module(name: str):
 def get_method(config, info):
   """Builds the method named by `config.method` for the data set `info`
   (its networks compute as `config.dtype` and `config.conv_weight_grad`
-  say)."""
+  say, through `conv.settings(config)`); ConfigError if those are unknown."""
+  # Here, not at the top: configs/ import method defaults from this package
+  # and must load without JAX (the CLI checks them before importing it).
+  from jax_oneclass.components import conv  # pylint: disable=g-import-not-at-top
+  conv.settings(config)  # Checked for every method, whether it convolves.
   return method_module(config.method).Method(config, info)
