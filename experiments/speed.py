@@ -141,12 +141,14 @@ def _row_setup(row: str, args) -> tuple:
 def ours_step(args) -> dict:
   """Our jitted train step of one row, timed in this process."""
   # pylint: disable=g-import-not-at-top
-  from jax_oneclass import methods
+  from jax_oneclass import data, methods
   # pylint: enable=g-import-not-at-top
   common = _common()
   method_name, arg, overrides, size, views = _row_setup(args.row, args)
   config = common.config_with(method_name, arg, overrides)
   info = types.SimpleNamespace(image_shape=(size, size, 3), num_train=5000,
+                               epoch_size=data.examples_per_epoch(config,
+                                                                  5000),
                                class_names=("a", "b"))
   method = methods.get_method(config, info)
   result, _ = common.time_train_step(method, info, config.batch_size,
@@ -301,14 +303,16 @@ def device_row(method: str, dtype: str, args) -> dict:
   """Step time, images/s, FLOPs and utilisation of one method and dtype."""
   # pylint: disable=g-import-not-at-top
   import jax
-  from jax_oneclass import methods, parallel, train
+  from jax_oneclass import data, methods, parallel, train
   from jax_oneclass import run as run_lib
   # pylint: enable=g-import-not-at-top
   config = _common().config_with(method, "cifar10",
                                  _device_overrides(method, args, dtype))
   size, channels = config.data.image_size, config.data.channels
   info = types.SimpleNamespace(image_shape=(size, size, channels),
-                               num_train=5000, class_names=("a", "b"))
+                               num_train=5000, class_names=("a", "b"),
+                               epoch_size=data.examples_per_epoch(config,
+                                                                  5000))
   method_obj = methods.get_method(config, info)
   views = config.data.num_views
   mesh = parallel.make_mesh()

@@ -116,7 +116,8 @@ class Detector:
     if config is None:
       raise ConfigError(f"No config.json in {workdir}: point it at a "
                         "trained run's workdir.")
-    run = run_lib.setup(config, workdir, info=run_lib.saved_info(workdir),
+    run = run_lib.setup(config, workdir,
+                        info=run_lib.saved_info(workdir, config),
                         mode="predict")
     try:
       state, step = run_lib.restore_latest(run)

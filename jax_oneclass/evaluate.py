@@ -6,6 +6,12 @@ fitted stage (classifiers, memory banks) and its calibration (per-scorer
 thresholds at `eval.fpr` on held-out normal images, normalisation
 statistics) are saved under <workdir>/fitted/<step> and reused while they
 pass their checksums and belong to that step's checkpoint.
+
+An evaluation reads each split once: the pass over the training images
+feeds both the fitted stage and the pixel baseline's mean image, and the
+pass over the test images both the scores and the baseline's distances.
+(Without held-out images, calibration scores the training images in a
+second pass, with the stage fitted in the first.)
 """
 
 import contextlib
@@ -33,39 +39,69 @@ class FittedStage:
   fitted: dict  # Replicated over the mesh.
   calibration: dict  # See `calibrate`.
   num_fit: int
+  # The mean normal training image, when asked for (see `pixel_baseline`).
+  pixel_mean: np.ndarray | None = None
 
 
-def _collect(fn, args, batches, mesh, num_images: int = 0, bar=None):
-  """Runs `fn(*args, batch)` over batches; host arrays, padding removed.
+def _host_batches(fn, args, batches, mesh, num_images: int = 0, bar=None):
+  """Runs `fn(*args, batch)` over batches; yields host arrays per batch,
+  padding removed.
 
-  Returns (outputs, labels): the per-example outputs of `fn` (a pytree of
-  arrays with a leading batch axis) concatenated over batches, and the
-  batches' label fields (`_LABEL_KEYS`); with `num_images`, labels also
-  holds 'image': the first ones. Labels are gathered from every host.
-  `bar` (a progress bar over images) advances per batch.
+  Yields (outputs, labels): the per-example outputs of `fn` (a pytree of
+  arrays with a leading batch axis; None without `fn`) and the batch's
+  label fields (`_LABEL_KEYS`), gathered from every host; labels also hold
+  'image' until `num_images` images have been yielded. `bar` (a progress
+  bar over images) advances per batch.
   """
   # Labels and masks are split over hosts; an identity jit replicates them.
   gather = jax.jit(lambda b: b, out_shardings=parallel.replicated(mesh))
-  outputs, labels, images = [], [], []
+  seen = 0
   for local in batches:
     batch = parallel.shard_batch(mesh, local)
-    out = parallel.to_host(fn(*args, batch))
+    out = None if fn is None else parallel.to_host(fn(*args, batch))
     label_keys = [k for k in _LABEL_KEYS if k in batch]
-    if sum(len(i) for i in images) < num_images:
+    if seen < num_images:
       label_keys.append("image")
     keep = parallel.to_host(gather({k: batch[k] for k in label_keys}))
     mask = keep.pop("mask").astype(bool)
     if "image" in keep:
-      images.append(keep.pop("image")[mask])
-    outputs.append(jax.tree.map(lambda v, m=mask: v[m], out))
-    labels.append({k: v[mask] for k, v in keep.items()})
+      seen += int(mask.sum())
     if bar is not None:
       bar.update(int(mask.sum()))
-  concat = lambda *parts: np.concatenate(parts)
-  labels = jax.tree.map(concat, *labels) if labels else {}
+    yield (jax.tree.map(lambda v, m=mask: v[m], out),
+           {k: v[mask] for k, v in keep.items()})
+
+
+def _concat(parts: list):
+  """The pytrees of `parts` concatenated leaf by leaf (None if none)."""
+  return jax.tree.map(lambda *p: np.concatenate(p), *parts) if parts else None
+
+
+def _collect(fn, args, batches, mesh, num_images: int = 0, bar=None):
+  """`_host_batches`, concatenated: (outputs, labels), where labels hold
+  'image' (the first `num_images`) only when asked for."""
+  outputs, labels, images = [], [], []
+  for out, keep in _host_batches(fn, args, batches, mesh, num_images, bar):
+    if "image" in keep:
+      images.append(keep.pop("image"))
+    outputs.append(out)
+    labels.append(keep)
+  labels = _concat(labels) or {}
   if images:
     labels["image"] = np.concatenate(images)[:num_images]
-  return (jax.tree.map(concat, *outputs) if outputs else None), labels
+  return _concat(outputs), labels
+
+
+def _add_images(total, count: int, images, limit: int):
+  """(total, count) with `images` added, up to `limit` images in all, one
+  at a time in float32 (numpy's order for `mean(axis=0)`)."""
+  for image in images[:max(limit - count, 0)]:
+    if total is None:
+      total = image.copy()
+    else:
+      total += image
+    count += 1
+  return total, count
 
 
 def _has_fitted_stage(run: run_lib.Run, state) -> bool:
@@ -75,17 +111,43 @@ def _has_fitted_stage(run: run_lib.Run, state) -> bool:
   return bool(jax.eval_shape(run.method.embed, state, example))
 
 
+def _train_pass(run: run_lib.Run, state, embed: bool, pixel_mean: bool):
+  """One pass over the normal training images: (their embeddings, the
+  first `eval.max_fit_examples` of them, or None without `embed`; their
+  mean image, or None without `pixel_mean`)."""
+  config = run.config
+  limit = config.eval.max_fit_examples
+  embed_fn = None
+  if embed:
+    embed_fn = jax.jit(run.method.embed,
+                       out_shardings=parallel.replicated(run.mesh))
+  batches = data.eval_batches(config, "train", config.eval.batch_size)
+  parts, total, count = [], None, 0
+  for out, labels in _host_batches(embed_fn, (state,), batches, run.mesh,
+                                   num_images=limit if pixel_mean else 0):
+    parts.append(out)
+    if "image" in labels:
+      total, count = _add_images(total, count, labels["image"], limit)
+  embeddings = None
+  if embed:
+    embeddings = {k: v[:limit] for k, v in _concat(parts).items()}
+  mean = np.true_divide(total, count) if pixel_mean else None
+  return embeddings, mean
+
+
+def _fit_embeddings(run: run_lib.Run, embeddings):
+  """(the method's fitted stage on the host, the number of images it saw);
+  `embeddings` None for a method without a fitted stage."""
+  if embeddings is None:
+    return run.method.fit({}), 0
+  return run.method.fit(embeddings), len(next(iter(embeddings.values())))
+
+
 def fit(run: run_lib.Run, state):
   """(the method's fitted stage on the host, the number of images it saw)."""
-  config, method = run.config, run.method
-  if not _has_fitted_stage(run, state):
-    return method.fit({}), 0
-  embed_fn = jax.jit(method.embed, out_shardings=parallel.replicated(run.mesh))
-  batches = data.eval_batches(config, "train", config.eval.batch_size)
-  embeddings, _ = _collect(embed_fn, (state,), batches, run.mesh)
-  embeddings = {k: v[:config.eval.max_fit_examples]
-                for k, v in embeddings.items()}
-  return method.fit(embeddings), len(next(iter(embeddings.values())))
+  embeddings, _ = _train_pass(run, state, _has_fitted_stage(run, state),
+                              pixel_mean=False)
+  return _fit_embeddings(run, embeddings)
 
 
 def score_fn(run: run_lib.Run):
@@ -149,25 +211,33 @@ def _saved_stage(run: run_lib.Run, store, step: int, repair: bool):
 
 
 def load_or_fit(run: run_lib.Run, state, step: int, refit: bool = False,
-                repair: bool = True) -> FittedStage:
+                repair: bool = True, pixel_mean: bool = False
+                ) -> FittedStage:
   """The saved fitted stage of checkpoint `step`, else fitted now and saved.
 
   `refit` fits anew even when one is saved; `repair` (see `_saved_stage`)
   fits anew a saved one that fails verification instead of refusing it.
+  With `pixel_mean`, the stage also holds the mean normal training image,
+  from the same pass over the training images as the fit.
   """
   store = checkpointing.FittedStore(run.workdir / "fitted")
+  mean = None
   try:
     saved = None if refit else _saved_stage(run, store, step, repair)
     if saved is not None:
       fitted, calibration, meta = saved
       logging_utils.info(f"Using the fitted stage saved for step {step}.")
       num_fit = int(meta.get("num_fit", 0))
+      if pixel_mean:
+        _, mean = _train_pass(run, state, embed=False, pixel_mean=True)
     else:
       if not refit and not store.has(step):
         logging_utils.info(f"No fitted stage saved for step {step}: fitting "
                            "it on the normal training images.")
       start = time.perf_counter()
-      fitted, num_fit = fit(run, state)
+      embeddings, mean = _train_pass(
+          run, state, _has_fitted_stage(run, state), pixel_mean)
+      fitted, num_fit = _fit_embeddings(run, embeddings)
       fitted = jax.device_get(fitted)
       calibration = calibrate(run, state,
                               parallel.replicate(run.mesh, fitted))
@@ -184,7 +254,7 @@ def load_or_fit(run: run_lib.Run, state, step: int, refit: bool = False,
   finally:
     store.close()
   return FittedStage(parallel.replicate(run.mesh, fitted), calibration,
-                     num_fit)
+                     num_fit, mean)
 
 
 PIXEL_BASELINE = ("pixel_baseline: squared distance of a test image's raw "
@@ -192,22 +262,24 @@ PIXEL_BASELINE = ("pixel_baseline: squared distance of a test image's raw "
                   "image")
 
 
-def pixel_baseline(run: run_lib.Run) -> np.ndarray:
-  """Per test image, the squared pixel distance to the mean normal training
-  image: a detector with nothing learned, to compare the scorers with."""
-  config = run.config
-  images = jax.jit(lambda batch: {"image": batch["image"]},
-                   out_shardings=parallel.replicated(run.mesh))
-  train, _ = _collect(images, (), data.eval_batches(
-      config, "train", config.eval.batch_size), run.mesh)
-  mean = jnp.asarray(train["image"][:config.eval.max_fit_examples].mean(0))
-  distance = jax.jit(
+def pixel_distance_fn(run: run_lib.Run):
+  """`(mean, batch) -> [B]` squared distances of the batch's images to the
+  mean image (replicated over the run's mesh), jitted, outputs replicated."""
+  return jax.jit(
       lambda m, batch: jnp.sum(jnp.square(batch["image"] - m),
                                axis=tuple(range(1, batch["image"].ndim))),
       out_shardings=parallel.replicated(run.mesh))
-  scores, _ = _collect(distance, (parallel.replicate(run.mesh, mean),),
-                       data.eval_batches(config, "test",
-                                         config.eval.batch_size), run.mesh)
+
+
+def pixel_baseline(run: run_lib.Run) -> np.ndarray:
+  """Per test image, the squared pixel distance to the mean normal training
+  image: a detector with nothing learned, to compare the scorers with.
+  (`evaluate_run` computes it within its own passes.)"""
+  config = run.config
+  _, mean = _train_pass(run, None, embed=False, pixel_mean=True)
+  mean = parallel.replicate(run.mesh, jnp.asarray(mean))
+  scores, _ = _collect(pixel_distance_fn(run), (mean,), data.eval_batches(
+      config, "test", config.eval.batch_size), run.mesh)
   return scores
 
 
@@ -308,13 +380,16 @@ def evaluate_run(run: run_lib.Run, state, step, refit: bool = False,
     raise ConfigError(f"Cannot write the results to {out} (read-only or no "
                       "permission): pass --results_path=<a writable folder>.")
   start = time.perf_counter()
-  stage = load_or_fit(run, state, step, refit)
+  stage = load_or_fit(run, state, step, refit, pixel_mean=True)
   logging_utils.info(f"Scoring the {info.num_test} test images...")
   test_batches = data.eval_batches(config, "test", config.eval.batch_size)
   bar = logging_utils.progress_bar(info.num_test, "images",
                                    enabled=config.get("progress_bar", True))
-  scores, labels = _collect(
-      score_fn(run), (state, stage.fitted), test_batches, run.mesh,
+  score, distance = score_fn(run), pixel_distance_fn(run)
+  mean = parallel.replicate(run.mesh, jnp.asarray(stage.pixel_mean))
+  (scores, baseline), labels = _collect(
+      lambda batch: (score(state, stage.fitted, batch),
+                     distance(mean, batch)), (), test_batches, run.mesh,
       num_images=max(int(config.eval.get("num_overlays", 0)), 0), bar=bar)
   bar.close()
   headline = headline_scorer(config, scores.image)
@@ -350,7 +425,7 @@ def evaluate_run(run: run_lib.Run, state, step, refit: bool = False,
       "calibration": calibration_summary(config, calib),
       "thresholds": image_thresholds,
       "pixel_baseline": {
-          "auroc": metrics.auroc(pixel_baseline(run), is_anomaly),
+          "auroc": metrics.auroc(baseline, is_anomaly),
           "note": PIXEL_BASELINE},
       **({"localization": pixel} if pixel else {}),
       "eval_seconds": round(time.perf_counter() - start, 2),

@@ -6,12 +6,8 @@ from jax_oneclass.errors import ConfigError
 
 
 def steps_per_epoch(config, info) -> int:
-  """Optimiser steps per pass over the normal training set.
-
-  With `data.rotation_distaug` the set holds 4 rotated copies of each image.
-  """
-  copies = 4 if config.data.get("rotation_distaug") else 1
-  return max(info.num_train * copies // config.batch_size, 1)
+  """Optimiser steps per epoch (`info.epoch_size` training examples)."""
+  return max(info.epoch_size // config.batch_size, 1)
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:

@@ -136,14 +136,18 @@ def _info_path(workdir) -> Path:
   return Path(workdir) / "dataset_info.json"
 
 
-def saved_info(workdir):
-  """The DatasetInfo a run recorded, or None (runs before it was saved)."""
+def saved_info(workdir, config):
+  """The DatasetInfo a run of `config` recorded, or None (runs before it was
+  saved); runs saved before `epoch_size` was recorded get it from
+  `config`."""
   path = _info_path(workdir)
   if not path.is_file():
     return None
   fields = json.loads(path.read_text())
   fields["image_shape"] = tuple(fields["image_shape"])
   fields["class_names"] = tuple(fields["class_names"])
+  fields.setdefault("epoch_size",
+                    data.examples_per_epoch(config, fields["num_train"]))
   return data.DatasetInfo(**fields)
 
 

@@ -38,11 +38,10 @@ def test_custom_vjp_matches_xla(mode, strides, padding, kernel):
 
   def ours(x, w, strides, padding):
     return conv.conv_general_dilated(x, w, strides, padding,
-                                     dimension_numbers=_DN)
+                                     dimension_numbers=_DN, weight_grad=mode)
 
-  with conv.forced_weight_grad_mode(mode):
-    got = jax.jit(jax.value_and_grad(loss(ours), (0, 1)))(x, w)
-    jaxpr = str(jax.make_jaxpr(jax.grad(loss(ours), 1))(x, w))
+  got = jax.jit(jax.value_and_grad(loss(ours), (0, 1)))(x, w)
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss(ours), 1))(x, w))
   want = jax.value_and_grad(loss(_reference), (0, 1))(x, w)
   assert "custom_vjp" in jaxpr  # The custom path really ran.
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
@@ -53,15 +52,14 @@ def test_custom_vjp_matches_xla(mode, strides, padding, kernel):
 def test_xla_mode_and_unsupported_convs_take_lax_path():
   x = jnp.ones((1, 5, 5, 2))
   w = jnp.ones((3, 3, 2, 4))
-  with conv.forced_weight_grad_mode("taps"):
-    grouped = jax.make_jaxpr(lambda w: conv.conv_general_dilated(
-        x, w, (1, 1), "SAME", dimension_numbers=_DN,
-        feature_group_count=2))(jnp.ones((3, 3, 1, 4)))
-    dilated = jax.make_jaxpr(lambda w: conv.conv_general_dilated(
-        x, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=_DN))(w)
-  with conv.forced_weight_grad_mode("xla"):
-    plain = jax.make_jaxpr(lambda w: conv.conv_general_dilated(
-        x, w, (1, 1), "SAME", dimension_numbers=_DN))(w)
+  taps = conv.ConvSettings(weight_grad="taps").conv_general_dilated
+  grouped = jax.make_jaxpr(lambda w: taps(
+      x, w, (1, 1), "SAME", dimension_numbers=_DN,
+      feature_group_count=2))(jnp.ones((3, 3, 1, 4)))
+  dilated = jax.make_jaxpr(lambda w: taps(
+      x, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=_DN))(w)
+  plain = jax.make_jaxpr(lambda w: conv.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=_DN, weight_grad="xla"))(w)
   for jaxpr in (grouped, dilated, plain):
     assert "custom_vjp" not in str(jaxpr)
 
@@ -72,9 +70,9 @@ def test_default_mode_is_im2col_on_the_cpu_and_xla_for_symbolic_shapes():
   grad_jaxpr = lambda x: str(jax.make_jaxpr(jax.grad(
       lambda w: conv.conv_general_dilated(
           x, w, (1, 1), "SAME", dimension_numbers=_DN).sum()))(w))
-  with conv.forced_weight_grad_mode("im2col_cpu"):
-    assert ("custom_vjp" in grad_jaxpr(jnp.ones((2, 5, 5, 2)))) == (
-        jax.default_backend() == "cpu")
+  assert conv.ConvSettings().weight_grad == "im2col_cpu"
+  assert ("custom_vjp" in grad_jaxpr(jnp.ones((2, 5, 5, 2)))) == (
+      jax.default_backend() == "cpu")
   symbolic = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 5, 5, 2"),
                                   jnp.float32)
   pads = ((1, 1), (1, 1))
@@ -83,26 +81,30 @@ def test_default_mode_is_im2col_on_the_cpu_and_xla_for_symbolic_shapes():
 
 def test_auto_is_xla_for_small_convs_and_tunes_large_ones(monkeypatch):
   small = jax.make_jaxpr(lambda w: conv.conv_general_dilated(
-      jnp.ones((2, 8, 8, 4)), w, (1, 1), "SAME", dimension_numbers=_DN))
-  with conv.forced_weight_grad_mode("auto"):
-    assert "custom_vjp" not in str(small(jnp.ones((3, 3, 4, 4))))
-    monkeypatch.setattr(conv, "AUTO_MIN_FLOPS", 0.0)
-    timing = conv.tune((2, 8, 8, 4), (3, 3, 4, 4), "float32", (1, 1),
-                       ((1, 1), (1, 1)), repeats=1)
+      jnp.ones((2, 8, 8, 4)), w, (1, 1), "SAME", dimension_numbers=_DN,
+      weight_grad="auto"))
+  assert "custom_vjp" not in str(small(jnp.ones((3, 3, 4, 4))))
+  monkeypatch.setattr(conv, "AUTO_MIN_FLOPS", 0.0)
+  timing = conv.tune((2, 8, 8, 4), (3, 3, 4, 4), "float32", (1, 1),
+                     ((1, 1), (1, 1)), repeats=1)
   assert set(timing["seconds"]) == {"xla", "taps", "im2col"}
   assert timing["best"] == min(timing["seconds"], key=timing["seconds"].get)
 
 
-def test_mode_switches_and_errors(monkeypatch):
-  monkeypatch.setenv(conv.ENV_VAR, "im2col")
-  conv.set_weight_grad_mode("xla")
-  try:
-    assert conv.weight_grad_mode() == "im2col"  # The environment wins.
-    monkeypatch.setenv(conv.ENV_VAR, "fast")
-    with pytest.raises(ConfigError, match="conv_weight_grad"):
-      conv.weight_grad_mode()
-  finally:
-    conv.set_weight_grad_mode("im2col_cpu")
+def test_settings_come_from_the_config_and_are_checked():
+  config = tiny_config("rotnet")
+  config.dtype, config.conv_weight_grad = "bfloat16", "taps"
+  assert conv.settings(config) == conv.ConvSettings("bfloat16", "taps")
+  assert conv.settings(config).compute_dtype == jnp.bfloat16
+  assert conv.ConvSettings().compute_dtype is None
+  with pytest.raises(ConfigError, match="conv_weight_grad"):
+    conv.ConvSettings(weight_grad="fast")
+  with pytest.raises(ConfigError, match="conv_weight_grad"):
+    conv.conv_general_dilated(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 3)),
+                              (1, 1), "SAME", dimension_numbers=_DN,
+                              weight_grad="fast")
+  with pytest.raises(ConfigError, match="float32, bfloat16"):
+    conv.ConvSettings(dtype="float16")
   with pytest.raises(ConfigError, match="float32, bfloat16"):
     precision.parse_dtype("float16")
 
@@ -110,11 +112,11 @@ def test_mode_switches_and_errors(monkeypatch):
 def test_bf16_policy_computes_in_bf16_and_keeps_f32_outside():
   x = jnp.ones((1, 4, 4, 2))
   w = jnp.ones((3, 3, 2, 3))
-  with precision.policy("bfloat16"):
-    y = conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_DN)
-    g = jax.grad(lambda w: conv.conv_general_dilated(
-        x, w, (1, 1), "SAME", dimension_numbers=_DN).astype(
-            jnp.float32).sum())(w)
+  bf16 = conv.ConvSettings("bfloat16").conv_general_dilated
+  y = bf16(x, w, (1, 1), "SAME", dimension_numbers=_DN)
+  g = jax.grad(lambda w: bf16(
+      x, w, (1, 1), "SAME", dimension_numbers=_DN).astype(
+          jnp.float32).sum())(w)
   assert y.dtype == jnp.bfloat16 and g.dtype == jnp.float32
   assert conv.conv_general_dilated(
       x, w, (1, 1), "SAME", dimension_numbers=_DN).dtype == jnp.float32
@@ -137,6 +139,7 @@ def test_bf16_step_is_close_to_f32(method_name):
     assert all(leaf.dtype == jnp.float32 for leaf in leaves)
     losses[dtype] = float(metrics["loss"])
   assert np.isfinite(losses["bfloat16"])
+  assert losses["bfloat16"] != losses["float32"]  # The dtype reached it.
   np.testing.assert_allclose(losses["bfloat16"], losses["float32"],
                              rtol=0.05)
 
@@ -154,3 +157,14 @@ def test_runs_saved_without_the_new_keys_are_unchanged():
   config.dtype = "bfloat16"
   assert run_lib.config_changes(saved, config) == {
       **moved, "dtype": ("float32", "bfloat16")}
+
+
+def test_get_method_checks_the_conv_settings_of_every_method():
+  config = tiny_config("ganomaly")
+  info = data.dataset_info(config)
+  config.dtype = "float16"
+  with pytest.raises(ConfigError, match="float32, bfloat16"):
+    methods.get_method(config, info)
+  config.dtype, config.conv_weight_grad = "float32", "fast"
+  with pytest.raises(ConfigError, match="conv_weight_grad"):
+    methods.get_method(config, info)

@@ -105,7 +105,8 @@ def test_exact_resume_with_augmentation_and_distaug():
                        rotation_distaug=True, shuffle_buffer=100)
   info = data.dataset_info(config)
   # Cross an epoch boundary: 4 * num_train examples per epoch.
-  steps = 4 * info.num_train // config.batch_size + 3
+  assert info.epoch_size == 4 * info.num_train
+  steps = info.epoch_size // config.batch_size + 3
   full = take(data.train_batches(config), steps)
   resumed = take(data.train_batches(config, start_step=steps - 5), 5)
   for a, b in zip(full[-5:], resumed):
@@ -154,7 +155,7 @@ def test_folder_source(tmp_path):
                        channels=3, augment=_AUG)
   config.batch_size = 4
   info = data.dataset_info(config)
-  assert info == data.DatasetInfo((8, 8, 3), ('a', 'b'), 5, 10)
+  assert info == data.DatasetInfo((8, 8, 3), ('a', 'b'), 5, 10, epoch_size=5)
   batches = take(data.train_batches(config), 6)
   # Exact resume also holds with the in-memory cache of folder records.
   for a, b in zip(batches[3:], take(data.train_batches(config, 3), 3)):

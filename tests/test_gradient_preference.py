@@ -163,7 +163,8 @@ def _method(**overrides):
     for part in parents:
       node = node[part]
     node[leaf] = value
-  info = types.SimpleNamespace(image_shape=(16, 16, 1), num_train=64)
+  info = types.SimpleNamespace(image_shape=(16, 16, 1), num_train=64,
+                               epoch_size=64)
   return gp.Method(config, info)
 
 
@@ -209,7 +210,8 @@ def test_step_phases_centre_then_training_then_early_stop():
 def test_bad_configs_fail_with_clear_messages():
   with pytest.raises(ConfigError, match="multiple of 16"):
     gp.Method(load_config("gradient_preference", "digits"),
-              types.SimpleNamespace(image_shape=(40, 40, 1), num_train=8))
+              types.SimpleNamespace(image_shape=(40, 40, 1), num_train=8,
+                                    epoch_size=8))
   with pytest.raises(ConfigError, match="feature_layers"):
     _method(**{"model.feature_layers": ("layer2", "layer5")})
   with pytest.raises(ConfigError, match="bank.fraction"):

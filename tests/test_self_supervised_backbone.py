@@ -83,6 +83,7 @@ def test_localisers_take_the_workdir_as_model_pretrained(ssl_run, name,
   config.model.pretrained = str(ssl_run)
   config.data.image_size = 32
   info = types.SimpleNamespace(image_shape=(32, 32, 1), num_train=64,
+                               epoch_size=64,
                                class_names=[str(i) for i in range(10)])
   method = module.Method(config, info)
   params, _ = _saved_backbone(ssl_run)
@@ -109,6 +110,7 @@ def test_workdirs_that_do_not_fit_are_refused(ssl_run, tmp_path):
 def test_unknown_two_stage_arch_is_a_config_error():
   config = load_config("disaug", "digits")
   config.model.arch = "vgg16"
-  info = types.SimpleNamespace(image_shape=(16, 16, 1), num_train=64)
+  info = types.SimpleNamespace(image_shape=(16, 16, 1), num_train=64,
+                               epoch_size=256)
   with pytest.raises(ConfigError, match="Unknown model.arch 'vgg16'"):
     two_stage.TwoStageMethod(config, info)

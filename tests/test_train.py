@@ -147,3 +147,21 @@ def test_pixel_baseline_is_the_distance_to_the_mean_normal_image(tmp_path):
   # Digit 1, the digits default, is the raw pixels' hardest class.
   assert config.data.normal_class == 1
   assert 0.8 < roc_auc_score(is_anomaly, scores) < 0.97
+
+
+def test_dataset_info_carries_the_epoch_size_and_old_runs_default_it(
+    tmp_path):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  from jax_oneclass import data, optim  # pylint: disable=g-import-not-at-top
+  config = tiny_config("disaug")  # Rotation copies: 4 examples per image.
+  info = data.dataset_info(config)
+  assert info.epoch_size == 4 * info.num_train
+  assert optim.steps_per_epoch(config, info) == (
+      4 * info.num_train // config.batch_size)
+  fields = dataclasses.asdict(info)
+  (tmp_path / "dataset_info.json").write_text(json.dumps(fields))
+  assert run_lib.saved_info(tmp_path, config) == info
+  del fields["epoch_size"]  # A run saved before the field existed.
+  (tmp_path / "dataset_info.json").write_text(json.dumps(fields))
+  assert run_lib.saved_info(tmp_path, config) == info

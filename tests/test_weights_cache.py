@@ -193,7 +193,8 @@ def _two_stage(pretrained_value, arch="resnet18"):
   config = load_config("disaug", "digits")
   config.model.arch = arch
   config.model.pretrained = pretrained_value
-  info = types.SimpleNamespace(image_shape=(16, 16, 1), num_train=64)
+  info = types.SimpleNamespace(image_shape=(16, 16, 1), num_train=64,
+                               epoch_size=256)
   return two_stage.TwoStageMethod(config, info)
 
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_oneclass.components import conv as conv_lib
 from jax_oneclass.components.layers import batch_norm, conv
 from jax_oneclass.errors import ConfigError
 
@@ -113,11 +114,12 @@ def patch_features(features: dict[str, jax.Array], layers: Sequence[str],
   return jnp.concatenate(parts, axis=-1)
 
 
-def _shortcut(x, features: int, stride: int, train: bool):
+def _shortcut(x, features: int, stride: int, train: bool,
+              settings: conv_lib.ConvSettings):
   """Identity, or a strided 1x1 conv + BN when the shape changes."""
   if x.shape[-1] == features and stride == 1:
     return x
-  x = conv(features, 1, stride, "downsample_0")(x)
+  x = conv(features, 1, stride, "downsample_0", settings)(x)
   return batch_norm(train, "downsample_1")(x)
 
 
@@ -126,14 +128,17 @@ class BasicBlock(nn.Module):
 
   planes: int
   stride: int = 1
+  conv_settings: conv_lib.ConvSettings = conv_lib.ConvSettings()
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    y = conv(self.planes, 3, self.stride, "conv1")(x)
+    settings = self.conv_settings
+    y = conv(self.planes, 3, self.stride, "conv1", settings)(x)
     y = nn.relu(batch_norm(train, "bn1")(y))
-    y = conv(self.planes, 3, 1, "conv2")(y)
+    y = conv(self.planes, 3, 1, "conv2", settings)(y)
     y = batch_norm(train, "bn2")(y)
-    return nn.relu(y + _shortcut(x, self.planes, self.stride, train))
+    return nn.relu(y + _shortcut(x, self.planes, self.stride, train,
+                                 settings))
 
 
 class Bottleneck(nn.Module):
@@ -146,17 +151,20 @@ class Bottleneck(nn.Module):
   planes: int
   stride: int = 1
   width_per_group: int = 64
+  conv_settings: conv_lib.ConvSettings = conv_lib.ConvSettings()
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    settings = self.conv_settings
     width = self.planes * self.width_per_group // 64
-    y = conv(width, 1, 1, "conv1")(x)
+    y = conv(width, 1, 1, "conv1", settings)(x)
     y = nn.relu(batch_norm(train, "bn1")(y))
-    y = conv(width, 3, self.stride, "conv2")(y)
+    y = conv(width, 3, self.stride, "conv2", settings)(y)
     y = nn.relu(batch_norm(train, "bn2")(y))
-    y = conv(4 * self.planes, 1, 1, "conv3")(y)
+    y = conv(4 * self.planes, 1, 1, "conv3", settings)(y)
     y = batch_norm(train, "bn3")(y)
-    return nn.relu(y + _shortcut(x, 4 * self.planes, self.stride, train))
+    return nn.relu(y + _shortcut(x, 4 * self.planes, self.stride, train,
+                                 settings))
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -169,7 +177,8 @@ class TorchResNet(nn.Module):
   `imagenet_normalize`) and returns {'layer1', 'layer2', 'layer3'} at
   strides 4, 8 and 16; with `with_layer4`, also 'layer4' (stride 32) and
   'pool', its spatial mean [B, C] (the classifier's input). Without it,
-  layer4's parameters are never created.
+  layer4's parameters are never created. `conv_settings` say how its
+  convolutions compute.
   """
 
   block: str  # "basic" or "bottleneck".
@@ -177,19 +186,21 @@ class TorchResNet(nn.Module):
   width_per_group: int = 64
   with_layer4: bool = False
   base_width: int = 64  # Stem and layer1 planes; torchvision's are 64.
+  conv_settings: conv_lib.ConvSettings = conv_lib.ConvSettings()
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     if self.block not in _BLOCKS:
       raise ConfigError(
           f"block must be one of {sorted(_BLOCKS)}, got {self.block!r}.")
-    block = _BLOCKS[self.block]
+    block = functools.partial(_BLOCKS[self.block],
+                              conv_settings=self.conv_settings)
     if self.block == "bottleneck":
       block = functools.partial(block, width_per_group=self.width_per_group)
     elif self.width_per_group != 64:
       raise ConfigError(
           "Basic blocks need width_per_group=64, as in torchvision.")
-    x = conv(self.base_width, 7, 2, "conv1")(x)
+    x = conv(self.base_width, 7, 2, "conv1", self.conv_settings)(x)
     x = nn.relu(batch_norm(train, "bn1")(x))
     # torch's MaxPool2d(3, 2, padding=1): -inf padding, then a VALID window
     # (spelled out so that ONNX converters read it right).
@@ -208,28 +219,41 @@ class TorchResNet(nn.Module):
     return features
 
 
-def resnet18(with_layer4: bool = False) -> TorchResNet:
+_DEFAULT_SETTINGS = conv_lib.ConvSettings()
+
+
+def resnet18(with_layer4: bool = False,
+             conv_settings: conv_lib.ConvSettings = _DEFAULT_SETTINGS
+             ) -> TorchResNet:
   """torchvision `resnet18`: basic blocks, 64/128/256(/512) channels."""
-  return TorchResNet("basic", (2, 2, 2, 2), with_layer4=with_layer4)
+  return TorchResNet("basic", (2, 2, 2, 2), with_layer4=with_layer4,
+                     conv_settings=conv_settings)
 
 
-def resnet50(with_layer4: bool = False) -> TorchResNet:
+def resnet50(with_layer4: bool = False,
+             conv_settings: conv_lib.ConvSettings = _DEFAULT_SETTINGS
+             ) -> TorchResNet:
   """torchvision `resnet50`: bottlenecks, 256/512/1024(/2048) channels."""
-  return TorchResNet("bottleneck", (3, 4, 6, 3), with_layer4=with_layer4)
+  return TorchResNet("bottleneck", (3, 4, 6, 3), with_layer4=with_layer4,
+                     conv_settings=conv_settings)
 
 
-def wide_resnet50_2(with_layer4: bool = False) -> TorchResNet:
+def wide_resnet50_2(with_layer4: bool = False,
+                    conv_settings: conv_lib.ConvSettings = _DEFAULT_SETTINGS
+                    ) -> TorchResNet:
   """torchvision `wide_resnet50_2`: resnet50 with twice the inner width."""
   return TorchResNet("bottleneck", (3, 4, 6, 3), width_per_group=128,
-                     with_layer4=with_layer4)
+                     with_layer4=with_layer4, conv_settings=conv_settings)
 
 
-def resnet_tiny(with_layer4: bool = False) -> TorchResNet:
+def resnet_tiny(with_layer4: bool = False,
+                conv_settings: conv_lib.ConvSettings = _DEFAULT_SETTINGS
+                ) -> TorchResNet:
   """Not a torchvision model: resnet18's layout at 1/8 of its widths
   (8/16/32(/64) channels) with one block per stage, for tests and smoke
   runs. No pretrained weights exist for it."""
   return TorchResNet("basic", (1, 1, 1, 1), with_layer4=with_layer4,
-                     base_width=8)
+                     base_width=8, conv_settings=conv_settings)
 
 
 ARCHS = {
@@ -240,9 +264,12 @@ ARCHS = {
 }
 
 
-def build(arch: str, with_layer4: bool = False) -> TorchResNet:
-  """The backbone named `arch` (a key of `ARCHS`)."""
+def build(arch: str, with_layer4: bool = False,
+          conv_settings: conv_lib.ConvSettings = _DEFAULT_SETTINGS
+          ) -> TorchResNet:
+  """The backbone named `arch` (a key of `ARCHS`), its convolutions
+  computed as `conv_settings` say."""
   if arch not in ARCHS:
     raise ConfigError(
         f"Unknown backbone {arch!r}; choose one of {sorted(ARCHS)}.")
-  return ARCHS[arch](with_layer4)
+  return ARCHS[arch](with_layer4, conv_settings)

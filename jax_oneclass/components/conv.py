@@ -1,14 +1,15 @@
 """The convolution every network of the library calls, with a choice of how
-its weight gradient is computed, and the compute dtype of the precision
-policy (`components.precision`).
+its weight gradient is computed and a compute dtype (`config.dtype`, see
+`components.precision`).
 
 XLA:CPU computes the weight gradient of a 3x3 convolution far below its
 forward rate on some CPUs (2 GFLOP/s against 58 forward on an AMD EPYC;
 `git show 037b9c0:experiments/conv_grad_repro.py` reproduces it).
 `conv_general_dilated` here has the signature of `lax.conv_general_dilated`
-(pass it as `nn.Conv`'s `conv_general_dilated=`) and, for 2-D NHWC/HWIO
-convolutions without dilation or groups, can compute the weight gradient
-another way:
+plus the keywords `weight_grad` and `compute_dtype`
+(`ConvSettings.conv_general_dilated` binds them, for `nn.Conv`'s
+`conv_general_dilated=`) and, for 2-D NHWC/HWIO convolutions without
+dilation or groups, can compute the weight gradient another way:
 
   'im2col_cpu' (default) 'im2col' on the CPU backend, 'xla' elsewhere and
             for symbolic shapes (an export).
@@ -30,16 +31,15 @@ misled there. Runs saved before this key existed ran with 'xla'; the key may
 change on resume, so pass --config.conv_weight_grad=xla to continue one with
 its exact computation.
 
-The input gradient is always XLA's. The mode comes from the environment
-variable JAX_ONECLASS_CONV_GRAD if set, else from `set_weight_grad_mode`
-(the trainer sets it from `config.conv_weight_grad`).
+The input gradient is always XLA's. Networks take a `ConvSettings` (the
+mode and the compute dtype, built from a run's config by `settings`) as an
+attribute and call its `conv_general_dilated` and `matmul`.
 """
 
 import concurrent.futures
-import contextlib
+import dataclasses
 import functools
 import logging
-import os
 import time
 
 import jax
@@ -51,12 +51,10 @@ from jax_oneclass.components import precision as precision_lib
 from jax_oneclass.errors import ConfigError
 
 MODES = ("im2col_cpu", "auto", "xla", "taps", "im2col")
-ENV_VAR = "JAX_ONECLASS_CONV_GRAD"
 # 'auto' tunes only convolutions of at least this many FLOPs (forward):
 # below it the weight gradient costs too little to be worth a custom VJP.
 AUTO_MIN_FLOPS = 2e8
 _NHWC = ("NHWC", "HWIO", "NHWC")
-_mode = "im2col_cpu"
 _tuned: dict = {}
 
 
@@ -64,44 +62,54 @@ def check_mode(mode: str) -> str:
   """`mode` if it is one of MODES; ConfigError otherwise."""
   if mode not in MODES:
     raise ConfigError(f"Unknown conv weight-gradient mode {mode!r}; use one "
-                      f"of {', '.join(MODES)} (config.conv_weight_grad or "
-                      f"${ENV_VAR}).")
+                      f"of {', '.join(MODES)} (config.conv_weight_grad).")
   return mode
 
 
-def set_weight_grad_mode(mode: str) -> None:
-  """Sets the process-wide mode (the environment variable still wins)."""
-  global _mode
-  _mode = check_mode(mode)
+@dataclasses.dataclass(frozen=True)
+class ConvSettings:
+  """How a network's convolutions compute: `dtype` ('float32' or
+  'bfloat16', see `components.precision`) and the `weight_grad` mode (one
+  of MODES). Hashable, so a Flax module can hold it as an attribute."""
+
+  dtype: str = "float32"
+  weight_grad: str = "im2col_cpu"
+
+  def __post_init__(self):
+    precision_lib.parse_dtype(self.dtype)
+    check_mode(self.weight_grad)
+
+  @property
+  def compute_dtype(self):
+    """The dtype convolutions cast to; None for float32 (the inputs')."""
+    return precision_lib.compute_dtype(self.dtype)
+
+  def conv_general_dilated(self, *args, **kwargs):
+    """`conv_general_dilated` with these settings (for `nn.Conv`)."""
+    return conv_general_dilated(*args, weight_grad=self.weight_grad,
+                                compute_dtype=self.compute_dtype, **kwargs)
+
+  def matmul(self, x, kernel):
+    """`matmul` in these settings' compute dtype."""
+    return matmul(x, kernel, self.compute_dtype)
 
 
-def weight_grad_mode() -> str:
-  """The mode in force: $JAX_ONECLASS_CONV_GRAD, else the one set."""
-  return check_mode(os.environ.get(ENV_VAR) or _mode)
-
-
-@contextlib.contextmanager
-def forced_weight_grad_mode(mode: str):
-  """Within the block, convolutions trace with `mode` (e.g. 'xla' for an
-  export, which needs no gradient and no custom VJP)."""
-  global _mode
-  previous, _mode = _mode, check_mode(mode)
-  saved = os.environ.pop(ENV_VAR, None)
-  try:
-    yield
-  finally:
-    _mode = previous
-    if saved is not None:
-      os.environ[ENV_VAR] = saved
+def settings(config) -> ConvSettings:
+  """The ConvSettings of a run's config (`dtype`, `conv_weight_grad`)."""
+  return ConvSettings(config.get("dtype", "float32"),
+                      config.get("conv_weight_grad", "im2col_cpu"))
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None,
                          feature_group_count=1, batch_group_count=1,
-                         precision=None, preferred_element_type=None):
-  """`lax.conv_general_dilated`, in the policy's compute dtype, with the
-  weight gradient of the mode in force (see the module docstring)."""
-  dtype = _compute_dtype(lhs, rhs)
+                         precision=None, preferred_element_type=None, *,
+                         weight_grad: str = "im2col_cpu",
+                         compute_dtype=None):
+  """`lax.conv_general_dilated`, floating inputs cast to `compute_dtype`
+  (None: as the inputs), with the weight gradient of mode `weight_grad`
+  (see the module docstring)."""
+  dtype = _compute_dtype(lhs, rhs, compute_dtype)
   lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
   kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                 dimension_numbers=dimension_numbers,
@@ -114,24 +122,23 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     return plain()
   strides = tuple(int(s) for s in window_strides)
   pads = _explicit_pads(lhs, rhs, strides, padding)
-  mode = _resolve(weight_grad_mode(), lhs, rhs, strides, pads)
+  mode = _resolve(check_mode(weight_grad), lhs, rhs, strides, pads)
   if mode == "xla":
     return plain()
   return _conv(lhs, rhs, strides, pads, mode)
 
 
-def matmul(x, kernel):
-  """x @ kernel (a 1x1 convolution written as a product), in the policy's
-  compute dtype."""
-  dtype = _compute_dtype(x, kernel)
+def matmul(x, kernel, compute_dtype=None):
+  """x @ kernel (a 1x1 convolution written as a product), floating inputs
+  cast to `compute_dtype` (None: as the inputs)."""
+  dtype = _compute_dtype(x, kernel, compute_dtype)
   return jnp.dot(x.astype(dtype), kernel.astype(dtype))
 
 
-def _compute_dtype(lhs, rhs):
-  dtype = precision_lib.compute_dtype()
-  if dtype is None or not jnp.issubdtype(lhs.dtype, jnp.floating):
+def _compute_dtype(lhs, rhs, compute_dtype):
+  if compute_dtype is None or not jnp.issubdtype(lhs.dtype, jnp.floating):
     return jnp.result_type(lhs, rhs)
-  return dtype
+  return compute_dtype
 
 
 def _supported(lhs, rhs, padding, kwargs) -> bool:

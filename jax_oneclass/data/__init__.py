@@ -5,6 +5,7 @@ from jax_oneclass.data.pipeline import DatasetInfo
 from jax_oneclass.data.pipeline import decode_filenames
 from jax_oneclass.data.pipeline import dataset_info
 from jax_oneclass.data.pipeline import eval_batches
+from jax_oneclass.data.pipeline import examples_per_epoch
 from jax_oneclass.data.pipeline import to_model_input
 from jax_oneclass.data.pipeline import to_model_inputs
 from jax_oneclass.data.pipeline import train_batches
@@ -16,6 +17,7 @@ __all__ = [
     'dataset_info',
     'decode_filenames',
     'eval_batches',
+    'examples_per_epoch',
     'parse_augment',
     'to_model_input',
     'to_model_inputs',

@@ -34,12 +34,21 @@ class DatasetInfo:
     num_test: examples in the whole test split.
     num_holdout: normal training examples held out for calibration
       (`config.data.holdout_fraction`; thresholds, normalisation).
+    epoch_size: training examples per epoch (all hosts): `num_train`, 4x
+      with `config.data.rotation_distaug` (see `examples_per_epoch`).
   """
   image_shape: tuple[int, int, int]
   class_names: tuple[str, ...]
   num_train: int
   num_test: int
   num_holdout: int = 0
+  epoch_size: int = dataclasses.field(kw_only=True)
+
+
+def examples_per_epoch(config, num_train: int) -> int:
+  """Training examples per epoch: `num_train`, times the 4 rotated copies
+  of each with `config.data.rotation_distaug`."""
+  return num_train * (4 if config.data.get('rotation_distaug') else 1)
 
 
 def _protocol(config) -> str:
@@ -154,11 +163,13 @@ def dataset_info(config, source: sources.Source | None = None) -> DatasetInfo:
   """
   source = source or sources.get_source(config)
   normal, held_out = _normal_counts(config, source)
+  num_train = num_train_images(config, normal - held_out)
   return DatasetInfo(image_shape=_image_shape(config),
                      class_names=source.class_names,
-                     num_train=num_train_images(config, normal - held_out),
+                     num_train=num_train,
                      num_test=int(source.label_counts['test'].sum()),
-                     num_holdout=held_out)
+                     num_holdout=held_out,
+                     epoch_size=examples_per_epoch(config, num_train))
 
 
 def _to_float(image, shape, source_name: str):
@@ -278,7 +289,7 @@ def train_batches(config, start_step: int = 0) -> Iterator[dict[str, np.ndarray]
     records = records.cache()
   base = _with_rotations(records, distaug)
   if jax.process_count() == 1:
-    epoch_size = info.num_train * (4 if distaug else 1)
+    epoch_size = info.epoch_size
   else:
     epoch_size = _count(base)
   if epoch_size == 0:

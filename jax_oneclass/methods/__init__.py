@@ -79,13 +79,11 @@ def method_module(name: str, needed_by: str = "the run"):
 
 
 def get_method(config, info):
-  """Builds the method named by `config.method` for the data set `info`,
-  its functions bound to `config.dtype`; sets `config.conv_weight_grad`."""
+  """Builds the method named by `config.method` for the data set `info`
+  (its networks compute as `config.dtype` and `config.conv_weight_grad`
+  say, through `conv.settings(config)`); ConfigError if those are unknown."""
   # Here, not at the top: configs/ import method defaults from this package
   # and must load without JAX (the CLI checks them before importing it).
-  from jax_oneclass.components import conv, precision  # pylint: disable=g-import-not-at-top
-  dtype = config.get("dtype", "float32")
-  precision.parse_dtype(dtype)
-  conv.set_weight_grad_mode(config.get("conv_weight_grad", "im2col_cpu"))
-  return precision.apply_to_method(
-      method_module(config.method).Method(config, info), dtype)
+  from jax_oneclass.components import conv  # pylint: disable=g-import-not-at-top
+  conv.settings(config)  # Checked for every method, whether it convolves.
+  return method_module(config.method).Method(config, info)

@@ -10,6 +10,8 @@ Stride-2 transposed convolutions use a sub-pixel form (`UpConv`) that XLA
 runs far faster on CPU. Images are NHWC; side must be a power of two >= 16.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -53,13 +55,13 @@ def _pad(x, pad: int, padding: str):
 
 
 def _conv(features: int, kernel: int, stride: int, pad: int,
-          padding: str = "zeros", name=None):
-  """A bias-free conv; `pad` pixels each side in mode `padding` (zeros,
-  reflect or circular), then a VALID window."""
+          settings: conv_lib.ConvSettings, padding: str = "zeros", name=None):
+  """A bias-free conv computed as `settings` say; `pad` pixels each side in
+  mode `padding` (zeros, reflect or circular), then a VALID window."""
   conv = nn.Conv(features, (kernel, kernel), (stride, stride),
                  padding="VALID", use_bias=False, kernel_init=_CONV_INIT,
                  name=name,
-                 conv_general_dilated=conv_lib.conv_general_dilated)
+                 conv_general_dilated=settings.conv_general_dilated)
   return lambda x: conv(_pad(x, pad, padding))
 
 
@@ -78,6 +80,7 @@ class UpConv(nn.Module):
   # The one-pixel border around the input the transposed conv sees: zeros
   # (torch's only mode for ConvTranspose2d), reflect or circular.
   padding: str = "zeros"
+  conv_settings: conv_lib.ConvSettings = conv_lib.ConvSettings()
 
   @nn.compact
   def __call__(self, x):
@@ -89,7 +92,7 @@ class UpConv(nn.Module):
     k = k.transpose(0, 2, 1, 3, 5, 4).reshape(2, 2, 4 * self.features, c_in)
     k = k[::-1, ::-1].transpose(0, 1, 3, 2)
     x = _pad(x, 1, self.padding)
-    y = conv_lib.conv_general_dilated(
+    y = self.conv_settings.conv_general_dilated(
         x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return depth_to_space(y)[:, 1:-1, 1:-1]
 
@@ -124,26 +127,31 @@ class DCGANEncoder(nn.Module):
     extra_layers: 3x3 conv + BN + LeakyReLU layers after the first layer.
     padding: how the padded convolutions pad (see PADDING_MODES); GANomaly's
       is zeros.
+    conv_settings: how the convolutions compute.
   """
 
   out_features: int
   width: int = 64
   extra_layers: int = 0
   padding: str = "zeros"
+  conv_settings: conv_lib.ConvSettings = conv_lib.ConvSettings()
 
   @nn.compact
   def __call__(self, x, train: bool):
     check_image_size(x.shape[1])
     check_padding(self.padding)
-    x = nn.leaky_relu(_conv(self.width, 4, 2, 1, self.padding)(x), 0.2)
+    conv = functools.partial(_conv, settings=self.conv_settings,
+                             padding=self.padding)
+    x = nn.leaky_relu(conv(self.width, 4, 2, 1)(x), 0.2)
     for _ in range(self.extra_layers):
-      x = _conv(x.shape[-1], 3, 1, 1, self.padding)(x)
+      x = conv(x.shape[-1], 3, 1, 1)(x)
       x = nn.leaky_relu(_batch_norm(train)(x), 0.2)
     while x.shape[1] > 4:
-      x = _conv(2 * x.shape[-1], 4, 2, 1, self.padding)(x)
+      x = conv(2 * x.shape[-1], 4, 2, 1)(x)
       x = nn.leaky_relu(_batch_norm(train)(x), 0.2)
     features = x
-    code = _conv(self.out_features, 4, 1, 0, name="final_conv")(x)
+    code = _conv(self.out_features, 4, 1, 0, self.conv_settings,
+                 name="final_conv")(x)
     return code.reshape((x.shape[0], self.out_features)), features
 
 
@@ -155,21 +163,24 @@ class DCGANDecoder(nn.Module):
   width: int = 64
   extra_layers: int = 0
   padding: str = "zeros"  # Of the UpConvs and the 3x3 extra layers.
+  conv_settings: conv_lib.ConvSettings = conv_lib.ConvSettings()
 
   @nn.compact
   def __call__(self, z, train: bool):
     check_image_size(self.image_size)
     check_padding(self.padding)
+    up = functools.partial(UpConv, padding=self.padding,
+                           conv_settings=self.conv_settings)
     x = z.reshape((z.shape[0], 1, 1, z.shape[-1]))
     channels = top_width(self.image_size, self.width)
     x = nn.relu(_batch_norm(train)(_project_up(channels)(x)))
     while x.shape[1] < self.image_size // 2:
       channels //= 2
-      x = nn.relu(_batch_norm(train)(UpConv(channels, self.padding)(x)))
+      x = nn.relu(_batch_norm(train)(up(channels)(x)))
     for _ in range(self.extra_layers):
-      x = _conv(channels, 3, 1, 1, self.padding)(x)
+      x = _conv(channels, 3, 1, 1, self.conv_settings, self.padding)(x)
       x = nn.relu(_batch_norm(train)(x))
-    return jnp.tanh(UpConv(self.channels, self.padding)(x))
+    return jnp.tanh(up(self.channels)(x))
 
 
 class GANomalyGenerator(nn.Module):
@@ -182,17 +193,20 @@ class GANomalyGenerator(nn.Module):
   latent_size: int = 100
   width: int = 64
   extra_layers: int = 0
+  conv_settings: conv_lib.ConvSettings = conv_lib.ConvSettings()
 
   @nn.compact
   def __call__(self, x, train: bool):
     size, channels = x.shape[1], x.shape[-1]
+    settings = dict(conv_settings=self.conv_settings)
     latent_in, _ = DCGANEncoder(self.latent_size, self.width,
-                                self.extra_layers, name="encoder")(x, train)
+                                self.extra_layers, name="encoder",
+                                **settings)(x, train)
     fake = DCGANDecoder(size, channels, self.width, self.extra_layers,
-                        name="decoder")(latent_in, train)
+                        name="decoder", **settings)(latent_in, train)
     latent_out, _ = DCGANEncoder(self.latent_size, self.width,
-                                 self.extra_layers,
-                                 name="reencoder")(fake, train)
+                                 self.extra_layers, name="reencoder",
+                                 **settings)(fake, train)
     return {"fake": fake, "latent_in": latent_in, "latent_out": latent_out}
 
 
@@ -205,10 +219,12 @@ class DCGANDiscriminator(nn.Module):
 
   width: int = 64
   extra_layers: int = 0
+  conv_settings: conv_lib.ConvSettings = conv_lib.ConvSettings()
 
   @nn.compact
   def __call__(self, x, train: bool):
     logits, features = DCGANEncoder(1, self.width, self.extra_layers,
+                                    conv_settings=self.conv_settings,
                                     name="trunk")(x, train)
     return logits[:, 0], features
 
@@ -221,12 +237,14 @@ class EncoderDecoder(nn.Module):
   width: int
   extra_layers: int = 0
   padding: str = "zeros"
+  conv_settings: conv_lib.ConvSettings = conv_lib.ConvSettings()
 
   @nn.compact
   def __call__(self, x, train: bool):
     code, _ = DCGANEncoder(self.latent_size, self.width, self.extra_layers,
-                           self.padding, name="encoder")(x, train)
+                           self.padding, self.conv_settings,
+                           name="encoder")(x, train)
     fake = DCGANDecoder(x.shape[1], x.shape[-1], self.width,
-                        self.extra_layers, self.padding,
+                        self.extra_layers, self.padding, self.conv_settings,
                         name="decoder")(code, train)
     return {"fake": fake, "code": code}

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import optax
 
 from jax_oneclass import optim
+from jax_oneclass.components import conv as conv_lib
 from jax_oneclass.components import oneclass
 from jax_oneclass.errors import ConfigError
 from jax_oneclass.methods import interface
@@ -83,11 +84,12 @@ class Method:
     model = config.model
     padding = model.get("padding", "zeros")
     check_padding(padding)
+    settings = conv_lib.settings(config)
     self.generator = EncoderDecoder(model.latent_size, model.width,
-                                    model.extra_layers, padding)
+                                    model.extra_layers, padding, settings)
     # K pretext logits and, last, one real/fake logit.
     self.discriminator = DCGANEncoder(self.num_transforms + 1, model.width,
-                                      model.extra_layers, padding)
+                                      model.extra_layers, padding, settings)
     self.tx = optim.make_optimizer(config, info)
     self.classifier_hparams = oneclass.checked_hparams(config.classifiers)
 

@@ -30,6 +30,7 @@ tanh range).
 import jax.numpy as jnp
 
 from jax_oneclass import optim
+from jax_oneclass.components import conv as conv_lib
 from jax_oneclass.errors import ConfigError
 from jax_oneclass.methods import interface
 from jax_oneclass.methods.gan import family as gan
@@ -68,10 +69,12 @@ class Method(interface.NoFittedStage):
       raise ConfigError(f"eval.batch_norm must be 'running' or 'batch', got "
                         f"{self.batch_norm!r}.")
     model = config.model
+    settings = conv_lib.settings(config)
     self.generator = GANomalyGenerator(model.latent_size, model.width,
-                                       model.extra_layers)
+                                       model.extra_layers, settings)
     # The reference builds the discriminator with the generator's width.
-    self.discriminator = DCGANDiscriminator(model.width, model.extra_layers)
+    self.discriminator = DCGANDiscriminator(model.width, model.extra_layers,
+                                            settings)
     self.tx = optim.make_optimizer(config, info)
     self.weights = dict(config.loss_weights)
     if set(self.weights) != {"adversarial", "contextual", "encoder"}:

@@ -63,6 +63,7 @@ import numpy as np
 
 from jax_oneclass import optim
 from jax_oneclass.components import anomaly_map, backbones, knn, pretrained
+from jax_oneclass.components import conv as conv_lib
 from jax_oneclass.errors import ConfigError
 from jax_oneclass.methods import interface
 from jax_oneclass.methods.gradient_preference import center_mlp
@@ -90,7 +91,8 @@ class Method:
   def __init__(self, config, info):
     self.config = config
     model = config.model
-    self.backbone = backbones.build(model.backbone)
+    self.backbone = backbones.build(model.backbone,
+                                    conv_settings=conv_lib.settings(config))
     self.layers = tuple(model.feature_layers)
     if not set(self.layers) <= {"layer1", "layer2", "layer3"}:
       raise ConfigError(f"model.feature_layers must name layer1..layer3, "

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from jax_oneclass import optim
 from jax_oneclass.components import anomaly_map, backbones, pretrained
+from jax_oneclass.components import conv as conv_lib
 from jax_oneclass.errors import ConfigError
 from jax_oneclass.methods import interface
 from jax_oneclass.methods.reverse_distillation import network as rd
@@ -47,7 +48,8 @@ class Method(interface.NoFittedStage):
     self.config = config
     model = config.model
     self.teacher, self.ocbe, self.decoder = rd.build(
-        model.backbone, model.get("ocbe_width_per_group") or None)
+        model.backbone, model.get("ocbe_width_per_group") or None,
+        conv_lib.settings(config))
     if config.loss_mode not in rd.LOSS_MODES:
       raise ConfigError(f"loss_mode must be one of {rd.LOSS_MODES}, got "
                         f"{config.loss_mode!r}.")

@@ -51,6 +51,7 @@ class ConvTranspose2x2(nn.Module):
   """
 
   features: int
+  conv_settings: conv_lib.ConvSettings = conv_lib.ConvSettings()
 
   @nn.compact
   def __call__(self, x):
@@ -58,12 +59,13 @@ class ConvTranspose2x2(nn.Module):
     kernel = self.param("kernel", _CONV_TRANSPOSE_INIT,
                         (2, 2, c_in, self.features))
     kernel = kernel.transpose(2, 0, 1, 3).reshape(c_in, 4 * self.features)
-    return layers.depth_to_space(conv_lib.matmul(x, kernel))
+    return layers.depth_to_space(self.conv_settings.matmul(x, kernel))
 
 
-def _upsample(x, features: int, train: bool):
+def _upsample(x, features: int, train: bool,
+              settings: conv_lib.ConvSettings):
   """The decoder's shortcut: ConvTranspose2x2 + BN (torch `upsample`)."""
-  x = ConvTranspose2x2(features, name="upsample_0")(x)
+  x = ConvTranspose2x2(features, settings, name="upsample_0")(x)
   return layers.batch_norm(train, "upsample_1")(x)
 
 
@@ -76,18 +78,20 @@ class DecoderBasicBlock(nn.Module):
 
   planes: int
   upsample: bool = False
+  conv_settings: conv_lib.ConvSettings = conv_lib.ConvSettings()
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    settings = self.conv_settings
     if self.upsample:
-      y = ConvTranspose2x2(self.planes, name="conv1")(x)
+      y = ConvTranspose2x2(self.planes, settings, name="conv1")(x)
     else:
-      y = layers.conv(self.planes, 3, name="conv1")(x)
+      y = layers.conv(self.planes, 3, name="conv1", settings=settings)(x)
     y = nn.relu(layers.batch_norm(train, "bn1")(y))
-    y = layers.conv(self.planes, 3, name="conv2")(y)
+    y = layers.conv(self.planes, 3, name="conv2", settings=settings)(y)
     y = layers.batch_norm(train, "bn2")(y)
     if self.upsample:
-      x = _upsample(x, self.planes, train)
+      x = _upsample(x, self.planes, train, settings)
     return nn.relu(y + x)
 
 
@@ -102,21 +106,23 @@ class DecoderBottleneck(nn.Module):
   planes: int
   upsample: bool = False
   width_per_group: int = 64
+  conv_settings: conv_lib.ConvSettings = conv_lib.ConvSettings()
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    settings = self.conv_settings
     width = self.planes * self.width_per_group // 64
-    y = layers.conv(width, 1, name="conv1")(x)
+    y = layers.conv(width, 1, name="conv1", settings=settings)(x)
     y = nn.relu(layers.batch_norm(train, "bn1")(y))
     if self.upsample:
-      y = ConvTranspose2x2(width, name="conv2")(y)
+      y = ConvTranspose2x2(width, settings, name="conv2")(y)
     else:
-      y = layers.conv(width, 3, name="conv2")(y)
+      y = layers.conv(width, 3, name="conv2", settings=settings)(y)
     y = nn.relu(layers.batch_norm(train, "bn2")(y))
-    y = layers.conv(4 * self.planes, 1, name="conv3")(y)
+    y = layers.conv(4 * self.planes, 1, name="conv3", settings=settings)(y)
     y = layers.batch_norm(train, "bn3")(y)
     if self.upsample:
-      x = _upsample(x, 4 * self.planes, train)
+      x = _upsample(x, 4 * self.planes, train, settings)
     return nn.relu(y + x)
 
 
@@ -147,12 +153,14 @@ class OCBE(nn.Module):
     num_blocks: blocks in the OCE stage (official: 2 basic, 3 bottleneck).
     width_per_group: bottleneck inner width per 64 planes; the official
       WRN-50-2 model uses 128 (inner width 1024), anomalib and ResNet-50 64.
+    conv_settings: how the convolutions compute.
   """
 
   block: str = "bottleneck"
   num_blocks: int = 3
   width_per_group: int = 64
   base_width: int = 64  # The teacher's layer1 planes; OCE has 8x as many.
+  conv_settings: conv_lib.ConvSettings = conv_lib.ConvSettings()
 
   @nn.compact
   def __call__(self, features: Sequence[jax.Array], train: bool = False):
@@ -162,7 +170,7 @@ class OCBE(nn.Module):
 
     def halve(x, features: int, index: int):
       """3x3 stride-2 conv, BN, ReLU: the official conv{index}/bn{index}."""
-      y = layers.conv(features, 3, 2, f"conv{index}")(x)
+      y = layers.conv(features, 3, 2, f"conv{index}", self.conv_settings)(x)
       return nn.relu(layers.batch_norm(train, f"bn{index}")(y))
 
     f1 = halve(halve(x1, c2, 1), c3, 2)
@@ -172,10 +180,12 @@ class OCBE(nn.Module):
       stride = 2 if i == 0 else 1
       if self.block == "basic":
         layer = backbones.BasicBlock(8 * self.base_width, stride,
+                                     self.conv_settings,
                                      name=f"bn_layer_{i}")
       else:
         layer = backbones.Bottleneck(8 * self.base_width, stride,
                                      self.width_per_group,
+                                     self.conv_settings,
                                      name=f"bn_layer_{i}")
       x = layer(x, train)
     return x
@@ -197,12 +207,14 @@ class StudentDecoder(nn.Module):
     stage_sizes: blocks in the decoder's layer1, layer2, layer3
       (official: (3, 4, 6) for the ResNet-50s, (2, 2, 2) for ResNet-18).
     width_per_group: bottleneck inner width per 64 planes (128 for WRN).
+    conv_settings: how the convolutions compute.
   """
 
   block: str = "bottleneck"
   stage_sizes: Sequence[int] = (3, 4, 6)
   width_per_group: int = 64
   base_width: int = 64  # The teacher's layer1 planes.
+  conv_settings: conv_lib.ConvSettings = conv_lib.ConvSettings()
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -213,10 +225,11 @@ class StudentDecoder(nn.Module):
       for i in range(self.stage_sizes[stage]):
         name = f"layer{stage + 1}_{i}"
         if self.block == "basic":
-          layer = DecoderBasicBlock(planes, i == 0, name=name)
+          layer = DecoderBasicBlock(planes, i == 0, self.conv_settings,
+                                    name=name)
         else:
           layer = DecoderBottleneck(planes, i == 0, self.width_per_group,
-                                    name=name)
+                                    self.conv_settings, name=name)
         x = layer(x, train)
       outputs.append(x)
     return outputs[::-1]
@@ -231,9 +244,11 @@ _ARCHS = {
 }
 
 
-def build(arch: str, ocbe_width_per_group: int | None = None
+def build(arch: str, ocbe_width_per_group: int | None = None,
+          conv_settings: conv_lib.ConvSettings = conv_lib.ConvSettings()
           ) -> tuple[backbones.TorchResNet, OCBE, StudentDecoder]:
-  """(teacher, OCBE, decoder) as the official code pairs them for `arch`.
+  """(teacher, OCBE, decoder) as the official code pairs them for `arch`,
+  their convolutions computed as `conv_settings` say.
 
   `ocbe_width_per_group` overrides the OCBE's bottleneck width: the
   official WRN-50-2 model uses the arch's 128; anomalib uses 64.
@@ -245,11 +260,12 @@ def build(arch: str, ocbe_width_per_group: int | None = None
   block, oce_blocks, stage_sizes, width_per_group = _ARCHS[arch]
   if ocbe_width_per_group is None:
     ocbe_width_per_group = width_per_group
-  teacher = backbones.build(arch)
+  teacher = backbones.build(arch, conv_settings=conv_settings)
   return (teacher,
-          OCBE(block, oce_blocks, ocbe_width_per_group, teacher.base_width),
+          OCBE(block, oce_blocks, ocbe_width_per_group, teacher.base_width,
+               conv_settings),
           StudentDecoder(block, stage_sizes, width_per_group,
-                         teacher.base_width))
+                         teacher.base_width, conv_settings))
 
 
 def teacher_maps(features: dict[str, jax.Array]) -> list[jax.Array]:

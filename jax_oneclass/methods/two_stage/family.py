@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jax_oneclass import optim
 from jax_oneclass.components import backbones, oneclass, pretrained
+from jax_oneclass.components import conv as conv_lib
 from jax_oneclass.errors import ConfigError
 from jax_oneclass.methods import interface
 from jax_oneclass.methods.two_stage.network import SelfSupervisedNet
@@ -49,7 +50,8 @@ class TwoStageMethod:
         width=model_cfg.width,
         head_dims=tuple(model_cfg.head_dims),
         num_rotations=self.num_rotation_classes,
-        arch=model_cfg.arch)
+        arch=model_cfg.arch,
+        conv_settings=conv_lib.settings(config))
     self.pretrained = None
     if model_cfg.get("pretrained"):
       if model_cfg.arch == "cifar":

@@ -47,13 +47,14 @@ class BasicBlock(nn.Module):
 
   features: int
   strides: int = 1
+  conv_settings: conv_lib.ConvSettings = conv_lib.ConvSettings()
 
   @nn.compact
   def __call__(self, x, train: bool):
     conv = lambda f, k, s, name: nn.Conv(
         f, (k, k), (s, s), padding=_symmetric_padding(k), use_bias=False,
         name=name, kernel_init=_CONV_INIT,
-        conv_general_dilated=conv_lib.conv_general_dilated)
+        conv_general_dilated=self.conv_settings.conv_general_dilated)
     y = conv(self.features, 3, self.strides, "conv1")(x)
     y = nn.relu(_batch_norm(train, name="bn1")(y))
     y = conv(self.features, 3, 1, "conv2")(y)
@@ -69,6 +70,7 @@ class ResNet(nn.Module):
 
   stage_sizes: Sequence[int] = (2, 2, 2, 2)  # ResNet-18.
   width: int = 64
+  conv_settings: conv_lib.ConvSettings = conv_lib.ConvSettings()
 
   @nn.compact
   def __call__(self, images, train: bool):
@@ -76,12 +78,13 @@ class ResNet(nn.Module):
     x = nn.Conv(self.width, (3, 3), padding=_symmetric_padding(3),
                 use_bias=False,
                 kernel_init=_CONV_INIT, name="stem_conv",
-                conv_general_dilated=conv_lib.conv_general_dilated)(x)
+                conv_general_dilated=self.conv_settings.conv_general_dilated
+                )(x)
     x = nn.relu(_batch_norm(train, name="stem_bn")(x))
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(self.width * 2**stage, strides,
+        x = BasicBlock(self.width * 2**stage, strides, self.conv_settings,
                        name=f"stage{stage + 1}_block{block + 1}")(x, train)
     return jnp.mean(x, axis=(1, 2))
 
@@ -119,7 +122,8 @@ class SelfSupervisedNet(nn.Module):
   'embed' (the MLP head output [B, head_dims[-1]]) and, when
   `num_rotations` > 0, 'rotation_logits' [B, num_rotations] from a linear
   layer on 'embed'. The one-class classifiers read 'pool' and 'embed', as
-  the reference code evaluates both.
+  the reference code evaluates both. `conv_settings` say how the
+  backbone's convolutions compute.
   """
 
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -127,14 +131,16 @@ class SelfSupervisedNet(nn.Module):
   head_dims: Sequence[int] = (512, 128)
   num_rotations: int = 0
   arch: str = "cifar"
+  conv_settings: conv_lib.ConvSettings = conv_lib.ConvSettings()
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     if self.arch == "cifar":
-      pool = ResNet(self.stage_sizes, self.width, name="backbone")(
-          images, train)
+      pool = ResNet(self.stage_sizes, self.width, self.conv_settings,
+                    name="backbone")(images, train)
     else:  # The inputs the localisation methods give it (frozen_features).
-      backbone = backbones.build(self.arch, with_layer4=True)
+      backbone = backbones.build(self.arch, with_layer4=True,
+                                 conv_settings=self.conv_settings)
       pool = backbone.clone(parent=self, name="backbone")(
           backbones.torchvision_inputs(images), train)["pool"]
     embed = MLPHead(self.head_dims, last_bias=self.num_rotations > 0,
