@@ -12,6 +12,7 @@ from tests.conftest import tiny_config
 
 class _Info:
   num_train = 100
+  epoch_size = 100  # No rotation copies in this config.
 
 
 def test_zero_steps_is_refused_and_minus_one_means_epochs():
