@@ -12,7 +12,7 @@ renames it when complete, and the workdir lock is released first.
 
 Inside the training loop (`polling`) SIGTERM only sets an event that the
 loop reads at each step boundary, to save and stop; elsewhere it raises
-`Interrupted`, as Ctrl-C raises KeyboardInterrupt.
+`Terminated`, as Ctrl-C raises KeyboardInterrupt.
 """
 
 import contextlib
@@ -21,7 +21,6 @@ import signal
 import sys
 import threading
 
-from jax_oneclass.errors import Interrupted
 
 # Seconds the main thread has to take a signal before the watchdog ends
 # the process.
@@ -68,12 +67,17 @@ def on_hard_exit(callback):
   return lambda: callback in guard.on_exit and guard.on_exit.remove(callback)
 
 
+class Terminated(BaseException):
+  """SIGTERM outside the training steps. Like KeyboardInterrupt it is no
+  Exception, so that no `except Exception` swallows it."""
+
+
 def _sigterm(guard, *_):
   guard.take()
   if guard.polling:
     guard.requested.set()
     return
-  raise Interrupted(
+  raise Terminated(
       "Stopped by SIGTERM outside the training steps (e.g. while reading "
       "data or evaluating); every finished checkpoint is kept. Run the same "
       "command again to continue.")

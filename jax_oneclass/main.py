@@ -252,7 +252,13 @@ def main(argv):
   # SIGTERM and Ctrl-C take effect within seconds from here on, even inside
   # a long C++ call (data loading, compilation).
   with interrupts.guarded():
-    _run_mode(config)
+    try:
+      _run_mode(config)
+    except interrupts.Terminated as e:  # Outside the training loop.
+      if _DEBUG.value:
+        raise
+      print(f"\nerror: {e}", file=sys.stderr)
+      sys.exit(2)
 
 
 def _run_mode(config):

@@ -75,6 +75,11 @@ def sigterm_requests():
       yield guard.requested
     finally:
       guard.polling = False
+    if guard.requested.is_set():  # After the loop's last look.
+      raise interrupts.Terminated(
+          "Stopped by SIGTERM after the last training step, before "
+          "evaluation; the final checkpoint is saved. Run the same command "
+          "again to evaluate it.")
     return
   requested = threading.Event()
   if threading.current_thread() is not threading.main_thread():

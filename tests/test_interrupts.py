@@ -144,3 +144,21 @@ def test_sigterm_during_setup_and_compilation_exits_within_seconds(tmp_path):
   folder = tmp_path / "run" / "checkpoints"
   names = os.listdir(folder) if folder.is_dir() else []
   assert all(name.isdigit() for name in names), names
+
+
+def _sigterm_self():
+  os.kill(os.getpid(), signal.SIGTERM)
+  time.sleep(1)  # The handler runs here.
+
+
+def test_sigterm_outside_the_steps_raises_inside_sets_the_request():
+  # One guard per signal: a second signal ends the process.
+  with interrupts.guarded():
+    with pytest.raises(interrupts.Terminated, match="outside the training"):
+      _sigterm_self()
+  with interrupts.guarded():
+    with pytest.raises(interrupts.Terminated, match="after the last training"):
+      with train.sigterm_requests() as requested:
+        _sigterm_self()  # The loop would save and stop at its next step.
+        assert requested.is_set()
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
