@@ -5,7 +5,8 @@ process inside a long C++ call (building a tf.data pipeline, compiling a
 step, a blocking transfer) would not notice a signal for minutes. `guarded`
 therefore also has the C-level handler write each signal to a pipe
 (`signal.set_wakeup_fd`) that a watchdog thread reads: if the main thread
-has not taken the signal within `GRACE_SECS`, or on a second signal, the
+has not taken the signal within `GRACE_SECS` (`STEP_GRACE_SECS` while it
+waits for running training steps), or on a second signal, the
 watchdog prints one line and ends the process with exit code 2. Nothing
 half written is left: Orbax writes a checkpoint to a temporary folder and
 renames it when complete, and the workdir lock is released first.
@@ -20,11 +21,14 @@ import os
 import signal
 import sys
 import threading
+import time
 
 
 # Seconds the main thread has to take a signal before the watchdog ends
-# the process.
+# the process; STEP_GRACE_SECS while it waits for running training steps
+# (`waiting_for_steps`), after which the loop saves.
 GRACE_SECS = 3.0
+STEP_GRACE_SECS = 60.0
 
 _NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
 
@@ -34,6 +38,7 @@ class _Guard:
 
   def __init__(self):
     self.polling = False  # The training loop reads `requested`.
+    self.waiting = False  # The main thread waits for running steps.
     self.requested = threading.Event()  # SIGTERM, for the loop.
     self.taken = 0  # Signals the main thread's handlers ran for.
     self.changed = threading.Condition(threading.RLock())
@@ -72,6 +77,21 @@ class Terminated(BaseException):
   Exception, so that no `except Exception` swallows it."""
 
 
+@contextlib.contextmanager
+def waiting_for_steps():
+  """Marks a wait for running training steps, which may take longer than
+  GRACE_SECS to end: the loop saves right after it."""
+  guard = _guard
+  if guard is None:
+    yield
+    return
+  guard.waiting = True
+  try:
+    yield
+  finally:
+    guard.waiting = False
+
+
 def _sigterm(guard, *_):
   guard.take()
   if guard.polling:
@@ -88,11 +108,11 @@ def _sigint(guard, *_):
   raise KeyboardInterrupt
 
 
-def hard_exit_message(name: str, second: bool) -> str:
+def hard_exit_message(name: str, second: bool, secs: float = 0) -> str:
   """The line the watchdog prints before it ends the process."""
   why = ("asked twice" if second else
          f"the process was inside a call that cannot be interrupted (reading "
-         f"data, compiling or a long step) for {GRACE_SECS:g} s")
+         f"data, compiling or a long step) for {secs:g} s")
   return (f"error: Stopped by {name} without saving: {why}. Every finished "
           "checkpoint is kept; run the same command again to continue from "
           "the newest one.")
@@ -115,17 +135,20 @@ def _watch(guard, read_fd):
       seen += 1
       if seen > 1:
         _exit(guard, _NAMES[number], second=True)
-      if not guard.wait_taken(seen, GRACE_SECS):
-        _exit(guard, _NAMES[number], second=False)
+      start = time.monotonic()
+      while not guard.wait_taken(seen, 0.1):
+        grace = STEP_GRACE_SECS if guard.waiting else GRACE_SECS
+        if time.monotonic() - start > grace:
+          _exit(guard, _NAMES[number], second=False, secs=grace)
 
 
-def _exit(guard, name: str, second: bool):
+def _exit(guard, name: str, second: bool, secs: float = 0):
   for callback in list(guard.on_exit):
     try:
       callback()
     except Exception:  # pylint: disable=broad-except
       pass
-  sys.stderr.write("\n" + hard_exit_message(name, second) + "\n")
+  sys.stderr.write("\n" + hard_exit_message(name, second, secs) + "\n")
   sys.stderr.flush()
   os._exit(2)  # pylint: disable=protected-access
 

@@ -148,7 +148,8 @@ def train_run(run: run_lib.Run):
         state, metrics = step_fn(state, batch, rng)
         pending.append(metrics)
         if len(pending) > MAX_IN_FLIGHT:  # Stay a few steps ahead at most.
-          _wait_for(pending[-MAX_IN_FLIGHT - 1])
+          with interrupts.waiting_for_steps():
+            _wait_for(pending[-MAX_IN_FLIGHT - 1])
         step += 1
         timed = every_secs > 0 and time.monotonic() - last_save >= every_secs
         timed, terminated = _agreed((timed, sigterm.is_set()), step,
@@ -157,7 +158,8 @@ def train_run(run: run_lib.Run):
                 or timed or terminated)
         stopped_early = False
         if save or step % config.log_every_steps == 0:
-          summary = _summarise(pending, step, checkpointer)
+          with interrupts.waiting_for_steps():
+            summary = _summarise(pending, step, checkpointer)
           pending = []
           summary["images_per_sec"] = progress.update(step, summary)
           writer.write_scalars(step, summary)

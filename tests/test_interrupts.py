@@ -120,8 +120,42 @@ def test_a_signal_inside_a_blocking_call_ends_the_process(tmp_path, sig):
   assert time.monotonic() - start < interrupts.GRACE_SECS + 30
   assert process.returncode == 2
   name = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
-  assert _last_line(stderr) == interrupts.hard_exit_message(name, False)
+  assert _last_line(stderr) == interrupts.hard_exit_message(
+      name, False, interrupts.GRACE_SECS)
   assert not (tmp_path / ".lock").exists()  # Released on the way out.
+
+
+_WAITING = """\
+import ctypes, sys
+from jax_oneclass import interrupts
+with interrupts.guarded():
+  waiting = interrupts.waiting_for_steps() if sys.argv[1] == "1" else (
+      interrupts.contextlib.nullcontext())
+  try:
+    with waiting:
+      print("waiting", flush=True)
+      ctypes.CDLL(None).system(b"sleep 6")  # Takes no signal till it ends.
+  except interrupts.Terminated:
+    print("taken", flush=True)
+"""
+
+
+@pytest.mark.parametrize("steps", [False, True])
+def test_a_wait_for_running_steps_has_a_longer_grace(steps):
+  # E.g. a slow step: the loop would save once it ends.
+  process = subprocess.Popen(
+      [sys.executable, "-c", _WAITING, str(int(steps))], cwd=REPO,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  assert process.stdout.readline() == "waiting\n"
+  time.sleep(1)  # Into the call.
+  process.send_signal(signal.SIGTERM)
+  stdout, stderr = process.communicate(timeout=60)
+  if steps:
+    assert (process.returncode, stdout) == (0, "taken\n"), stderr[-2000:]
+  else:
+    assert process.returncode == 2
+    assert _last_line(stderr) == interrupts.hard_exit_message(
+        "SIGTERM", False, interrupts.GRACE_SECS)
 
 
 def test_sigterm_during_setup_and_compilation_exits_within_seconds(tmp_path):
