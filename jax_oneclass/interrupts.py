@@ -78,11 +78,11 @@ class Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def waiting_for_steps():
-  """Marks a wait for running training steps, which may take longer than
-  GRACE_SECS to end: the loop saves right after it."""
+def waiting_for_steps(waiting: bool = True):
+  """Marks (if `waiting`) a wait for running training steps or the next
+  batch, which may take longer than GRACE_SECS: the loop saves after it."""
   guard = _guard
-  if guard is None:
+  if guard is None or not waiting:
     yield
     return
   guard.waiting = True
@@ -119,7 +119,7 @@ def hard_exit_message(name: str, second: bool, secs: float = 0) -> str:
 
 
 def _watch(guard, read_fd):
-  """Ends the process when a signal is not taken within GRACE_SECS."""
+  """Ends the process when a signal is not taken within its grace."""
   seen = 0
   while True:
     try:

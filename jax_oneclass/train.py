@@ -144,7 +144,9 @@ def train_run(run: run_lib.Run):
   try:
     with sigterm_requests() as sigterm:
       while step < stop:
-        batch = parallel.shard_batch(mesh, next(batches))
+        # Once a step ran there is work to save: a slow batch may take long.
+        with interrupts.waiting_for_steps(step > start_step):
+          batch = parallel.shard_batch(mesh, next(batches))
         state, metrics = step_fn(state, batch, rng)
         pending.append(metrics)
         if len(pending) > MAX_IN_FLIGHT:  # Stay a few steps ahead at most.
