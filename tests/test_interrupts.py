@@ -158,7 +158,9 @@ def test_a_wait_for_running_steps_has_a_longer_grace(steps):
         "SIGTERM", False, interrupts.GRACE_SECS)
 
 
-def test_sigterm_during_setup_and_compilation_exits_within_seconds(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_setup_and_compilation_exits_within_seconds(
+    tmp_path, sig):
   # The start line comes before the pipeline is built and the step compiled.
   command = [sys.executable, "-m", "jax_oneclass.main",
              _config_file(tmp_path, 400), f"--workdir={tmp_path / 'run'}"]
@@ -167,11 +169,16 @@ def test_sigterm_during_setup_and_compilation_exits_within_seconds(tmp_path):
   line = process.stdout.readline()
   assert "steps 0..400" in line, line
   start = time.monotonic()
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(sig)
   _, stderr = process.communicate(timeout=120)
   assert time.monotonic() - start < 60  # Minutes before.
   assert process.returncode == 2, stderr[-3000:]
-  assert "Stopped by SIGTERM" in _last_line(stderr)
+  line = _last_line(stderr)
+  assert line.startswith("error: ")
+  if sig == signal.SIGTERM:
+    assert "Stopped by SIGTERM" in line, line
+  else:
+    assert "Interrupted" in line or "Stopped by Ctrl-C" in line, line
   assert "Traceback" not in stderr
   assert not (tmp_path / "run" / ".lock").exists()
   # Nothing half written: only complete checkpoints (if a step finished).
