@@ -22,7 +22,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jax_oneclass import cli_checks, logging_utils
+from jax_oneclass import cli_checks, interrupts, logging_utils
 from jax_oneclass.errors import ConfigError, OneClassError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -250,6 +250,20 @@ def main(argv):
     config = checked_config()
   except OneClassError as e:
     _fail(e, after_output=False)
+  # SIGTERM and Ctrl-C take effect within seconds from here on, even inside
+  # a long C++ call (data loading, compilation).
+  with interrupts.guarded():
+    try:
+      _run_mode(config)
+    except interrupts.Terminated as e:  # Outside the training loop.
+      if _DEBUG.value:
+        raise
+      print(f"\nerror: {e}", file=sys.stderr)
+      sys.exit(2)
+
+
+def _run_mode(config):
+  """Runs the mode on the checked config."""
   verbose = _VERBOSE.value or _DEBUG.value
   if not verbose:
     logging_utils.quiet_libraries()

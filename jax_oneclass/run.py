@@ -8,6 +8,8 @@ hands the same `Run` and state on to evaluation.
 
 import dataclasses
 import json
+import math
+import os
 from pathlib import Path
 
 import jax
@@ -168,6 +170,8 @@ def setup(config, workdir, info=None, mode: str = "train",
   plugins.import_plugins(config, f"the run in {workdir}")
   methods.method_module(config.method, f"the run in {workdir}")
   info = info or data.dataset_info(config)
+  if mode == "train":
+    check_batch_sizes(config, info)
   config = resolve_duration(config, info)
   workdir = Path(workdir)
   checkpointer = checkpointing.Checkpointer(workdir / "checkpoints",
@@ -184,6 +188,64 @@ def setup(config, workdir, info=None, mode: str = "train",
              method=methods.get_method(
                  _method_config(config, checkpointer), info),
              mesh=parallel.make_mesh(), checkpointer=checkpointer)
+
+
+# A batch more than this many times the normal training set is refused.
+MAX_BATCH_OVER_DATA = 100
+
+
+def physical_memory() -> int:
+  """This machine's memory in bytes."""
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _device_memory() -> int | None:
+  """One device's memory in bytes, where the backend says (GPU, TPU)."""
+  try:
+    return int((jax.local_devices()[0].memory_stats() or {})["bytes_limit"])
+  except (KeyError, TypeError, ValueError, RuntimeError):
+    return None
+
+
+def _memory_problem(batch_size: int, name: str, info) -> str | None:
+  """Why one batch of float32 images cannot fit in memory, or None: the
+  input pipeline holds it and a prefetched one per process, and each
+  device its share (activations need several times more)."""
+  image = 4 * math.prod(info.image_shape)
+  shape = "x".join(map(str, info.image_shape))
+  # (copies held, among how many, the memory, whose)
+  limits = [(2, jax.process_count(), physical_memory(), "this machine's")]
+  device = _device_memory()
+  if device is not None:
+    limits.append((1, jax.device_count(), device, "one device's"))
+  for copies, among, have, whose in limits:
+    need = copies * (batch_size // among) * image
+    if need > have:
+      devices = jax.device_count()
+      fits = have // (copies * image) * among // devices * devices
+      return (f"{name}={batch_size} needs {logging_utils.human_bytes(need)} "
+              f"for its {shape} float32 images alone, more than {whose} "
+              f"{logging_utils.human_bytes(have)} of memory; set "
+              f"--config.{name}={fits} or lower.")
+  return None
+
+
+def check_batch_sizes(config, info) -> None:
+  """Refuses, before any data is read or compiled, a batch that cannot
+  work: over MAX_BATCH_OVER_DATA times the normal training images, or one
+  whose images alone exceed the memory."""
+  if config.batch_size > MAX_BATCH_OVER_DATA * info.num_train:
+    times = config.batch_size // max(info.num_train, 1)
+    raise ConfigError(
+        f"batch_size={config.batch_size} is more than {MAX_BATCH_OVER_DATA} "
+        f"times the {info.num_train} normal training images (each batch "
+        f"would hold every image about {times} times); set "
+        f"--config.batch_size={info.num_train} or lower.")
+  for batch_size, name in ((config.batch_size, "batch_size"),
+                           (config.eval.batch_size, "eval.batch_size")):
+    problem = _memory_problem(batch_size, name, info)
+    if problem:
+      raise ConfigError(problem)
 
 
 # Methods whose loss treats the other images of a batch as negatives.

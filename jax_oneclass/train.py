@@ -19,9 +19,15 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from jax_oneclass import data, evaluate, logging_utils, parallel
-from jax_oneclass import workdir_lock
+from jax_oneclass import interrupts, workdir_lock
 from jax_oneclass import run as run_lib
 from jax_oneclass.errors import Interrupted, NonFiniteLossError
+
+
+# Steps dispatched beyond the newest finished one: enough to keep the
+# device busy, few enough that a SIGTERM is read within a couple of steps.
+MAX_IN_FLIGHT = 2
+_wait_for = jax.block_until_ready
 
 
 def jit_train_step(method, mesh):
@@ -60,8 +66,22 @@ def sigterm_requests():
 
   SLURM, Kubernetes and TPU pre-emption send SIGTERM; the loop reads the
   event at step boundaries, saves and stops. Only the main thread can take
-  signals; elsewhere the event is never set.
+  signals; elsewhere the event is never set. Within `interrupts.guarded`
+  its handlers are used.
   """
+  guard = interrupts.active()
+  if guard is not None:  # The command's handlers: switch them to polling.
+    guard.polling = True
+    try:
+      yield guard.requested
+    finally:
+      guard.polling = False
+    if guard.requested.is_set():  # After the loop's last look.
+      raise interrupts.Terminated(
+          "Stopped by SIGTERM after the last training step, before "
+          "evaluation; the final checkpoint is saved. Run the same command "
+          "again to evaluate it.")
+    return
   requested = threading.Event()
   if threading.current_thread() is not threading.main_thread():
     yield requested
@@ -142,9 +162,14 @@ def train_run(run: run_lib.Run):
   try:
     with sigterm_requests() as sigterm:
       while step < stop:
-        batch = parallel.shard_batch(mesh, next(batches))
+        # Once a step ran there is work to save: a slow batch may take long.
+        with interrupts.waiting_for_steps(step > start_step):
+          batch = parallel.shard_batch(mesh, next(batches))
         state, metrics = step_fn(state, batch, rng)
         pending.append(metrics)
+        if len(pending) > MAX_IN_FLIGHT:  # Stay a few steps ahead at most.
+          with interrupts.waiting_for_steps():
+            _wait_for(pending[-MAX_IN_FLIGHT - 1])
         step += 1
         timed = every_secs > 0 and time.monotonic() - last_save >= every_secs
         timed, terminated = _agreed((timed, sigterm.is_set()), step,
@@ -153,7 +178,8 @@ def train_run(run: run_lib.Run):
                 or timed or terminated)
         stopped_early = False
         if save or step % config.log_every_steps == 0:
-          summary = _summarise(pending, step, checkpointer)
+          with interrupts.waiting_for_steps():
+            summary = _summarise(pending, step, checkpointer)
           pending = []
           summary["images_per_sec"] = progress.update(step, summary)
           writer.write_scalars(step, summary)

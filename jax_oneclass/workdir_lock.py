@@ -16,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from jax_oneclass import logging_utils
+from jax_oneclass import interrupts, logging_utils
 from jax_oneclass.errors import WorkdirBusy
 
 LOCK_NAME = ".lock"
@@ -139,8 +139,10 @@ def held(workdir, purpose: str):
   payload = acquire_everywhere(workdir, purpose)
   on_exit = lambda: release(workdir, payload)
   atexit.register(on_exit)
+  forget = interrupts.on_hard_exit(on_exit)
   try:
     yield payload
   finally:
     release(workdir, payload)
     atexit.unregister(on_exit)
+    forget()
