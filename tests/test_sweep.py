@@ -1,0 +1,328 @@
+"""Sweeps: members equal their single runs, faults, tables, command line."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_oneclass import methods, sweep, train
+from jax_oneclass import run as run_lib
+from jax_oneclass.errors import ConfigError
+from tests.conftest import METHODS, REPO, tiny_config
+
+# One method per family is also compared with its single runs.
+_FAMILY_CHECKED = {}
+for _name in METHODS:
+  _FAMILY_CHECKED.setdefault(methods.family(_name), _name)
+# Parameters of a member and its single run after the same steps (vmap
+# changes the order of float32 sums; measured max |difference| below 1e-5).
+_ATOL, _RTOL = 1e-4, 1e-4
+
+
+def _state(workdir, config):
+  run = run_lib.setup(config, workdir, mode="eval")
+  try:
+    state, step = run_lib.restore_latest(run)
+  finally:
+    run.checkpointer.close()
+  return jax.device_get(state), step
+
+
+def _assert_close(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(
+      np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=_RTOL,
+      atol=_ATOL), a, b)
+
+
+def _sweep_config(method, steps=4):
+  config = tiny_config(method, steps=steps)
+  config.eval.plots = False
+  config.eval.num_overlays = 0
+  return config
+
+
+# --- Input checks ----------------------------------------------------------------
+
+
+def test_grid_values_are_typed_and_bad_grids_fail():
+  config = _sweep_config("rotnet")
+  assert sweep.parse_grid(["optimizer.learning_rate=1e-3,3e-4",
+                           "model.head_dims=(16, 8),(8,)"], config) == [
+                               ("optimizer.learning_rate", [1e-3, 3e-4]),
+                               ("model.head_dims", [(16, 8), (8,)])]
+  for bad, message in [("optimizer.lr=1", "Unknown config key"),
+                       ("optimizer.learning_rate=", "no values"),
+                       ("optimizer.learning_rate", "key=value"),
+                       ("seed=1,2", "--seeds"),
+                       ("batch_size=a", "cannot take")]:
+    with pytest.raises(ConfigError, match=message):
+      sweep.parse_grid([bad], config)
+
+
+def test_classes_seeds_shard_and_stack_are_checked(tmp_path):
+  config = _sweep_config("rotnet")
+  assert sweep.resolve_classes(config, "all") == list(range(10))
+  assert sweep.resolve_classes(config, "0,3") == [0, 3]
+  with pytest.raises(ConfigError, match="10 is not a class of digits"):
+    sweep.resolve_classes(config, "3,10")
+  with pytest.raises(ConfigError, match="integers"):
+    sweep.parse_ints("0,x", "seeds")
+  assert sweep.parse_shard("1/4") == (1, 4)
+  for bad in ("4/4", "1", "-1/2"):
+    with pytest.raises(ConfigError, match="--shard"):
+      sweep.parse_shard(bad)
+  with pytest.raises(ConfigError, match="--stack=0"):
+    sweep.plan(config, tmp_path, "0", None, [], 0, (0, 1))
+
+
+def test_member_folders_and_shards(tmp_path):
+  config = _sweep_config("rotnet")
+  grid = sweep.parse_grid(["optimizer.learning_rate=1e-3,3e-4"], config)
+  members = sweep.make_members(config, tmp_path, [0, 3], [0, 1], grid)
+  assert len(members) == 8
+  assert members[0].workdir == (tmp_path / "class_0" / "seed_0" /
+                                "optimizer.learning_rate=0.001")
+  assert members[-1].config.optimizer.learning_rate == 3e-4
+  assert members[-1].config.data.normal_class == 3
+  assert members[-1].config.seed == 1
+  assert config.seed == 1 and config.data.normal_class == 1  # Untouched.
+  shards = [sweep.shard_members(members, i, 3) for i in range(3)]
+  assert sorted((m.workdir for s in shards for m in s)) == sorted(
+      m.workdir for m in members)
+
+
+def test_frozen_members_keep_their_state():
+  active = jnp.array([True, False])
+  old = {"w": jnp.zeros((2, 3)), "key": jax.random.split(jax.random.key(0))}
+  new = {"w": jnp.ones((2, 3)), "key": jax.random.split(jax.random.key(1))}
+  kept = sweep._keep(active, new, old)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(kept["w"], [[1, 1, 1], [0, 0, 0]])
+  assert jax.random.key_data(kept["key"][0]).tolist() == jax.random.key_data(
+      new["key"][0]).tolist()
+  assert jax.random.key_data(kept["key"][1]).tolist() == jax.random.key_data(
+      old["key"][1]).tolist()
+
+
+def test_summary_overall_is_mean_over_classes_and_std_over_seeds():
+  summary = sweep.summarise_scorer({"0": {0: 0.9, 1: 0.8}, "1": {0: 0.7,
+                                                                 1: 0.6}})
+  assert summary["rows"]["0"]["mean"] == pytest.approx(0.85)
+  assert summary["rows"]["0"]["std"] == pytest.approx(np.std([0.9, 0.8],
+                                                             ddof=1))
+  overall = summary["overall"]
+  assert overall["mean"] == pytest.approx(0.75)
+  assert overall["seed_means"] == pytest.approx({"0": 0.8, "1": 0.7})
+  assert overall["std"] == pytest.approx(np.std([0.8, 0.7], ddof=1))
+
+
+def test_the_reference_file_names_its_sources():
+  disaug = sweep.reference_results("disaug", "cifar10")
+  assert [r["value"] for r in disaug] == [92.5]
+  assert "Sohn" in disaug[0]["source"]
+  assert sorted(r["value"] for r in sweep.reference_results(
+      "reverse_distillation", "mvtec")) == [97.8, 98.5]
+  assert sweep.reference_results("rotnet", "digits") == []
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "jax_oneclass.sweep", *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=400,
+                        check=False)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--classes=0,12"], "12 is not a class of digits"),
+    (["--grid=optimizer.nope=1,2"], "Unknown config key 'optimizer.nope'"),
+    (["--grid=optimizer.learning_rate="], "no values"),
+    (["--stack=0"], "--stack=0 must be at least 1"),
+    (["--mode=eval"], "--mode is not a sweep flag"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, flags, message):
+  out = _cli("--config=configs/rotnet.py:digits", f"--workdir={tmp_path}",
+             *flags)
+  assert out.returncode == 2, out.stderr[-2000:]
+  lines = [line for line in out.stderr.splitlines() if line.strip()]
+  assert lines[-1].startswith("error: ") and message in lines[-1]
+  assert "Traceback" not in out.stderr
+  assert not list(tmp_path.iterdir())  # Nothing trained or written.
+
+
+# --- Members equal their single runs -----------------------------------------------
+
+
+def _single_run_config(method, normal_class, seed):
+  config = _sweep_config(method)
+  config.data.normal_class, config.seed = normal_class, seed
+  return config
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_sweeps_and_members_equal_single_runs(tmp_path,
+                                                           method):
+  config = _sweep_config(method)
+  combine = "vmap" if method != "rotnet" else "unrolled"
+  report = sweep.run_sweep(config, tmp_path / "sweep", classes="0,3",
+                           seeds="0", combine=combine)
+  members = report["members"]
+  assert [(m["class"], m["seed"], m["status"], m["step"])
+          for m in members] == [(0, 0, "finished", 4), (3, 0, "finished", 4)]
+  table = (tmp_path / "sweep" / sweep.TABLE_FILE).read_text()
+  assert "| 0 |" in table and "| 3 |" in table and "**overall**" in table
+  assert (tmp_path / "sweep" / sweep.PLOT_FILE).stat().st_size > 0
+  saved = json.loads((tmp_path / "sweep" / sweep.RESULTS_FILE).read_text())
+  assert saved["headline_scorer"] == members[0]["scorer"]
+  if _FAMILY_CHECKED[methods.family(method)] != method and method != "rotnet":
+    return
+  for member in members:
+    single = _single_run_config(method, member["class"], member["seed"])
+    results = train.train_and_evaluate(single, tmp_path / f"single_{member['class']}")
+    for scorer, auroc in results["auroc"].items():
+      assert member["auroc"][scorer] == pytest.approx(auroc, abs=5e-4), scorer
+    swept, step = _state(tmp_path / "sweep" / member["workdir"], single)
+    alone, step_alone = _state(tmp_path / f"single_{member['class']}",
+                               single)
+    assert step == step_alone == 4
+    _assert_close(swept, alone)
+
+
+# --- Faults ------------------------------------------------------------------------
+
+
+def test_halted_sweep_resumes_to_the_same_table_and_skips_finished(tmp_path):
+  config = _sweep_config("rotnet")
+  straight = sweep.run_sweep(config, tmp_path / "straight", classes="0,3",
+                             seeds="0")
+  halted = _sweep_config("rotnet")
+  halted.halt_after_step = 2
+  assert sweep.run_sweep(halted, tmp_path / "resumed", classes="0,3",
+                         seeds="0") == {}
+  status = json.loads((tmp_path / "resumed" / "class_3" / "seed_0" /
+                       sweep.STATUS_FILE).read_text())
+  assert status["status"] == "halted" and status["step"] == 2
+  resumed = sweep.run_sweep(config, tmp_path / "resumed", classes="0,3",
+                            seeds="0")
+  table = lambda w: (w / sweep.TABLE_FILE).read_text()
+  assert table(tmp_path / "resumed") == table(tmp_path / "straight")
+  assert [m["auroc"] for m in resumed["members"]] == [
+      m["auroc"] for m in straight["members"]]
+
+  results = tmp_path / "resumed" / "class_0" / "seed_0" / "results.json"
+  before = results.stat().st_mtime_ns
+  again = sweep.run_sweep(config, tmp_path / "resumed", classes="0,3",
+                          seeds="0")
+  assert results.stat().st_mtime_ns == before  # Skipped: not evaluated.
+  assert again["summary"] == resumed["summary"]
+
+
+def test_a_non_finite_member_stops_alone(tmp_path, monkeypatch):
+  real = sweep.data.train_batches
+
+  def poisoned(config, start_step=0):
+    """Class 3's batches from its third step on are NaN."""
+    for index, batch in enumerate(real(config, start_step), start_step):
+      if config.data.normal_class == 3 and index >= 2:
+        batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+      yield batch
+
+  monkeypatch.setattr(sweep.data, "train_batches", poisoned)
+  config = _sweep_config("rotnet", steps=6)
+  report = sweep.run_sweep(config, tmp_path, classes="0,3", seeds="0")
+  by_class = {m["class"]: m for m in report["members"]}
+  assert by_class[0]["status"] == "finished" and by_class[0]["step"] == 6
+  assert by_class[3]["status"] == "non_finite"
+  assert "Non-finite" in by_class[3]["error"]
+  assert "loss" in by_class[3]["error"]
+  assert "last good checkpoint is step 2" in by_class[3]["error"]
+  assert not (tmp_path / "class_3" / "seed_0" / "results.json").exists()
+  table = (tmp_path / sweep.TABLE_FILE).read_text()
+  assert "class_3/seed_0: non_finite" in table
+  state, step = _state(tmp_path / "class_3" / "seed_0",
+                       _single_run_config("rotnet", 3, 0))
+  assert step == 2
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+def _stop_class_3(get_method):
+  """A `methods.get_method` whose methods report stop_training from the
+  third step on for normal class 3 (its batches' labels), freezing there."""
+
+  def wrapped(*args, **kwargs):
+    method = get_method(*args, **kwargs)
+    step_fn = method.train_step
+
+    def train_step(state, batch, rng):
+      new, metrics = step_fn(state, batch, rng)
+      stop = (batch["label"][0] == 3) & (state.step >= 2)
+      return new, {**metrics, "stop_training": stop.astype(jnp.float32)}
+
+    method.train_step = train_step
+    return method
+  return wrapped
+
+
+def test_an_early_stopping_member_freezes_while_the_others_go_on(
+    tmp_path, monkeypatch):
+  monkeypatch.setattr(run_lib.methods, "get_method",
+                      _stop_class_3(run_lib.methods.get_method))
+  config = _sweep_config("rotnet", steps=6)
+  report = sweep.run_sweep(config, tmp_path / "sweep", classes="0,3",
+                           seeds="0", combine="vmap")
+  by_class = {m["class"]: m for m in report["members"]}
+  assert (by_class[0]["status"], by_class[0]["step"]) == ("finished", 6)
+  assert (by_class[3]["status"], by_class[3]["step"]) == ("stopped_early", 4)
+  single = _single_run_config("rotnet", 3, 0)
+  single.num_train_steps = 6
+  results = train.train_and_evaluate(single, tmp_path / "single")
+  assert results["step"] == 4
+  swept, step = _state(tmp_path / "sweep" / "class_3" / "seed_0", single)
+  alone, _ = _state(tmp_path / "single", single)
+  assert step == 4 and int(swept.step) == 4
+  _assert_close(swept, alone)
+  # Finished: a rerun neither trains nor evaluates it again.
+  again = sweep.run_sweep(config, tmp_path / "sweep", classes="0,3",
+                          seeds="0")
+  assert again["summary"] == report["summary"]
+
+
+def test_shards_train_their_own_members_and_the_last_writes_the_table(
+    tmp_path):
+  config = _sweep_config("rotnet", steps=2)
+  first = sweep.run_sweep(config, tmp_path, classes="0,3", seeds="0",
+                          shard=(0, 2))
+  assert (tmp_path / "class_0" / "seed_0" / "results.json").exists()
+  assert not (tmp_path / "class_3").exists()
+  assert [m["status"] for m in first["members"]] == ["finished", "missing"]
+  second = sweep.run_sweep(config, tmp_path, classes="0,3", seeds="0",
+                           shard=(1, 2))
+  assert [m["status"] for m in second["members"]] == ["finished",
+                                                      "finished"]
+  assert set(second["summary"][""][second["headline_scorer"]]["rows"]) == {
+      "0", "3"}
+
+
+def test_command_line_sweep_and_eval_of_a_member(tmp_path):
+  config_file = tmp_path / "tiny.py"
+  config_file.write_text(
+      "from tests.conftest import tiny_config\n"
+      "def get_config(arg=None):\n"
+      "  return tiny_config('rotnet', steps=2)\n")
+  out = _cli(f"--config={config_file}", "--classes=0,3", "--seeds=0,1",
+             "--stack=2", "--config.eval.plots=False",
+             f"--workdir={tmp_path / 'w'}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "**overall**" in out.stdout
+  rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+  assert len(rows) == 4  # Header, classes 0 and 3, overall.
+  member = tmp_path / "w" / "class_3" / "seed_1"
+  evaluated = subprocess.run(
+      [sys.executable, "-m", "jax_oneclass.main", f"--workdir={member}",
+       "--mode=eval", f"--results_path={tmp_path / 'eval'}"], cwd=REPO,
+      capture_output=True, text=True, timeout=400, check=False)
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  again = json.loads((tmp_path / "eval" / "results.json").read_text())
+  saved = json.loads((member / "results.json").read_text())
+  assert again["auroc"] == saved["auroc"] and again["step"] == 2
