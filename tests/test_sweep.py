@@ -234,8 +234,7 @@ def test_a_non_finite_member_stops_alone(tmp_path, monkeypatch):
   by_class = {m["class"]: m for m in report["members"]}
   assert by_class[0]["status"] == "finished" and by_class[0]["step"] == 6
   assert by_class[3]["status"] == "non_finite"
-  assert "Non-finite" in by_class[3]["error"]
-  assert "loss" in by_class[3]["error"]
+  assert by_class[3]["error"].startswith("Non-finite")
   assert "last good checkpoint is step 2" in by_class[3]["error"]
   assert not (tmp_path / "class_3" / "seed_0" / "results.json").exists()
   table = (tmp_path / sweep.TABLE_FILE).read_text()
