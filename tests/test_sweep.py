@@ -18,9 +18,22 @@ from tests.conftest import METHODS, REPO, tiny_config
 _FAMILY_CHECKED = {}
 for _name in METHODS:
   _FAMILY_CHECKED.setdefault(methods.family(_name), _name)
-# Parameters of a member and its single run after the same steps (vmap
-# changes the order of float32 sums; measured max |difference| below 1e-5).
-_ATOL, _RTOL = 1e-4, 1e-4
+# Parameters of a member and its single run after the same steps: measured
+# max |difference| 6e-8 unrolled, 1.1e-6 vmap (RotNet). Reverse
+# distillation's Adam (lr 5e-3) turns rounding in near-zero gradients into
+# parameter steps: unrolled, one of its weights differed by 6.7e-5, far
+# below one step of the learning rate; see sweep.VMAP_TOLERANCE too.
+_ATOL, _RTOL = 1e-5, 1e-5
+_ATOL_ADAM_DRIFT = {"reverse_distillation": 5e-4}
+
+
+def _combine(method: str) -> str:
+  """Family representatives run unrolled (reverse distillation 'auto',
+  which must notice that vmap drifts); the others vmap."""
+  if method == "reverse_distillation":
+    return "auto"
+  return "unrolled" if _FAMILY_CHECKED[methods.family(method)] == method \
+      else "vmap"
 
 
 def _state(workdir, config):
@@ -32,10 +45,10 @@ def _state(workdir, config):
   return jax.device_get(state), step
 
 
-def _assert_close(a, b):
+def _assert_close(a, b, atol=_ATOL):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(
       np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=_RTOL,
-      atol=_ATOL), a, b)
+      atol=atol), a, b)
 
 
 def _sweep_config(method, steps=4):
@@ -161,12 +174,13 @@ def _single_run_config(method, normal_class, seed):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_sweeps_and_members_equal_single_runs(tmp_path,
-                                                           method):
+def test_every_method_sweeps_and_members_equal_single_runs(tmp_path, method,
+                                                           capsys):
   config = _sweep_config(method)
-  combine = "vmap" if method != "rotnet" else "unrolled"
   report = sweep.run_sweep(config, tmp_path / "sweep", classes="0,3",
-                           seeds="0", combine=combine)
+                           seeds="0", combine=_combine(method))
+  if method == "reverse_distillation":  # vmap drifts: see _combine.
+    assert "using unrolled (vmap's state differs" in capsys.readouterr().out
   members = report["members"]
   assert [(m["class"], m["seed"], m["status"], m["step"])
           for m in members] == [(0, 0, "finished", 4), (3, 0, "finished", 4)]
@@ -176,7 +190,7 @@ def test_every_method_sweeps_and_members_equal_single_runs(tmp_path,
   saved = json.loads((tmp_path / "sweep" / sweep.RESULTS_FILE).read_text())
   assert saved["headline_scorer"] == members[0]["scorer"]
   if _FAMILY_CHECKED[methods.family(method)] != method and method != "rotnet":
-    return
+    return  # RotNet: vmap against its single runs too.
   for member in members:
     single = _single_run_config(method, member["class"], member["seed"])
     results = train.train_and_evaluate(single, tmp_path / f"single_{member['class']}")
@@ -186,7 +200,7 @@ def test_every_method_sweeps_and_members_equal_single_runs(tmp_path,
     alone, step_alone = _state(tmp_path / f"single_{member['class']}",
                                single)
     assert step == step_alone == 4
-    _assert_close(swept, alone)
+    _assert_close(swept, alone, _ATOL_ADAM_DRIFT.get(method, _ATOL))
 
 
 # --- Faults ------------------------------------------------------------------------
