@@ -85,8 +85,9 @@ COMBINES = ("auto", "vmap", "unrolled")
 # unrolled one's: vmap sums in another order, and Adam turns rounding in
 # near-zero gradients into steps of the learning rate. Measured on tiny
 # digits runs, largest |parameter difference| to the single run after 4
-# steps: unrolled < 1e-7 for every family; vmap 1.1e-6 (RotNet), 4.8e-7
-# (GANomaly), but 0.096 (reverse distillation; 8e-4 after one step).
+# steps: unrolled 6e-8 (RotNet) to 6.7e-5 (reverse distillation, one
+# weight); vmap 1.1e-6 (RotNet), 4.8e-7 (GANomaly), but 0.096 (reverse
+# distillation; 8e-4 after one step).
 VMAP_TOLERANCE = 1e-5
 STATUS_FILE = "sweep_member.json"
 RESULTS_FILE = "sweep_results.json"
@@ -1049,6 +1050,13 @@ def _main(argv):
       raise
     logging.flush()
     print(f"\nerror: {e}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:  # Outside training (it saves itself).
+    if values.debug:
+      raise
+    print("\nerror: Interrupted (Ctrl-C) outside training, e.g. while "
+          "evaluating a member; every finished checkpoint is kept. Run the "
+          "same command again to continue.", file=sys.stderr)
     sys.exit(2)
   if jax.process_index() == 0:
     if not report:
