@@ -260,7 +260,7 @@ def shard_members(members: list[Member], index: int, count: int) -> list:
   return members[index::count]
 
 
-# --- Grouping and the stacked program ------------------------------------------
+# --- Grouping and the stacked program -----------------------------------------
 
 
 def static_key(config) -> str:
@@ -976,7 +976,7 @@ def plot_report(report: dict, path: Path) -> None:
   plt.close(fig)
 
 
-# --- Command line ---------------------------------------------------------------
+# --- Command line -------------------------------------------------------------
 
 
 def _define_flags():

@@ -59,7 +59,7 @@ def _sweep_config(method, steps=4):
   return config
 
 
-# --- Input checks ----------------------------------------------------------------
+# --- Input checks -------------------------------------------------------------
 
 
 def test_grid_values_are_typed_and_bad_grids_fail():
@@ -165,7 +165,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, flags, message):
   assert not list(tmp_path.iterdir())  # Nothing trained or written.
 
 
-# --- Members equal their single runs -----------------------------------------------
+# --- Members equal their single runs ------------------------------------------
 
 
 def _single_run_config(method, normal_class, seed):
@@ -194,17 +194,17 @@ def test_every_method_sweeps_and_members_equal_single_runs(tmp_path, method,
     return  # RotNet: vmap against its single runs too.
   for member in members:
     single = _single_run_config(method, member["class"], member["seed"])
-    results = train.train_and_evaluate(single, tmp_path / f"single_{member['class']}")
+    alone_dir = tmp_path / f"single_{member['class']}"
+    results = train.train_and_evaluate(single, alone_dir)
     for scorer, auroc in results["auroc"].items():
       assert member["auroc"][scorer] == pytest.approx(auroc, abs=5e-4), scorer
     swept, step = _state(tmp_path / "sweep" / member["workdir"], single)
-    alone, step_alone = _state(tmp_path / f"single_{member['class']}",
-                               single)
+    alone, step_alone = _state(alone_dir, single)
     assert step == step_alone == 4
     _assert_close(swept, alone, _ATOL_ADAM_DRIFT.get(method, _ATOL))
 
 
-# --- Faults ------------------------------------------------------------------------
+# --- Faults -------------------------------------------------------------------
 
 
 def test_halted_sweep_resumes_to_the_same_table_and_skips_finished(tmp_path):
