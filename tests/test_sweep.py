@@ -340,3 +340,45 @@ def test_command_line_sweep_and_eval_of_a_member(tmp_path):
   again = json.loads((tmp_path / "eval" / "results.json").read_text())
   saved = json.loads((member / "results.json").read_text())
   assert again["auroc"] == saved["auroc"] and again["step"] == 2
+
+
+def _signature(config):
+  from jax_oneclass import data  # pylint: disable=g-import-not-at-top
+  info = data.dataset_info(config)
+  method = methods.get_method(config, info)
+  state = jax.eval_shape(lambda k: method.init_state(k, info.image_shape),
+                         jax.random.key(0))
+  batch = next(data.train_batches(config))
+  return sweep.trace_signature(method, state, batch,
+                               jax.random.key(config.seed + 1))
+
+
+def test_members_share_a_program_unless_their_step_differs():
+  def config(method, normal_class=0, seed=0, **keys):
+    c = _single_run_config(method, normal_class, seed)
+    c.update_from_flattened_dict(keys)
+    return c
+  base = _signature(config("rotnet"))
+  assert _signature(config("rotnet", normal_class=3, seed=2)) == base
+  assert _signature(config("rotnet", **{"optimizer.learning_rate": 1e-2})
+                    ) != base
+  # Gradient preference selects patches with the seed: one program per seed.
+  gp = _signature(config("gradient_preference"))
+  assert _signature(config("gradient_preference", normal_class=3)) == gp
+  assert _signature(config("gradient_preference", seed=1)) != gp
+
+
+def test_a_grid_point_is_a_folder_and_a_table_section(tmp_path):
+  config = _sweep_config("rotnet", steps=2)
+  report = sweep.run_sweep(config, tmp_path, classes="0", seeds="0",
+                           grid=["optimizer.learning_rate=1e-3,1e-2"])
+  assert [m["grid"] for m in report["members"]] == [
+      {"optimizer.learning_rate": 1e-3}, {"optimizer.learning_rate": 1e-2}]
+  for folder in ("optimizer.learning_rate=0.001",
+                 "optimizer.learning_rate=0.01"):
+    assert (tmp_path / "class_0" / "seed_0" / folder / "results.json"
+            ).is_file()
+  assert sorted(report["summary"]) == ["optimizer.learning_rate=0.001",
+                                       "optimizer.learning_rate=0.01"]
+  table = (tmp_path / sweep.TABLE_FILE).read_text()
+  assert "## optimizer.learning_rate=0.01" in table
