@@ -382,3 +382,48 @@ def test_a_grid_point_is_a_folder_and_a_table_section(tmp_path):
                                        "optimizer.learning_rate=0.01"]
   table = (tmp_path / sweep.TABLE_FILE).read_text()
   assert "## optimizer.learning_rate=0.01" in table
+
+
+def test_sigterm_saves_every_member_and_the_rerun_finishes_alike(tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  keys = {"num_train_steps": 300, "checkpoint_every_steps": 4,
+          "log_every_steps": 2, "eval.plots": False,
+          "eval.num_overlays": 0}
+  config_file = tmp_path / "tiny.py"
+  config_file.write_text(
+      "from tests.conftest import tiny_config\n"
+      "def get_config(arg=None):\n"
+      "  config = tiny_config('rotnet')\n"
+      f"  config.update_from_flattened_dict({keys!r})\n"
+      "  return config\n")
+  command = [sys.executable, "-m", "jax_oneclass.sweep",
+             f"--config={config_file}", "--classes=0,3", "--seeds=0",
+             "--combine=unrolled", f"--workdir={tmp_path / 'w'}"]
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  first = tmp_path / "w" / "class_3" / "seed_0" / "checkpoints" / "4"
+  deadline = time.monotonic() + 300
+  while not first.is_dir() and process.poll() is None:
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 2, stderr[-3000:]
+  last = [line for line in stderr.splitlines() if line.strip()][-1]
+  assert "Stopped by SIGTERM at step" in last and "Traceback" not in stderr
+  stopped = int(last.split("at step ")[1].split()[0])
+  assert 4 <= stopped < 300
+  for c in (0, 3):
+    assert (tmp_path / "w" / f"class_{c}" / "seed_0" / "checkpoints" /
+            str(stopped)).is_dir()
+
+  rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                         timeout=400, check=False)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  config = _sweep_config("rotnet")
+  config.update_from_flattened_dict(keys)
+  sweep.run_sweep(config, tmp_path / "straight", classes="0,3", seeds="0",
+                  combine="unrolled")
+  assert ((tmp_path / "w" / sweep.TABLE_FILE).read_text() ==
+          (tmp_path / "straight" / sweep.TABLE_FILE).read_text())
