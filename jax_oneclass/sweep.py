@@ -296,19 +296,25 @@ def _is_key(x) -> bool:
                                                      jax.dtypes.prng_key)
 
 
-def sweep_mesh(num_members: int, batch_size: int) -> Mesh:
-  """A (member, data) mesh over every device: as many devices on 'member'
-  as divide both the device count and `num_members` while the rest still
-  divides `batch_size`. Several processes: 'data' only."""
-  devices = np.asarray(jax.devices())
-  n = len(devices)
+def mesh_shape(num_devices: int, num_members: int, batch_size: int,
+               num_processes: int = 1) -> tuple[int, int]:
+  """(member, data) axis sizes: as many devices on 'member' as divide both
+  the device count and `num_members` while the rest still divides
+  `batch_size`. Several processes: 'data' only."""
   member = 1
-  if jax.process_count() == 1:
-    member = max(d for d in range(1, n + 1)
-                 if n % d == 0 and num_members % d == 0
-                 and batch_size % (n // d) == 0)
-  return Mesh(devices.reshape(member, n // member), (MEMBER_AXIS,
-                                                     parallel.DATA_AXIS))
+  if num_processes == 1:
+    member = max(d for d in range(1, num_devices + 1)
+                 if num_devices % d == 0 and num_members % d == 0
+                 and batch_size % (num_devices // d) == 0)
+  return member, num_devices // member
+
+
+def sweep_mesh(num_members: int, batch_size: int) -> Mesh:
+  """A (member, data) mesh over every device (see `mesh_shape`)."""
+  devices = np.asarray(jax.devices())
+  shape = mesh_shape(len(devices), num_members, batch_size,
+                     jax.process_count())
+  return Mesh(devices.reshape(shape), (MEMBER_AXIS, parallel.DATA_AXIS))
 
 
 def stack(trees: Sequence[Any]):

@@ -109,6 +109,17 @@ def test_member_folders_and_shards(tmp_path):
       m.workdir for m in members)
 
 
+def test_mesh_puts_members_on_devices_where_they_divide():
+  assert sweep.mesh_shape(8, 8, 16) == (8, 1)
+  assert sweep.mesh_shape(8, 4, 16) == (4, 2)
+  assert sweep.mesh_shape(8, 10, 16) == (2, 4)
+  assert sweep.mesh_shape(8, 3, 16) == (1, 8)
+  assert sweep.mesh_shape(8, 8, 4) == (8, 1)
+  assert sweep.mesh_shape(1, 10, 16) == (1, 1)
+  assert sweep.mesh_shape(8, 8, 16, num_processes=2) == (1, 8)
+  assert sweep.sweep_mesh(2, 16).devices.size == jax.device_count()
+
+
 def test_frozen_members_keep_their_state():
   active = jnp.array([True, False])
   old = {"w": jnp.zeros((2, 3)), "key": jax.random.split(jax.random.key(0))}
@@ -340,6 +351,9 @@ def test_command_line_sweep_and_eval_of_a_member(tmp_path):
   again = json.loads((tmp_path / "eval" / "results.json").read_text())
   saved = json.loads((member / "results.json").read_text())
   assert again["auroc"] == saved["auroc"] and again["step"] == 2
+  from jax_oneclass import detector  # pylint: disable=g-import-not-at-top
+  loaded = detector.Detector.load(member)
+  assert loaded.step == 2 and loaded.scorer == saved["scorer"]
 
 
 def _signature(config):
