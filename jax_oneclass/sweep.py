@@ -438,6 +438,9 @@ def _write_status(slot: _Slot) -> None:
 
 
 def _latest_step(member: Member):
+  """The member's newest checkpoint step, or None; creates nothing."""
+  if not (member.workdir / "checkpoints").is_dir():
+    return None  # Another shard's member, or not started.
   checkpointer = checkpointing.Checkpointer(
       member.workdir / "checkpoints", member.config.keep_checkpoints)
   try:
