@@ -44,7 +44,8 @@ def get_config(arg=None):
   # divided by the feature's norm if `normalize`; 'random'), `prefer`
   # 'largest' or 'smallest' first, the rest a seeded uniform sample; all
   # images' points together, capped at `max_size` if > 0. The defaults
-  # come from experiments/gp_selector_study.py (see RESULTS.md).
+  # come from a study (see experiments/RESULTS.md;
+  # `git show 225ab88:experiments/gp_selector_study.py`).
   config.bank = dict(fraction=0.1, preferred_fraction=1.0, max_size=0,
                      criterion="feature_gradient", prefer="smallest",
                      normalize=False)

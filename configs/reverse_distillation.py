@@ -34,6 +34,9 @@ def get_config(arg=None):
   config.optimizer.b2 = 0.999
   config.optimizer.schedule = "constant"
 
+  # How the three scales' upsampled maps become one: 'sum' (RD4AD), 'mean',
+  # 'product', a registered name or 'package.module.function'.
+  config.model.map_fusion = "sum"
   config.loss_mode = "flattened"  # Official; 'per_pixel' is the paper's.
   config.eval.batch_size = 16
   config.eval.map_sigma = 4.0  # test.py: gaussian_filter(sigma=4).

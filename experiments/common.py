@@ -19,6 +19,13 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "experiments" / "results"
+# Run as `python experiments/<script>.py`, a script's own folder leads
+# sys.path, where experiments/torch/ (the PyTorch-side scripts) would read as
+# an empty `torch` package to any library that probes for torch.
+sys.path[:] = [p for p in sys.path
+               if Path(p or ".").resolve() != ROOT / "experiments"]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
 
 import jax  # pylint: disable=g-import-not-at-top
 

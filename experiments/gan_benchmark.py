@@ -1,17 +1,13 @@
-"""Benchmark of the GAN family against anomalib's PyTorch GANomaly.
+"""One-class CIFAR-10 of the GAN family against anomalib's PyTorch GANomaly.
 
 Parts (each writes experiments/results/gan_<part>.json, then the GAN section
 of RESULTS.md is re-rendered from them):
 
-  throughput  GANomaly train-step images/s and peak memory, ours (JAX) vs
-              anomalib's (CPU torch) at the same image size, batch, width
-              and latent size; fresh processes, the sides alternating
-              --rounds times. Each side also reports its step's conv and
-              matmul FLOPs and the machine's float32 GEMM/conv rates.
   cifar10     one-class CIFAR-10 AUROC per normal class for our GANomaly,
               our discriminative-generative method (dgad) and anomalib's
               GANomaly, all with the same number of steps and batch size.
-  report      only re-render.
+  report      only re-render (also the saved train-step comparison; that
+              is now `python experiments/speed.py steps --rows=ganomaly`).
 
 anomalib runs in its own virtualenv (torch and anomalib do not belong in
 this package's dependencies); make one with
@@ -19,7 +15,6 @@ this package's dependencies); make one with
   /work/anomalib_venv/bin/pip install anomalib torch torchvision scikit-learn pillow
 and pass --anomalib_python=/work/anomalib_venv/bin/python (the default).
 
-  python experiments/gan_benchmark.py throughput
   python experiments/gan_benchmark.py cifar10 --classes=0,1,2 --steps=300
 """
 
@@ -28,36 +23,18 @@ import json
 import os
 import sys
 import time
-import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # pylint: disable=g-import-not-at-top
 from experiments import common
-from experiments import measure
 # pylint: enable=g-import-not-at-top
 
 SCRIPT = "python experiments/gan_benchmark.py"
 # dgad's headline scorer, as configs/dgad.py sets it.
 DGAD_SCORER = common.config_with("dgad", "digits").eval.scorer
-ANOMALIB_SCRIPT = common.ROOT / "experiments" / "anomalib_ganomaly.py"
-
-
-def ours_throughput(image_size, batch_size, width, latent, steps,
-                    warmup) -> dict:
-  """Our GANomaly step on random images (no input pipeline), this process."""
-  from jax_oneclass.methods.gan import ganomaly  # pylint: disable=g-import-not-at-top
-  import_rss = measure.rss_mb()
-  config = common.config_with("ganomaly", "cifar10", {
-      "batch_size": batch_size, "model.width": width,
-      "model.latent_size": latent, "data.image_size": image_size,
-      "num_train_steps": steps})
-  info = types.SimpleNamespace(image_shape=(image_size, image_size, 3),
-                               num_train=5000)
-  result, _ = common.time_train_step(ganomaly.Method(config, info), info,
-                                     batch_size, steps, warmup)
-  return {**result, "import_rss_mb": import_rss}
+ANOMALIB_SCRIPT = common.ROOT / "experiments/torch/anomalib_ganomaly.py"
 
 
 def _anomalib(args, *extra) -> list[str]:
@@ -67,22 +44,6 @@ def _anomalib(args, *extra) -> list[str]:
         "this script's docstring says, or pass --anomalib_python.")
   return [args.anomalib_python, str(ANOMALIB_SCRIPT), *extra,
           f"--threads={os.cpu_count()}"]
-
-
-def part_throughput(args):
-  settings = dict(image_size=args.image_size, batch_size=args.batch_size,
-                  width=args.width, latent=args.latent)
-  flags = [f"--{k}={v}" for k, v in settings.items()]
-  timed = [f"--steps={args.throughput_steps}", f"--warmup={args.warmup}"]
-  row = common.alternate_runs(
-      [sys.executable, __file__, "_ours_throughput", *flags, *timed],
-      _anomalib(args, "throughput", *flags, *timed), "anomalib", "images",
-      args.rounds)
-  return {"command": " ".join([f"{SCRIPT} throughput", *flags,
-                               f"--throughput_steps={args.throughput_steps}",
-                               f"--warmup={args.warmup}",
-                               f"--rounds={args.rounds}"]),
-          "settings": settings, **row}
 
 
 def part_cifar10(args):
@@ -134,7 +95,9 @@ def render(parts) -> str:
         f"{s['width']}, latent {s['latent']}; random inputs, a full step "
         "(generator and discriminator updates) each, timed in alternating "
         "fresh processes; each side's fastest run is shown, ours / ref "
-        "from mean step times (medians in brackets). Goal: ours >= 2x.", "",
+        "from mean step times (medians in brackets). Goal: ours >= 2x. "
+        "The step timing is now `python experiments/speed.py steps "
+        "--rows=ganomaly`.", "",
         *common.comparison_table(
             {label: p}, "anomalib", "images", "setting",
             [("peak RSS MB", "peak_rss_mb"),
@@ -195,32 +158,19 @@ def render(parts) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("part", choices=["throughput", "cifar10", "report",
-                                       "_ours_throughput"])
+  parser.add_argument("part", choices=["cifar10", "report"])
   parser.add_argument("--classes", default="0,1,2")
   parser.add_argument("--data", default="../shared/data/cifar10-jpeg.tar.gz")
   parser.add_argument("--steps", type=int, default=300)
-  parser.add_argument("--image_size", type=int, default=32)
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--width", type=int, default=64)
   parser.add_argument("--latent", type=int, default=100)
-  parser.add_argument("--throughput_steps", type=int, default=20)
-  parser.add_argument("--warmup", type=int, default=3,
-                      help="Untimed steps (compiling) before the timed ones.")
-  parser.add_argument("--rounds", type=int, default=2,
-                      help="Alternating fresh-process runs a side; the "
-                           "fastest is kept.")
   parser.add_argument("--anomalib_python",
                       default=os.environ.get("ANOMALIB_PYTHON",
                                              "/work/anomalib_venv/bin/python"))
   parser.add_argument("--workdir_root", default="/tmp/jax_oneclass_bench")
   args = parser.parse_args()
   os.chdir(common.ROOT)
-  if args.part == "_ours_throughput":  # The child process of 'throughput'.
-    print(json.dumps(ours_throughput(args.image_size, args.batch_size,
-                                     args.width, args.latent,
-                                     args.steps, args.warmup)))
-    return
   args.classes = [int(c) for c in args.classes.split(",")]
   if args.part != "report":
     common.save_part(f"gan_{args.part}",

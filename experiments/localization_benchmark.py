@@ -1,21 +1,18 @@
-"""Localisation building blocks vs PyTorch/anomalib, on CPU.
+"""Nearest-neighbour memory-bank search vs PyTorch, on CPU.
 
 Parts (each writes results/localization_<part>.json, then re-renders):
 
-  rd_throughput  reverse-distillation train-step images/s and memory, ours
-                 vs anomalib's, a row per --backbones entry, with each
-                 step's conv and matmul FLOPs and the machine's float32
-                 GEMM/conv rates.
   bank           nearest_neighbors.search vs torch.cdist + topk, a row per
                  --bank_sizes entry (our indices checked against numpy).
-  report         only re-render.
+  report         only re-render (also the saved reverse-distillation
+                 train-step comparison; that is now
+                 `python experiments/speed.py steps --rows=rd_resnet18`).
 
 Each measurement is a fresh process, ours and the reference alternately
---rounds times, the fastest kept. The torch side is anomalib_localization.py
-under --anomalib_python (see anomalib_ganomaly.py for that virtualenv).
+--rounds times, the fastest kept. The torch side is
+torch/anomalib_localization.py under --anomalib_python (see
+torch/anomalib_ganomaly.py for that virtualenv).
 
-  python experiments/localization_benchmark.py rd_throughput --steps=10 \
-      --warmup=3
   python experiments/localization_benchmark.py bank --steps=5 --warmup=2
   python experiments/localization_benchmark.py report
 """
@@ -24,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,38 +29,14 @@ sys.path.insert(0, str(ROOT))
 from experiments import measure  # pylint: disable=g-import-not-at-top
 
 SCRIPT = "python experiments/localization_benchmark.py"
-TORCH_SCRIPT = ROOT / "experiments" / "anomalib_localization.py"
-# anomalib's OCBE has width_per_group 64 for every backbone (the official
-# WRN-50-2 model 128); ours matches it so both sides train the same net.
+TORCH_SCRIPT = ROOT / "experiments/torch/anomalib_localization.py"
+# anomalib's OCBE width per group, as the saved RD comparison ran it.
 OCBE_WIDTH = 64
 # part: (list flag, per-run flag, shared flags, reference, rate unit).
 PARTS = {
-    "rd_throughput": ("backbones", "backbone", ("image_size", "batch_size"),
-                      "anomalib", "images"),
     "bank": ("bank_sizes", "bank_size", ("dim", "queries", "k"), "torch",
              "queries"),
 }
-
-
-def ours_rd_throughput(args) -> dict:
-  """Our RD train step on random images (no input pipeline), this process."""
-  # pylint: disable=g-import-not-at-top
-  import jax
-  from experiments import common
-  from jax_oneclass.methods.reverse_distillation import method as reverse_distillation
-  # pylint: enable=g-import-not-at-top
-  import_rss = measure.rss_mb()
-  size, batch_size = args.image_size, args.batch_size
-  config = common.config_with("reverse_distillation", "digits", {
-      "model.backbone": args.backbone, "data.image_size": size,
-      "model.ocbe_width_per_group": OCBE_WIDTH, "batch_size": batch_size})
-  info = types.SimpleNamespace(image_shape=(size, size, 3), num_train=200)
-  result, state = common.time_train_step(
-      reverse_distillation.Method(config, info), info, batch_size,
-      args.steps, args.warmup)
-  return {**result, "final_loss": result["final_metrics"]["loss"],
-          "trained_params": sum(x.size for x in jax.tree.leaves(state.params)),
-          "import_rss_mb": import_rss}
 
 
 def ours_bank(args) -> dict:
@@ -161,7 +133,9 @@ def render(parts) -> str:
         "random inputs and teacher weights, OCBE width per group "
         f"{OCBE_WIDTH} on both; {s['steps']} "
         f"timed steps after {s['warmup']} warm-up ones in each of "
-        f"{s['rounds']} alternating runs a side. Goal: ours >= 2x.", "",
+        f"{s['rounds']} alternating runs a side. Goal: ours >= 2x. The "
+        "step timing is now `python experiments/speed.py steps "
+        "--rows=rd_resnet18,rd_wide_resnet50_2`.", "",
         *common.comparison_table(rows, "anomalib", "images",
                 "backbone", [("trained params", "trained_params"),
                              ("peak RSS MB", "peak_rss_mb"),
@@ -210,13 +184,11 @@ def render(parts) -> str:
 def main():
   """Runs one part (or a child measurement) and re-renders the section."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("part", choices=[*PARTS, "report", "_ours_bank",
-                                       "_ours_rd_throughput"])
+  parser.add_argument("part", choices=[*PARTS, "report", "_ours_bank"])
   for name, default in (
-      ("steps", 5), ("warmup", 2), ("rounds", 2), ("image_size", 128),
-      ("batch_size", 8), ("backbones", "wide_resnet50_2,resnet18"),
+      ("steps", 5), ("warmup", 2), ("rounds", 2),
       ("bank_sizes", "100000,1000000"), ("dim", 256), ("queries", 1024),
-      ("k", 1), ("backbone", ""), ("bank_size", 0),  # The last two: children.
+      ("k", 1), ("bank_size", 0),  # The last: a child's.
       ("anomalib_python", os.environ.get("ANOMALIB_PYTHON",
                                          "/work/anomalib_venv/bin/python"))):
     parser.add_argument(f"--{name}", type=type(default), default=default)
@@ -228,7 +200,8 @@ def main():
   from experiments import common  # pylint: disable=g-import-not-at-top
   if args.part != "report":
     common.save_part(f"localization_{args.part}", run_part(args))
-  paths = [common.RESULTS_DIR / f"localization_{part}.json" for part in PARTS]
+  paths = [common.RESULTS_DIR / f"localization_{part}.json"
+           for part in ("rd_throughput", *PARTS)]
   parts = {p.stem: json.loads(p.read_text()) for p in paths if p.exists()}
   print(common.write_section("localization", render(parts)))
 

@@ -7,7 +7,10 @@ imported inside the function that needs it.
 """
 
 import json
+import os
+import platform
 import resource
+import subprocess
 import time
 from pathlib import Path
 
@@ -51,11 +54,34 @@ def cpu_ticks() -> tuple[int, int]:
   return fields[7], sum(fields)
 
 
+def median(values):
+  """The middle value (the upper one of an even count)."""
+  return sorted(values)[len(values) // 2]
+
+
+def machine() -> dict:
+  """The CPU model (lscpu's 'Model name'), cores, load and `uptime`."""
+  def run(command):
+    try:
+      return subprocess.run(command, capture_output=True, text=True,
+                            check=False).stdout
+    except OSError:
+      return ""
+  model = next((line.split(":", 1)[1].strip()
+                for line in run(["lscpu"]).splitlines()
+                if line.startswith("Model name")),
+               platform.processor() or "unknown")
+  return {"cpu": model, "cores": os.cpu_count(),
+          "load_average": list(os.getloadavg()),
+          "uptime": run(["uptime"]).strip()}
+
+
 def time_steps(step, steps: int, warmup: int, items: int, unit: str) -> dict:
   """Times the blocking `step()` `steps` times after `warmup` untimed calls.
 
   Returns the mean / median / min step time, `unit`s per second from the mean
-  (`items` per step), every step's seconds, the warm-up time (compilation
+  (`items` per step), every step's wall and CPU seconds (this process's
+  threads together, `time.process_time`), the warm-up time (compilation
   included) and the % of CPU time the VM's host stole while timing.
   """
   start = time.perf_counter()
@@ -63,17 +89,20 @@ def time_steps(step, steps: int, warmup: int, items: int, unit: str) -> dict:
     step()
   warmup_s = time.perf_counter() - start
   steal, total = cpu_ticks()
-  times = []
+  times, cpu_times = [], []
   for _ in range(steps):
+    cpu = time.process_time()
     start = time.perf_counter()
     step()
     times.append(time.perf_counter() - start)
+    cpu_times.append(time.process_time() - cpu)
   steal_end, total_end = cpu_ticks()
   mean = sum(times) / len(times)
   return {f"{unit}_per_sec": items / mean, "step_ms": 1000 * mean,
-          "step_ms_median": 1000 * sorted(times)[len(times) // 2],
+          "step_ms_median": 1000 * median(times),
           "step_ms_min": 1000 * min(times),
           "step_s_each": [round(t, 4) for t in times],
+          "step_cpu_s_each": [round(t, 4) for t in cpu_times],
           "warmup_s_incl_compile": warmup_s,
           "cpu_steal_pct":
               100 * (steal_end - steal) / max(1, total_end - total)}
@@ -99,7 +128,6 @@ def time_latency_and_throughput(run, images, repeats: int,
     start = time.perf_counter()
     run(images)
     batched.append(time.perf_counter() - start)
-  median = lambda values: sorted(values)[len(values) // 2]
   return {"latency_ms_median": 1000 * median(single),
           "latency_ms_each": [round(1000 * t, 2) for t in single],
           "images_per_sec": len(images) / median(batched),

@@ -66,6 +66,25 @@ def verify(step_dir):
   return None
 
 
+def write_checksums(step_dir, **extra) -> None:
+  """Writes `step_dir`/checksums.json (every file's SHA-256, and `extra`)
+  atomically: a half-written list would fail a good step."""
+  step_dir = Path(step_dir)
+  payload = json.dumps({"sha256": file_digests(step_dir), **extra}, indent=1)
+  partial = step_dir / f".{CHECKSUMS}.tmp"
+  partial.write_text(payload)
+  partial.replace(step_dir / CHECKSUMS)
+
+
+def checksums_digest(step_dir):
+  """SHA-256 of `step_dir`'s checksums.json, which pins every file of the
+  checkpoint; None when it has none."""
+  try:
+    return hashlib.sha256((Path(step_dir) / CHECKSUMS).read_bytes()).hexdigest()
+  except FileNotFoundError:
+    return None
+
+
 def is_disk_full(error: BaseException) -> bool:
   """Whether `error` (or what caused it) is 'no space left on device'."""
   seen = set()
@@ -125,11 +144,8 @@ class Checkpointer:
     for step in self._unsummed:
       step_dir = self.directory / str(step)
       if step_dir.is_dir() and jax.process_index() == 0:
-        payload = json.dumps({"sha256": file_digests(step_dir)}, indent=1)
-        try:  # Atomically: a half-written list would fail a good step.
-          partial = step_dir / f".{CHECKSUMS}.tmp"
-          partial.write_text(payload)
-          partial.replace(step_dir / CHECKSUMS)
+        try:
+          write_checksums(step_dir)
         except OSError as e:
           self._raise_save_error(step, e)
     self._unsummed = []
@@ -270,12 +286,19 @@ def _subtree(tree, keys: tuple[str, ...], path: Path):
   return tree
 
 
+# FittedStore.problem of a stage saved before stages had checksums.
+UNVERIFIED = "has no checksums (saved by an older version)"
+
+
 class FittedStore:
   """The fitted non-gradient stage of each checkpoint, under <workdir>/fitted.
 
   Step N holds what was fitted on checkpoint N's state: 'fitted' (the
   method's arrays: classifiers, memory banks), 'calibration' (JSON:
   per-scorer thresholds and normalisation statistics) and 'meta' (JSON).
+  Beside them checksums.json holds every file's SHA-256 and, as
+  'checkpoint_sha256', the digest of checkpoint N's checksums.json, so that
+  a damaged stage, or one fitted on a checkpoint since replaced, is found.
   """
 
   def __init__(self, directory, max_to_keep: int = 3):
@@ -292,8 +315,10 @@ class FittedStore:
   def has(self, step: int) -> bool:
     return step in self.manager.all_steps()
 
-  def save(self, step: int, fitted, calibration: dict, meta: dict) -> None:
-    """Writes the stage of checkpoint `step` (replacing an older one)."""
+  def save(self, step: int, fitted, calibration: dict, meta: dict,
+           checkpoint_sha256=None) -> None:
+    """Writes the stage of checkpoint `step` (replacing an older one);
+    `checkpoint_sha256` is `checksums_digest` of that checkpoint."""
     if self.has(step):
       self.manager.delete(step)
     # A format number beside the arrays keeps the item non-empty for
@@ -304,6 +329,26 @@ class FittedStore:
         calibration=ocp.args.JsonSave(calibration),
         meta=ocp.args.JsonSave(meta)), force=True)
     self.manager.wait_until_finished()
+    if jax.process_index() == 0:
+      write_checksums(self.directory / str(step),
+                      checkpoint_sha256=checkpoint_sha256)
+
+  def problem(self, step: int, checkpoint_sha256):
+    """Why the stage of `step` must not be used ('fails its checksums
+    (...)', 'was fitted on another checkpoint ...'), UNVERIFIED for a stage
+    saved before checksums were, or None when it verifies."""
+    path = self.directory / str(step)
+    if not (path / CHECKSUMS).is_file():
+      return UNVERIFIED
+    problem = verify(path)
+    if problem is not None:
+      return problem
+    recorded = json.loads((path / CHECKSUMS).read_text()).get(
+        "checkpoint_sha256")
+    if recorded != checkpoint_sha256:
+      return (f"was fitted on another checkpoint of step {step} (the "
+              "checkpoint has been replaced since)")
+    return None
 
   def restore(self, step: int):
     """(fitted as NumPy arrays, calibration, meta) of checkpoint `step`."""

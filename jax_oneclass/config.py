@@ -42,11 +42,14 @@ _DATA_SHORTHANDS = ("normal_class", "protocol", "data_dir", "folder",
 def base_config(method: str) -> ml_collections.ConfigDict:
   """Keys every method shares; method families add theirs on top."""
   c = ml_collections.ConfigDict()
-  c.method = method
+  c.method = method  # A registered name, or an import path (extending.md).
+  # Modules imported before the method is built, in every process that reads
+  # the run (e.g. ones registering classifiers); docs/extending.md.
+  c.plugins = ()
   c.seed = 1  # Sohn et al. script/run_*.sh: --seed=1.
   c.batch_size = 32  # Global, over all devices and hosts.
-  # Duration: num_train_steps wins when > 0, else num_epochs over the
-  # (distribution-augmented) normal training set.
+  # Duration: num_train_steps when > 0; -1 means num_epochs over the
+  # (distribution-augmented) normal training set; 0 is refused.
   c.num_train_steps = -1
   c.num_epochs = 100
 
@@ -237,8 +240,8 @@ def set_dataset(config: ml_collections.ConfigDict, name: str,
   config.data.channels = DATASETS[name]["channels"]
   if name == "digits":
     # Class 1: raw pixels tell it apart worst (squared distance to the mean
-    # image: AUROC 0.92; class 0: 1.0), so the quickstart shows whether the
-    # learned features work. See experiments/RESULTS.md.
+    # image: AUROC 0.866 at 16x16; class 0: 1.0), so the quickstart shows
+    # whether the learned features work. See experiments/RESULTS.md.
     config.data.normal_class = 1
     config.model.width = 16
     config.num_train_steps = 400

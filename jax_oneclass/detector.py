@@ -14,7 +14,6 @@ there first if missing).
 
 import csv
 import dataclasses
-import glob
 import json
 import os
 from pathlib import Path
@@ -27,10 +26,9 @@ from PIL import Image
 from jax_oneclass import data, evaluate, logging_utils, parallel, thresholds
 from jax_oneclass import visualize
 from jax_oneclass import run as run_lib
+from jax_oneclass.cli_checks import IMAGE_SUFFIXES, list_images
 from jax_oneclass.errors import CheckpointError, ConfigError, DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff",
-                  ".webp")
 _TF_DECODES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
@@ -55,23 +53,6 @@ class Prediction:
   maps: dict[str, np.ndarray]
   normalized_maps: dict[str, np.ndarray]
   masks: dict[str, np.ndarray]
-
-
-def list_images(source) -> list[Path]:
-  """Image files named by a file, a folder (not recursive) or a glob."""
-  text = os.fspath(source)
-  path = Path(text)
-  if path.is_dir():
-    return sorted(p for p in path.iterdir()
-                  if p.suffix.lower() in IMAGE_SUFFIXES)
-  if path.is_file():
-    return [path]
-  if any(c in text for c in "*?["):
-    return sorted(Path(p) for p in glob.glob(text, recursive=True)
-                  if Path(p).is_file())
-  raise DataError(f"--input {text!r} is no file, folder or glob pattern; "
-                  "name an image file, a folder of images or e.g. "
-                  "'images/*.png'.")
 
 
 def read_image(path) -> np.ndarray:
@@ -113,7 +94,7 @@ class Detector:
     self.config = run.config
     self.image_shape = tuple(run.info.image_shape)
     # Images per compiled call; on a busy CPU a smaller batch can cost less
-    # per image (see experiments/inference_benchmark.py).
+    # per image (see `experiments/speed.py inference_sweep`).
     self.batch_size = int(run.config.eval.batch_size)
     self._score = evaluate.score_fn(run)
     # The headline scorer (config.eval.scorer), checked against the saved
@@ -142,7 +123,8 @@ class Detector:
     finally:
       run.checkpointer.close()
     detector = cls(run, state,
-                   evaluate.load_or_fit(run, state, step, refit), step)
+                   evaluate.load_or_fit(run, state, step, refit,
+                                        repair=False), step)
     if batch_size is not None:
       if batch_size < 1 or batch_size % jax.device_count():
         raise ConfigError(f"batch_size {batch_size} must be a positive "

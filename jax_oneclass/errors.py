@@ -23,3 +23,7 @@ class NonFiniteLossError(OneClassError, FloatingPointError):
 
 class Interrupted(OneClassError):
   """Training was stopped by SIGTERM or Ctrl-C (after saving what it could)."""
+
+
+class WorkdirBusy(OneClassError, RuntimeError):
+  """Another process is writing to the workdir."""

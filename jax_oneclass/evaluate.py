@@ -4,9 +4,11 @@ Every test image is scored exactly once: the last batch is padded with
 masked examples, never dropped, since dropped images change AUROC. The
 fitted stage (classifiers, memory banks) and its calibration (per-scorer
 thresholds at `eval.fpr` on held-out normal images, normalisation
-statistics) are saved under <workdir>/fitted/<step> and reused.
+statistics) are saved under <workdir>/fitted/<step> and reused while they
+pass their checksums and belong to that step's checkpoint.
 """
 
+import contextlib
 import csv
 import dataclasses
 import time
@@ -17,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_oneclass import checkpointing, data, logging_utils, metrics
-from jax_oneclass import parallel, thresholds, visualize
+from jax_oneclass import parallel, thresholds, visualize, workdir_lock
 from jax_oneclass import run as run_lib
-from jax_oneclass.errors import ConfigError
+from jax_oneclass.errors import CheckpointError, ConfigError
 
 _LABEL_KEYS = ("mask", "is_anomaly", "label", "pixel_mask", "filename")
 
@@ -112,20 +114,56 @@ def calibrate(run: run_lib.Run, state, fitted) -> dict:
   }
 
 
-def load_or_fit(run: run_lib.Run, state, step: int,
-                refit: bool = False) -> FittedStage:
+def refit_command(workdir) -> str:
+  """The command that fits `workdir`'s stage anew."""
+  return f"python -m jax_oneclass.main --workdir={workdir} --mode=eval --refit"
+
+
+def _saved_stage(run: run_lib.Run, store, step: int, repair: bool):
+  """(fitted, calibration, meta) saved for checkpoint `step`, or None when
+  there is none or, with `repair`, it fails verification (a warning says
+  so; it is fitted anew). Without `repair` a failing stage raises a
+  CheckpointError saying how to refit, and one saved before stages had
+  checksums is used with a warning."""
+  if not store.has(step):
+    return None
+  path = store.directory / str(step)
+  problem = store.problem(step, checkpointing.checksums_digest(
+      run.checkpointer.directory / str(step)))
+  if problem == checkpointing.UNVERIFIED and not repair:
+    logging_utils.warn(f"The fitted stage at {path} {problem}: using it "
+                       f"unverified. Run {refit_command(run.workdir)} to "
+                       "fit it anew with checksums.")
+    problem = None
+  if problem is None:
+    try:
+      return store.restore(step)
+    except CheckpointError as e:
+      problem = f"cannot be read ({str(e.__cause__ or e)[:200]})"
+  if not repair:
+    raise CheckpointError(f"The fitted stage at {path} {problem}. Fit it "
+                          f"anew: {refit_command(run.workdir)}")
+  logging_utils.warn(f"The fitted stage at {path} {problem}: fitting it "
+                     "anew.")
+  return None
+
+
+def load_or_fit(run: run_lib.Run, state, step: int, refit: bool = False,
+                repair: bool = True) -> FittedStage:
   """The saved fitted stage of checkpoint `step`, else fitted now and saved.
 
-  `refit` fits anew even when one is saved.
+  `refit` fits anew even when one is saved; `repair` (see `_saved_stage`)
+  fits anew a saved one that fails verification instead of refusing it.
   """
   store = checkpointing.FittedStore(run.workdir / "fitted")
   try:
-    if store.has(step) and not refit:
-      fitted, calibration, meta = store.restore(step)
+    saved = None if refit else _saved_stage(run, store, step, repair)
+    if saved is not None:
+      fitted, calibration, meta = saved
       logging_utils.info(f"Using the fitted stage saved for step {step}.")
       num_fit = int(meta.get("num_fit", 0))
     else:
-      if not refit:
+      if not refit and not store.has(step):
         logging_utils.info(f"No fitted stage saved for step {step}: fitting "
                            "it on the normal training images.")
       start = time.perf_counter()
@@ -137,7 +175,9 @@ def load_or_fit(run: run_lib.Run, state, step: int,
         store.save(step, fitted, calibration, {
             "step": int(step), "num_fit": num_fit,
             "method": run.config.method,
-            "fit_seconds": round(time.perf_counter() - start, 2)})
+            "fit_seconds": round(time.perf_counter() - start, 2)},
+                   checkpointing.checksums_digest(
+                       run.checkpointer.directory / str(step)))
       else:
         logging_utils.info(f"{run.workdir} is read-only: the fitted stage "
                            "is not saved and will be fitted again next time.")
@@ -183,6 +223,25 @@ def headline_scorer(config, scorers) -> str:
   return name
 
 
+def calibration_summary(config, calib: dict) -> dict:
+  """What the thresholds rest on: the normal images' split and number, the
+  asked false-positive rates, and the smallest one `num_images` images
+  resolve (1/n). Warns when eval.fpr is below it."""
+  num_images = int(calib["num_images"])
+  summary = {"split": calib["split"], "num_images": num_images,
+             "min_fpr": 1.0 / max(num_images, 1),
+             "fpr": float(config.eval.fpr),
+             "pixel_fpr": float(config.eval.pixel_fpr)}
+  if 0 < summary["fpr"] < summary["min_fpr"]:
+    logging_utils.warn(
+        f"eval.fpr={summary['fpr']:g} is below 1/{num_images} = "
+        f"{summary['min_fpr']:.4g}, the smallest false-positive rate "
+        f"{num_images} {calib['split']} images resolve: the thresholds sit "
+        "at the highest normal score. Hold out more normal images "
+        "(data.holdout_fraction) or raise eval.fpr.")
+  return summary
+
+
 def _threshold_report(scores, labels, stats) -> dict:
   """Held-out threshold and its test metrics, and the test-optimal F1."""
   best, best_f1 = thresholds.f1_optimal_threshold(scores, labels)
@@ -223,9 +282,13 @@ def evaluate(config, workdir, refit: bool = False,
   """Scores the test split with the workdir's newest checkpoint (see
   `evaluate_run` for `output_dir`)."""
   run = run_lib.setup(config, workdir, mode="eval")
+  writes = output_dir is None and logging_utils.writable(workdir)
   try:
-    state, step = run_lib.restore_latest(run)
-    return evaluate_run(run, state, step, refit=refit, output_dir=output_dir)
+    with (workdir_lock.held(workdir, "evaluation") if writes
+          else contextlib.nullcontext()):
+      state, step = run_lib.restore_latest(run)
+      return evaluate_run(run, state, step, refit=refit,
+                          output_dir=output_dir)
   finally:
     run.checkpointer.close()
 
@@ -284,10 +347,7 @@ def evaluate_run(run: run_lib.Run, state, step, refit: bool = False,
       "scorer": headline,
       "auroc": aurocs,
       "image_metrics": image_thresholds[headline]["at_threshold"],
-      "calibration": {"split": calib["split"],
-                      "num_images": calib["num_images"],
-                      "fpr": float(config.eval.fpr),
-                      "pixel_fpr": float(config.eval.pixel_fpr)},
+      "calibration": calibration_summary(config, calib),
       "thresholds": image_thresholds,
       "pixel_baseline": {
           "auroc": metrics.auroc(pixel_baseline(run), is_anomaly),

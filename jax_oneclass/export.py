@@ -1,236 +1,25 @@
-"""Exports a trained detector as one self-contained inference function.
+"""`python -m jax_oneclass.export ...`: the CLI's --mode=export.
 
   python -m jax_oneclass.export --workdir=/tmp/run --format=onnx --output=/tmp/x
 
-The artefact maps raw uint8 images [N, H, W, C] (any N; H, W, C as the run
-trained, see signature.json) to {'score', 'normalized_score',
-'is_anomaly'} and, for localising methods, {'anomaly_map',
-'normalized_map', 'mask'} [N, H, W]; pixel scaling, the network, the
-fitted stage and the thresholds are all inside. Formats:
-- jax: `jax.export` serialized StableHLO (model.jax); reload with
-  `jax.export.deserialize(open(path, 'rb').read()).call(images)`;
-- savedmodel: a TF SavedModel with a 'serving_default' signature (jax2tf);
-- onnx: model.onnx (jax2onnx), for onnxruntime.
-Images of other sizes: resize them first, or use `jax_oneclass.Detector`.
+The exporter itself (formats, `export`, `load`) is `jax_oneclass.exporting`;
+its names are reached from here too (`jax_oneclass.export.load(folder)`),
+imported on first use so that the command checks its input before JAX loads.
 """
 
-import json
-import os
-import sys
-from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-# pylint: disable=g-import-not-at-top
-from absl import app, flags, logging
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from jax_oneclass.errors import ConfigError, OneClassError
-# pylint: enable=g-import-not-at-top
-
-FORMATS = ("jax", "savedmodel", "onnx")
+def __getattr__(name):
+  if name.startswith("__"):  # Probes (e.g. __path__) need no JAX.
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  from jax_oneclass import exporting  # pylint: disable=g-import-not-at-top
+  return getattr(exporting, name)
 
 
-class ExportError(OneClassError):
-  """A detector cannot be written in the asked format."""
-
-
-def _normalize(x, stats):
-  span = stats["max"] - stats["min"]
-  span = span if span > 0 else 1.0
-  return jnp.clip((x - stats["threshold"]) / span + 0.5, 0.0, 1.0)
-
-
-def inference_fn(detector):
-  """fn(uint8 images [N, H, W, C]) -> dict of outputs (see module doc),
-  with the detector's state, fitted stage and thresholds as constants."""
-  method, state = detector.run.method, detector.state
-  fitted = jax.device_get(detector.stage.fitted)
-  state = jax.device_get(state)
-  calib = detector.stage.calibration
-  scorer = detector.scorer
-  image_stats = calib["image"][scorer]
-  map_name = sorted(calib["maps"])[0] if calib["maps"] else None
-
-  def fn(images):
-    scores = method.score(state, fitted, {
-        "image": images.astype(jnp.float32) / 255.0})
-    score = scores.image[scorer]
-    normalized = _normalize(score, image_stats)
-    out = {"score": score, "normalized_score": normalized,
-           "is_anomaly": score > image_stats["threshold"]}
-    if map_name is not None:
-      anomaly_map = scores.maps[map_name]
-      normalized_map = _normalize(anomaly_map, calib["maps"][map_name])
-      out.update(anomaly_map=anomaly_map, normalized_map=normalized_map,
-                 mask=normalized_map > 0.5)
-    return out
-
-  return fn
-
-
-def _write_jax(fn, shape, output: Path) -> None:
-  """model.jax: serialized StableHLO with a symbolic batch size."""
-  (batch,) = jax.export.symbolic_shape("n")
-  exported = jax.export.export(jax.jit(fn))(
-      jax.ShapeDtypeStruct((batch,) + shape, jnp.uint8))
-  (output / "model.jax").write_bytes(exported.serialize())
-
-
-def _write_savedmodel(fn, shape, output: Path) -> None:
-  """savedmodel/: jax2tf's conversion behind a serving signature."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
-  h, w, c = shape
-  converted = jax2tf.convert(fn, polymorphic_shapes=[f"(n, {h}, {w}, {c})"],
-                             with_gradient=False)
-  module = tf.Module()
-  module.serve = tf.function(
-      lambda images: converted(images), autograph=False,
-      input_signature=[tf.TensorSpec((None,) + shape, tf.uint8,
-                                     name="images")])
-  tf.saved_model.save(module, str(output / "savedmodel"),
-                      signatures={"serving_default": module.serve})
-
-
-def _write_onnx(fn, shape, output: Path) -> list[str]:
-  """model.onnx; returns the output names in the graph's order."""
-  try:
-    from jax2onnx import to_onnx  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ExportError("ONNX export needs jax2onnx: pip install "
-                      "'jax_oneclass[onnx]'.") from e
-  from jax2onnx.converter import conversion_api  # pylint: disable=g-import-not-at-top
-  keys = sorted(jax.eval_shape(
-      fn, jax.ShapeDtypeStruct((1,) + shape, jnp.uint8)))
-
-  def as_list(images):
-    out = fn(images)  # One trace: the graph holds the network once.
-    return [out[k] for k in keys]
-
-  # jax2onnx 0.17's graph optimiser drops transposes a ResNet's residual
-  # adds still need (wrong graphs for reverse distillation and gradient
-  # preference) and is quadratic in the graph size; convert without it.
-  optimize = conversion_api.optimize_graph
-  conversion_api.optimize_graph = lambda model: None
-  try:
-    model = to_onnx(as_list,
-                    [jax.ShapeDtypeStruct(("N",) + shape, jnp.uint8)],
-                    model_name="jax_oneclass")
-  finally:
-    conversion_api.optimize_graph = optimize
-  _drop_unused_initializers(model.graph)
-  (output / "model.onnx").write_bytes(model.SerializeToString())
-  return keys
-
-
-def _graph_inputs(graph) -> set[str]:
-  """Every value name a node of `graph` (or of its subgraphs) reads."""
-  names = {o.name for o in graph.output}
-  for node in graph.node:
-    names.update(node.input)
-    for attr in node.attribute:
-      for sub in [attr.g, *attr.graphs]:
-        if sub is not None and sub.node:
-          names |= _graph_inputs(sub)
-  return names
-
-
-def _drop_unused_initializers(graph) -> None:
-  """Removes initializers no node reads: jax2onnx keeps each convolution's
-  HWIO kernel next to the OIHW copy the Conv node uses (about twice the
-  file size of a convolutional network)."""
-  used = _graph_inputs(graph)
-  kept = [init for init in graph.initializer if init.name in used]
-  del graph.initializer[:]
-  graph.initializer.extend(kept)
-
-
-def export(detector, fmt: str, output) -> Path:
-  """Writes `detector` in format `fmt` to the folder `output`; returns it."""
-  if fmt not in FORMATS:
-    raise ConfigError(f"Unknown export format {fmt!r}; use one of "
-                      f"{', '.join(FORMATS)}.")
-  output = Path(output)
-  output.mkdir(parents=True, exist_ok=True)
-  shape = tuple(int(d) for d in detector.image_shape)
-  fn = inference_fn(detector)
-  writers = {"jax": _write_jax, "savedmodel": _write_savedmodel,
-             "onnx": _write_onnx}
-  try:
-    output_order = writers[fmt](fn, shape, output)
-  except ExportError:
-    raise
-  except Exception as e:  # The converters raise many types.
-    works = [f for f in FORMATS if f != fmt]
-    raise ExportError(
-        f"{detector.config.method} cannot be exported as {fmt}: "
-        f"{type(e).__name__}: {str(e)[:300]}. Formats to try instead: "
-        f"{', '.join(works)}.") from e
-  outputs = jax.eval_shape(fn, jax.ShapeDtypeStruct((1,) + shape, jnp.uint8))
-  signature = {
-      "format": fmt, "method": detector.config.method, "step": detector.step,
-      "input": {"name": "images", "dtype": "uint8",
-                "shape": ["N", *shape]},
-      "outputs": {k: {"dtype": str(v.dtype), "shape": ["N", *v.shape[1:]]}
-                  for k, v in sorted(outputs.items())},
-      "scorer": detector.scorer,
-      "threshold": detector.stage.calibration["image"][
-          detector.scorer]["threshold"]}
-  if output_order:  # ONNX outputs are positional.
-    signature["output_order"] = output_order
-  (output / "signature.json").write_text(json.dumps(signature, indent=2)
-                                         + "\n")
-  return output
-
-
-def load(output):
-  """A callable images -> {name: NumPy array} for an exported folder,
-  whatever its format."""
-  output = Path(output)
-  signature = json.loads((output / "signature.json").read_text())
-  fmt = signature["format"]
-  if fmt == "jax":
-    exported = jax.export.deserialize((output / "model.jax").read_bytes())
-    return lambda images: jax.tree.map(np.asarray, exported.call(images))
-  if fmt == "savedmodel":
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    serve = tf.saved_model.load(str(output / "savedmodel")).signatures[
-        "serving_default"]
-    return lambda images: {k: v.numpy() for k, v in serve(
-        images=tf.constant(images)).items()}
-  import onnxruntime  # pylint: disable=g-import-not-at-top
-  session = onnxruntime.InferenceSession(str(output / "model.onnx"))
-  input_name = session.get_inputs()[0].name
-  return lambda images: dict(zip(signature["output_order"], session.run(
-      None, {input_name: np.asarray(images, np.uint8)})))
-
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run's workdir.")
-_FORMAT = flags.DEFINE_enum("format", "jax", list(FORMATS), "Export format.")
-_OUTPUT = flags.DEFINE_string("output", None, "Folder to write.")
-_DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks.")
-
-
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
-  from jax_oneclass.detector import Detector  # pylint: disable=g-import-not-at-top
-  try:
-    path = export(Detector.load(_WORKDIR.value), _FORMAT.value,
-                  _OUTPUT.value)
-  except OneClassError as e:
-    if _DEBUG.value:
-      raise
-    print(f"\nerror: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(f"Exported {_FORMAT.value} to {path}.")
+def main():
+  """Runs `python -m jax_oneclass.main --mode=export` with these flags."""
+  from jax_oneclass import main as main_lib  # pylint: disable=g-import-not-at-top
+  main_lib.run(["--mode=export"])
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "output"])
-  app.run(main)
+  main()

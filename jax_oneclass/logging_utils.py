@@ -1,20 +1,23 @@
 """Run output: TensorBoard scalars, JSON files and a progress bar.
 
-Only process 0 writes; the other processes get no-op writers.
+Only process 0 writes; the other processes get no-op writers. Importing
+this module imports neither JAX nor TensorFlow (the CLI quiets them first).
 """
 
+import contextlib
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import jax
 import tqdm
 
 
 def is_main_process() -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
   return jax.process_index() == 0
 
 
@@ -48,11 +51,47 @@ class _DropLibraryNoise(logging.Filter):
 
 
 def quiet_libraries() -> None:
-  """Silences Orbax's error logs and asyncio's shutdown tracebacks (e.g.
-  'Event loop is closed'); `--verbose` leaves them on."""
+  """Silences the INFO logs of absl, JAX, Orbax and TensorFlow, Orbax's
+  error logs and asyncio's shutdown tracebacks (e.g. 'Event loop is
+  closed'); call it before importing them. `--verbose` skips it."""
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-  absl_logging.get_absl_logger().addFilter(_DropLibraryNoise())
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  absl_logger = absl_logging.get_absl_logger()
+  if not any(isinstance(f, _DropLibraryNoise) for f in absl_logger.filters):
+    absl_logger.addFilter(_DropLibraryNoise())
+  for name in ("jax", "orbax", "tensorflow"):
+    logging.getLogger(name).setLevel(logging.WARNING)
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
+@contextlib.contextmanager
+def no_stderr_fd():
+  """Points file descriptor 2 at /dev/null for the block: TensorFlow's C++
+  code logs there while it loads, before any log level applies."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    yield
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+def import_tensorflow(quiet: bool = True):
+  """TensorFlow for tf.data on the host (its GPUs hidden: JAX owns them),
+  imported without its start-up logs when `quiet`."""
+  with no_stderr_fd() if quiet else contextlib.nullcontext():
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF already set its devices up (an earlier run).
+    pass
+  return tf
 
 
 def human_bytes(size: float) -> str:

@@ -4,6 +4,12 @@
   python -m jax_oneclass.main --workdir=/tmp/run --mode=eval [--refit]
   python -m jax_oneclass.main --workdir=/tmp/run --mode=predict \
       --input='images/*.png' --output=/tmp/predictions
+  python -m jax_oneclass.main --workdir=/tmp/run --mode=export \
+      --format=onnx --output=/tmp/export
+
+Flags, the config and paths are checked (`cli_checks`) before JAX and
+TensorFlow are imported: bad input fails at once, as one 'error:' line and
+exit code 2. Libraries' logs are off unless --verbose.
 
 Several processes (one per host) join through --coordinator_address,
 --num_processes and --process_id, or JAX's own cluster auto-detection.
@@ -11,11 +17,13 @@ Several processes (one per host) join through --coordinator_address,
 
 import os
 import sys
+import traceback
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+from absl import app, flags, logging
 from ml_collections import config_flags
+
+from jax_oneclass import cli_checks, logging_utils
+from jax_oneclass.errors import ConfigError, OneClassError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/disaug.py:digits. Needed to "
@@ -24,9 +32,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, logs and results.json.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "predict"],
+    "mode", "train", ["train", "eval", "predict", "export"],
     "'train': train (resuming from the workdir) then evaluate; 'eval': "
-    "evaluate the workdir's newest checkpoint; 'predict': score --input.")
+    "evaluate the workdir's newest checkpoint; 'predict': score --input; "
+    "'export': write the detector in --format to --output.")
 _REFIT = flags.DEFINE_bool(
     "refit", False, "Fit the non-gradient stage and thresholds anew instead "
     "of using the ones saved with the checkpoint.")
@@ -39,7 +48,11 @@ _RESULTS_PATH = flags.DEFINE_string(
 _INPUT = flags.DEFINE_string(
     "input", None, "--mode=predict: an image file, a folder or a glob.")
 _OUTPUT = flags.DEFINE_string(
-    "output", None, "--mode=predict: folder for scores, maps and pictures.")
+    "output", None, "--mode=predict: folder for scores, maps and pictures; "
+    "--mode=export: folder for the exported detector.")
+_FORMAT = flags.DEFINE_enum(
+    "format", "jax", list(cli_checks.EXPORT_FORMATS),
+    "--mode=export: the format (see jax_oneclass/exporting.py).")
 _VISUALIZE = flags.DEFINE_bool(
     "visualize", True, "--mode=predict: write a picture per image.")
 _COORDINATOR = flags.DEFINE_string(
@@ -49,8 +62,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process' index.")
 _DEBUG = flags.DEFINE_bool("debug", False,
                            "Show tracebacks for jax_oneclass errors.")
-_VERBOSE = flags.DEFINE_bool("verbose", False,
-                             "Show INFO logs of JAX, Orbax and TF.")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Show the logs of JAX, Orbax, TensorFlow and "
+    "onnxruntime (also with --debug).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -65,7 +79,10 @@ def format_results(results: dict) -> str:
            f"{results['step']}: {results['num_test']} test images, "
            f"{results['num_anomalous']} anomalous. Thresholds at FPR "
            f"{calibration['fpr']:g} on {calibration['num_images']} "
-           f"{calibration['split']} images; * = config.eval.scorer.",
+           f"{calibration['split']} images (the smallest FPR they resolve: "
+           f"1/{calibration['num_images']} = "
+           f"{1 / max(calibration['num_images'], 1):.3g}); "
+           "* = config.eval.scorer.",
            f"{'scorer'.ljust(width)}  AUROC   F1@thr"]
   for name, auroc in results["auroc"].items():
     mark = "* " if name == results["scorer"] else "  "
@@ -75,12 +92,24 @@ def format_results(results: dict) -> str:
     lines.append(f"{'  pixel_baseline'.ljust(width)}  "
                  f"{results['pixel_baseline']['auroc']:.4f}       -  "
                  "(distance to the mean normal image)")
-  return "\n".join(lines)
+  note = below_chance_note(results)
+  return "\n".join(lines + ([note] if note else []))
+
+
+def below_chance_note(results: dict) -> str | None:
+  """What a headline AUROC below 0.5 means, or None."""
+  auroc = results["auroc"][results["scorer"]]
+  if not auroc < 0.5:
+    return None
+  return (f"note: AUROC {auroc:.4f} < 0.5: the {results['scorer']} scores "
+          "rank normal images above anomalous ones. The model has probably "
+          f"not trained enough ({results['step']} steps): train longer, e.g. "
+          "a larger --config.num_train_steps, or --config.num_train_steps=-1 "
+          "for the paper's num_epochs schedule.")
 
 
 def _flag_error_message(error: Exception, argv) -> str:
   """One clear line for a config that cannot be loaded or overridden."""
-  from jax_oneclass.errors import OneClassError  # pylint: disable=g-import-not-at-top
   top = str(error)
   cause, ours = error, None
   while cause.__cause__ is not None or cause.__context__ is not None:
@@ -117,47 +146,123 @@ def _config_file_arg(argv):
   return None
 
 
+def _causes(error: Exception) -> list[Exception]:
+  """`error` and those it was raised from or while handling, innermost
+  last."""
+  chain = [error]
+  while (chain[-1].__cause__ or chain[-1].__context__) not in (None, *chain):
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  return chain
+
+
+def _config_file_error(error: Exception, path) -> str | None:
+  """'file:line: what' for an error raised by the config file's own code
+  (a syntax error, an exception in get_config), or None (also for ours,
+  whose message says more)."""
+  path_key = os.path.abspath(path)
+  for cause in reversed(_causes(error)):
+    if isinstance(cause, OneClassError):
+      return None
+    if isinstance(cause, SyntaxError) and cause.filename and (
+        os.path.abspath(cause.filename) == path_key):
+      return (f"{path}:{cause.lineno}: {type(cause).__name__}: "
+              f"{cause.msg} (in the config file).")
+    frames = [f for f in traceback.extract_tb(cause.__traceback__)
+              if os.path.abspath(f.filename) == path_key]
+    if frames:
+      what = str(cause).strip() or "(no message)"
+      return (f"{path}:{frames[-1].lineno}: {type(cause).__name__}: {what} "
+              f"(in {frames[-1].name} of the config file).")
+  return None
+
+
+_FLAG_ERRORS = (flags.Error, OneClassError, AttributeError, KeyError, OSError,
+                ValueError, TypeError)
+
+
 def parse_flags(argv):
   """absl flag parsing that reports bad configs without a traceback."""
-  from jax_oneclass.errors import OneClassError  # pylint: disable=g-import-not-at-top
   path = _config_file_arg(argv)
   if path is not None and not os.path.isfile(path) and "--debug" not in argv:
     print(f"error: no config file {path!r} (from --config); pass an "
           "existing one, e.g. --config=configs/disaug.py:digits.",
           file=sys.stderr)
     sys.exit(2)
+  flags.FLAGS.unparse_flags()  # A second run in one process starts afresh.
   try:
     parsed = flags.FLAGS(argv)
     _ = flags.FLAGS["config"].value  # ml_collections loads it lazily.
     return parsed
-  except (flags.Error, OneClassError, AttributeError, KeyError, OSError,
-          ValueError, TypeError) as e:
+  except Exception as e:  # pylint: disable=broad-except
     if "--debug" in argv:
       raise
-    print(f"error: {_flag_error_message(e, argv)}", file=sys.stderr)
+    message = _config_file_error(e, path) if path else None
+    if message is None:
+      if not isinstance(e, _FLAG_ERRORS):
+        raise
+      message = _flag_error_message(e, argv)
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def _fail(error: Exception, after_output: bool = True):
+  """Ends the command with the error as one line, exit code 2 (after an
+  empty line that ends any progress bar when `after_output`)."""
+  if _DEBUG.value:
+    raise error
+  logging.flush()
+  print(f"{chr(10) if after_output else ''}error: {error}", file=sys.stderr)
+  sys.exit(2)
+
+
+def checked_config():
+  """The config the mode runs with (None: the run's own), once the flags,
+  the config and the paths passed the checks that need neither JAX nor
+  TensorFlow; a OneClassError otherwise."""
+  mode, workdir, config = _MODE.value, _WORKDIR.value, _CONFIG.value
+  if mode == "train":
+    if config is None:
+      raise ConfigError("Training needs --config, e.g. "
+                        "--config=configs/disaug.py:digits.")
+    cli_checks.check_train_args(config, f"the run in {workdir}")
+    cli_checks.check_output_dir(workdir, "--workdir")
+    return config
+  cli_checks.check_workdir_is_run(workdir, needs_config=config is None)
+  if mode == "eval":
+    used = config or cli_checks.saved_config(workdir)
+    if used is not None:  # Else evaluation says why config.json is bad.
+      cli_checks.check_train_args(used, f"the run in {workdir}")
+    if _RESULTS_PATH.value:
+      cli_checks.check_output_dir(_RESULTS_PATH.value, "--results_path")
+    return config
+  used = config or cli_checks.saved_config(workdir)
+  if used is not None:
+    cli_checks.check_method_of(used, f"the run in {workdir}")
+  if mode == "predict":
+    cli_checks.check_input_path(_INPUT.value)
+  cli_checks.check_output_dir(_OUTPUT.value)
+  return config
 
 
 def main(argv):
   del argv
-  from jax_oneclass import logging_utils  # pylint: disable=g-import-not-at-top
-  if not _VERBOSE.value:
-    logging.set_verbosity(logging.WARNING)
+  try:
+    config = checked_config()
+  except OneClassError as e:
+    _fail(e, after_output=False)
+  verbose = _VERBOSE.value or _DEBUG.value
+  if not verbose:
     logging_utils.quiet_libraries()
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")  # tf.data only; JAX owns GPUs.
+  logging_utils.import_tensorflow(quiet=not verbose)
 
-  from jax_oneclass import checkpointing, detector, evaluate, parallel, train  # pylint: disable=g-import-not-at-top
-  from jax_oneclass import run as run_lib  # pylint: disable=g-import-not-at-top
-  from jax_oneclass.errors import ConfigError, OneClassError  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from jax_oneclass import checkpointing, detector, evaluate, parallel, train
+  from jax_oneclass import run as run_lib
+  # pylint: enable=g-import-not-at-top
   output = None
   try:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
-    config = _CONFIG.value
-    if config is None and _MODE.value == "train":
-      raise ConfigError("Training needs --config, e.g. "
-                        "--config=configs/disaug.py:digits.")
     if config is None and _MODE.value == "eval":
       config = run_lib.saved_config(_WORKDIR.value)
       if config is None:
@@ -174,17 +279,21 @@ def main(argv):
         output = False  # Print the results; say where they could go.
       results = evaluate.evaluate(config, _WORKDIR.value,
                                   refit=_REFIT.value, output_dir=output)
-    else:
+    elif _MODE.value == "predict":
       detector.predict_folder(_WORKDIR.value, _INPUT.value, _OUTPUT.value,
                               config=config, refit=_REFIT.value,
                               visualize_images=_VISUALIZE.value)
       return
+    else:
+      from jax_oneclass import exporting  # pylint: disable=g-import-not-at-top
+      path = exporting.export(
+          detector.Detector.load(_WORKDIR.value, config=config,
+                                 refit=_REFIT.value),
+          _FORMAT.value, _OUTPUT.value)
+      print(f"Exported {_FORMAT.value} to {path}.")
+      return
   except OneClassError as e:
-    if _DEBUG.value:
-      raise
-    logging.flush()
-    print(f"\nerror: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(e)
   except KeyboardInterrupt:  # Outside the training loop (it saves itself).
     if _DEBUG.value:
       raise

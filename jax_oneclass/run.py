@@ -13,8 +13,9 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from jax_oneclass import checkpointing, data, logging_utils, methods, optim
-from jax_oneclass import parallel
+from jax_oneclass import checkpointing, cli_checks, data, logging_utils
+from jax_oneclass import methods, optim
+from jax_oneclass import parallel, plugins
 from jax_oneclass.components import pretrained
 from jax_oneclass.errors import CheckpointError, ConfigError
 from jax_oneclass.methods import interface
@@ -33,11 +34,11 @@ class Run:
 
 
 def resolve_duration(config, info) -> ml_collections.ConfigDict:
-  """Returns a copy of `config` whose num_train_steps is set (> 0)."""
+  """Returns a copy of `config` whose num_train_steps is set (> 0): -1
+  means config.num_epochs epochs; 0 is refused (`check_duration`)."""
+  cli_checks.check_duration(config)
   config = ml_collections.ConfigDict(config.to_dict())
-  if config.num_train_steps <= 0:
-    if config.num_epochs <= 0:
-      raise ConfigError("Set config.num_train_steps or config.num_epochs > 0.")
+  if config.num_train_steps < 0:
     config.num_train_steps = int(
         config.num_epochs * optim.steps_per_epoch(config, info))
   return config
@@ -54,7 +55,8 @@ _FREE_KEYS = ("progress_bar", "log_every_steps", "checkpoint_every_steps",
               "data.data_dir", "data.folder", "conv_weight_grad")
 # Keys added after runs were saved, with the value those runs implicitly
 # had: a saved config without them is not a change.
-_ADDED_KEYS = {"dtype": "float32", "conv_weight_grad": "xla"}
+_ADDED_KEYS = {"dtype": "float32", "conv_weight_grad": "xla", "plugins": [],
+               "model.map_fusion": "sum"}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -159,6 +161,8 @@ def setup(config, workdir, info=None, mode: str = "train",
         "where checkpoints and logs go: pass a writable folder.")
   parallel.check_batch_size(config.batch_size)
   parallel.check_batch_size(config.eval.batch_size, "eval.batch_size")
+  plugins.import_plugins(config, f"the run in {workdir}")
+  methods.method_module(config.method, f"the run in {workdir}")
   info = info or data.dataset_info(config)
   config = resolve_duration(config, info)
   workdir = Path(workdir)

@@ -8,6 +8,7 @@ to an uninterrupted one.
 """
 
 import contextlib
+import itertools
 import math
 import signal
 import threading
@@ -18,6 +19,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from jax_oneclass import data, evaluate, logging_utils, parallel
+from jax_oneclass import workdir_lock
 from jax_oneclass import run as run_lib
 from jax_oneclass.errors import Interrupted, NonFiniteLossError
 
@@ -94,12 +96,28 @@ def _agreed(flags: tuple[bool, ...], step: int, every: int) -> tuple:
       -1, len(flags)).max(axis=0))
 
 
+def prepare(run: run_lib.Run, state, batches):
+  """(state, batches) after `run.method.prepare` (if the method has it) saw
+  its first training batches, which `batches` still yields (they are no
+  steps)."""
+  if not hasattr(run.method, "prepare"):
+    return state, batches
+  first = list(itertools.islice(batches,
+                                getattr(run.method, "prepare_batches", 1)))
+  state = run.method.prepare(
+      state, [parallel.shard_batch(run.mesh, b) for b in first])
+  state = jax.jit(lambda s: s,
+                  out_shardings=parallel.replicated(run.mesh))(state)
+  return state, itertools.chain(first, batches)
+
+
 def train(config, workdir, allow_config_change: bool = False):
   """Trains `config.method` in `workdir`; returns (run, final state)."""
   run = run_lib.setup(config, workdir,
                       allow_config_change=allow_config_change)
   try:
-    return run, train_run(run)
+    with workdir_lock.held(run.workdir, "training"):
+      return run, train_run(run)
   finally:
     run.checkpointer.close()
 
@@ -127,6 +145,8 @@ def train_run(run: run_lib.Run):
   stop = total if config.halt_after_step <= 0 else min(
       total, config.halt_after_step)
   batches = data.train_batches(config, start_step)
+  if start_step == 0:
+    state, batches = prepare(run, state, batches)
   pending, step = [], start_step
   last_save = time.monotonic()
   every_secs = config.get("checkpoint_every_secs", 0.0)
@@ -194,9 +214,11 @@ def train_and_evaluate(config, workdir,
   run = run_lib.setup(config, workdir,
                       allow_config_change=allow_config_change)
   try:
-    state = train_run(run)
-    if 0 < run.config.halt_after_step < run.config.num_train_steps:
-      return {}
-    return evaluate.evaluate_run(run, state, run.checkpointer.latest_step())
+    with workdir_lock.held(run.workdir, "training"):
+      state = train_run(run)
+      if 0 < run.config.halt_after_step < run.config.num_train_steps:
+        return {}
+      return evaluate.evaluate_run(run, state,
+                                   run.checkpointer.latest_step())
   finally:
     run.checkpointer.close()

@@ -12,6 +12,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from pathlib import Path  # pylint: disable=g-import-not-at-top
 
+import pytest  # pylint: disable=g-import-not-at-top
+
 from jax_oneclass import config as config_lib  # pylint: disable=g-import-not-at-top
 from jax_oneclass import methods  # pylint: disable=g-import-not-at-top
 from jax_oneclass.errors import ConfigError  # pylint: disable=g-import-not-at-top
@@ -22,7 +24,7 @@ METHODS = methods.available_methods()
 # Smallest networks, by config key; a method takes those its config has.
 _TINY_MODEL = {"model.width": 4, "model.stage_sizes": (1, 1),
                "model.head_dims": (16, 8), "model.latent_size": 8,
-               "model.backbone": "resnet18", "model.mlp_widths": (16, 8)}
+               "model.backbone": "resnet_tiny", "model.mlp_widths": (16, 8)}
 
 
 def load_config(method: str, arg: str | None = "digits"):
@@ -64,3 +66,14 @@ def tiny_config(method: str, steps: int = 4, arg: str = "digits"):
   config.progress_bar = False
   config.optimizer.warmup_steps = 0
   return config
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+  """`trained_run(method)`: that method's run, trained once per session
+  through the CLI (see tests/trained.py) and shared by every xdist worker."""
+  from tests import trained  # pylint: disable=g-import-not-at-top
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent  # Shared by the workers of this session only.
+  return lambda method: trained.train_once(method, base / "trained_runs")

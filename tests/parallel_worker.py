@@ -1,7 +1,8 @@
 """Runs a few training steps and prints their losses as JSON.
 
-Started by test_parallel.py in a subprocess, so that XLA_FLAGS can give it
-a different number of (virtual CPU) devices.
+test_parallel.py starts it in a subprocess, so that XLA_FLAGS can give it
+another number of (virtual CPU) devices, and calls `run_steps` in its own
+one-device process.
 """
 
 import json
@@ -15,7 +16,9 @@ from jax_oneclass import run as run_lib
 from tests.conftest import tiny_config
 
 
-def main(method: str, steps: int, workdir: str) -> None:
+def run_steps(method: str, steps: int, workdir) -> dict:
+  """Devices, per-step losses and the state's absolute sum after `steps`
+  steps of `method`'s tiny config."""
   run = run_lib.setup(tiny_config(method, steps=steps), workdir)
   mesh = run.mesh
   state = run_lib.run_initial_state(run)
@@ -29,9 +32,10 @@ def main(method: str, steps: int, workdir: str) -> None:
   # The whole state: parameters, BatchNorm statistics, optimiser states.
   state_sum = float(sum(np.abs(np.asarray(x)).sum()
                         for x in jax.tree.leaves(parallel.to_host(state))))
-  print(json.dumps({"devices": jax.device_count(), "losses": losses,
-                    "state_abs_sum": state_sum}))
+  run.checkpointer.close()
+  return {"devices": jax.device_count(), "losses": losses,
+          "state_abs_sum": state_sum}
 
 
 if __name__ == "__main__":
-  main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+  print(json.dumps(run_steps(sys.argv[1], int(sys.argv[2]), sys.argv[3])))

@@ -1,8 +1,8 @@
-"""The two-stage benchmark's report, rendered from hand-made results."""
+"""The benchmarks' reports, rendered from hand-made results."""
 
 import json
 
-from experiments import common, dgad_speed
+from experiments import common, dgad_speed, speed
 from experiments import two_stage_benchmark as bench
 
 
@@ -110,3 +110,29 @@ def test_speed_results_saved_before_merge_read_as_one_command(
   assert "Stopped early" in text
   assert "| 0 | 0.6 | 50 s (step 100) | 180 s (step 200) | not run |" in text
   assert "| 0 | 0.7 | - | 180 s (step 200) | not run |" in text
+
+
+def test_speed_steps_take_per_step_medians_and_render_without_torch():
+  runs = [{"step_s_each": [0.3, 0.1], "step_cpu_s_each": [0.5, 0.2]},
+          {"step_s_each": [0.2], "step_cpu_s_each": [0.9]}]
+  assert speed._side(runs) == {"cpu_s": 0.5, "wall_s": 0.2}
+  steps = {"command": "python experiments/speed.py steps --rows=disaug",
+           "cpu_model": "c", "cores": 2, "jaxlib": "0.1", "uptime": "u",
+           "rows": {"disaug": {"ours_cpu_s": 0.5, "torch_cpu_s": None,
+                               "ours_wall_s": 0.2, "torch_wall_s": None,
+                               "load_1min": 1.0},
+                    "ganomaly": {"ours_cpu_s": 0.1, "torch_cpu_s": 0.4,
+                                 "ours_wall_s": 0.05, "torch_wall_s": 0.1,
+                                 "load_1min": 2.0}}}
+  text = "\n".join(speed._steps_table(steps))
+  assert "| disaug | 500 | - | 200 | - | - | 1.0 |" in text
+  assert "| ganomaly | 100 | 400 | 50 | 100 | 2.00x | 2.0 |" in text
+
+
+def test_speed_names_where_a_merged_script_lives_now():
+  assert speed._was_run_as("python experiments/inference_benchmark.py "
+                           "--models=x", "note") == (
+      "`python experiments/inference_benchmark.py --models=x` (since merged "
+      "into `python experiments/speed.py` as `inference`; note)")
+  assert speed._was_run_as("python experiments/speed.py device") == (
+      "`python experiments/speed.py device`")

@@ -54,3 +54,15 @@ def test_an_old_checkpoint_restores_and_scores_the_same(method, tmp_path):
     old = json.loads(
         (fixtures.OUT / method / "expected_auroc.json").read_text())
   assert results["auroc"] == pytest.approx(old["auroc"], abs=1e-3)
+
+
+def test_the_fixture_script_never_rewrites_a_fixture_unasked(capsys):
+  before = {p: p.stat().st_mtime_ns for p in fixtures.OUT.rglob("*")}
+  for argv, message in [(["--method=rotnet"], "pass --replace"),
+                        (["--method=nope"], "no RUNS entry for nope"),
+                        ([], "--method")]:
+    with pytest.raises(SystemExit) as exit_info:
+      fixtures.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+  assert {p: p.stat().st_mtime_ns for p in fixtures.OUT.rglob("*")} == before

@@ -85,7 +85,7 @@ def test_lower_layers_do_not_import_upper_ones():
 
 
 def test_experiments_do_not_import_tests():
-  for path in (REPO / "experiments").glob("*.py"):
+  for path in (REPO / "experiments").rglob("*.py"):
     assert not {m for m in _imports(path) if m.startswith("tests")}, path
 
 

@@ -338,3 +338,40 @@ def test_jet_colormap_ends():
   np.testing.assert_allclose(
       visualize.jet_colormap(np.array([0.0, 0.5, 1.0])),
       [[0.0, 0.0, 0.5], [0.5, 1.0, 0.5], [0.5, 0.0, 0.0]])
+
+
+def test_map_fusions_by_name_registration_and_import_path(tmp_path,
+                                                          monkeypatch):
+  (tmp_path / "my_fusions.py").write_text(
+      "import functools\nimport jax.numpy as jnp\n"
+      "def largest(maps):\n  return functools.reduce(jnp.maximum, maps)\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  rng = np.random.default_rng(0)
+  maps = [jnp.asarray(rng.random((2, s, s)), jnp.float32) for s in (4, 8)]
+  fused = {name: anomaly_map.anomaly_map(maps, 16, sigma=1.0, fusion=name)
+           for name in ("sum", "mean", "product")}
+  resized = [anomaly_map.resize_bilinear_align_corners(m, 16) for m in maps]
+  np.testing.assert_allclose(
+      fused["product"],
+      anomaly_map.gaussian_blur(resized[0] * resized[1], sigma=1.0),
+      rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(fused["mean"], fused["sum"] / 2, rtol=1e-5)
+  assert not np.allclose(fused["sum"], fused["product"])
+  by_path = anomaly_map.anomaly_map(maps, 16, sigma=1.0,
+                                    fusion="my_fusions.largest")
+  np.testing.assert_allclose(
+      by_path, anomaly_map.gaussian_blur(jnp.maximum(*resized), sigma=1.0),
+      rtol=1e-6)
+  with pytest.raises(ConfigError, match="Unknown model.map_fusion 'max'"):
+    anomaly_map.map_fusion("max")
+  with pytest.raises(ConfigError, match="cannot be imported"):
+    anomaly_map.map_fusion("no_such_lab.fusions.max")
+  with pytest.raises(ConfigError, match="registered already"):
+    anomaly_map.register_map_fusion("sum", max)
+  anomaly_map.register_map_fusion("first", lambda ms: ms[0])
+  try:
+    np.testing.assert_allclose(
+        anomaly_map.anomaly_map(maps, 16, sigma=1.0, fusion="first"),
+        anomaly_map.gaussian_blur(resized[0], sigma=1.0), rtol=1e-6)
+  finally:
+    del anomaly_map.MAP_FUSIONS["first"]

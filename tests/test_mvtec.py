@@ -14,6 +14,7 @@ tf.config.set_visible_devices([], 'GPU')
 
 from jax_oneclass.data import mvtec  # pylint: disable=g-import-not-at-top
 from jax_oneclass.errors import ConfigError, DataError  # pylint: disable=g-import-not-at-top
+from tests.trained import NUM_OVERLAYS, by_method  # pylint: disable=g-import-not-at-top
 
 _SIZE = 16
 
@@ -192,17 +193,10 @@ def test_an_mvtec_category_trains_and_evaluates_from_a_config(widget, tmp_path):
   assert 0.0 <= results['auroc']['latent_mse'] <= 1.0
 
 
-# Per localising method: the image scorers it reports, extra flags.
+# Per localising method: the image scorers it reports.
 _LOCALISING = {
-    'reverse_distillation': ({'map_max', 'map_mean'}, []),
-    # Nothing improves by min_delta=1: step 2 decides to stop, the trainer
-    # sees it at the log of step 4, saves there and evaluates that state.
-    'gradient_preference': ({'nn_max', 'nn_mean', 'center_max'},
-                            ['--config.center_steps=1',
-                             '--config.early_stopping.patience=1',
-                             '--config.early_stopping.min_delta=1.0',
-                             '--config.num_train_steps=40',
-                             '--config.log_every_steps=2']),
+    'reverse_distillation': {'map_max', 'map_mean'},
+    'gradient_preference': {'nn_max', 'nn_mean', 'center_max'},
 }
 
 
@@ -211,40 +205,23 @@ def test_every_localising_method_is_checked_here():
   assert sorted(_LOCALISING) == [m for m in METHODS if localises(m)]
 
 
-@pytest.mark.parametrize('method', sorted(_LOCALISING))
-def test_localising_methods_run_from_the_command_line(widget, tmp_path,
-                                                      method):
-  # pylint: disable=g-import-not-at-top
-  import json
-  import subprocess
-  import sys
-  from tests.conftest import REPO
-  _, _, _, root, data_dir = widget
-  scorers, extra = _LOCALISING[method]
-  out = subprocess.run(
-      [sys.executable, '-m', 'jax_oneclass.main',
-       f'--config=configs/{method}.py:mvtec,folder={root},'
-       f'category=widget,data_dir={data_dir}',
-       f'--workdir={tmp_path}', '--config.data.image_size=32',
-       '--config.model.backbone=resnet18', '--config.num_train_steps=2',
-       '--config.batch_size=4', '--config.eval.batch_size=4',
-       '--config.eval.num_overlays=3', '--config.checkpoint_every_steps=2',
-       *extra],
-      cwd=REPO, capture_output=True, text=True, timeout=400, check=False)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert 'RANDOM weights' in out.stdout + out.stderr
-  results = json.loads((tmp_path / 'results.json').read_text())
-  assert set(results['auroc']) == scorers
+@pytest.mark.parametrize('method', by_method(sorted(_LOCALISING)))
+def test_localising_methods_run_from_the_command_line(trained_run, method):
+  run = trained_run(method)
+  workdir, results = run.workdir, run.results
+  assert 'RANDOM weights' in run.stdout + run.stderr
+  assert set(results['auroc']) == _LOCALISING[method]
   if method == 'gradient_preference':
-    assert 'Early stopping at step 4 of 40' in out.stdout + out.stderr
+    assert 'Early stopping at step 4 of 40' in run.stdout + run.stderr
     assert results['step'] == 4
   pixel = results['localization']['anomaly_map']
   assert 0.0 <= pixel['pixel_auroc'] <= 1.0 and 0.0 <= pixel['aupro'] <= 1.0
-  panels = sorted((tmp_path / 'visualizations').glob('*.png'))
-  assert len(panels) == 3
+  panels = sorted((workdir / 'visualizations').glob('*.png'))
+  assert len(panels) == NUM_OVERLAYS == 3
   with Image.open(panels[0]) as panel:  # Image and heat map, enlarged.
     assert panel.size[0] > 2 * 224 and panel.size[1] > 224
-  assert (tmp_path / 'plots' / f'{sorted(scorers)[0]}.png').is_file()
+  assert (workdir / 'plots' / f'{sorted(_LOCALISING[method])[0]}.png'
+          ).is_file()
 
 
 def test_bad_files_are_skipped_and_named(tmp_path, capsys):

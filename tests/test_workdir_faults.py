@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from jax_oneclass import evaluate, logging_utils, train
+from jax_oneclass import run as run_lib
 from jax_oneclass.errors import ConfigError
 from tests.conftest import REPO, tiny_config
 
@@ -40,10 +41,13 @@ def test_another_run_in_the_workdir_is_refused_even_when_allowed(tmp_path):
     train.train(other, tmp_path, allow_config_change=True)
 
 
-def test_eval_of_an_unwritable_workdir_still_scores(tmp_path, monkeypatch):
-  config = tiny_config("ganomaly", steps=2)
-  train.train(config, tmp_path / "run")
-  shutil.rmtree(tmp_path / "run" / "fitted", ignore_errors=True)
+@pytest.mark.xdist_group("run_ganomaly")
+def test_eval_of_an_unwritable_workdir_still_scores(tmp_path, monkeypatch,
+                                                    trained_run):
+  shutil.copytree(trained_run("ganomaly").workdir, tmp_path / "run")
+  config = run_lib.saved_config(tmp_path / "run")
+  shutil.rmtree(tmp_path / "run" / "fitted")  # As trained, not evaluated.
+  (tmp_path / "run" / "results.json").unlink()
   real = logging_utils.writable
   monkeypatch.setattr(logging_utils, "writable", lambda d: not str(
       d).startswith(str(tmp_path / "run")) and real(d))
@@ -72,12 +76,12 @@ def _read_only(source, target, command):
                         timeout=400, check=False)
 
 
-def test_a_read_only_workdir_through_the_command_line(tmp_path):
-  config = tiny_config("ganomaly", steps=2)
-  train.train(config, tmp_path / "run")
+@pytest.mark.xdist_group("run_ganomaly")
+def test_a_read_only_workdir_through_the_command_line(tmp_path, trained_run):
+  shared = trained_run("ganomaly").workdir  # Seen read-only: never changed.
   main = [sys.executable, "-m", "jax_oneclass.main"]
   view = tmp_path / "view"
-  done = _read_only(tmp_path / "run", view, [
+  done = _read_only(shared, view, [
       *main, f"--workdir={view}", "--mode=eval"])
   if done is None:
     pytest.skip("No mount namespaces here to make a read-only workdir.")
@@ -85,12 +89,12 @@ def test_a_read_only_workdir_through_the_command_line(tmp_path):
   assert "latent_mse" in done.stdout  # The results were printed.
   assert "is read-only" in done.stderr and "--results_path" in done.stderr
   assert "Traceback" not in done.stderr
-  done = _read_only(tmp_path / "run", tmp_path / "view2", [
+  done = _read_only(shared, tmp_path / "view2", [
       *main, f"--workdir={tmp_path / 'view2'}", "--mode=eval",
       f"--results_path={tmp_path / 'out'}"])
   assert done.returncode == 0, done.stderr[-2000:]
   assert (tmp_path / "out" / "results.json").is_file()
-  done = _read_only(tmp_path / "run", tmp_path / "view3", [
+  done = _read_only(shared, tmp_path / "view3", [
       *main, "--config=configs/ganomaly.py:digits",
       f"--workdir={tmp_path / 'view3' / 'new'}"])
   assert done.returncode == 2

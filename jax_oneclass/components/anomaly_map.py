@@ -8,6 +8,7 @@ and jit-able. Convention: higher score = more anomalous.
 """
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -138,17 +139,56 @@ def gaussian_blur(maps: jax.Array, sigma: float = 4.0, truncate: float = 4.0,
                     precision=jax.lax.Precision.HIGHEST)
 
 
+# How the upsampled maps of several scales become one: fn(list of
+# [..., H, W]) -> [..., H, W]. RD4AD sums them.
+MAP_FUSIONS = {
+    'sum': sum,
+    'mean': lambda maps: sum(maps) / len(maps),
+    'product': lambda maps: functools.reduce(jnp.multiply, maps),
+}
+
+
+def register_map_fusion(name: str, fn, replace: bool = False) -> None:
+  """Makes `fn(list of [..., H, W] maps) -> [..., H, W]` (jnp, jit-able)
+  the fusion `model.map_fusion=name`; an existing name needs `replace`."""
+  if name in MAP_FUSIONS and not replace:
+    raise ConfigError(f'A map fusion {name!r} is registered already; pass '
+                      'replace=True to replace it, or choose another name.')
+  MAP_FUSIONS[name] = fn
+
+
+def map_fusion(name: str):
+  """The fusion named `name`: a registered name, or an import path
+  'package.module.function' (imported here). Never a silent default."""
+  if name in MAP_FUSIONS:
+    return MAP_FUSIONS[name]
+  module, _, attr = name.rpartition('.')
+  if module:
+    try:
+      return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+      raise ConfigError(
+          f'model.map_fusion={name!r} cannot be imported ({e}); add its '
+          'folder to PYTHONPATH or list its module in config.plugins.') from e
+  raise ConfigError(f'Unknown model.map_fusion {name!r}; choose one of '
+                    f'{sorted(MAP_FUSIONS)}, an import path '
+                    "'package.module.function', or register one with "
+                    'anomaly_map.register_map_fusion.')
+
+
 def anomaly_map(maps, size, sigma: float = 4.0, mode: str = 'symmetric',
-                truncate: float = 4.0) -> jax.Array:
+                truncate: float = 4.0, fusion='sum') -> jax.Array:
   """Upsamples [..., h, w] maps to `size` (align corners), then smooths them.
 
   `maps` is one array, or a sequence of arrays at several scales that are
-  summed after upsampling. With the defaults this is RD4AD's
+  fused after upsampling by `fusion` (a name for `map_fusion`, or a
+  function; RD4AD sums them). With the defaults this is RD4AD's
   post-processing of its multi-scale maps; `mode='reflect'` gives
   anomalib's boundary instead.
   """
   if isinstance(maps, (list, tuple)):
-    resized = sum(resize_bilinear_align_corners(m, size) for m in maps)
+    fuse = map_fusion(fusion) if isinstance(fusion, str) else fusion
+    resized = fuse([resize_bilinear_align_corners(m, size) for m in maps])
   else:
     resized = resize_bilinear_align_corners(maps, size)
   return gaussian_blur(resized, sigma=sigma, truncate=truncate, mode=mode)

@@ -176,6 +176,7 @@ class TorchResNet(nn.Module):
   stage_sizes: Sequence[int]
   width_per_group: int = 64
   with_layer4: bool = False
+  base_width: int = 64  # Stem and layer1 planes; torchvision's are 64.
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -188,7 +189,7 @@ class TorchResNet(nn.Module):
     elif self.width_per_group != 64:
       raise ConfigError(
           "Basic blocks need width_per_group=64, as in torchvision.")
-    x = conv(64, 7, 2, "conv1")(x)
+    x = conv(self.base_width, 7, 2, "conv1")(x)
     x = nn.relu(batch_norm(train, "bn1")(x))
     # torch's MaxPool2d(3, 2, padding=1): -inf padding, then a VALID window
     # (spelled out so that ONNX converters read it right).
@@ -198,7 +199,8 @@ class TorchResNet(nn.Module):
     for stage in range(4 if self.with_layer4 else 3):
       for i in range(self.stage_sizes[stage]):
         stride = 2 if stage > 0 and i == 0 else 1
-        x = block(64 * 2**stage, stride, name=f"layer{stage + 1}_{i}")(
+        x = block(self.base_width * 2**stage, stride,
+                  name=f"layer{stage + 1}_{i}")(
             x, train)
       features[f"layer{stage + 1}"] = x
     if self.with_layer4:
@@ -222,10 +224,19 @@ def wide_resnet50_2(with_layer4: bool = False) -> TorchResNet:
                      with_layer4=with_layer4)
 
 
+def resnet_tiny(with_layer4: bool = False) -> TorchResNet:
+  """Not a torchvision model: resnet18's layout at 1/8 of its widths
+  (8/16/32(/64) channels) with one block per stage, for tests and smoke
+  runs. No pretrained weights exist for it."""
+  return TorchResNet("basic", (1, 1, 1, 1), with_layer4=with_layer4,
+                     base_width=8)
+
+
 ARCHS = {
     "resnet18": resnet18,
     "resnet50": resnet50,
     "wide_resnet50_2": wide_resnet50_2,
+    "resnet_tiny": resnet_tiny,
 }
 
 

@@ -3,11 +3,12 @@ its weight gradient is computed, and the compute dtype of the precision
 policy (`components.precision`).
 
 XLA:CPU computes the weight gradient of a 3x3 convolution far below its
-forward rate on some CPUs (experiments/conv_grad_repro.py: 2 GFLOP/s
-against 58 forward on an AMD EPYC). `conv_general_dilated` here has the
-signature of `lax.conv_general_dilated` (pass it as `nn.Conv`'s
-`conv_general_dilated=`) and, for 2-D NHWC/HWIO convolutions without
-dilation or groups, can compute the weight gradient another way:
+forward rate on some CPUs (2 GFLOP/s against 58 forward on an AMD EPYC;
+`git show 037b9c0:experiments/conv_grad_repro.py` reproduces it).
+`conv_general_dilated` here has the signature of `lax.conv_general_dilated`
+(pass it as `nn.Conv`'s `conv_general_dilated=`) and, for 2-D NHWC/HWIO
+convolutions without dilation or groups, can compute the weight gradient
+another way:
 
   'im2col_cpu' (default) 'im2col' on the CPU backend, 'xla' elsewhere and
             for symbolic shapes (an export).
@@ -20,13 +21,14 @@ dilation or groups, can compute the weight gradient another way:
 
 On a quiet 2-core Intel Xeon (AVX512-BF16, AMX) whole float32 train steps
 ran faster with 'im2col' than with 'xla' in every row of
-`experiments/training_speed.py steps` (DisAug 1855 against 2425 ms, RotNet
-3686 against 5009, RD WRN-50-2 1893 against 2771, GANomaly 307 against
-376, RD ResNet-18 339 against 350; experiments/RESULTS.md), hence the
-default. Under heavy load (7x oversubscribed) the same comparison was
-mixed, and 'auto''s per-shape timing misled there. Runs saved before this
-key existed ran with 'xla'; the key may change on resume, so pass
---config.conv_weight_grad=xla to continue one with its exact computation.
+`experiments/speed.py steps --conv_weight_grad=MODE`, one run per mode
+(DisAug 1855 against 2425 ms, RotNet 3686 against 5009, RD WRN-50-2 1893
+against 2771, GANomaly 307 against 376, RD ResNet-18 339 against 350;
+experiments/RESULTS.md), hence the default. Under heavy load (7x
+oversubscribed) the same comparison was mixed, and 'auto''s per-shape timing
+misled there. Runs saved before this key existed ran with 'xla'; the key may
+change on resume, so pass --config.conv_weight_grad=xla to continue one with
+its exact computation.
 
 The input gradient is always XLA's. The mode comes from the environment
 variable JAX_ONECLASS_CONV_GRAD if set, else from `set_weight_grad_mode`

@@ -15,6 +15,8 @@ Every classifier is a pair of pure functions:
   Kernel sums are computed over chunks of `chunk_size` bank rows, so the
   largest intermediate is [M, chunk_size] rather than [M, N].
 
+Code outside the package adds classifiers with `register_classifier`.
+
 A config names each classifier it wants: `{'gde': {}, 'gde_lw': {'classifier':
 'gde', 'shrinkage': 'ledoit_wolf'}}` fits both variants, scored as 'gde' and
 'gde_lw'; without a 'classifier' key the name is the classifier.
@@ -464,6 +466,31 @@ CLASSIFIERS: dict[str, Classifier] = {
 }
 
 
+def register_classifier(name: str, fit: Callable[..., Params],
+                        score: Callable[..., jax.Array],
+                        replace: bool = False) -> None:
+  """Registers a one-class classifier for configs to name.
+
+  `fit(features [N, D], **hparams) -> params` runs on the host and returns a
+  flat dict of NumPy arrays (saved with the run); `score(params, features
+  [M, D]) -> [M]` (higher: more anomalous) must be pure jnp code, as it is
+  traced inside the method's jitted `score`. Registering a taken name is an
+  error unless `replace`. Call it from a module listed in `config.plugins`,
+  so that every process reading the run registers it (docs/extending.md).
+  """
+  if not isinstance(name, str) or not name:
+    raise ConfigError(f'A classifier name must be a non-empty string, got '
+                      f'{name!r}.')
+  if not callable(fit) or not callable(score):
+    raise ConfigError(f'Classifier {name!r}: fit and score must be '
+                      'functions.')
+  if name in CLASSIFIERS and not replace:
+    raise ConfigError(
+        f'One-class classifier {name!r} is already registered; pass '
+        'replace=True to replace it.')
+  CLASSIFIERS[name] = Classifier(fit=fit, score=score)
+
+
 def get_classifier(name: str) -> Classifier:
   """Returns the registered classifier `name` or raises ConfigError."""
   try:
@@ -471,7 +498,9 @@ def get_classifier(name: str) -> Classifier:
   except KeyError:
     raise ConfigError(
         f'Unknown one-class classifier {name!r}; valid names are '
-        f'{sorted(CLASSIFIERS)}.') from None
+        f'{sorted(CLASSIFIERS)}. A classifier of your own is registered '
+        'with oneclass.register_classifier in a module listed in '
+        'config.plugins (docs/extending.md).') from None
 
 
 def checked_hparams(config_classifiers: Mapping[str, Mapping[str, Any]]

@@ -65,6 +65,18 @@ class Method(Protocol):
     jit-able, in eval mode, so an image's scores never depend on its
     batch."""
 
+  # Optional: a method may also define
+  #
+  #   prepare_batches: int = 1
+  #   def prepare(self, state, batches) -> state
+  #
+  # a data-dependent initialisation (e.g. Deep SVDD's centre), run once on
+  # the initial state before the first step, over an iterable of the first
+  # `prepare_batches` training batches (global arrays, as `train_step` gets
+  # them). It is not a step: `state.step` stays 0. A resumed run restores
+  # the prepared state from its checkpoint instead; a run restarted from
+  # step 0 prepares again from the same batches, with the same result.
+
 
 class NoFittedStage:
   """Mixin for methods without a non-gradient stage: nothing to embed or

@@ -17,9 +17,10 @@ build the repository, map the repository, score against it):
    uniform sample of the image's other positions). The criterion needs no
    trained network, so it runs first; the repository is the selected
    points of every training image (capped at `bank.max_size`). The
-   direction and share were chosen on experiments/gp_selector_study.py
-   (synthetic set, random backbone): smallest-first gave the best pixel
-   AUROC and an image AUROC level with the other per-image rules.
+   direction and share were chosen by a study (synthetic set, random
+   backbone; `git show 225ab88:experiments/gp_selector_study.py`):
+   smallest-first gave the best pixel AUROC and an image AUROC level with
+   the other per-image rules.
 3. Centre-constrained discriminative learning on the repository: a
    bias-free MLP (`model.mlp_widths`; () = no mapping, a plain
    nearest-neighbour repository) maps the selected points towards a
@@ -43,15 +44,14 @@ jit-compiled: `components.knn`); the distances are upsampled to the image
 Image scores: 'nn_max' (the map's maximum, the main score), 'nn_mean', and
 'center_max' (the largest patch distance to c, no repository).
 
-Before 2026-12 the MLP trained on every patch point and the repository was
-chosen afterwards, over all images' points at once, by the trained MLP's
-per-point gradient norms (`center_mlp.per_point_gradient_norms`). That
-criterion needs the trained MLP, so it cannot come first, and the study
-found its weak repository (image AUROC 0.43 with only the preferred points)
-came from the global selection: the largest gradients (far from c, large
-feature norm) sit in about a fifth of the images, which leaves the others'
-normal patches uncovered. Per image, the same criterion is level with the
-others; it is kept only in the study.
+Not used: ranking points by the trained MLP's per-point gradient norms
+(`center_mlp.per_point_gradient_norms`). That criterion needs the trained
+MLP, so it cannot come first, and chosen over all images' points at once it
+gave a weak repository (image AUROC 0.43 with only the preferred points):
+the largest gradients (far from c, large feature norm) sit in about a fifth
+of the images, which leaves the others' normal patches uncovered. Per
+image, the same criterion is level with the others; it is kept only in the
+study (experiments/RESULTS.md).
 """
 
 from typing import Any

@@ -17,9 +17,9 @@ Per image, `bank.fraction` of its h*w points are kept: the
 (`bank.prefer`: 'largest' or 'smallest'), the rest a seeded uniform sample
 of the other positions. Selecting per image, not over all images' points at
 once, keeps every training image in the repository (see
-experiments/gp_selector_study.py). The selection depends only on the image
-and the config, so the points the MLP trains on and the repository it maps
-are the same ones.
+`git show 225ab88:experiments/gp_selector_study.py`). The selection depends
+only on the image and the config, so the points the MLP trains on and the
+repository it maps are the same ones.
 
 The defaults (smallest gradients, the whole repository by the criterion)
 come from that study: on the synthetic MVTec-shaped set the points inside

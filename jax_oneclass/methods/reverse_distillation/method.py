@@ -56,6 +56,7 @@ class Method(interface.NoFittedStage):
           "Reverse distillation halves the image 5 times (teacher layer3 at "
           "1/16, the bottleneck at 1/32): config.data.image_size must be a "
           f"multiple of 32, got {info.image_shape[0]}.")
+    self.map_fusion = anomaly_map.map_fusion(model.get("map_fusion", "sum"))
     self.tx = optim.make_optimizer(config, info)
     self.pretrained = pretrained.load_or_announce_random(
         model.pretrained, model.backbone, "Teacher")
@@ -116,8 +117,9 @@ class Method(interface.NoFittedStage):
                              "grad_norm": optim.global_norm(grads)}
 
   def score(self, state, fitted, batch) -> interface.Scores:
-    """Image scores and {'anomaly_map': [B, H, W]}, the summed, upsampled
-    and smoothed distances, from one pass of both networks."""
+    """Image scores and {'anomaly_map': [B, H, W]}, the upsampled, fused
+    (`model.map_fusion`, summed by default) and smoothed distances, from
+    one pass of both networks."""
     del fitted
     images = batch["image"]
     teacher = self._teacher_maps(state, images)
@@ -125,7 +127,7 @@ class Method(interface.NoFittedStage):
                                     train=False)
     smoothed = anomaly_map.anomaly_map(
         rd.cosine_distance_maps(teacher, student), images.shape[1:3],
-        sigma=self.config.eval.map_sigma)
+        sigma=self.config.eval.map_sigma, fusion=self.map_fusion)
     scores = {"map_max": anomaly_map.image_scores(smoothed),
               "map_mean": jnp.mean(smoothed, axis=(1, 2))}
     return interface.Scores(scores, {"anomaly_map": smoothed})

@@ -140,7 +140,7 @@ class OCBE(nn.Module):
   layer2's, then layer3's width), layer2 through one (to layer3's width);
   the two are concatenated with layer3 as is. The paper's 1x1 fusion conv
   is absent, as in the official code. OCE: `num_blocks` residual blocks
-  with 512 planes, stride 2 on the first.
+  with 8 * base_width planes (512), stride 2 on the first.
 
   Attributes:
     block: "basic" (ResNet-18 teacher) or "bottleneck".
@@ -152,6 +152,7 @@ class OCBE(nn.Module):
   block: str = "bottleneck"
   num_blocks: int = 3
   width_per_group: int = 64
+  base_width: int = 64  # The teacher's layer1 planes; OCE has 8x as many.
 
   @nn.compact
   def __call__(self, features: Sequence[jax.Array], train: bool = False):
@@ -170,9 +171,11 @@ class OCBE(nn.Module):
     for i in range(self.num_blocks):
       stride = 2 if i == 0 else 1
       if self.block == "basic":
-        layer = backbones.BasicBlock(512, stride, name=f"bn_layer_{i}")
+        layer = backbones.BasicBlock(8 * self.base_width, stride,
+                                     name=f"bn_layer_{i}")
       else:
-        layer = backbones.Bottleneck(512, stride, self.width_per_group,
+        layer = backbones.Bottleneck(8 * self.base_width, stride,
+                                     self.width_per_group,
                                      name=f"bn_layer_{i}")
       x = layer(x, train)
     return x
@@ -199,12 +202,14 @@ class StudentDecoder(nn.Module):
   block: str = "bottleneck"
   stage_sizes: Sequence[int] = (3, 4, 6)
   width_per_group: int = 64
+  base_width: int = 64  # The teacher's layer1 planes.
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     _check_block(self.block, self.width_per_group)
     outputs = []
-    for stage, planes in enumerate((256, 128, 64)):
+    for stage, scale in enumerate((4, 2, 1)):
+      planes = scale * self.base_width
       for i in range(self.stage_sizes[stage]):
         name = f"layer{stage + 1}_{i}"
         if self.block == "basic":
@@ -222,6 +227,7 @@ _ARCHS = {
     "resnet18": ("basic", 2, (2, 2, 2), 64),
     "resnet50": ("bottleneck", 3, (3, 4, 6), 64),
     "wide_resnet50_2": ("bottleneck", 3, (3, 4, 6), 128),
+    "resnet_tiny": ("basic", 1, (1, 1, 1), 64),
 }
 
 
@@ -239,9 +245,11 @@ def build(arch: str, ocbe_width_per_group: int | None = None
   block, oce_blocks, stage_sizes, width_per_group = _ARCHS[arch]
   if ocbe_width_per_group is None:
     ocbe_width_per_group = width_per_group
-  return (backbones.build(arch),
-          OCBE(block, oce_blocks, ocbe_width_per_group),
-          StudentDecoder(block, stage_sizes, width_per_group))
+  teacher = backbones.build(arch)
+  return (teacher,
+          OCBE(block, oce_blocks, ocbe_width_per_group, teacher.base_width),
+          StudentDecoder(block, stage_sizes, width_per_group,
+                         teacher.base_width))
 
 
 def teacher_maps(features: dict[str, jax.Array]) -> list[jax.Array]:

@@ -14,10 +14,10 @@ It does not import ``jax_oneclass`` and runs in its own environment, e.g. the
 virtualenv ``/work/anomalib_venv`` (CPU torch, torchvision, anomalib)::
 
   PY=/work/anomalib_venv/bin/python
-  $PY experiments/anomalib_localization.py rd_throughput \
+  $PY experiments/torch/anomalib_localization.py rd_throughput \
       --backbone=wide_resnet50_2 --image_size=128 --batch_size=8 --steps=5 \
       --warmup=2 --threads=2
-  $PY experiments/anomalib_localization.py bank --bank_size=1000000 --dim=256 \
+  $PY experiments/torch/anomalib_localization.py bank --bank_size=1000000 --dim=256 \
       --queries=1024 --k=1 --steps=5 --warmup=2 --threads=2
 
 One reverse-distillation step, as anomalib's Lightning module does it
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import measure  # Standard library only: no JAX here.
 # pylint: enable=g-import-not-at-top,wrong-import-position

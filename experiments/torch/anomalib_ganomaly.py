@@ -13,12 +13,12 @@ scikit-learn)::
   PY=/work/anomalib_venv/bin/python
 
   # Train-step throughput on random inputs in [-1, 1].
-  $PY experiments/anomalib_ganomaly.py throughput --image_size=32 \
+  $PY experiments/torch/anomalib_ganomaly.py throughput --image_size=32 \
       --batch_size=64 --width=64 --latent=100 --channels=3 --steps=20 \
       --warmup=3 --threads=2 --out=/tmp/anomalib_ganomaly/throughput.json
 
   # One-class CIFAR-10: train on one class, score the whole test split.
-  $PY experiments/anomalib_ganomaly.py cifar10 \
+  $PY experiments/torch/anomalib_ganomaly.py cifar10 \
       --data=/tmp/cifar10/cifar10-jpeg --normal_class=0 --steps=500 \
       --batch_size=64 --image_size=32 --width=64 --latent=100 --seed=0 \
       --out=/tmp/anomalib_ganomaly/cifar10_c0.json
@@ -55,7 +55,7 @@ from sklearn.metrics import roc_auc_score
 import torch
 
 warnings.filterwarnings("ignore")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 # Importing anomalib pulls in every model and their deprecation warnings.
 # pylint: disable=g-import-not-at-top,wrong-import-position

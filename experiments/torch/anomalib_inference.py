@@ -15,9 +15,9 @@ printing one JSON object (and writing it to --out):
 It does not import ``jax_oneclass`` and runs in its own environment::
 
   PY=/work/torch_venv/bin/python
-  $PY experiments/anomalib_inference.py export --model=rd_resnet18 \
+  $PY experiments/torch/anomalib_inference.py export --model=rd_resnet18 \
       --root=/tmp/jo_inference/anomalib
-  TRUST_REMOTE_CODE=1 $PY experiments/anomalib_inference.py time \
+  TRUST_REMOTE_CODE=1 $PY experiments/torch/anomalib_inference.py time \
       --model=rd_resnet18 --impl=torch --root=/tmp/jo_inference/anomalib \
       --batch_size=16 --repeats=5 --threads=2
 
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import measure  # Standard library only: no JAX here.
 # pylint: enable=g-import-not-at-top,wrong-import-position

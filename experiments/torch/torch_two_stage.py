@@ -1,7 +1,7 @@
 """PyTorch reference for the two-stage training step (float32, CPU), run in
-the torch virtualenv by experiments/training_speed.py:
+the torch virtualenv by `experiments/speed.py steps`:
 
-  /work/torch_venv/bin/python experiments/torch_two_stage.py --method=disaug
+  /work/torch_venv/bin/python experiments/torch/torch_two_stage.py --method=disaug
 
 The network is what jax_oneclass.methods.two_stage.network builds: the
 CIFAR ResNet-18 (3x3 stem, no max-pool; `--width` 64), the MLP head
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import measure  # pylint: disable=g-import-not-at-top,wrong-import-position
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from experiments import measure  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 class BasicBlock(nn.Module):

@@ -1,0 +1,1 @@
+"""An example of research code kept outside jax_oneclass (docs/extending.md)."""
