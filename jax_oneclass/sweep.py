@@ -54,6 +54,7 @@ per-seed class mean; a published number where jax_oneclass/
 reference_results.json has one) and W/sweep_auroc.png.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -75,7 +76,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disa
 
 from jax_oneclass import checkpointing, data, evaluate, logging_utils  # pylint: disable=g-import-not-at-top
 from jax_oneclass import config as config_lib  # pylint: disable=g-import-not-at-top
-from jax_oneclass import parallel, train  # pylint: disable=g-import-not-at-top
+from jax_oneclass import parallel, train, workdir_lock  # pylint: disable=g-import-not-at-top
 from jax_oneclass import run as run_lib  # pylint: disable=g-import-not-at-top
 from jax_oneclass.errors import ConfigError, Interrupted, NonFiniteLossError  # pylint: disable=g-import-not-at-top
 
@@ -706,47 +707,52 @@ def run_sweep(config, workdir, classes="all", seeds=None, grid=(),
   done = 0
   try:
     for group_members in by_config.values():
-      # Built per static config: methods set process-wide modes (conv).
-      prepared = [_prepare(m, allow_config_change) for m in group_members]
-      slots = [p[0] for p in prepared]
-      states = [p[1] for p in prepared]
-      firsts = [p[2] for p in prepared]
-      iterators = [p[3] for p in prepared]
-      try:
-        for indices in _group_slots(slots, states, firsts, stack_limit):
-          program = [slots[i] for i in indices]
-          to_train = [i for i in indices if _trained_step(
-              slots[i].member, slots[i].run.config.num_train_steps,
-              slots[i].run.checkpointer.latest_step()) is None]
-          stacked = None
-          if to_train:
-            program = [slots[i] for i in to_train]
-            stacked = train_program(
-                program, [states[i] for i in to_train],
-                [firsts[i] for i in to_train],
-                [iterators[i] for i in to_train], combiner, progress, done)
-            done += len(program) * (program[0].run.config.num_train_steps
-                                    - program[0].start_step)
-          for i in indices:
-            slot = slots[i]
-            if i in to_train:
-              member_state = _member_state(stacked, to_train.index(i),
-                                           slot.run)
-            else:  # Trained, not yet evaluated: its checkpoint.
-              member_state, slot.step = run_lib.restore_latest(slot.run)
-              slot.status = ((_read_json(_status_path(slot.member)) or {})
-                             .get("status", "finished"))
-            if slot.status == "halted":
-              halted = True
-            if slot.status in ("finished", "stopped_early"):
-              results = _evaluate(slot, member_state)
-              outcomes[slot.member.workdir] = (slot.status, results, "")
-            else:
-              outcomes[slot.member.workdir] = (slot.status, None, slot.error)
-            _write_status(slot)
-      finally:
-        for slot in slots:
-          slot.run.checkpointer.close()
+      with contextlib.ExitStack() as locks:
+        # One writer per member folder, as a single run takes.
+        for member in group_members:
+          locks.enter_context(workdir_lock.held(member.workdir,
+                                                "training"))
+        # Built per static config: methods set process-wide modes (conv).
+        prepared = [_prepare(m, allow_config_change) for m in group_members]
+        slots = [p[0] for p in prepared]
+        states = [p[1] for p in prepared]
+        firsts = [p[2] for p in prepared]
+        iterators = [p[3] for p in prepared]
+        try:
+          for indices in _group_slots(slots, states, firsts, stack_limit):
+            program = [slots[i] for i in indices]
+            to_train = [i for i in indices if _trained_step(
+                slots[i].member, slots[i].run.config.num_train_steps,
+                slots[i].run.checkpointer.latest_step()) is None]
+            stacked = None
+            if to_train:
+              program = [slots[i] for i in to_train]
+              stacked = train_program(
+                  program, [states[i] for i in to_train],
+                  [firsts[i] for i in to_train],
+                  [iterators[i] for i in to_train], combiner, progress, done)
+              done += len(program) * (program[0].run.config.num_train_steps
+                                      - program[0].start_step)
+            for i in indices:
+              slot = slots[i]
+              if i in to_train:
+                member_state = _member_state(stacked, to_train.index(i),
+                                             slot.run)
+              else:  # Trained, not yet evaluated: its checkpoint.
+                member_state, slot.step = run_lib.restore_latest(slot.run)
+                slot.status = ((_read_json(_status_path(slot.member)) or {})
+                               .get("status", "finished"))
+              if slot.status == "halted":
+                halted = True
+              if slot.status in ("finished", "stopped_early"):
+                results = _evaluate(slot, member_state)
+                outcomes[slot.member.workdir] = (slot.status, results, "")
+              else:
+                outcomes[slot.member.workdir] = (slot.status, None, slot.error)
+              _write_status(slot)
+        finally:
+          for slot in slots:
+            slot.run.checkpointer.close()
   finally:
     progress.close()
   if halted:
