@@ -42,21 +42,32 @@ def jit_train_step(method, mesh):
       out_shardings=(replicated, replicated), donate_argnums=0)
 
 
+def mean_metrics(fetched: list) -> dict:
+  """Means over steps of host metric dicts ({name: scalar} per step)."""
+  return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+
+def check_finite(summary: dict, first: int, step: int, checkpointer) -> None:
+  """Raises NonFiniteLossError naming the last good checkpoint when a
+  metric averaged over steps `first`..`step` is not finite."""
+  if all(math.isfinite(v) for v in summary.values()):
+    return
+  bad = sorted(k for k, v in summary.items() if not math.isfinite(v))
+  checkpointer.wait()
+  last = checkpointer.latest_step()
+  raise NonFiniteLossError(
+      f"Non-finite {', '.join(bad)} between steps {first} "
+      f"and {step}. Training stopped; the last good checkpoint is "
+      + (f"step {last} in {checkpointer.directory}" if last is not None
+         else "none (no checkpoint was written yet)")
+      + ". Lower optimizer.learning_rate or set optimizer.grad_clip_norm, "
+      "then run again with the same --workdir to resume from it.")
+
+
 def _summarise(pending: list, step: int, checkpointer) -> dict:
   """Means of the metrics since the last call; stops on a non-finite loss."""
-  fetched = [parallel.to_host(m) for m in pending]
-  summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-  if not all(math.isfinite(v) for v in summary.values()):
-    bad = sorted(k for k, v in summary.items() if not math.isfinite(v))
-    checkpointer.wait()
-    last = checkpointer.latest_step()
-    raise NonFiniteLossError(
-        f"Non-finite {', '.join(bad)} between steps {step - len(pending) + 1} "
-        f"and {step}. Training stopped; the last good checkpoint is "
-        + (f"step {last} in {checkpointer.directory}" if last is not None
-           else "none (no checkpoint was written yet)")
-        + ". Lower optimizer.learning_rate or set optimizer.grad_clip_norm, "
-        "then run again with the same --workdir to resume from it.")
+  summary = mean_metrics([parallel.to_host(m) for m in pending])
+  check_finite(summary, step - len(pending) + 1, step, checkpointer)
   return summary
 
 
