@@ -29,6 +29,10 @@ import time
 # (`waiting_for_steps`), after which the loop saves.
 GRACE_SECS = 3.0
 STEP_GRACE_SECS = 60.0
+# Seconds the process has to stop once its handler raised: the exception
+# can be swallowed (raised inside a garbage-collector callback or a
+# __del__) or the clean-up (a final save) can hang.
+UNWIND_SECS = 60.0
 
 _NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
 
@@ -43,6 +47,16 @@ class _Guard:
     self.taken = 0  # Signals the main thread's handlers ran for.
     self.changed = threading.Condition(threading.RLock())
     self.on_exit = []  # Called before the watchdog ends the process.
+    self.ended = threading.Event()  # The guarded block has ended.
+
+  def unwind(self, name: str):
+    """Called as a handler raises: ends the process after UNWIND_SECS
+    unless the guarded block has ended by then."""
+    def check():
+      if not self.ended.wait(UNWIND_SECS):
+        _exit(self, name, second=False, secs=UNWIND_SECS, unwinding=True)
+    threading.Thread(target=check, daemon=True,
+                     name="interrupts-unwind").start()
 
   def take(self):
     with self.changed:
@@ -97,22 +111,44 @@ def _sigterm(guard, *_):
   if guard.polling:
     guard.requested.set()
     return
+  # If the exception is swallowed (raised inside a garbage-collector
+  # callback), the training loop still sees the request at its next step.
+  guard.requested.set()
+  guard.unwind("SIGTERM")
   raise Terminated(
       "Stopped by SIGTERM outside the training steps (e.g. while reading "
       "data or evaluating); every finished checkpoint is kept. Run the same "
       "command again to continue.")
 
 
+def raise_if_requested():
+  """Raises Terminated if a SIGTERM was taken but its exception swallowed
+  (a handler that ran inside a garbage-collector callback): the command
+  then still ends with exit code 2."""
+  guard = _guard
+  if guard is not None and not guard.polling and guard.requested.is_set():
+    raise Terminated(
+        "Stopped by SIGTERM: the command finished the work it was doing "
+        "when the signal came; every finished checkpoint is kept. Run the "
+        "same command again to continue.")
+
+
 def _sigint(guard, *_):
   guard.take()
+  guard.unwind("Ctrl-C")
   raise KeyboardInterrupt
 
 
-def hard_exit_message(name: str, second: bool, secs: float = 0) -> str:
+def hard_exit_message(name: str, second: bool, secs: float = 0,
+                      unwinding: bool = False) -> str:
   """The line the watchdog prints before it ends the process."""
-  why = ("asked twice" if second else
-         f"the process was inside a call that cannot be interrupted (reading "
-         f"data, compiling or a long step) for {secs:g} s")
+  if second:
+    why = "asked twice"
+  elif unwinding:
+    why = f"the process had not stopped {secs:g} s after it took the signal"
+  else:
+    why = (f"the process was inside a call that cannot be interrupted "
+           f"(reading data, compiling or a long step) for {secs:g} s")
   return (f"error: Stopped by {name} without saving: {why}. Every finished "
           "checkpoint is kept; run the same command again to continue from "
           "the newest one.")
@@ -142,13 +178,15 @@ def _watch(guard, read_fd):
           _exit(guard, _NAMES[number], second=False, secs=grace)
 
 
-def _exit(guard, name: str, second: bool, secs: float = 0):
+def _exit(guard, name: str, second: bool, secs: float = 0,
+          unwinding: bool = False):
   for callback in list(guard.on_exit):
     try:
       callback()
     except Exception:  # pylint: disable=broad-except
       pass
-  sys.stderr.write("\n" + hard_exit_message(name, second, secs) + "\n")
+  sys.stderr.write(
+      "\n" + hard_exit_message(name, second, secs, unwinding) + "\n")
   sys.stderr.flush()
   os._exit(2)  # pylint: disable=protected-access
 
@@ -175,6 +213,7 @@ def guarded():
   try:
     yield guard
   finally:
+    guard.ended.set()
     _guard = None
     signal.set_wakeup_fd(previous_fd)
     for number, handler in previous.items():

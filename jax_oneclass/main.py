@@ -255,6 +255,7 @@ def main(argv):
   with interrupts.guarded():
     try:
       _run_mode(config)
+      interrupts.raise_if_requested()
     except interrupts.Terminated as e:  # Outside the training loop.
       if _DEBUG.value:
         raise

@@ -203,3 +203,23 @@ def test_sigterm_outside_the_steps_raises_inside_sets_the_request():
         _sigterm_self()  # The loop would save and stop at its next step.
         assert requested.is_set()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_sigterm_whose_exception_is_swallowed_still_stops():
+  """A handler that runs inside a garbage-collector callback raises into
+  nothing; the request stays, so the loop or the command still stops."""
+  with interrupts.guarded():
+    try:
+      _sigterm_self()
+    except interrupts.Terminated:
+      pass  # As if swallowed.
+    with pytest.raises(interrupts.Terminated, match="after the last"):
+      with train.sigterm_requests() as requested:
+        assert requested.is_set()  # The loop stops at its first step.
+  with interrupts.guarded():
+    try:
+      _sigterm_self()
+    except interrupts.Terminated:
+      pass
+    with pytest.raises(interrupts.Terminated, match="finished the work"):
+      interrupts.raise_if_requested()
