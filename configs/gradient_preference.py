@@ -46,9 +46,14 @@ def get_config(arg=None):
   # images' points together, capped at `max_size` if > 0. The defaults
   # come from a study (see experiments/RESULTS.md;
   # `git show 225ab88:experiments/gp_selector_study.py`).
-  config.bank = dict(fraction=0.1, preferred_fraction=1.0, max_size=0,
-                     criterion="feature_gradient", prefer="smallest",
-                     normalize=False)
+  config.bank = dict(
+    fraction=0.1,
+    preferred_fraction=1.0,
+    max_size=0,
+    criterion="feature_gradient",
+    prefer="smallest",
+    normalize=False,
+  )
 
   config.eval.batch_size = 16
   config.eval.k = 1  # Nearest repository entries averaged per patch.

@@ -22,8 +22,9 @@ RESULTS_DIR = ROOT / "experiments" / "results"
 # Run as `python experiments/<script>.py`, a script's own folder leads
 # sys.path, where experiments/torch/ (the PyTorch-side scripts) would read as
 # an empty `torch` package to any library that probes for torch.
-sys.path[:] = [p for p in sys.path
-               if Path(p or ".").resolve() != ROOT / "experiments"]
+sys.path[:] = [
+  p for p in sys.path if Path(p or ".").resolve() != ROOT / "experiments"
+]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
@@ -53,10 +54,13 @@ def cifar_folder(path: str) -> str:
   """An extracted folder with train/ and test/, extracting a .tar.gz once."""
   path = Path(path)
   if not path.exists():
-    print(f"error: {path} does not exist: the CIFAR-10 JPEG data "
-          "(cifar10-jpeg.tar.gz, read from ../shared/data/ beside the "
-          "repository by default) is missing. Pass --source=<that .tar.gz or "
-          "its extracted folder with train/ and test/>.", file=sys.stderr)
+    print(
+      f"error: {path} does not exist: the CIFAR-10 JPEG data "
+      "(cifar10-jpeg.tar.gz, read from ../shared/data/ beside the "
+      "repository by default) is missing. Pass --source=<that .tar.gz or "
+      "its extracted folder with train/ and test/>.",
+      file=sys.stderr,
+    )
     raise SystemExit(2)
   if path.is_file():
     target = Path(os.environ.get("JAX_ONECLASS_DATA", "/tmp/jax_oneclass_data"))
@@ -80,20 +84,24 @@ def _matmul_flops(jaxpr) -> float:
     if name == "dot_general":
       lhs = eqn.invars[0].aval
       (contracting, _), _ = eqn.params["dimension_numbers"]
-      total += 2.0 * eqn.outvars[0].aval.size * math.prod(
-          lhs.shape[d] for d in contracting)
+      total += (
+        2.0
+        * eqn.outvars[0].aval.size
+        * math.prod(lhs.shape[d] for d in contracting)
+      )
     elif name == "conv_general_dilated":
       rhs = eqn.invars[1].aval
       out_features = rhs.shape[eqn.params["dimension_numbers"].rhs_spec[0]]
       # A strided conv's input gradient is a conv over the dilated input;
       # the inserted zeros are not work (torch does not count them either).
       zeros = math.prod(eqn.params["lhs_dilation"])
-      total += (2.0 * eqn.outvars[0].aval.size * rhs.size / out_features
-                / zeros)
-    inner = [v for value in eqn.params.values()
-             for v in (value if isinstance(value, (list, tuple)) else [value])
-             if hasattr(v, "eqns") or hasattr(getattr(v, "jaxpr", None),
-                                                   "eqns")]
+      total += 2.0 * eqn.outvars[0].aval.size * rhs.size / out_features / zeros
+    inner = [
+      v
+      for value in eqn.params.values()
+      for v in (value if isinstance(value, (list, tuple)) else [value])
+      if hasattr(v, "eqns") or hasattr(getattr(v, "jaxpr", None), "eqns")
+    ]
     counts = [_matmul_flops(getattr(v, "jaxpr", v)) for v in inner]
     if name == "cond":
       total += max(counts, default=0.0)
@@ -109,8 +117,9 @@ def matmul_flops(fn, *args) -> float:
   return _matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def time_train_step(method, info, batch_size: int, steps: int,
-                    warmup: int, views: int = 1) -> tuple[dict, object]:
+def time_train_step(
+  method, info, batch_size: int, steps: int, warmup: int, views: int = 1
+) -> tuple[dict, object]:
   """Times `method`'s jitted train step on one fixed batch of random images
   ([batch_size, views, H, W, C]; no input pipeline) in this process.
 
@@ -121,12 +130,14 @@ def time_train_step(method, info, batch_size: int, steps: int,
   # pylint: disable=g-import-not-at-top
   from experiments import measure
   from jax_oneclass import parallel
+
   # pylint: enable=g-import-not-at-top
   mesh = parallel.make_mesh()
   box = {"state": run_lib.initial_state(method, info.image_shape, mesh, 0)}
   step_fn = train.jit_train_step(method, mesh)
-  images = jax.random.uniform(jax.random.key(0),
-                              (batch_size, views) + tuple(info.image_shape))
+  images = jax.random.uniform(
+    jax.random.key(0), (batch_size, views) + tuple(info.image_shape)
+  )
   batch = parallel.shard_batch(mesh, {"image": images})
   rng = jax.random.key(1)
   flops = matmul_flops(step_fn, box["state"], batch, rng)
@@ -135,22 +146,28 @@ def time_train_step(method, info, batch_size: int, steps: int,
     box["state"], box["metrics"] = step_fn(box["state"], batch, rng)
     jax.block_until_ready(box["metrics"])
 
-  timing = measure.time_steps(step, steps, warmup, batch_size * views,
-                              "images")
-  return {**timing, "peak_rss_mb": measure.rss_mb(),
-          "step_matmul_gflop": flops / 1e9,
-          "kernel_rates": measure.jax_kernel_rates(),
-          "final_metrics": {k: float(v) for k, v in box["metrics"].items()
-                            if getattr(v, "ndim", 1) == 0},
-          "jax_version": jax.__version__,
-          "devices": str(jax.devices())}, box["state"]
+  timing = measure.time_steps(step, steps, warmup, batch_size * views, "images")
+  return {
+    **timing,
+    "peak_rss_mb": measure.rss_mb(),
+    "step_matmul_gflop": flops / 1e9,
+    "kernel_rates": measure.jax_kernel_rates(),
+    "final_metrics": {
+      k: float(v)
+      for k, v in box["metrics"].items()
+      if getattr(v, "ndim", 1) == 0
+    },
+    "jax_version": jax.__version__,
+    "devices": str(jax.devices()),
+  }, box["state"]
 
 
 def run_json(command: list[str]) -> dict:
   """Runs a command (from the repository root) that prints one JSON object
   last; returns it."""
-  out = subprocess.run(command, capture_output=True, text=True, check=False,
-                       cwd=ROOT)
+  out = subprocess.run(
+    command, capture_output=True, text=True, check=False, cwd=ROOT
+  )
   if out.returncode:
     raise SystemExit(f"{' '.join(command)} failed:\n{out.stderr[-3000:]}")
   text = out.stdout
@@ -166,12 +183,16 @@ def alternate_runs(ours_cmd, ref_cmd, ref_name, unit, rounds) -> dict:
   for _ in range(rounds):
     runs["ours"].append(run_json(ours_cmd))
     runs[ref_name].append(run_json(ref_cmd))
-  best = {name: max(found, key=lambda r: r[key])
-          for name, found in runs.items()}
+  best = {
+    name: max(found, key=lambda r: r[key]) for name, found in runs.items()
+  }
   ours, ref = best["ours"], best[ref_name]
-  return {**best, "rounds": {n: [r[key] for r in f] for n, f in runs.items()},
-          "speedup": ours[key] / ref[key],
-          "speedup_median": ref["step_ms_median"] / ours["step_ms_median"]}
+  return {
+    **best,
+    "rounds": {n: [r[key] for r in f] for n, f in runs.items()},
+    "speedup": ours[key] / ref[key],
+    "speedup_median": ref["step_ms_median"] / ours["step_ms_median"],
+  }
 
 
 def _label(key: str) -> str:
@@ -183,29 +204,53 @@ def comparison_table(rows, ref, unit, first, columns) -> list[str]:
   `columns`: (header, field) pairs after the rate), then the winners and
   every run's rate."""
   digits = 2 if unit == "images" else 0
-  heads = [first, "implementation", "step ms (mean / median)", f"{unit}/s",
-           *(h for h, _ in columns), "steal %", "ours / ref"]
+  heads = [
+    first,
+    "implementation",
+    "step ms (mean / median)",
+    f"{unit}/s",
+    *(h for h, _ in columns),
+    "steal %",
+    "ours / ref",
+  ]
   lines = ["| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
   for key, row in rows.items():
     for name in ("ours", ref):
       side = row[name]
-      ratio = (f"**{row['speedup']:.2f}x** ({row['speedup_median']:.2f}x)"
-               if name == "ours" else "")
+      ratio = (
+        f"**{row['speedup']:.2f}x** ({row['speedup_median']:.2f}x)"
+        if name == "ours"
+        else ""
+      )
       lines.append(
-          f"| {_label(key)} | {name} | {side['step_ms']:.0f} / "
-          f"{side['step_ms_median']:.0f} | "
-          f"{side[f'{unit}_per_sec']:.{digits}f} | "
-          + "".join(f"{side[m]:.0f} | " for _, m in columns)
-          + f"{side['cpu_steal_pct']:.1f} | {ratio} |")
-  faster = [f"{_label(key)}: " + (f"ours is {r['speedup']:.2f}x faster"
-                                  if r["speedup"] >= 1 else
-                                  f"{ref} is {1 / r['speedup']:.2f}x faster")
-            for key, r in rows.items()]
-  runs = [f"{_label(key)}: " + ", ".join(
+        f"| {_label(key)} | {name} | {side['step_ms']:.0f} / "
+        f"{side['step_ms_median']:.0f} | "
+        f"{side[f'{unit}_per_sec']:.{digits}f} | "
+        + "".join(f"{side[m]:.0f} | " for _, m in columns)
+        + f"{side['cpu_steal_pct']:.1f} | {ratio} |"
+      )
+  faster = [
+    f"{_label(key)}: "
+    + (
+      f"ours is {r['speedup']:.2f}x faster"
+      if r["speedup"] >= 1
+      else f"{ref} is {1 / r['speedup']:.2f}x faster"
+    )
+    for key, r in rows.items()
+  ]
+  runs = [
+    f"{_label(key)}: "
+    + ", ".join(
       f"{n} " + " / ".join(f"{v:.{digits}f}" for v in f)
-      for n, f in r["rounds"].items()) for key, r in rows.items()]
-  return lines + ["", "; ".join(faster) + ". Rate of every run (fastest "
-                  "kept): " + "; ".join(runs) + "."]
+      for n, f in r["rounds"].items()
+    )
+    for key, r in rows.items()
+  ]
+  return lines + [
+    "",
+    "; ".join(faster) + ". Rate of every run (fastest "
+    "kept): " + "; ".join(runs) + ".",
+  ]
 
 
 def roofline_lines(rows: dict, ref: str, first: str, goal: float = 2.0):
@@ -216,37 +261,48 @@ def roofline_lines(rows: dict, ref: str, first: str, goal: float = 2.0):
   if any("kernel_rates" not in r["ours"] for r in rows.values()):
     return []  # Measured before the scripts counted FLOPs.
   intro = [
-      f"#### What {goal:g}x would take on this CPU", "",
-      "Each side counts its own step's convolution and matrix-product "
-      "FLOPs the same way (2 a multiply-add, forward and backward as run: "
-      "ours from the step's jaxpr, the reference's with torch's "
-      "FlopCounterMode); 'reached' divides that by the mean step time. "
-      "GEMM (2048x2048) and 3x3 convolution (batch 32, 32x32, 128 to 128 "
-      "channels) are float32 rates measured in the same process.", ""]
-  heads = [first, "implementation", "conv + matmul GFLOP a step",
-           "reached GFLOP/s", "GEMM GFLOP/s", "3x3 conv GFLOP/s"]
-  lines = [*intro, "| " + " | ".join(heads) + " |",
-           "|---" * len(heads) + "|"]
+    f"#### What {goal:g}x would take on this CPU",
+    "",
+    "Each side counts its own step's convolution and matrix-product "
+    "FLOPs the same way (2 a multiply-add, forward and backward as run: "
+    "ours from the step's jaxpr, the reference's with torch's "
+    "FlopCounterMode); 'reached' divides that by the mean step time. "
+    "GEMM (2048x2048) and 3x3 convolution (batch 32, 32x32, 128 to 128 "
+    "channels) are float32 rates measured in the same process.",
+    "",
+  ]
+  heads = [
+    first,
+    "implementation",
+    "conv + matmul GFLOP a step",
+    "reached GFLOP/s",
+    "GEMM GFLOP/s",
+    "3x3 conv GFLOP/s",
+  ]
+  lines = [*intro, "| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
   notes = []
   for label, row in rows.items():
     for name in ("ours", ref):
       side = row[name]
       rates = side["kernel_rates"]
       lines.append(
-          f"| {_label(label)} | {name} | {side['step_matmul_gflop']:.1f} | "
-          f"{1000 * side['step_matmul_gflop'] / side['step_ms']:.0f} | "
-          f"{rates['gemm_gflops']:.0f} | {rates['conv3x3_gflops']:.0f} |")
+        f"| {_label(label)} | {name} | {side['step_matmul_gflop']:.1f} | "
+        f"{1000 * side['step_matmul_gflop'] / side['step_ms']:.0f} | "
+        f"{rates['gemm_gflops']:.0f} | {rates['conv3x3_gflops']:.0f} |"
+      )
     best, where = max(
-        (rate, f"{name} {kernel.split('_')[0]}")
-        for name in ("ours", ref)
-        for kernel, rate in row[name]["kernel_rates"].items())
+      (rate, f"{name} {kernel.split('_')[0]}")
+      for name in ("ours", ref)
+      for kernel, rate in row[name]["kernel_rates"].items()
+    )
     target_ms = row[ref]["step_ms"] / goal
     needed = 1000 * row["ours"]["step_matmul_gflop"] / target_ms
     notes.append(
-        f"{_label(label)}: {goal:g}x {ref} is a step in {target_ms:.0f} ms, "
-        f"i.e. {needed:.0f} GFLOP/s for our step's convolutions and products "
-        f"alone: {100 * needed / best:.0f}% of the fastest float32 kernel "
-        f"measured here ({best:.0f} GFLOP/s, {where})")
+      f"{_label(label)}: {goal:g}x {ref} is a step in {target_ms:.0f} ms, "
+      f"i.e. {needed:.0f} GFLOP/s for our step's convolutions and products "
+      f"alone: {100 * needed / best:.0f}% of the fastest float32 kernel "
+      f"measured here ({best:.0f} GFLOP/s, {where})"
+    )
   return lines + ["", "; ".join(notes) + ".", ""]
 
 
@@ -254,7 +310,8 @@ def save_part(name: str, result: dict) -> None:
   """Writes one benchmark part's raw figures to results/<name>.json."""
   RESULTS_DIR.mkdir(parents=True, exist_ok=True)
   (RESULTS_DIR / f"{name}.json").write_text(
-      json.dumps(result, indent=1, sort_keys=True) + "\n")
+    json.dumps(result, indent=1, sort_keys=True) + "\n"
+  )
 
 
 def write_section(family: str, markdown: str) -> str:
@@ -266,12 +323,16 @@ def write_section(family: str, markdown: str) -> str:
 
 def write_report() -> str:
   """RESULTS.md = a header + every experiments/results/*.md section."""
-  lines = ["# Results", "",
-           "Measured by the scripts in `experiments/`; rerun the command "
-           "beside each table to reproduce it. Machine: "
-           f"{platform.processor() or platform.machine()}, {os.cpu_count()} "
-           f"CPU cores, JAX {jax.__version__}, rendered "
-           f"{datetime.date.today().isoformat()}.", ""]
+  lines = [
+    "# Results",
+    "",
+    "Measured by the scripts in `experiments/`; rerun the command "
+    "beside each table to reproduce it. Machine: "
+    f"{platform.processor() or platform.machine()}, {os.cpu_count()} "
+    f"CPU cores, JAX {jax.__version__}, rendered "
+    f"{datetime.date.today().isoformat()}.",
+    "",
+  ]
   for section in sorted(RESULTS_DIR.glob("*.md")):
     lines.append(section.read_text().rstrip() + "\n")
   report = "\n".join(lines)

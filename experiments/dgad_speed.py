@@ -57,9 +57,11 @@ def _load() -> str:
 
 def _cpu_name() -> str:
   """The CPU model (lscpu's 'Model name') and the core count."""
-  names = [line.split(":", 1)[1].strip()
-           for line in Path("/proc/cpuinfo").read_text().splitlines()
-           if line.startswith("model name")]
+  names = [
+    line.split(":", 1)[1].strip()
+    for line in Path("/proc/cpuinfo").read_text().splitlines()
+    if line.startswith("model name")
+  ]
   return f"{names[0] if names else os.uname().machine}, {os.cpu_count()} cores"
 
 
@@ -74,14 +76,18 @@ def _checkpoint_seconds(workdir: Path, start: float) -> dict[int, float]:
   out = {}
   for path in (workdir / "checkpoints").iterdir():
     if path.name.isdigit():
-      stamps = [f.stat().st_mtime for f in path.rglob("*")
-                if f.is_file() and f.name != checkpointing.CHECKSUMS]
+      stamps = [
+        f.stat().st_mtime
+        for f in path.rglob("*")
+        if f.is_file() and f.name != checkpointing.CHECKSUMS
+      ]
       out[int(path.name)] = round(max(stamps) - start, 1)
   return dict(sorted(out.items()))
 
 
-def test_subset_folder(folder: str, per_class: int, root: Path,
-                       seed: int = 0) -> str:
+def test_subset_folder(
+  folder: str, per_class: int, root: Path, seed: int = 0
+) -> str:
   """A folder like `folder` whose test/ keeps `per_class` seeded images of
   each class (symbolic links); train/ is the whole original split."""
   source = Path(folder)
@@ -98,7 +104,8 @@ def test_subset_folder(folder: str, per_class: int, root: Path,
     (target / "test" / class_dir.name).mkdir(parents=True)
     for name in sorted(rng.sample(files, min(per_class, len(files)))):
       (target / "test" / class_dir.name / name).symlink_to(
-          (class_dir / name).resolve())
+        (class_dir / name).resolve()
+      )
   marker.touch()
   return str(target)
 
@@ -127,17 +134,30 @@ def run_one(method: str, arg: str, workdir: Path, overrides: dict) -> dict:
     for step, secs in seconds.items():
       state, _ = run_lib.restore(run, step)
       results = evaluate.evaluate_run(run, state, step, output_dir=False)
-      points.append({"step": step, "train_seconds": secs,
-                     "auroc": results["auroc"][config.eval.scorer],
-                     "num_test": results["num_test"]})
-      print(f"{method} {arg.split(',')[-1]} step {step}: {secs} s, "
-            f"AUROC {points[-1]['auroc']:.4f}", flush=True)
+      points.append(
+        {
+          "step": step,
+          "train_seconds": secs,
+          "auroc": results["auroc"][config.eval.scorer],
+          "num_test": results["num_test"],
+        }
+      )
+      print(
+        f"{method} {arg.split(',')[-1]} step {step}: {secs} s, "
+        f"AUROC {points[-1]['auroc']:.4f}",
+        flush=True,
+      )
   finally:
     run.checkpointer.close()
-  return {"scorer": config.eval.scorer, "batch_size": config.batch_size,
-          "views": config.data.num_views, "train_seconds": train_seconds,
-          "load_before": load_before, "load_after": _load(),
-          "points": points}
+  return {
+    "scorer": config.eval.scorer,
+    "batch_size": config.batch_size,
+    "views": config.data.num_views,
+    "train_seconds": train_seconds,
+    "load_before": load_before,
+    "load_after": _load(),
+    "points": points,
+  }
 
 
 def time_to(points: list[dict], target: float):
@@ -150,45 +170,68 @@ def time_to(points: list[dict], target: float):
 
 def _test_images(result: dict) -> str:
   """How many test images each evaluation scored, in words."""
-  counts = {p["num_test"] for by_method in result["runs"].values()
-            for r in by_method.values() for p in r["points"] if "num_test" in p}
+  counts = {
+    p["num_test"]
+    for by_method in result["runs"].values()
+    for r in by_method.values()
+    for p in r["points"]
+    if "num_test" in p
+  }
   per_class = result.get("test_per_class", 0)
-  subset = (f"a seeded subset of {per_class} test images per class"
-            if per_class else "the whole test split")
+  subset = (
+    f"a seeded subset of {per_class} test images per class"
+    if per_class
+    else "the whole test split"
+  )
   return f"{subset} ({', '.join(map(str, sorted(counts)))} images)"
 
 
 def render(result: dict) -> str:
   """The RESULTS.md section."""
   commands = "; ".join(f"`{c}`" for c in result["commands"])
-  lines = ["## DGAD's speed claim: training time to an AUROC", "",
-           *(["Stopped early: only the runs listed below finished.", ""]
-             if result.get("partial") else []),
-           f"Commands: {commands}. CPU: {result['cpu']}. Each method's "
-           f"preset batch size, network width {result['width']}, the steps "
-           "listed, a checkpoint every --eval_every; AUROC of the method's "
-           "headline scorer (fixed in its config before this run) at each "
-           f"checkpoint, on {_test_images(result)}; seconds from the start "
-           "of training to that checkpoint being written (compilation "
-           "included, evaluation excluded). A method's cosine schedule is "
-           "that of its own number of steps. The 1/5/15-min load averages "
-           "before and after each run show whether anything else used the "
-           "cores.", "",
-           "| class | method | scorer | batch x views | steps | step: "
-           "seconds, AUROC | load before / after |",
-           "|---|---|---|---|---|---|---|"]
+  lines = [
+    "## DGAD's speed claim: training time to an AUROC",
+    "",
+    *(
+      ["Stopped early: only the runs listed below finished.", ""]
+      if result.get("partial")
+      else []
+    ),
+    f"Commands: {commands}. CPU: {result['cpu']}. Each method's "
+    f"preset batch size, network width {result['width']}, the steps "
+    "listed, a checkpoint every --eval_every; AUROC of the method's "
+    "headline scorer (fixed in its config before this run) at each "
+    f"checkpoint, on {_test_images(result)}; seconds from the start "
+    "of training to that checkpoint being written (compilation "
+    "included, evaluation excluded). A method's cosine schedule is "
+    "that of its own number of steps. The 1/5/15-min load averages "
+    "before and after each run show whether anything else used the "
+    "cores.",
+    "",
+    "| class | method | scorer | batch x views | steps | step: "
+    "seconds, AUROC | load before / after |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for c, by_method in result["runs"].items():
     for method, r in by_method.items():
-      curve = "; ".join(f"{p['step']}: {p['train_seconds']:.0f} s, "
-                        f"{p['auroc']:.3f}" for p in r["points"])
-      lines.append(f"| {c} | {method} | {r['scorer']} | {r['batch_size']} x "
-                   f"{r['views']} | {r['steps']} | {curve} | "
-                   f"{r['load_before']} / {r['load_after']} |")
-  lines += ["", "Time to reach each AUROC target (seconds, at step); '-' "
-            "where the run never reached it, 'not run' where the method has "
-            "no run for that class:", "",
-            "| class | target | " + " | ".join(result["methods"]) + " |",
-            "|---|---|" + "---|" * len(result["methods"])]
+      curve = "; ".join(
+        f"{p['step']}: {p['train_seconds']:.0f} s, {p['auroc']:.3f}"
+        for p in r["points"]
+      )
+      lines.append(
+        f"| {c} | {method} | {r['scorer']} | {r['batch_size']} x "
+        f"{r['views']} | {r['steps']} | {curve} | "
+        f"{r['load_before']} / {r['load_after']} |"
+      )
+  lines += [
+    "",
+    "Time to reach each AUROC target (seconds, at step); '-' "
+    "where the run never reached it, 'not run' where the method has "
+    "no run for that class:",
+    "",
+    "| class | target | " + " | ".join(result["methods"]) + " |",
+    "|---|---|" + "---|" * len(result["methods"]),
+  ]
   for c, by_method in result["runs"].items():
     for target in result["targets"]:
       cells = []
@@ -222,24 +265,37 @@ def _previous() -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data", default="../shared/data/cifar10-jpeg.tar.gz",
-                      help="CIFAR-10 JPEG .tar.gz or folder, or 'digits'.")
+  parser.add_argument(
+    "--data",
+    default="../shared/data/cifar10-jpeg.tar.gz",
+    help="CIFAR-10 JPEG .tar.gz or folder, or 'digits'.",
+  )
   parser.add_argument("--classes", default="0,1")
   parser.add_argument("--methods", default=",".join(METHODS))
   parser.add_argument("--steps", type=int, default=600)
   parser.add_argument("--eval_every", type=int, default=100)
   parser.add_argument("--width", type=int, default=32)
   parser.add_argument("--targets", default="0.6,0.65,0.7,0.75")
-  parser.add_argument("--test_per_class", type=int, default=300,
-                      help="Test images per class for the evaluations (0 = "
-                      "the whole test split).")
+  parser.add_argument(
+    "--test_per_class",
+    type=int,
+    default=300,
+    help="Test images per class for the evaluations (0 = "
+    "the whole test split).",
+  )
   parser.add_argument("--workdir_root", default="/tmp/jax_oneclass_speed")
-  parser.add_argument("--merge", action="store_true",
-                      help="Add these runs to the saved results (same data, "
-                      "width, targets and test subset) instead of replacing "
-                      "them, e.g. one method run later on its own budget.")
-  parser.add_argument("--report", action="store_true",
-                      help="Only re-render the RESULTS.md section.")
+  parser.add_argument(
+    "--merge",
+    action="store_true",
+    help="Add these runs to the saved results (same data, "
+    "width, targets and test subset) instead of replacing "
+    "them, e.g. one method run later on its own budget.",
+  )
+  parser.add_argument(
+    "--report",
+    action="store_true",
+    help="Only re-render the RESULTS.md section.",
+  )
   args = parser.parse_args()
   os.chdir(common.ROOT)
   if args.report:
@@ -253,34 +309,49 @@ def main():
   else:
     folder = common.cifar_folder(args.data)
     if args.test_per_class:
-      folder = test_subset_folder(folder, args.test_per_class,
-                                  Path(args.workdir_root))
+      folder = test_subset_folder(
+        folder, args.test_per_class, Path(args.workdir_root)
+      )
     base = f"folder,folder={folder}"
-  overrides = {"num_train_steps": args.steps, "model.width": args.width,
-               "checkpoint_every_steps": args.eval_every,
-               "keep_checkpoints": args.steps // args.eval_every + 1,
-               "eval.batch_size": 500, "log_every_steps": args.eval_every}
-  command = (f"{SCRIPT} --data={args.data} --classes={args.classes} "
-             f"--methods={args.methods} --steps={args.steps} "
-             f"--eval_every={args.eval_every} --width={args.width} "
-             f"--targets={args.targets} "
-             f"--test_per_class={args.test_per_class}"
-             + (" --merge" if args.merge else ""))
-  result = {"commands": [command], "cpu": _cpu_name(), "methods": methods,
-            "width": args.width, "test_per_class": args.test_per_class,
-            "data": args.data,
-            "targets": [float(t) for t in args.targets.split(",")],
-            "runs": {}}
+  overrides = {
+    "num_train_steps": args.steps,
+    "model.width": args.width,
+    "checkpoint_every_steps": args.eval_every,
+    "keep_checkpoints": args.steps // args.eval_every + 1,
+    "eval.batch_size": 500,
+    "log_every_steps": args.eval_every,
+  }
+  command = (
+    f"{SCRIPT} --data={args.data} --classes={args.classes} "
+    f"--methods={args.methods} --steps={args.steps} "
+    f"--eval_every={args.eval_every} --width={args.width} "
+    f"--targets={args.targets} "
+    f"--test_per_class={args.test_per_class}"
+    + (" --merge" if args.merge else "")
+  )
+  result = {
+    "commands": [command],
+    "cpu": _cpu_name(),
+    "methods": methods,
+    "width": args.width,
+    "test_per_class": args.test_per_class,
+    "data": args.data,
+    "targets": [float(t) for t in args.targets.split(",")],
+    "runs": {},
+  }
   previous = _previous() if args.merge else {}
   if previous:
     same = ("cpu", "width", "test_per_class", "data", "targets")
     differ = [k for k in same if previous.get(k) != result[k]]
     if differ:
-      raise SystemExit(f"--merge: the saved results differ in {differ}; "
-                       "rerun without --merge instead.")
+      raise SystemExit(
+        f"--merge: the saved results differ in {differ}; "
+        "rerun without --merge instead."
+      )
     result["commands"] = previous["commands"] + [command]
-    result["methods"] = [m for m in METHODS
-                         if m in methods + previous["methods"]]
+    result["methods"] = [
+      m for m in METHODS if m in methods + previous["methods"]
+    ]
     result["runs"] = previous["runs"]
   for c in classes:
     for method in methods:

@@ -29,20 +29,28 @@ PART = "localization_quality"
 
 # Row label -> (method, overrides beyond the shared budget).
 VARIANTS = {
-    "reverse_distillation": ("reverse_distillation", {}),
-    "gradient_preference": ("gradient_preference", {}),
-    "gradient_preference, random repository": (
-        "gradient_preference", {"bank.preferred_fraction": 0.0}),
-    "gradient_preference, preferred points only": (
-        "gradient_preference", {"bank.preferred_fraction": 1.0}),
-    "gradient_preference, largest feature gradients": (
-        "gradient_preference", {"bank.prefer": "largest"}),
+  "reverse_distillation": ("reverse_distillation", {}),
+  "gradient_preference": ("gradient_preference", {}),
+  "gradient_preference, random repository": (
+    "gradient_preference",
+    {"bank.preferred_fraction": 0.0},
+  ),
+  "gradient_preference, preferred points only": (
+    "gradient_preference",
+    {"bank.preferred_fraction": 1.0},
+  ),
+  "gradient_preference, largest feature gradients": (
+    "gradient_preference",
+    {"bank.prefer": "largest"},
+  ),
 }
 # Rows of the runs before the 2026-12 reordering; newer runs skip it (the
 # default already takes every point by the criterion).
 _OLD_ONLY = ("gradient_preference, preferred points only",)
-MAIN_SCORE = {"reverse_distillation": "map_max",
-              "gradient_preference": "nn_max"}
+MAIN_SCORE = {
+  "reverse_distillation": "map_max",
+  "gradient_preference": "nn_max",
+}
 
 
 def ensure_folder(folder: Path, categories) -> None:
@@ -50,33 +58,48 @@ def ensure_folder(folder: Path, categories) -> None:
   missing = [c for c in categories if not (folder / c).is_dir()]
   if missing:
     subprocess.run(
-        [sys.executable, str(common.ROOT / "experiments" /
-                             "make_mvtec_like.py"), f"--out={folder}",
-         f"--categories={','.join(missing)}"], check=True)
+      [
+        sys.executable,
+        str(common.ROOT / "experiments" / "make_mvtec_like.py"),
+        f"--out={folder}",
+        f"--categories={','.join(missing)}",
+      ],
+      check=True,
+    )
 
 
 def _budget(args) -> dict:
   """Overrides every localisation run shares: steps, batch, image size,
   the ResNet-18 backbone, one checkpoint at the end, overlays."""
-  return {"num_train_steps": args.steps, "batch_size": args.batch_size,
-          "data.image_size": args.image_size, "model.backbone": "resnet18",
-          "checkpoint_every_steps": args.steps, "eval.num_overlays": 8}
+  return {
+    "num_train_steps": args.steps,
+    "batch_size": args.batch_size,
+    "data.image_size": args.image_size,
+    "model.backbone": "resnet18",
+    "checkpoint_every_steps": args.steps,
+    "eval.num_overlays": 8,
+  }
 
 
 def _category_arg(args, category: str) -> str:
-  return (f"mvtec,folder={args.folder},category={category},"
-          f"data_dir={args.data_dir}")
+  return (
+    f"mvtec,folder={args.folder},category={category},data_dir={args.data_dir}"
+  )
 
 
 def _run(out, label, category, method, args, workdir, overrides) -> dict:
   """Trains and evaluates one run, files it under out['runs'] and logs it."""
-  res = common.run_method(method, _category_arg(args, category), workdir,
-                          overrides)
+  res = common.run_method(
+    method, _category_arg(args, category), workdir, overrides
+  )
   res["workdir"] = str(workdir)
   out["runs"].setdefault(label, {})[category] = res
-  print(f"{category} {label}: {res['wall_seconds']} s, step "
-        f"{res['step']}, {json.dumps(res['auroc'])}, "
-        f"{json.dumps(res.get('localization'))}", flush=True)
+  print(
+    f"{category} {label}: {res['wall_seconds']} s, step "
+    f"{res['step']}, {json.dumps(res['auroc'])}, "
+    f"{json.dumps(res.get('localization'))}",
+    flush=True,
+  )
   return res
 
 
@@ -84,9 +107,13 @@ def part_run(args) -> dict:
   """Every variant on every category with the same step budget."""
   ensure_folder(Path(args.folder), args.categories)
   budget = {**_budget(args), "model.pretrained": args.pretrained}
-  out = {"command": f"{SCRIPT} run --categories={','.join(args.categories)} "
-                    f"--steps={args.steps}",
-         "budget": budget, "runs": {}, "gp_order": "select_then_map"}
+  out = {
+    "command": f"{SCRIPT} run --categories={','.join(args.categories)} "
+    f"--steps={args.steps}",
+    "budget": budget,
+    "runs": {},
+    "gp_order": "select_then_map",
+  }
   for category in args.categories:
     for label, (method, extra) in VARIANTS.items():
       if label in _OLD_ONLY:
@@ -101,68 +128,95 @@ def part_self_supervised(args) -> dict:
   each category's good images (torchvision's ResNet-18 layout), instead of
   a random one; the DisAug run's own detection AUROC comes along."""
   ensure_folder(Path(args.folder), args.categories)
-  ssl_budget = {"num_train_steps": args.ssl_steps,
-                "data.image_size": args.image_size, "model.arch": "resnet18",
-                "checkpoint_every_steps": args.ssl_steps}
+  ssl_budget = {
+    "num_train_steps": args.ssl_steps,
+    "data.image_size": args.image_size,
+    "model.arch": "resnet18",
+    "checkpoint_every_steps": args.ssl_steps,
+  }
   budget = _budget(args)
-  out = {"command": f"{SCRIPT} self_supervised --categories="
-                    f"{','.join(args.categories)} --steps={args.steps} "
-                    f"--ssl_steps={args.ssl_steps}",
-         "ssl_budget": ssl_budget, "budget": budget, "runs": {}}
+  out = {
+    "command": f"{SCRIPT} self_supervised --categories="
+    f"{','.join(args.categories)} --steps={args.steps} "
+    f"--ssl_steps={args.ssl_steps}",
+    "ssl_budget": ssl_budget,
+    "budget": budget,
+    "runs": {},
+  }
   for category in args.categories:
     root = Path(args.workdir_root) / category
     ssl_dir = root / "disaug_resnet18"
     _run(out, "disaug", category, "disaug", args, ssl_dir, ssl_budget)
     for method in ("reverse_distillation", "gradient_preference"):
       label = f"{method}, self-supervised backbone"
-      _run(out, label, category, method, args,
-           root / label.replace(", ", "_").replace(" ", "_"),
-           {**budget, "model.pretrained": str(ssl_dir)})
+      _run(
+        out,
+        label,
+        category,
+        method,
+        args,
+        root / label.replace(", ", "_").replace(" ", "_"),
+        {**budget, "model.pretrained": str(ssl_dir)},
+      )
   return out
 
 
 def _figures(method: str, res: dict) -> tuple[float, float, float]:
   """(image AUROC of the method's main score, pixel AUROC, AUPRO)."""
   pixel = res["localization"]["anomaly_map"]
-  return (res["auroc"][MAIN_SCORE[method]], pixel["pixel_auroc"],
-          pixel["aupro"])
+  return (
+    res["auroc"][MAIN_SCORE[method]],
+    pixel["pixel_auroc"],
+    pixel["aupro"],
+  )
 
 
 def render_self_supervised(result: dict, random_rows: dict) -> str:
   """Rows with the DisAug-trained backbone next to the random-backbone ones."""
   b, s = result["budget"], result["ssl_budget"]
   lines = [
-      "### The same with a self-supervised backbone", "",
-      f"Command: `{result['command']}`. Per category, DisAug CLR "
-      f"(`configs/disaug.py`, model.arch=resnet18) trains torchvision's "
-      f"ResNet-18 layout on the good training images for "
-      f"{s['num_train_steps']} steps at {s['data.image_size']}x"
-      f"{s['data.image_size']}; RD and gradient preference then take its "
-      f"workdir as model.pretrained (layer1..layer3), with the budget "
-      f"above ({b['num_train_steps']} steps of batch {b['batch_size']}). "
-      "The DisAug row is its own image-level detection (pool/gde/rot_avg, "
-      "fixed before the run), no maps. With few categories and a short "
-      "self-supervised run these are first data points, not conclusions.",
-      "",
-      "| method | backbone | image AUROC | pixel AUROC | AUPRO | wall s |",
-      "|---|---|---|---|---|---|"]
+    "### The same with a self-supervised backbone",
+    "",
+    f"Command: `{result['command']}`. Per category, DisAug CLR "
+    f"(`configs/disaug.py`, model.arch=resnet18) trains torchvision's "
+    f"ResNet-18 layout on the good training images for "
+    f"{s['num_train_steps']} steps at {s['data.image_size']}x"
+    f"{s['data.image_size']}; RD and gradient preference then take its "
+    f"workdir as model.pretrained (layer1..layer3), with the budget "
+    f"above ({b['num_train_steps']} steps of batch {b['batch_size']}). "
+    "The DisAug row is its own image-level detection (pool/gde/rot_avg, "
+    "fixed before the run), no maps. With few categories and a short "
+    "self-supervised run these are first data points, not conclusions.",
+    "",
+    "| method | backbone | image AUROC | pixel AUROC | AUPRO | wall s |",
+    "|---|---|---|---|---|---|",
+  ]
   for label, per_category in result["runs"].items():
     for category, res in per_category.items():
       if label == "disaug":
-        lines.append(f"| disaug ({category}) | trained here | "
-                     f"{res['auroc']['pool/gde/rot_avg']:.3f} | | | "
-                     f"{res['wall_seconds']} |")
+        lines.append(
+          f"| disaug ({category}) | trained here | "
+          f"{res['auroc']['pool/gde/rot_avg']:.3f} | | | "
+          f"{res['wall_seconds']} |"
+        )
         continue
       method = label.split(",")[0]
-      compare = [(f"{method} ({category})", "random", random_rows.get(
-          method, {}).get(category)), (f"{method} ({category})",
-                                       "self-supervised", res)]
+      compare = [
+        (
+          f"{method} ({category})",
+          "random",
+          random_rows.get(method, {}).get(category),
+        ),
+        (f"{method} ({category})", "self-supervised", res),
+      ]
       for name, backbone, r in compare:
         if r is None:
           continue
-        lines.append(f"| {name} | {backbone} | "
-                     + " | ".join(f"{v:.3f}" for v in _figures(method, r))
-                     + f" | {r['wall_seconds']} |")
+        lines.append(
+          f"| {name} | {backbone} | "
+          + " | ".join(f"{v:.3f}" for v in _figures(method, r))
+          + f" | {r['wall_seconds']} |"
+        )
   return "\n".join(lines) + "\n"
 
 
@@ -170,48 +224,70 @@ def render(result: dict) -> str:
   """The section: one row per variant and category, then the means."""
   b = result["budget"]
   lines = [
-      "## Localisation on a synthetic MVTec-shaped set (not MVTec AD)", "",
-      f"Command: `{result['command']}`. CIFAR-10 images upscaled to "
-      f"{b['data.image_size']}x{b['data.image_size']} with synthetic patch, "
-      "scratch and stain defects and exact masks (experiments/README.md); "
-      f"{b['num_train_steps']} steps of batch {b['batch_size']} at most "
-      "(gradient preference may stop early), ResNet-18 backbone with "
-      + ("weights from " + b["model.pretrained"] if b["model.pretrained"]
-         else "RANDOM weights (no ImageNet weights on this machine)")
-      + ". Scores are the methods' main ones (RD: map_max; GP: nn_max); "
-      "pixel metrics on the smoothed anomaly map.", "",
-      "| method | category | steps | image AUROC | pixel AUROC | AUPRO | "
-      "wall s |", "|---|---|---|---|---|---|---|"]
+    "## Localisation on a synthetic MVTec-shaped set (not MVTec AD)",
+    "",
+    f"Command: `{result['command']}`. CIFAR-10 images upscaled to "
+    f"{b['data.image_size']}x{b['data.image_size']} with synthetic patch, "
+    "scratch and stain defects and exact masks (experiments/README.md); "
+    f"{b['num_train_steps']} steps of batch {b['batch_size']} at most "
+    "(gradient preference may stop early), ResNet-18 backbone with "
+    + (
+      "weights from " + b["model.pretrained"]
+      if b["model.pretrained"]
+      else "RANDOM weights (no ImageNet weights on this machine)"
+    )
+    + ". Scores are the methods' main ones (RD: map_max; GP: nn_max); "
+    "pixel metrics on the smoothed anomaly map.",
+    "",
+    "| method | category | steps | image AUROC | pixel AUROC | AUPRO | "
+    "wall s |",
+    "|---|---|---|---|---|---|---|",
+  ]
   means = {}
   for label, per_category in result["runs"].items():
     method = VARIANTS[label][0]
     for category, res in per_category.items():
       row = _figures(method, res)
       means.setdefault(label, []).append(row)
-      lines.append(f"| {label} | {category} | {res['step']} | {row[0]:.3f} "
-                   f"| {row[1]:.3f} | {row[2]:.3f} | {res['wall_seconds']} |")
+      lines.append(
+        f"| {label} | {category} | {res['step']} | {row[0]:.3f} "
+        f"| {row[1]:.3f} | {row[2]:.3f} | {res['wall_seconds']} |"
+      )
   averaged = {}
   for label, rows in means.items():
-    mean = averaged[label] = [sum(r[i] for r in rows) / len(rows)
-                              for i in range(3)]
-    lines.append(f"| **{label}** | mean | | **{mean[0]:.3f}** | "
-                 f"**{mean[1]:.3f}** | **{mean[2]:.3f}** | |")
+    mean = averaged[label] = [
+      sum(r[i] for r in rows) / len(rows) for i in range(3)
+    ]
+    lines.append(
+      f"| **{label}** | mean | | **{mean[0]:.3f}** | "
+      f"**{mean[1]:.3f}** | **{mean[2]:.3f}** | |"
+    )
   if result.get("gp_order") == "select_then_map":
-    how = ("smallest spatial gradients of the feature map per image by "
-           "default, selected before the MLP trains on them; 'largest "
-           "feature gradients' the opposite direction; random = uniform")
+    how = (
+      "smallest spatial gradients of the feature map per image by "
+      "default, selected before the MLP trains on them; 'largest "
+      "feature gradients' the opposite direction; random = uniform"
+    )
   else:
-    how = ("bank.preferred_fraction 0.5 then, 0 = uniform sample, 1 = "
-           "largest gradient norms of the MLP trained on all points only, "
-           "chosen over all images at once: these gradient-preference "
-           "figures were measured before the 2026-12 reordering (see the "
-           "selector study)")
-  lines += ["", "The gradient-preference rows differ only in how the "
-            f"repository is chosen ({how}): mean "
-            "image / pixel AUROC " + "; ".join(
-                f"{label} {m[0]:.3f} / {m[1]:.3f}"
-                for label, m in averaged.items()
-                if label.startswith("gradient_preference")) + "."]
+    how = (
+      "bank.preferred_fraction 0.5 then, 0 = uniform sample, 1 = "
+      "largest gradient norms of the MLP trained on all points only, "
+      "chosen over all images at once: these gradient-preference "
+      "figures were measured before the 2026-12 reordering (see the "
+      "selector study)"
+    )
+  lines += [
+    "",
+    "The gradient-preference rows differ only in how the "
+    f"repository is chosen ({how}): mean "
+    "image / pixel AUROC "
+    + "; ".join(
+      f"{label} {m[0]:.3f} / {m[1]:.3f}"
+      for label, m in averaged.items()
+      if label.startswith("gradient_preference")
+    )
+    + ".",
+  ]
   return "\n".join(lines) + "\n"
 
 
@@ -220,14 +296,19 @@ def main():
   parser.add_argument("part", choices=["run", "self_supervised", "report"])
   parser.add_argument("--folder", default="/tmp/cifar_mvtec")
   parser.add_argument("--data_dir", default="/tmp/cifar_mvtec_tfds")
-  parser.add_argument("--categories", default="automobile,horse",
-                      type=lambda s: s.split(","))
+  parser.add_argument(
+    "--categories", default="automobile,horse", type=lambda s: s.split(",")
+  )
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--batch_size", type=int, default=16)
   parser.add_argument("--image_size", type=int, default=64)
   parser.add_argument("--pretrained", default="")
-  parser.add_argument("--ssl_steps", type=int, default=500,
-                      help="DisAug steps for the self-supervised backbone.")
+  parser.add_argument(
+    "--ssl_steps",
+    type=int,
+    default=500,
+    help="DisAug steps for the self-supervised backbone.",
+  )
   parser.add_argument("--workdir_root", default="/tmp/localization_quality")
   args = parser.parse_args()
   if args.part == "run":
@@ -238,8 +319,9 @@ def main():
   section = render(result)
   ssl_path = common.RESULTS_DIR / f"{PART}_ssl.json"
   if ssl_path.exists():
-    section += "\n" + render_self_supervised(json.loads(ssl_path.read_text()),
-                                             result["runs"])
+    section += "\n" + render_self_supervised(
+      json.loads(ssl_path.read_text()), result["runs"]
+    )
   print(common.write_section(PART, section))
 
 

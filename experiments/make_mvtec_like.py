@@ -64,8 +64,8 @@ def add_patch(image, donor, rng):
   sy, sx = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
   ty, tx = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
   out, mask = image.copy(), np.zeros(image.shape[:2], bool)
-  out[ty:ty + h, tx:tx + w] = donor[sy:sy + h, sx:sx + w]
-  mask[ty:ty + h, tx:tx + w] = True
+  out[ty : ty + h, tx : tx + w] = donor[sy : sy + h, sx : sx + w]
+  mask[ty : ty + h, tx : tx + w] = True
   return out, mask
 
 
@@ -79,8 +79,9 @@ def add_scratch(image, rng):
     step = length * np.array([np.cos(angle), np.sin(angle)])
     points.append(np.clip(points[-1] + step, 1, size - 2))
   canvas = Image.new("L", (size, size))
-  ImageDraw.Draw(canvas).line([tuple(p) for p in points], fill=255,
-                              width=width, joint="curve")
+  ImageDraw.Draw(canvas).line(
+    [tuple(p) for p in points], fill=255, width=width, joint="curve"
+  )
   mask = np.asarray(canvas) > 0
   out = image.copy()
   out[mask] = rng.integers(0, 256, size=3)
@@ -138,49 +139,72 @@ def _jpegs(folder: Path) -> list[Path]:
   return sorted(folder.glob("*.jpg"))
 
 
-def make_category(source: Path, out: Path, category: str, classes: list[str],
-                  args) -> dict:
+def make_category(
+  source: Path, out: Path, category: str, classes: list[str], args
+) -> dict:
   """Writes one category folder; returns its image counts per subfolder."""
   rng = np.random.default_rng([args.seed, classes.index(category)])
   train, test = (_jpegs(source / s / category) for s in ("train", "test"))
   n_test = args.num_test_good + len(DEFECTS) * args.num_test_defect
   if len(train) < args.num_train or len(test) < n_test:
-    raise SystemExit(f"{category}: asked for {args.num_train} train and "
-                     f"{n_test} test images; the source has {len(train)} and "
-                     f"{len(test)}.")
-  donors = [f for c in classes if c != category
-            for f in _jpegs(source / "train" / c)]
+    raise SystemExit(
+      f"{category}: asked for {args.num_train} train and "
+      f"{n_test} test images; the source has {len(train)} and "
+      f"{len(test)}."
+    )
+  donors = [
+    f for c in classes if c != category for f in _jpegs(source / "train" / c)
+  ]
   folder, size, rows = out / category, args.image_size, []
-  for split, files in (("train", train[:args.num_train]),
-                       ("test", test[:args.num_test_good])):
+  for split, files in (
+    ("train", train[: args.num_train]),
+    ("test", test[: args.num_test_good]),
+  ):
     for i, f in enumerate(files):
       name = f"{split}/good/{i:03d}.png"
       _save(upscale(f, size), folder / name)
       rows.append((name, f.relative_to(source), ""))
   start = args.num_test_good
   for kind in DEFECTS:
-    for i, f in enumerate(test[start:start + args.num_test_defect]):
+    for i, f in enumerate(test[start : start + args.num_test_defect]):
       image, mask, donor = make_defect(kind, upscale(f, size), rng, donors)
       _save(image, folder / "test" / kind / f"{i:03d}.png")
-      _save(mask.astype(np.uint8) * 255,
-            folder / "ground_truth" / kind / f"{i:03d}_mask.png")
-      rows.append((f"test/{kind}/{i:03d}.png", f.relative_to(source),
-                   donor and donor.relative_to(source)))
+      _save(
+        mask.astype(np.uint8) * 255,
+        folder / "ground_truth" / kind / f"{i:03d}_mask.png",
+      )
+      rows.append(
+        (
+          f"test/{kind}/{i:03d}.png",
+          f.relative_to(source),
+          donor and donor.relative_to(source),
+        )
+      )
     start += args.num_test_defect
   with open(folder / "provenance.csv", "w", newline="") as fh:
     csv.writer(fh).writerows([("filename", "source", "donor"), *rows])
-  return {"train/good": args.num_train, "test/good": args.num_test_good,
-          **{f"test/{k}": args.num_test_defect for k in DEFECTS}}
+  return {
+    "train/good": args.num_train,
+    "test/good": args.num_test_good,
+    **{f"test/{k}": args.num_test_defect for k in DEFECTS},
+  }
 
 
 def readme(command: str, seed: int, counts: dict) -> str:
   """The text of <out>/README.txt: what the folder is and how it was made."""
-  lines = ["CIFAR-10 images with synthetic defects in MVTec AD's layout; this "
-           "is NOT MVTec AD.", "", f"Made by: {command}",
-           f"Seed: {seed} (one numpy Generator per category, seeded with "
-           "[seed, CIFAR-10 class index])", "Images per folder:"]
-  lines += [f"  {c}: " + ", ".join(f"{k} {v}" for k, v in n.items())
-            for c, n in counts.items()]
+  lines = [
+    "CIFAR-10 images with synthetic defects in MVTec AD's layout; this "
+    "is NOT MVTec AD.",
+    "",
+    f"Made by: {command}",
+    f"Seed: {seed} (one numpy Generator per category, seeded with "
+    "[seed, CIFAR-10 class index])",
+    "Images per folder:",
+  ]
+  lines += [
+    f"  {c}: " + ", ".join(f"{k} {v}" for k, v in n.items())
+    for c, n in counts.items()
+  ]
   lines += ["", "How it was made (the docstring of the script):", "", __doc__]
   return "\n".join(lines)
 
@@ -188,17 +212,26 @@ def readme(command: str, seed: int, counts: dict) -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default="/tmp/cifar_mvtec")
-  parser.add_argument("--categories", default="automobile,horse",
-                      help="Comma-separated CIFAR-10 class names.")
-  parser.add_argument("--source", default=str(DEFAULT_SOURCE),
-                      help="CIFAR-10 JPEG .tar.gz or its extracted folder.")
+  parser.add_argument(
+    "--categories",
+    default="automobile,horse",
+    help="Comma-separated CIFAR-10 class names.",
+  )
+  parser.add_argument(
+    "--source",
+    default=str(DEFAULT_SOURCE),
+    help="CIFAR-10 JPEG .tar.gz or its extracted folder.",
+  )
   parser.add_argument("--image_size", type=int, default=64)
   parser.add_argument("--num_train", type=int, default=500)
   parser.add_argument("--num_test_good", type=int, default=100)
   parser.add_argument("--num_test_defect", type=int, default=50)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--overwrite", action="store_true",
-                      help="Replace existing category folders.")
+  parser.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="Replace existing category folders.",
+  )
   args = parser.parse_args()
   out = Path(args.out)
   categories = [c.strip() for c in args.categories.split(",") if c.strip()]
@@ -207,20 +240,24 @@ def main():
   for category in categories:
     folder = out / category
     if category not in classes:
-      raise SystemExit(f"Unknown CIFAR-10 class {category!r}; one of "
-                       f"{', '.join(classes)}.")
+      raise SystemExit(
+        f"Unknown CIFAR-10 class {category!r}; one of {', '.join(classes)}."
+      )
     if folder.exists() and any(folder.iterdir()) and not args.overwrite:
-      raise SystemExit(f"{folder} exists and is not empty; pass --overwrite "
-                       "to replace it, or choose another --out.")
+      raise SystemExit(
+        f"{folder} exists and is not empty; pass --overwrite "
+        "to replace it, or choose another --out."
+      )
   for category in categories:
     shutil.rmtree(out / category, ignore_errors=True)
-  counts = {c: make_category(source, out, c, classes, args)
-            for c in categories}
-  command = (f"{SCRIPT} --out={args.out} --categories={','.join(categories)} "
-             f"--source={args.source} --image_size={args.image_size} "
-             f"--num_train={args.num_train} "
-             f"--num_test_good={args.num_test_good} "
-             f"--num_test_defect={args.num_test_defect} --seed={args.seed}")
+  counts = {c: make_category(source, out, c, classes, args) for c in categories}
+  command = (
+    f"{SCRIPT} --out={args.out} --categories={','.join(categories)} "
+    f"--source={args.source} --image_size={args.image_size} "
+    f"--num_train={args.num_train} "
+    f"--num_test_good={args.num_test_good} "
+    f"--num_test_defect={args.num_test_defect} --seed={args.seed}"
+  )
   text = readme(command, args.seed, counts)
   (out / "README.txt").write_text(text)
   print(text, end="")

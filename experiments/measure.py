@@ -61,19 +61,29 @@ def median(values):
 
 def machine() -> dict:
   """The CPU model (lscpu's 'Model name'), cores, load and `uptime`."""
+
   def run(command):
     try:
-      return subprocess.run(command, capture_output=True, text=True,
-                            check=False).stdout
+      return subprocess.run(
+        command, capture_output=True, text=True, check=False
+      ).stdout
     except OSError:
       return ""
-  model = next((line.split(":", 1)[1].strip()
-                for line in run(["lscpu"]).splitlines()
-                if line.startswith("Model name")),
-               platform.processor() or "unknown")
-  return {"cpu": model, "cores": os.cpu_count(),
-          "load_average": list(os.getloadavg()),
-          "uptime": run(["uptime"]).strip()}
+
+  model = next(
+    (
+      line.split(":", 1)[1].strip()
+      for line in run(["lscpu"]).splitlines()
+      if line.startswith("Model name")
+    ),
+    platform.processor() or "unknown",
+  )
+  return {
+    "cpu": model,
+    "cores": os.cpu_count(),
+    "load_average": list(os.getloadavg()),
+    "uptime": run(["uptime"]).strip(),
+  }
 
 
 def time_steps(step, steps: int, warmup: int, items: int, unit: str) -> dict:
@@ -98,18 +108,19 @@ def time_steps(step, steps: int, warmup: int, items: int, unit: str) -> dict:
     cpu_times.append(time.process_time() - cpu)
   steal_end, total_end = cpu_ticks()
   mean = sum(times) / len(times)
-  return {f"{unit}_per_sec": items / mean, "step_ms": 1000 * mean,
-          "step_ms_median": 1000 * median(times),
-          "step_ms_min": 1000 * min(times),
-          "step_s_each": [round(t, 4) for t in times],
-          "step_cpu_s_each": [round(t, 4) for t in cpu_times],
-          "warmup_s_incl_compile": warmup_s,
-          "cpu_steal_pct":
-              100 * (steal_end - steal) / max(1, total_end - total)}
+  return {
+    f"{unit}_per_sec": items / mean,
+    "step_ms": 1000 * mean,
+    "step_ms_median": 1000 * median(times),
+    "step_ms_min": 1000 * min(times),
+    "step_s_each": [round(t, 4) for t in times],
+    "step_cpu_s_each": [round(t, 4) for t in cpu_times],
+    "warmup_s_incl_compile": warmup_s,
+    "cpu_steal_pct": 100 * (steal_end - steal) / max(1, total_end - total),
+  }
 
 
-def time_latency_and_throughput(run, images, repeats: int,
-                                warmup: int) -> dict:
+def time_latency_and_throughput(run, images, repeats: int, warmup: int) -> dict:
   """Times an inference callable `run(images[:n])` that returns host arrays.
 
   After `warmup` untimed calls of both sizes: the median ms of `repeats`
@@ -122,16 +133,18 @@ def time_latency_and_throughput(run, images, repeats: int,
   single, batched = [], []
   for i in range(repeats):
     start = time.perf_counter()
-    run(images[i % len(images):][:1])
+    run(images[i % len(images) :][:1])
     single.append(time.perf_counter() - start)
   for _ in range(repeats):
     start = time.perf_counter()
     run(images)
     batched.append(time.perf_counter() - start)
-  return {"latency_ms_median": 1000 * median(single),
-          "latency_ms_each": [round(1000 * t, 2) for t in single],
-          "images_per_sec": len(images) / median(batched),
-          "batch_ms_each": [round(1000 * t, 2) for t in batched]}
+  return {
+    "latency_ms_median": 1000 * median(single),
+    "latency_ms_each": [round(1000 * t, 2) for t in single],
+    "images_per_sec": len(images) / median(batched),
+    "batch_ms_each": [round(1000 * t, 2) for t in batched],
+  }
 
 
 def _gflops_rate(run, flops: float, repeats: int) -> float:
@@ -148,46 +161,56 @@ def _gflops_rate(run, flops: float, repeats: int) -> float:
 def _kernel_flops() -> tuple[float, float]:
   n = GEMM_SIZE
   batch, height, width, c_in, c_out = CONV_SHAPE
-  return 2.0 * n ** 3, 2.0 * batch * height * width * c_in * c_out * 9
+  return 2.0 * n**3, 2.0 * batch * height * width * c_in * c_out * 9
 
 
 def jax_kernel_rates(repeats: int = 5) -> dict:
   """float32 GFLOP/s of JAX's (XLA:CPU here) GEMM and 3x3 convolution."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   gemm_flops, conv_flops = _kernel_flops()
   a = jnp.ones((GEMM_SIZE, GEMM_SIZE), jnp.float32)
   matmul = jax.jit(jnp.matmul)
   batch, height, width, c_in, c_out = CONV_SHAPE
   x = jnp.ones((batch, height, width, c_in), jnp.float32)
   w = jnp.ones((3, 3, c_in, c_out), jnp.float32)
-  conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
-      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  conv = jax.jit(
+    lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+  )
   return {
-      "gemm_gflops": _gflops_rate(
-          lambda: matmul(a, a).block_until_ready(), gemm_flops, repeats),
-      "conv3x3_gflops": _gflops_rate(
-          lambda: conv(x, w).block_until_ready(), conv_flops, repeats)}
+    "gemm_gflops": _gflops_rate(
+      lambda: matmul(a, a).block_until_ready(), gemm_flops, repeats
+    ),
+    "conv3x3_gflops": _gflops_rate(
+      lambda: conv(x, w).block_until_ready(), conv_flops, repeats
+    ),
+  }
 
 
 def torch_kernel_rates(repeats: int = 5) -> dict:
   """float32 GFLOP/s of PyTorch's CPU GEMM and 3x3 convolution."""
   import torch  # pylint: disable=g-import-not-at-top
+
   gemm_flops, conv_flops = _kernel_flops()
   a = torch.ones(GEMM_SIZE, GEMM_SIZE)
   batch, height, width, c_in, c_out = CONV_SHAPE
   x = torch.ones(batch, c_in, height, width)
   conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
   with torch.no_grad():
-    return {"gemm_gflops": _gflops_rate(lambda: a @ a, gemm_flops, repeats),
-            "conv3x3_gflops": _gflops_rate(lambda: conv(x), conv_flops,
-                                           repeats)}
+    return {
+      "gemm_gflops": _gflops_rate(lambda: a @ a, gemm_flops, repeats),
+      "conv3x3_gflops": _gflops_rate(lambda: conv(x), conv_flops, repeats),
+    }
 
 
 def torch_step_flops(step) -> float:
   """FLOPs of one call of `step()` as torch's FlopCounterMode counts them
   (matrix products and convolutions, forward and backward, 2 per MAC)."""
   from torch.utils import flop_counter  # pylint: disable=g-import-not-at-top
+
   with flop_counter.FlopCounterMode(display=False) as counter:
     step()
   return float(counter.get_total_flops())

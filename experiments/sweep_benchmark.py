@@ -31,8 +31,9 @@ CONFIG = "--config=configs/disaug.py:digits"
 
 def _cpu_model() -> str:
   try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True,
-                         check=False).stdout
+    out = subprocess.run(
+      ["lscpu"], capture_output=True, text=True, check=False
+    ).stdout
   except OSError:
     return platform.processor() or "unknown"
   for line in out.splitlines():
@@ -50,8 +51,11 @@ def _load() -> str:
 
 def _jaxlib_version() -> str:
   out = subprocess.run(
-      [sys.executable, "-c", "import jaxlib; print(jaxlib.__version__)"],
-      capture_output=True, text=True, check=False)
+    [sys.executable, "-c", "import jaxlib; print(jaxlib.__version__)"],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   return out.stdout.strip() or "unknown"
 
 
@@ -59,13 +63,16 @@ def timed(command: list[str]) -> dict:
   """Runs `command`; its wall and CPU seconds (a failure stops the script)."""
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
   start = time.perf_counter()
-  done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                        check=False)
+  done = subprocess.run(
+    command, cwd=ROOT, capture_output=True, text=True, check=False
+  )
   wall = time.perf_counter() - start
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
   if done.returncode:
-    sys.exit(f"error: {' '.join(command)} failed "
-             f"({done.returncode}):\n{done.stderr[-2000:]}")
+    sys.exit(
+      f"error: {' '.join(command)} failed "
+      f"({done.returncode}):\n{done.stderr[-2000:]}"
+    )
   cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
   return {"wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1)}
 
@@ -79,28 +86,37 @@ def _overrides(args) -> list[str]:
 
 def _auroc(path: Path) -> dict:
   results = json.loads((path / "results.json").read_text())
-  return {"scorer": results["scorer"],
-          "auroc": results["auroc"][results["scorer"]]}
+  return {
+    "scorer": results["scorer"],
+    "auroc": results["auroc"][results["scorer"]],
+  }
 
 
 def markdown(result: dict) -> str:
   sweep, single = result["sweep"], result["sequential"]
   lines = [
-      "## Stacked sweep vs. sequential single runs (digits DisAug)", "",
-      f"{len(result['classes'])} classes x seed {result['seed']}, "
-      f"{result['steps'] or 'preset'} steps, --combine={result['combine']}; "
-      f"CPU {result['cpu']}, jaxlib {result['jaxlib']}, load before "
-      f"{result['load_before']}, after {result['load_after']}.", "",
-      "| | wall s | CPU s |", "|---|---|---|",
-      f"| one sweep (`jax_oneclass.sweep`) | {sweep['wall_seconds']} | "
-      f"{sweep['cpu_seconds']} |",
-      f"| {len(result['classes'])} runs of `jax_oneclass.main` | "
-      f"{single['wall_seconds']} | {single['cpu_seconds']} |",
-      f"| ratio (runs / sweep) | "
-      f"{single['wall_seconds'] / max(sweep['wall_seconds'], 1e-9):.2f} | "
-      f"{single['cpu_seconds'] / max(sweep['cpu_seconds'], 1e-9):.2f} |",
-      "", f"Per class, AUROC of `{result['scorer']}`:", "",
-      "| class | sweep | single run | difference |", "|---|---|---|---|"]
+    "## Stacked sweep vs. sequential single runs (digits DisAug)",
+    "",
+    f"{len(result['classes'])} classes x seed {result['seed']}, "
+    f"{result['steps'] or 'preset'} steps, --combine={result['combine']}; "
+    f"CPU {result['cpu']}, jaxlib {result['jaxlib']}, load before "
+    f"{result['load_before']}, after {result['load_after']}.",
+    "",
+    "| | wall s | CPU s |",
+    "|---|---|---|",
+    f"| one sweep (`jax_oneclass.sweep`) | {sweep['wall_seconds']} | "
+    f"{sweep['cpu_seconds']} |",
+    f"| {len(result['classes'])} runs of `jax_oneclass.main` | "
+    f"{single['wall_seconds']} | {single['cpu_seconds']} |",
+    f"| ratio (runs / sweep) | "
+    f"{single['wall_seconds'] / max(sweep['wall_seconds'], 1e-9):.2f} | "
+    f"{single['cpu_seconds'] / max(sweep['cpu_seconds'], 1e-9):.2f} |",
+    "",
+    f"Per class, AUROC of `{result['scorer']}`:",
+    "",
+    "| class | sweep | single run | difference |",
+    "|---|---|---|---|",
+  ]
   for c in result["classes"]:
     a, b = result["auroc"]["sweep"][str(c)], result["auroc"]["single"][str(c)]
     lines.append(f"| {c} | {a:.4f} | {b:.4f} | {a - b:+.4f} |")
@@ -111,13 +127,16 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9")
   parser.add_argument("--seed", type=int, default=1)
-  parser.add_argument("--steps", type=int, default=0,
-                      help="num_train_steps (0: the preset's)")
-  parser.add_argument("--combine", default="auto",
-                      choices=("auto", "vmap", "unrolled"))
+  parser.add_argument(
+    "--steps", type=int, default=0, help="num_train_steps (0: the preset's)"
+  )
+  parser.add_argument(
+    "--combine", default="auto", choices=("auto", "vmap", "unrolled")
+  )
   parser.add_argument("--workdir", default="/tmp/jax_oneclass_sweep_bench")
-  parser.add_argument("--out_dir", default=str(ROOT / "experiments" /
-                                               "results"))
+  parser.add_argument(
+    "--out_dir", default=str(ROOT / "experiments" / "results")
+  )
   args = parser.parse_args()
   classes = [int(c) for c in args.classes.split(",")]
   work = Path(args.workdir)
@@ -126,36 +145,63 @@ def main():
   print(f"CPU: {cpu}; jaxlib {jaxlib}; load {load_before}", flush=True)
 
   python = [sys.executable, "-m"]
-  sweep = timed(python + [
-      "jax_oneclass.sweep", CONFIG, f"--classes={args.classes}",
-      f"--seeds={args.seed}", f"--combine={args.combine}",
-      f"--workdir={work / 'sweep'}", *_overrides(args)])
+  sweep = timed(
+    python
+    + [
+      "jax_oneclass.sweep",
+      CONFIG,
+      f"--classes={args.classes}",
+      f"--seeds={args.seed}",
+      f"--combine={args.combine}",
+      f"--workdir={work / 'sweep'}",
+      *_overrides(args),
+    ]
+  )
   print(f"sweep: {sweep}", flush=True)
   sequential = {"wall_seconds": 0.0, "cpu_seconds": 0.0}
   for c in classes:
-    one = timed(python + [
-        "jax_oneclass.main", CONFIG, f"--config.data.normal_class={c}",
-        f"--workdir={work / 'single' / f'class_{c}'}", *_overrides(args)])
+    one = timed(
+      python
+      + [
+        "jax_oneclass.main",
+        CONFIG,
+        f"--config.data.normal_class={c}",
+        f"--workdir={work / 'single' / f'class_{c}'}",
+        *_overrides(args),
+      ]
+    )
     print(f"class {c}: {one}", flush=True)
     for key in sequential:
       sequential[key] = round(sequential[key] + one[key], 1)
 
-  sweep_auroc = {str(c): _auroc(work / "sweep" / f"class_{c}" /
-                                f"seed_{args.seed}") for c in classes}
-  single_auroc = {str(c): _auroc(work / "single" / f"class_{c}")
-                  for c in classes}
+  sweep_auroc = {
+    str(c): _auroc(work / "sweep" / f"class_{c}" / f"seed_{args.seed}")
+    for c in classes
+  }
+  single_auroc = {
+    str(c): _auroc(work / "single" / f"class_{c}") for c in classes
+  }
   result = {
-      "classes": classes, "seed": args.seed, "steps": args.steps,
-      "combine": args.combine, "cpu": cpu, "jaxlib": jaxlib,
-      "load_before": load_before, "load_after": _load(),
-      "cores": os.cpu_count(), "sweep": sweep, "sequential": sequential,
-      "scorer": next(iter(sweep_auroc.values()))["scorer"],
-      "auroc": {"sweep": {c: v["auroc"] for c, v in sweep_auroc.items()},
-                "single": {c: v["auroc"] for c, v in single_auroc.items()}}}
+    "classes": classes,
+    "seed": args.seed,
+    "steps": args.steps,
+    "combine": args.combine,
+    "cpu": cpu,
+    "jaxlib": jaxlib,
+    "load_before": load_before,
+    "load_after": _load(),
+    "cores": os.cpu_count(),
+    "sweep": sweep,
+    "sequential": sequential,
+    "scorer": next(iter(sweep_auroc.values()))["scorer"],
+    "auroc": {
+      "sweep": {c: v["auroc"] for c, v in sweep_auroc.items()},
+      "single": {c: v["auroc"] for c, v in single_auroc.items()},
+    },
+  }
   out = Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "sweep_benchmark.json").write_text(json.dumps(result, indent=2)
-                                            + "\n")
+  (out / "sweep_benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
   text = markdown(result)
   (out / "sweep_benchmark.md").write_text(text)
   print(text)

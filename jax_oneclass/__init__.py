@@ -10,5 +10,6 @@ def __getattr__(name):
   # Lazily, so that `python -m jax_oneclass.main --help` stays fast.
   if name in ("Detector", "Prediction"):
     from jax_oneclass import detector  # pylint: disable=g-import-not-at-top
+
     return getattr(detector, name)
   raise AttributeError(f"module 'jax_oneclass' has no attribute {name!r}")

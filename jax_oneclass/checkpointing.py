@@ -34,8 +34,9 @@ def file_digests(step_dir) -> dict:
   step_dir = Path(step_dir)
   digests = {}
   for path in sorted(step_dir.rglob("*")):
-    if path.is_file() and not path.name.startswith((CHECKSUMS,
-                                                    f".{CHECKSUMS}")):
+    if path.is_file() and not path.name.startswith(
+      (CHECKSUMS, f".{CHECKSUMS}")
+    ):
       digest = hashlib.sha256()
       with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):  # pylint: disable=cell-var-from-loop
@@ -58,11 +59,22 @@ def verify(step_dir):
     return f"has an unreadable {CHECKSUMS} ({e})"
   found = file_digests(step_dir)
   missing = sorted(set(expected) - set(found))
-  changed = sorted(k for k in expected if k in found and found[k] != expected[k])
+  changed = sorted(
+    k for k in expected if k in found and found[k] != expected[k]
+  )
   if missing or changed:
-    return "fails its checksums (" + "; ".join(part for part in (
-        f"missing: {', '.join(missing[:3])}" if missing else "",
-        f"changed: {', '.join(changed[:3])}" if changed else "") if part) + ")"
+    return (
+      "fails its checksums ("
+      + "; ".join(
+        part
+        for part in (
+          f"missing: {', '.join(missing[:3])}" if missing else "",
+          f"changed: {', '.join(changed[:3])}" if changed else "",
+        )
+        if part
+      )
+      + ")"
+    )
   return None
 
 
@@ -90,8 +102,10 @@ def is_disk_full(error: BaseException) -> bool:
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC,
-                                                      errno.EDQUOT):
+    if isinstance(error, OSError) and error.errno in (
+      errno.ENOSPC,
+      errno.EDQUOT,
+    ):
       return True
     if "No space left on device" in str(error):
       return True
@@ -109,10 +123,12 @@ class Checkpointer:
   def __init__(self, directory, max_to_keep: int = 3):
     self.directory = Path(directory).absolute()
     self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                             create=True),
-        item_names=("state", "meta"))
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True
+      ),
+      item_names=("state", "meta"),
+    )
     self._unsummed = []  # Saved steps whose checksums are not written yet.
     self._failed = False  # A save failed; Orbax would raise it again.
 
@@ -127,8 +143,12 @@ class Checkpointer:
     """Saves asynchronously; `wait` blocks until written and checksummed."""
     self.wait()
     try:
-      self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+      self.manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+        ),
+      )
     except Exception as e:  # pylint: disable=broad-except
       self._raise_save_error(step, e)
     self._unsummed.append(step)
@@ -155,8 +175,9 @@ class Checkpointer:
     self._failed = True
     if not is_disk_full(error):
       raise CheckpointError(
-          f"Saving the checkpoint of step {step} in {self.directory} failed "
-          f"({type(error).__name__}: {str(error)[:300]}).") from error
+        f"Saving the checkpoint of step {step} in {self.directory} failed "
+        f"({type(error).__name__}: {str(error)[:300]})."
+      ) from error
     removed = []
     if step is not None and jax.process_index() == 0:
       for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
@@ -167,13 +188,13 @@ class Checkpointer:
     need = _size(self.directory / str(max(done))) if done else 0
     free = shutil.disk_usage(self.directory).free
     raise CheckpointError(
-        f"Disk full while saving the checkpoint of step {step} in "
-        f"{self.directory}: {logging_utils.human_bytes(free)} free, a "
-        f"checkpoint needs about {logging_utils.human_bytes(need)}. "
-        + (f"Removed the partial {', '.join(removed)}. " if removed else "")
-        + "Free some space, then run the same command again to continue"
-        + (f" from step {max(done)}." if done else "."
-           )) from error
+      f"Disk full while saving the checkpoint of step {step} in "
+      f"{self.directory}: {logging_utils.human_bytes(free)} free, a "
+      f"checkpoint needs about {logging_utils.human_bytes(need)}. "
+      + (f"Removed the partial {', '.join(removed)}. " if removed else "")
+      + "Free some space, then run the same command again to continue"
+      + (f" from step {max(done)}." if done else ".")
+    ) from error
 
   def reload(self) -> None:
     """Re-reads the steps on disk (after one was moved aside)."""
@@ -185,8 +206,11 @@ class Checkpointer:
 
   def move_aside(self, step: int) -> Path:
     """Moves checkpoint `step` to ../corrupt_checkpoints/ (never deletes)."""
-    target = self.directory.parent / CORRUPT_DIR / (
-        f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    target = (
+      self.directory.parent
+      / CORRUPT_DIR
+      / (f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(self.directory / str(step)), str(target))
     self.reload()
@@ -207,18 +231,23 @@ class Checkpointer:
     nested dicts (`restore_parts` reads only some subtrees).
     """
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+      restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+        ),
+      )
     except Exception as e:  # Orbax raises many types for unreadable files.
       path = self.directory / str(step)
       others = [s for s in self.all_steps() if s != step]
       raise CheckpointError(
-          f"The checkpoint at {path} cannot be restored ({type(e).__name__}: "
-          f"{str(e)[:300]}). It is corrupt, incomplete, or was written by a "
-          "different method or model config. Nothing was changed on disk. "
-          "Move that folder aside to resume from an earlier step"
-          + (f" (also present: {others})" if others else "")
-          + ", or pass a fresh --workdir to start over.") from e
+        f"The checkpoint at {path} cannot be restored ({type(e).__name__}: "
+        f"{str(e)[:300]}). It is corrupt, incomplete, or was written by a "
+        "different method or model config. Nothing was changed on disk. "
+        "Move that folder aside to resume from an earlier step"
+        + (f" (also present: {others})" if others else "")
+        + ", or pass a fresh --workdir to start over."
+      ) from e
     return restored["state"], dict(restored["meta"])
 
   def close(self) -> None:
@@ -248,29 +277,44 @@ def restore_parts(directory, step: int, parts: Sequence[tuple[str, ...]]):
   """
   path = Path(directory).absolute() / str(step)
   manager = ocp.CheckpointManager(
-      Path(directory).absolute(),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                     "meta": ocp.JsonCheckpointHandler()})
+    Path(directory).absolute(),
+    item_handlers={
+      "state": ocp.PyTreeCheckpointHandler(),
+      "meta": ocp.JsonCheckpointHandler(),
+    },
+  )
   try:
     saved = manager.item_metadata(step)["state"]
     saved = getattr(saved, "tree", saved)
-    target = traverse_util.unflatten_dict({
+    target = traverse_util.unflatten_dict(
+      {
         keys: jax.tree.map(
-            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype),
-            _subtree(saved, keys, path))
-        for keys in parts})
-    restored = manager.restore(step, args=ocp.args.Composite(
+          lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype),
+          _subtree(saved, keys, path),
+        )
+        for keys in parts
+      }
+    )
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
-            item=target, partial_restore=True,
-            restore_args=jax.tree.map(
-                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)),
-        meta=ocp.args.JsonRestore()))
+          item=target,
+          partial_restore=True,
+          restore_args=jax.tree.map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target
+          ),
+        ),
+        meta=ocp.args.JsonRestore(),
+      ),
+    )
   except CheckpointError:
     raise
   except Exception as e:  # Orbax raises many types for unreadable files.
     raise CheckpointError(
-        f"The checkpoint at {path} cannot be read ({type(e).__name__}: "
-        f"{str(e)[:300]}). It is corrupt or incomplete.") from e
+      f"The checkpoint at {path} cannot be read ({type(e).__name__}: "
+      f"{str(e)[:300]}). It is corrupt or incomplete."
+    ) from e
   finally:
     manager.close()
   return restored["state"], dict(restored["meta"])
@@ -280,8 +324,9 @@ def _subtree(tree, keys: tuple[str, ...], path: Path):
   for i, key in enumerate(keys):
     if not isinstance(tree, dict) or key not in tree:
       raise CheckpointError(
-          f"The checkpoint at {path} has no {'/'.join(keys[:i + 1])}; "
-          "it was written by another method or model.")
+        f"The checkpoint at {path} has no {'/'.join(keys[: i + 1])}; "
+        "it was written by another method or model."
+      )
     tree = tree[key]
   return tree
 
@@ -304,19 +349,29 @@ class FittedStore:
   def __init__(self, directory, max_to_keep: int = 3):
     self.directory = Path(directory).absolute()
     self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                             create=False),
-        item_names=("fitted", "calibration", "meta"),
-        item_handlers={"fitted": ocp.PyTreeCheckpointHandler(),
-                       "calibration": ocp.JsonCheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler()})
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=False
+      ),
+      item_names=("fitted", "calibration", "meta"),
+      item_handlers={
+        "fitted": ocp.PyTreeCheckpointHandler(),
+        "calibration": ocp.JsonCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+      },
+    )
 
   def has(self, step: int) -> bool:
     return step in self.manager.all_steps()
 
-  def save(self, step: int, fitted, calibration: dict, meta: dict,
-           checkpoint_sha256=None) -> None:
+  def save(
+    self,
+    step: int,
+    fitted,
+    calibration: dict,
+    meta: dict,
+    checkpoint_sha256=None,
+  ) -> None:
     """Writes the stage of checkpoint `step` (replacing an older one);
     `checkpoint_sha256` is `checksums_digest` of that checkpoint."""
     if self.has(step):
@@ -324,14 +379,20 @@ class FittedStore:
     # A format number beside the arrays keeps the item non-empty for
     # methods without a fitted stage.
     item = {"stage": fitted, "format": np.asarray(1, np.int32)}
-    self.manager.save(step, args=ocp.args.Composite(
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
         fitted=ocp.args.PyTreeSave(item),
         calibration=ocp.args.JsonSave(calibration),
-        meta=ocp.args.JsonSave(meta)), force=True)
+        meta=ocp.args.JsonSave(meta),
+      ),
+      force=True,
+    )
     self.manager.wait_until_finished()
     if jax.process_index() == 0:
-      write_checksums(self.directory / str(step),
-                      checkpoint_sha256=checkpoint_sha256)
+      write_checksums(
+        self.directory / str(step), checkpoint_sha256=checkpoint_sha256
+      )
 
   def problem(self, step: int, checkpoint_sha256):
     """Why the stage of `step` must not be used ('fails its checksums
@@ -344,10 +405,13 @@ class FittedStore:
     if problem is not None:
       return problem
     recorded = json.loads((path / CHECKSUMS).read_text()).get(
-        "checkpoint_sha256")
+      "checkpoint_sha256"
+    )
     if recorded != checkpoint_sha256:
-      return (f"was fitted on another checkpoint of step {step} (the "
-              "checkpoint has been replaced since)")
+      return (
+        f"was fitted on another checkpoint of step {step} (the "
+        "checkpoint has been replaced since)"
+      )
     return None
 
   def restore(self, step: int):
@@ -356,17 +420,28 @@ class FittedStore:
     try:
       saved = self.manager.item_metadata(step)["fitted"]
       saved = getattr(saved, "tree", saved)
-      restored = self.manager.restore(step, args=ocp.args.Composite(
+      restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
           fitted=ocp.args.PyTreeRestore(
-              restore_args=jax.tree.map(
-                  lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)),
-          calibration=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+            restore_args=jax.tree.map(
+              lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved
+            )
+          ),
+          calibration=ocp.args.JsonRestore(),
+          meta=ocp.args.JsonRestore(),
+        ),
+      )
     except Exception as e:  # Orbax raises many types for unreadable files.
       raise CheckpointError(
-          f"The fitted stage at {path} cannot be read ({type(e).__name__}: "
-          f"{str(e)[:300]}). Run again with --refit to fit it anew.") from e
-    return (restored["fitted"].get("stage", {}),
-            dict(restored["calibration"]), dict(restored["meta"]))
+        f"The fitted stage at {path} cannot be read ({type(e).__name__}: "
+        f"{str(e)[:300]}). Run again with --refit to fit it anew."
+      ) from e
+    return (
+      restored["fitted"].get("stage", {}),
+      dict(restored["calibration"]),
+      dict(restored["meta"]),
+    )
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -20,23 +20,28 @@ REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # Per data set: image size and channels after preprocessing.
 DATASETS = {
-    # Sohn et al. 2021, Sec. 4: 32x32 RGB for CIFAR and (F)MNIST.
-    "cifar10": dict(image_size=32, channels=3),
-    "cifar100": dict(image_size=32, channels=3),
-    "fashion_mnist": dict(image_size=32, channels=3),
-    "mnist": dict(image_size=32, channels=3),
-    # Sohn et al.: cats-vs-dogs at 64x64.
-    "cats_vs_dogs": dict(image_size=64, channels=3),
-    "folder": dict(image_size=32, channels=3),
-    # MVTec AD categories (or look-alikes): label 0 good (normal), 1 defect.
-    "mvtec": dict(image_size=256, channels=3),
-    # scikit-learn's 8x8 digits, upsampled to 16x16 so that crops keep
-    # detail; ~120 normal training images, so a small network and short run.
-    "digits": dict(image_size=16, channels=1),
+  # Sohn et al. 2021, Sec. 4: 32x32 RGB for CIFAR and (F)MNIST.
+  "cifar10": dict(image_size=32, channels=3),
+  "cifar100": dict(image_size=32, channels=3),
+  "fashion_mnist": dict(image_size=32, channels=3),
+  "mnist": dict(image_size=32, channels=3),
+  # Sohn et al.: cats-vs-dogs at 64x64.
+  "cats_vs_dogs": dict(image_size=64, channels=3),
+  "folder": dict(image_size=32, channels=3),
+  # MVTec AD categories (or look-alikes): label 0 good (normal), 1 defect.
+  "mvtec": dict(image_size=256, channels=3),
+  # scikit-learn's 8x8 digits, upsampled to 16x16 so that crops keep
+  # detail; ~120 normal training images, so a small network and short run.
+  "digits": dict(image_size=16, channels=1),
 }
 # Keys of `data` that a colon argument may name without the 'data.' prefix.
-_DATA_SHORTHANDS = ("normal_class", "protocol", "data_dir", "folder",
-                    "category")
+_DATA_SHORTHANDS = (
+  "normal_class",
+  "protocol",
+  "data_dir",
+  "folder",
+  "category",
+)
 
 
 def base_config(method: str) -> ml_collections.ConfigDict:
@@ -152,8 +157,9 @@ def current_value(config: ml_collections.ConfigDict, key: str):
     raise ConfigError(f"Unknown config key {key!r}.{known}") from e
 
 
-def override(config: ml_collections.ConfigDict,
-             values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+def override(
+  config: ml_collections.ConfigDict, values: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
   """Sets existing dotted keys in place ({'data.normal_class': 3}).
 
   Strings are parsed as the type of the value they replace, so values from
@@ -169,9 +175,11 @@ def override(config: ml_collections.ConfigDict,
   return config
 
 
-def apply_arg(config: ml_collections.ConfigDict, arg,
-              small_run: Callable[[ml_collections.ConfigDict], None]
-              | None = None) -> None:
+def apply_arg(
+  config: ml_collections.ConfigDict,
+  arg,
+  small_run: Callable[[ml_collections.ConfigDict], None] | None = None,
+) -> None:
   """Applies `name,key=value,...` from `--config=file.py:<arg>` in place.
 
   `small_run(config)` is the config file's preset for the tiny `digits` set
@@ -204,8 +212,17 @@ def folder_class_names(folder: str) -> tuple[str, ...]:
   """Class names of an image folder: the class folders of train/ and test/,
   sorted (their index is the label)."""
   splits = [Path(folder) / s for s in ("train", "test")]
-  return tuple(sorted({p.name for split in splits if split.is_dir()
-                       for p in split.iterdir() if p.is_dir()}))
+  return tuple(
+    sorted(
+      {
+        p.name
+        for split in splits
+        if split.is_dir()
+        for p in split.iterdir()
+        if p.is_dir()
+      }
+    )
+  )
 
 
 def class_index(config, name: str) -> int:
@@ -217,24 +234,31 @@ def class_index(config, name: str) -> int:
       return names.index(name)
     listed = ", ".join(f"{i} {n}" for i, n in enumerate(names))
     raise ConfigError(
-        f"normal_class={name!r} is not a class of the folder "
-        f"{config.data.folder!r}" + (f"; its classes are {listed}."
-                                     if names else " (it has no class "
-                                     "folders in train/ or test/)."))
+      f"normal_class={name!r} is not a class of the folder "
+      f"{config.data.folder!r}"
+      + (
+        f"; its classes are {listed}."
+        if names
+        else " (it has no class folders in train/ or test/)."
+      )
+    )
   raise ConfigError(
-      f"normal_class={name!r}: the {config.data.name} data set takes a "
-      "class index (an integer); a run's dataset_info.json lists the class "
-      "names by index.")
+    f"normal_class={name!r}: the {config.data.name} data set takes a "
+    "class index (an integer); a run's dataset_info.json lists the class "
+    "names by index."
+  )
 
 
-def set_dataset(config: ml_collections.ConfigDict, name: str,
-                small_run=None) -> None:
+def set_dataset(
+  config: ml_collections.ConfigDict, name: str, small_run=None
+) -> None:
   """Selects a data set and its image size and channels."""
   if name not in DATASETS:
     raise ConfigError(
-        f"Unknown data set {name!r}. Known: {', '.join(sorted(DATASETS))}; "
-        "any root/<split>/<class>/*.jpg folder works with 'folder,"
-        "folder=/path'.")
+      f"Unknown data set {name!r}. Known: {', '.join(sorted(DATASETS))}; "
+      "any root/<split>/<class>/*.jpg folder works with 'folder,"
+      "folder=/path'."
+    )
   config.data.name = name
   config.data.image_size = DATASETS[name]["image_size"]
   config.data.channels = DATASETS[name]["channels"]
@@ -252,9 +276,11 @@ def set_dataset(config: ml_collections.ConfigDict, name: str,
       small_run(config)
 
 
-def load(config_file, arg: str | None = None,
-         overrides: Mapping[str, Any] | None = None
-         ) -> ml_collections.ConfigDict:
+def load(
+  config_file,
+  arg: str | None = None,
+  overrides: Mapping[str, Any] | None = None,
+) -> ml_collections.ConfigDict:
   """`get_config(arg)` of a config file, plus dotted-key `overrides`.
 
   `config_file` is a path, or a method name for the repository's
@@ -264,8 +290,9 @@ def load(config_file, arg: str | None = None,
   if path.suffix != ".py":
     path = REPO_CONFIGS / f"{config_file}.py"
   if not path.is_file():
-    raise ConfigError(f"No config file {path}; pass an existing one, e.g. "
-                      "configs/disaug.py.")
+    raise ConfigError(
+      f"No config file {path}; pass an existing one, e.g. configs/disaug.py."
+    )
   spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

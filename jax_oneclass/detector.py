@@ -62,6 +62,7 @@ def read_image(path) -> np.ndarray:
   if path.suffix.lower() in _TF_DECODES:
     # TF decodes as the training pipeline does (same bytes -> same pixels).
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     try:
       return tf.io.decode_image(raw, expand_animations=False).numpy()
     except (tf.errors.InvalidArgumentError, ValueError):
@@ -88,8 +89,9 @@ def load_images(paths: Sequence) -> tuple[list, list[str], list[str]]:
 class Detector:
   """A trained run: its method, state, fitted stage and thresholds."""
 
-  def __init__(self, run: run_lib.Run, state, stage: evaluate.FittedStage,
-               step: int):
+  def __init__(
+    self, run: run_lib.Run, state, stage: evaluate.FittedStage, step: int
+  ):
     self.run, self.state, self.stage, self.step = run, state, stage, step
     self.config = run.config
     self.image_shape = tuple(run.info.image_shape)
@@ -99,12 +101,18 @@ class Detector:
     self._score = evaluate.score_fn(run)
     # The headline scorer (config.eval.scorer), checked against the saved
     # calibration's scorers.
-    self.scorer = evaluate.headline_scorer(run.config,
-                                           stage.calibration["image"])
+    self.scorer = evaluate.headline_scorer(
+      run.config, stage.calibration["image"]
+    )
 
   @classmethod
-  def load(cls, workdir, config=None, refit: bool = False,
-           batch_size: int | None = None) -> "Detector":
+  def load(
+    cls,
+    workdir,
+    config=None,
+    refit: bool = False,
+    batch_size: int | None = None,
+  ) -> "Detector":
     """The detector of a workdir's newest checkpoint.
 
     `config` defaults to the run's own (config.json); `refit` fits the
@@ -114,28 +122,37 @@ class Detector:
     require_checkpoint(workdir)
     config = config or run_lib.saved_config(workdir)
     if config is None:
-      raise ConfigError(f"No config.json in {workdir}: point it at a "
-                        "trained run's workdir.")
-    run = run_lib.setup(config, workdir,
-                        info=run_lib.saved_info(workdir, config),
-                        mode="predict")
+      raise ConfigError(
+        f"No config.json in {workdir}: point it at a trained run's workdir."
+      )
+    run = run_lib.setup(
+      config, workdir, info=run_lib.saved_info(workdir, config), mode="predict"
+    )
     try:
       state, step = run_lib.restore_latest(run)
     finally:
       run.checkpointer.close()
-    detector = cls(run, state,
-                   evaluate.load_or_fit(run, state, step, refit,
-                                        repair=False), step)
+    detector = cls(
+      run,
+      state,
+      evaluate.load_or_fit(run, state, step, refit, repair=False),
+      step,
+    )
     if batch_size is not None:
       if batch_size < 1 or batch_size % jax.device_count():
-        raise ConfigError(f"batch_size {batch_size} must be a positive "
-                          f"multiple of the {jax.device_count()} devices.")
-      if (config.eval.get("batch_norm") == "batch"
-          and batch_size != config.eval.batch_size):
         raise ConfigError(
-            "This run scores with batch-statistics BatchNorm "
-            "(eval.batch_norm='batch'), so its scores depend on the batch; "
-            f"keep eval.batch_size ({config.eval.batch_size}).")
+          f"batch_size {batch_size} must be a positive "
+          f"multiple of the {jax.device_count()} devices."
+        )
+      if (
+        config.eval.get("batch_norm") == "batch"
+        and batch_size != config.eval.batch_size
+      ):
+        raise ConfigError(
+          "This run scores with batch-statistics BatchNorm "
+          "(eval.batch_norm='batch'), so its scores depend on the batch; "
+          f"keep eval.batch_size ({config.eval.batch_size})."
+        )
       detector.batch_size = batch_size
     return detector
 
@@ -150,33 +167,39 @@ class Detector:
     # scores depend on the padding, so pad as evaluation does.
     whole = self.config.eval.get("batch_norm") == "batch"
     for start in range(0, len(images), size):
-      chunk = data.to_model_inputs(images[start:start + size],
-                                   self.image_shape)
-      padded = size if whole else padded_size(len(chunk), size,
-                                              jax.device_count())
+      chunk = data.to_model_inputs(
+        images[start : start + size], self.image_shape
+      )
+      padded = (
+        size if whole else padded_size(len(chunk), size, jax.device_count())
+      )
       batch = np.zeros((padded,) + self.image_shape, np.float32)
-      batch[:len(chunk)] = chunk
+      batch[: len(chunk)] = chunk
       yield batch, len(chunk)
 
   def score_images(self, images: list, progress: bool = False) -> Any:
     """The method's raw `Scores` of uint8 images, as host arrays."""
     if jax.process_count() > 1:
-      raise ConfigError("Detector runs in one process (all its devices); "
-                        "use --mode=eval for multi-host scoring.")
+      raise ConfigError(
+        "Detector runs in one process (all its devices); "
+        "use --mode=eval for multi-host scoring."
+      )
     outputs = []
     total = -(-len(images) // self.batch_size)
     bar = logging_utils.progress_bar(total, "batches", enabled=progress)
     for batch, count in self._batches(images):
       sharded = parallel.shard_batch(self.run.mesh, {"image": batch})
-      out = parallel.to_host(self._score(self.state, self.stage.fitted,
-                                         sharded))
+      out = parallel.to_host(
+        self._score(self.state, self.stage.fitted, sharded)
+      )
       outputs.append(jax.tree.map(lambda v, n=count: v[:n], out))
       bar.update(1)
     bar.close()
     return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
 
-  def predict(self, images, names: Sequence[str] | None = None,
-              progress: bool = False) -> Prediction:
+  def predict(
+    self, images, names: Sequence[str] | None = None, progress: bool = False
+  ) -> Prediction:
     """Scores, labels and (for localising methods) maps and masks.
 
     `images`: uint8 [N, H, W(, C)] or a list of uint8 arrays of any sizes,
@@ -192,21 +215,31 @@ class Detector:
       images, names, skipped = load_images(paths)
       if skipped:
         raise DataError(f"Cannot read {skipped[0]}.")
-    names = list(names) if names is not None else [
-        f"image {i}" for i in range(len(images))]
+    names = (
+      list(names)
+      if names is not None
+      else [f"image {i}" for i in range(len(images))]
+    )
     raw = self.score_images(images, progress)
     scorer = self.scorer
     calib = self.stage.calibration
     stats = calib["image"][scorer]
-    normalized_maps = {k: thresholds.normalize(v, calib["maps"][k])
-                       .astype(np.float32) for k, v in raw.maps.items()}
+    normalized_maps = {
+      k: thresholds.normalize(v, calib["maps"][k]).astype(np.float32)
+      for k, v in raw.maps.items()
+    }
     return Prediction(
-        names=names, scorer=scorer, threshold=stats["threshold"],
-        score=raw.image[scorer],
-        normalized_score=thresholds.normalize(raw.image[scorer], stats),
-        is_anomaly=raw.image[scorer] > stats["threshold"],
-        scores=raw.image, maps=raw.maps, normalized_maps=normalized_maps,
-        masks={k: v > 0.5 for k, v in normalized_maps.items()})
+      names=names,
+      scorer=scorer,
+      threshold=stats["threshold"],
+      score=raw.image[scorer],
+      normalized_score=thresholds.normalize(raw.image[scorer], stats),
+      is_anomaly=raw.image[scorer] > stats["threshold"],
+      scores=raw.image,
+      maps=raw.maps,
+      normalized_maps=normalized_maps,
+      masks={k: v > 0.5 for k, v in normalized_maps.items()},
+    )
 
 
 def padded_size(count: int, batch_size: int, num_devices: int = 1) -> int:
@@ -221,8 +254,10 @@ def padded_size(count: int, batch_size: int, num_devices: int = 1) -> int:
 def require_checkpoint(workdir) -> None:
   """Fails clearly when `workdir` holds no trained run."""
   if not (Path(workdir) / "checkpoints").is_dir():
-    raise CheckpointError(f"No checkpoints/ in {workdir}: train first or "
-                          "point --workdir at a trained run.")
+    raise CheckpointError(
+      f"No checkpoints/ in {workdir}: train first or "
+      "point --workdir at a trained run."
+    )
 
 
 def _stem(index: int, name: str) -> str:
@@ -238,9 +273,15 @@ def _mask_at_size(normalized_map: np.ndarray, size) -> np.ndarray:
   return resized > 0.5
 
 
-def predict_folder(workdir, source, output, config=None, refit: bool = False,
-                   visualize_images: bool = True,
-                   progress: bool = True) -> list[dict]:
+def predict_folder(
+  workdir,
+  source,
+  output,
+  config=None,
+  refit: bool = False,
+  visualize_images: bool = True,
+  progress: bool = True,
+) -> list[dict]:
   """Predicts every image of `source` (file, folder or glob) into `output`.
 
   Writes predictions.csv and predictions.json (per image: raw score,
@@ -251,18 +292,23 @@ def predict_folder(workdir, source, output, config=None, refit: bool = False,
   are named and skipped. Returns the per-image records.
   """
   if not source or not output:
-    raise DataError("Predicting needs --input (an image file, a folder or a "
-                    "glob) and --output (a folder for the results).")
+    raise DataError(
+      "Predicting needs --input (an image file, a folder or a "
+      "glob) and --output (a folder for the results)."
+    )
   paths = list_images(source)
   if not paths:
-    raise DataError(f"--input {source!r} holds no image files ("
-                    f"{', '.join(IMAGE_SUFFIXES)}).")
+    raise DataError(
+      f"--input {source!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})."
+    )
   images, names, skipped = load_images(paths)
   for line in skipped:
     logging_utils.info(f"Skipped unreadable image {line}")
   if not images:
-    raise DataError(f"None of the {len(paths)} files of {source!r} could be "
-                    "read as an image; see the lines above.")
+    raise DataError(
+      f"None of the {len(paths)} files of {source!r} could be "
+      "read as an image; see the lines above."
+    )
   det = Detector.load(workdir, config=config, refit=refit)
   out = det.predict(images, names, progress=progress)
   output = Path(output)
@@ -271,12 +317,15 @@ def predict_folder(workdir, source, output, config=None, refit: bool = False,
   records = []
   for i, name in enumerate(names):
     stem = _stem(i, name)
-    record = {"file": name, "scorer": out.scorer,
-              "score": float(out.score[i]),
-              "normalized_score": float(out.normalized_score[i]),
-              "threshold": float(out.threshold),
-              "label": "anomalous" if out.is_anomaly[i] else "normal",
-              "scores": {k: float(v[i]) for k, v in sorted(out.scores.items())}}
+    record = {
+      "file": name,
+      "scorer": out.scorer,
+      "score": float(out.score[i]),
+      "normalized_score": float(out.normalized_score[i]),
+      "threshold": float(out.threshold),
+      "label": "anomalous" if out.is_anomaly[i] else "normal",
+      "scores": {k: float(v[i]) for k, v in sorted(out.scores.items())},
+    }
     for map_name, values in out.maps.items():
       suffix = "" if len(out.maps) == 1 else "_" + map_name
       map_path = output / "maps" / f"{stem}{suffix}.npy"
@@ -284,36 +333,61 @@ def predict_folder(workdir, source, output, config=None, refit: bool = False,
       map_path.parent.mkdir(exist_ok=True)
       mask_path.parent.mkdir(exist_ok=True)
       np.save(map_path, values[i])
-      mask = _mask_at_size(out.normalized_maps[map_name][i],
-                           images[i].shape[:2])
+      mask = _mask_at_size(
+        out.normalized_maps[map_name][i], images[i].shape[:2]
+      )
       Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
       record.setdefault("maps", {})[map_name] = {
-          "map": str(map_path.relative_to(output)),
-          "mask": str(mask_path.relative_to(output)),
-          "anomalous_pixels": float(mask.mean())}
+        "map": str(map_path.relative_to(output)),
+        "mask": str(mask_path.relative_to(output)),
+        "anomalous_pixels": float(mask.mean()),
+      }
     records.append(record)
   if visualize_images:
     model_inputs = [data.to_model_input(im, det.image_shape) for im in images]
     map_name = sorted(out.maps)[0] if out.maps else None
     visualize.save_panels(
-        output / "visualizations", model_inputs, names, out.score, stats,
-        out.scorer,
-        maps=None if map_name is None else out.maps[map_name],
-        map_calibration=(None if map_name is None else
-                         det.stage.calibration["maps"][map_name]))
+      output / "visualizations",
+      model_inputs,
+      names,
+      out.score,
+      stats,
+      out.scorer,
+      maps=None if map_name is None else out.maps[map_name],
+      map_calibration=(
+        None if map_name is None else det.stage.calibration["maps"][map_name]
+      ),
+    )
   with open(output / "predictions.csv", "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["file", "score", "normalized_score", "label"])
     for r in records:
-      writer.writerow([r["file"], f"{r['score']:.7g}",
-                       f"{r['normalized_score']:.6f}", r["label"]])
-  (output / "predictions.json").write_text(json.dumps(
-      {"workdir": str(workdir), "step": det.step, "scorer": out.scorer,
-       "threshold": float(out.threshold), "skipped": skipped,
-       "images": records}, indent=2) + "\n")
+      writer.writerow(
+        [
+          r["file"],
+          f"{r['score']:.7g}",
+          f"{r['normalized_score']:.6f}",
+          r["label"],
+        ]
+      )
+  (output / "predictions.json").write_text(
+    json.dumps(
+      {
+        "workdir": str(workdir),
+        "step": det.step,
+        "scorer": out.scorer,
+        "threshold": float(out.threshold),
+        "skipped": skipped,
+        "images": records,
+      },
+      indent=2,
+    )
+    + "\n"
+  )
   anomalous = int(np.sum(out.is_anomaly))
   logging_utils.info(
-      f"{len(records)} images scored ({anomalous} anomalous at "
-      f"{out.scorer} > {out.threshold:.4g}), {len(skipped)} skipped; "
-      f"results in {output}.")
+    f"{len(records)} images scored ({anomalous} anomalous at "
+    f"{out.scorer} > {out.threshold:.4g}), {len(skipped)} skipped; "
+    f"results in {output}."
+  )
   return records

@@ -68,8 +68,10 @@ def _host_batches(fn, args, batches, mesh, num_images: int = 0, bar=None):
       seen += int(mask.sum())
     if bar is not None:
       bar.update(int(mask.sum()))
-    yield (jax.tree.map(lambda v, m=mask: v[m], out),
-           {k: v[mask] for k, v in keep.items()})
+    yield (
+      jax.tree.map(lambda v, m=mask: v[m], out),
+      {k: v[mask] for k, v in keep.items()},
+    )
 
 
 def _concat(parts: list):
@@ -95,7 +97,7 @@ def _collect(fn, args, batches, mesh, num_images: int = 0, bar=None):
 def _add_images(total, count: int, images, limit: int):
   """(total, count) with `images` added, up to `limit` images in all, one
   at a time in float32 (numpy's order for `mean(axis=0)`)."""
-  for image in images[:max(limit - count, 0)]:
+  for image in images[: max(limit - count, 0)]:
     if total is None:
       total = image.copy()
     else:
@@ -106,8 +108,11 @@ def _add_images(total, count: int, images, limit: int):
 
 def _has_fitted_stage(run: run_lib.Run, state) -> bool:
   """False when `method.embed` returns nothing, so the train pass is moot."""
-  example = {"image": jax.ShapeDtypeStruct(
-      (1,) + tuple(run.info.image_shape), jnp.float32)}
+  example = {
+    "image": jax.ShapeDtypeStruct(
+      (1,) + tuple(run.info.image_shape), jnp.float32
+    )
+  }
   return bool(jax.eval_shape(run.method.embed, state, example))
 
 
@@ -119,12 +124,14 @@ def _train_pass(run: run_lib.Run, state, embed: bool, pixel_mean: bool):
   limit = config.eval.max_fit_examples
   embed_fn = None
   if embed:
-    embed_fn = jax.jit(run.method.embed,
-                       out_shardings=parallel.replicated(run.mesh))
+    embed_fn = jax.jit(
+      run.method.embed, out_shardings=parallel.replicated(run.mesh)
+    )
   batches = data.eval_batches(config, "train", config.eval.batch_size)
   parts, total, count = [], None, 0
-  for out, labels in _host_batches(embed_fn, (state,), batches, run.mesh,
-                                   num_images=limit if pixel_mean else 0):
+  for out, labels in _host_batches(
+    embed_fn, (state,), batches, run.mesh, num_images=limit if pixel_mean else 0
+  ):
     parts.append(out)
     if "image" in labels:
       total, count = _add_images(total, count, labels["image"], limit)
@@ -145,8 +152,9 @@ def _fit_embeddings(run: run_lib.Run, embeddings):
 
 def fit(run: run_lib.Run, state):
   """(the method's fitted stage on the host, the number of images it saw)."""
-  embeddings, _ = _train_pass(run, state, _has_fitted_stage(run, state),
-                              pixel_mean=False)
+  embeddings, _ = _train_pass(
+    run, state, _has_fitted_stage(run, state), pixel_mean=False
+  )
   return _fit_embeddings(run, embeddings)
 
 
@@ -167,12 +175,16 @@ def calibrate(run: run_lib.Run, state, fitted) -> dict:
   batches = data.eval_batches(config, split, config.eval.batch_size)
   scores, _ = _collect(score_fn(run), (state, fitted), batches, run.mesh)
   return {
-      "split": split,
-      "num_images": int(len(next(iter(scores.image.values())))),
-      "image": {k: thresholds.calibrate(v, config.eval.fpr)
-                for k, v in scores.image.items()},
-      "maps": {k: thresholds.calibrate(v, config.eval.pixel_fpr)
-               for k, v in scores.maps.items()},
+    "split": split,
+    "num_images": int(len(next(iter(scores.image.values())))),
+    "image": {
+      k: thresholds.calibrate(v, config.eval.fpr)
+      for k, v in scores.image.items()
+    },
+    "maps": {
+      k: thresholds.calibrate(v, config.eval.pixel_fpr)
+      for k, v in scores.maps.items()
+    },
   }
 
 
@@ -190,12 +202,15 @@ def _saved_stage(run: run_lib.Run, store, step: int, repair: bool):
   if not store.has(step):
     return None
   path = store.directory / str(step)
-  problem = store.problem(step, checkpointing.checksums_digest(
-      run.checkpointer.directory / str(step)))
+  problem = store.problem(
+    step, checkpointing.checksums_digest(run.checkpointer.directory / str(step))
+  )
   if problem == checkpointing.UNVERIFIED and not repair:
-    logging_utils.warn(f"The fitted stage at {path} {problem}: using it "
-                       f"unverified. Run {refit_command(run.workdir)} to "
-                       "fit it anew with checksums.")
+    logging_utils.warn(
+      f"The fitted stage at {path} {problem}: using it "
+      f"unverified. Run {refit_command(run.workdir)} to "
+      "fit it anew with checksums."
+    )
     problem = None
   if problem is None:
     try:
@@ -203,16 +218,22 @@ def _saved_stage(run: run_lib.Run, store, step: int, repair: bool):
     except CheckpointError as e:
       problem = f"cannot be read ({str(e.__cause__ or e)[:200]})"
   if not repair:
-    raise CheckpointError(f"The fitted stage at {path} {problem}. Fit it "
-                          f"anew: {refit_command(run.workdir)}")
-  logging_utils.warn(f"The fitted stage at {path} {problem}: fitting it "
-                     "anew.")
+    raise CheckpointError(
+      f"The fitted stage at {path} {problem}. Fit it "
+      f"anew: {refit_command(run.workdir)}"
+    )
+  logging_utils.warn(f"The fitted stage at {path} {problem}: fitting it anew.")
   return None
 
 
-def load_or_fit(run: run_lib.Run, state, step: int, refit: bool = False,
-                repair: bool = True, pixel_mean: bool = False
-                ) -> FittedStage:
+def load_or_fit(
+  run: run_lib.Run,
+  state,
+  step: int,
+  refit: bool = False,
+  repair: bool = True,
+  pixel_mean: bool = False,
+) -> FittedStage:
   """The saved fitted stage of checkpoint `step`, else fitted now and saved.
 
   `refit` fits anew even when one is saved; `repair` (see `_saved_stage`)
@@ -232,43 +253,60 @@ def load_or_fit(run: run_lib.Run, state, step: int, refit: bool = False,
         _, mean = _train_pass(run, state, embed=False, pixel_mean=True)
     else:
       if not refit and not store.has(step):
-        logging_utils.info(f"No fitted stage saved for step {step}: fitting "
-                           "it on the normal training images.")
+        logging_utils.info(
+          f"No fitted stage saved for step {step}: fitting "
+          "it on the normal training images."
+        )
       start = time.perf_counter()
       embeddings, mean = _train_pass(
-          run, state, _has_fitted_stage(run, state), pixel_mean)
+        run, state, _has_fitted_stage(run, state), pixel_mean
+      )
       fitted, num_fit = _fit_embeddings(run, embeddings)
       fitted = jax.device_get(fitted)
-      calibration = calibrate(run, state,
-                              parallel.replicate(run.mesh, fitted))
+      calibration = calibrate(run, state, parallel.replicate(run.mesh, fitted))
       if logging_utils.writable(store.directory.parent):
-        store.save(step, fitted, calibration, {
-            "step": int(step), "num_fit": num_fit,
+        store.save(
+          step,
+          fitted,
+          calibration,
+          {
+            "step": int(step),
+            "num_fit": num_fit,
             "method": run.config.method,
-            "fit_seconds": round(time.perf_counter() - start, 2)},
-                   checkpointing.checksums_digest(
-                       run.checkpointer.directory / str(step)))
+            "fit_seconds": round(time.perf_counter() - start, 2),
+          },
+          checkpointing.checksums_digest(
+            run.checkpointer.directory / str(step)
+          ),
+        )
       else:
-        logging_utils.info(f"{run.workdir} is read-only: the fitted stage "
-                           "is not saved and will be fitted again next time.")
+        logging_utils.info(
+          f"{run.workdir} is read-only: the fitted stage "
+          "is not saved and will be fitted again next time."
+        )
   finally:
     store.close()
-  return FittedStage(parallel.replicate(run.mesh, fitted), calibration,
-                     num_fit, mean)
+  return FittedStage(
+    parallel.replicate(run.mesh, fitted), calibration, num_fit, mean
+  )
 
 
-PIXEL_BASELINE = ("pixel_baseline: squared distance of a test image's raw "
-                  "pixels (the model input) to the mean normal training "
-                  "image")
+PIXEL_BASELINE = (
+  "pixel_baseline: squared distance of a test image's raw "
+  "pixels (the model input) to the mean normal training "
+  "image"
+)
 
 
 def pixel_distance_fn(run: run_lib.Run):
   """`(mean, batch) -> [B]` squared distances of the batch's images to the
   mean image (replicated over the run's mesh), jitted, outputs replicated."""
   return jax.jit(
-      lambda m, batch: jnp.sum(jnp.square(batch["image"] - m),
-                               axis=tuple(range(1, batch["image"].ndim))),
-      out_shardings=parallel.replicated(run.mesh))
+    lambda m, batch: jnp.sum(
+      jnp.square(batch["image"] - m), axis=tuple(range(1, batch["image"].ndim))
+    ),
+    out_shardings=parallel.replicated(run.mesh),
+  )
 
 
 def pixel_baseline(run: run_lib.Run) -> np.ndarray:
@@ -278,8 +316,12 @@ def pixel_baseline(run: run_lib.Run) -> np.ndarray:
   config = run.config
   _, mean = _train_pass(run, None, embed=False, pixel_mean=True)
   mean = parallel.replicate(run.mesh, jnp.asarray(mean))
-  scores, _ = _collect(pixel_distance_fn(run), (mean,), data.eval_batches(
-      config, "test", config.eval.batch_size), run.mesh)
+  scores, _ = _collect(
+    pixel_distance_fn(run),
+    (mean,),
+    data.eval_batches(config, "test", config.eval.batch_size),
+    run.mesh,
+  )
   return scores
 
 
@@ -290,8 +332,9 @@ def headline_scorer(config, scorers) -> str:
     return sorted(scorers)[0]
   if name not in scorers:
     raise ConfigError(
-        f"config.eval.scorer={name!r} is not a score of {config.method}; "
-        f"choose one of {', '.join(sorted(scorers))}.")
+      f"config.eval.scorer={name!r} is not a score of {config.method}; "
+      f"choose one of {', '.join(sorted(scorers))}."
+    )
   return name
 
 
@@ -300,17 +343,21 @@ def calibration_summary(config, calib: dict) -> dict:
   asked false-positive rates, and the smallest one `num_images` images
   resolve (1/n). Warns when eval.fpr is below it."""
   num_images = int(calib["num_images"])
-  summary = {"split": calib["split"], "num_images": num_images,
-             "min_fpr": 1.0 / max(num_images, 1),
-             "fpr": float(config.eval.fpr),
-             "pixel_fpr": float(config.eval.pixel_fpr)}
+  summary = {
+    "split": calib["split"],
+    "num_images": num_images,
+    "min_fpr": 1.0 / max(num_images, 1),
+    "fpr": float(config.eval.fpr),
+    "pixel_fpr": float(config.eval.pixel_fpr),
+  }
   if 0 < summary["fpr"] < summary["min_fpr"]:
     logging_utils.warn(
-        f"eval.fpr={summary['fpr']:g} is below 1/{num_images} = "
-        f"{summary['min_fpr']:.4g}, the smallest false-positive rate "
-        f"{num_images} {calib['split']} images resolve: the thresholds sit "
-        "at the highest normal score. Hold out more normal images "
-        "(data.holdout_fraction) or raise eval.fpr.")
+      f"eval.fpr={summary['fpr']:g} is below 1/{num_images} = "
+      f"{summary['min_fpr']:.4g}, the smallest false-positive rate "
+      f"{num_images} {calib['split']} images resolve: the thresholds sit "
+      "at the highest normal score. Hold out more normal images "
+      "(data.holdout_fraction) or raise eval.fpr."
+    )
   return summary
 
 
@@ -318,55 +365,78 @@ def _threshold_report(scores, labels, stats) -> dict:
   """Held-out threshold and its test metrics, and the test-optimal F1."""
   best, best_f1 = thresholds.f1_optimal_threshold(scores, labels)
   return {
-      **stats,
-      "at_threshold": thresholds.binary_metrics(scores, labels,
-                                                stats["threshold"]),
-      "f1_optimal_on_test": {
-          "threshold": best, "f1": best_f1,
-          "note": "chosen on the labelled test split; not a deployable "
-                  "threshold"},
+    **stats,
+    "at_threshold": thresholds.binary_metrics(
+      scores, labels, stats["threshold"]
+    ),
+    "f1_optimal_on_test": {
+      "threshold": best,
+      "f1": best_f1,
+      "note": "chosen on the labelled test split; not a deployable threshold",
+    },
   }
 
 
-def _write_scores_csv(path: Path, scores: dict, labels: dict, headline: str,
-                      calibration: dict) -> None:
+def _write_scores_csv(
+  path: Path, scores: dict, labels: dict, headline: str, calibration: dict
+) -> None:
   """One row per test image: every raw score, and the headline's
   normalised score and predicted label."""
-  names = (data.decode_filenames(labels["filename"]) if "filename" in labels
-           else [""] * len(labels["is_anomaly"]))
+  names = (
+    data.decode_filenames(labels["filename"])
+    if "filename" in labels
+    else [""] * len(labels["is_anomaly"])
+  )
   stats = calibration["image"][headline]
   normalized = thresholds.normalize(scores[headline], stats)
   scorers = sorted(scores)
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["index", "filename", "label", "is_anomaly", *scorers,
-                     f"{headline}:normalized", "predicted_anomaly"])
+    writer.writerow(
+      [
+        "index",
+        "filename",
+        "label",
+        "is_anomaly",
+        *scorers,
+        f"{headline}:normalized",
+        "predicted_anomaly",
+      ]
+    )
     for i, name in enumerate(names):
       writer.writerow(
-          [i, name, int(labels["label"][i]), int(labels["is_anomaly"][i]),
-           *(f"{float(scores[s][i]):.7g}" for s in scorers),
-           f"{normalized[i]:.6f}",
-           int(scores[headline][i] > stats["threshold"])])
+        [
+          i,
+          name,
+          int(labels["label"][i]),
+          int(labels["is_anomaly"][i]),
+          *(f"{float(scores[s][i]):.7g}" for s in scorers),
+          f"{normalized[i]:.6f}",
+          int(scores[headline][i] > stats["threshold"]),
+        ]
+      )
 
 
-def evaluate(config, workdir, refit: bool = False,
-             output_dir=None) -> dict:
+def evaluate(config, workdir, refit: bool = False, output_dir=None) -> dict:
   """Scores the test split with the workdir's newest checkpoint (see
   `evaluate_run` for `output_dir`)."""
   run = run_lib.setup(config, workdir, mode="eval")
   writes = output_dir is None and logging_utils.writable(workdir)
   try:
-    with (workdir_lock.held(workdir, "evaluation") if writes
-          else contextlib.nullcontext()):
+    with (
+      workdir_lock.held(workdir, "evaluation")
+      if writes
+      else contextlib.nullcontext()
+    ):
       state, step = run_lib.restore_latest(run)
-      return evaluate_run(run, state, step, refit=refit,
-                          output_dir=output_dir)
+      return evaluate_run(run, state, step, refit=refit, output_dir=output_dir)
   finally:
     run.checkpointer.close()
 
 
-def evaluate_run(run: run_lib.Run, state, step, refit: bool = False,
-                 output_dir=None) -> dict:
+def evaluate_run(
+  run: run_lib.Run, state, step, refit: bool = False, output_dir=None
+) -> dict:
   """Fits (or loads) the stage, scores the test split, writes the results.
 
   Writes results.json (AUROC per scorer; thresholds and F1 / precision /
@@ -377,97 +447,133 @@ def evaluate_run(run: run_lib.Run, state, step, refit: bool = False,
   config, info = run.config, run.info
   out = None if output_dir is False else Path(output_dir or run.workdir)
   if out is not None and not logging_utils.writable(out):
-    raise ConfigError(f"Cannot write the results to {out} (read-only or no "
-                      "permission): pass --results_path=<a writable folder>.")
+    raise ConfigError(
+      f"Cannot write the results to {out} (read-only or no "
+      "permission): pass --results_path=<a writable folder>."
+    )
   start = time.perf_counter()
   stage = load_or_fit(run, state, step, refit, pixel_mean=True)
   logging_utils.info(f"Scoring the {info.num_test} test images...")
   test_batches = data.eval_batches(config, "test", config.eval.batch_size)
-  bar = logging_utils.progress_bar(info.num_test, "images",
-                                   enabled=config.get("progress_bar", True))
+  bar = logging_utils.progress_bar(
+    info.num_test, "images", enabled=config.get("progress_bar", True)
+  )
   score, distance = score_fn(run), pixel_distance_fn(run)
   mean = parallel.replicate(run.mesh, jnp.asarray(stage.pixel_mean))
   (scores, baseline), labels = _collect(
-      lambda batch: (score(state, stage.fitted, batch),
-                     distance(mean, batch)), (), test_batches, run.mesh,
-      num_images=max(int(config.eval.get("num_overlays", 0)), 0), bar=bar)
+    lambda batch: (score(state, stage.fitted, batch), distance(mean, batch)),
+    (),
+    test_batches,
+    run.mesh,
+    num_images=max(int(config.eval.get("num_overlays", 0)), 0),
+    bar=bar,
+  )
   bar.close()
   headline = headline_scorer(config, scores.image)
   is_anomaly = labels["is_anomaly"]
   calib = stage.calibration
-  aurocs = {name: metrics.auroc(s, is_anomaly)
-            for name, s in sorted(scores.image.items())}
+  aurocs = {
+    name: metrics.auroc(s, is_anomaly)
+    for name, s in sorted(scores.image.items())
+  }
   image_thresholds = {
-      name: _threshold_report(s, is_anomaly, calib["image"][name])
-      for name, s in sorted(scores.image.items())}
+    name: _threshold_report(s, is_anomaly, calib["image"][name])
+    for name, s in sorted(scores.image.items())
+  }
   pixel = {}
   if scores.maps and "pixel_mask" in labels:
     masks = labels["pixel_mask"]
-    pixel = {name: {"pixel_auroc": metrics.pixel_auroc(m, masks),
-                    "aupro": metrics.aupro(m, masks),
-                    "threshold": _threshold_report(m, masks,
-                                                   calib["maps"][name])}
-             for name, m in sorted(scores.maps.items())}
+    pixel = {
+      name: {
+        "pixel_auroc": metrics.pixel_auroc(m, masks),
+        "aupro": metrics.aupro(m, masks),
+        "threshold": _threshold_report(m, masks, calib["maps"][name]),
+      }
+      for name, m in sorted(scores.maps.items())
+    }
 
   results = {
-      "method": config.method,
-      "data": config.data.name,
-      "normal_class": config.data.normal_class,
-      "class_name": info.class_names[config.data.normal_class],
-      "protocol": config.data.protocol,
-      "step": int(step or 0),
-      "num_fit": int(stage.num_fit),
-      "num_test": int(len(is_anomaly)),
-      "num_anomalous": int(is_anomaly.sum()),
-      "scorer": headline,
-      "auroc": aurocs,
-      "image_metrics": image_thresholds[headline]["at_threshold"],
-      "calibration": calibration_summary(config, calib),
-      "thresholds": image_thresholds,
-      "pixel_baseline": {
-          "auroc": metrics.auroc(baseline, is_anomaly),
-          "note": PIXEL_BASELINE},
-      **({"localization": pixel} if pixel else {}),
-      "eval_seconds": round(time.perf_counter() - start, 2),
+    "method": config.method,
+    "data": config.data.name,
+    "normal_class": config.data.normal_class,
+    "class_name": info.class_names[config.data.normal_class],
+    "protocol": config.data.protocol,
+    "step": int(step or 0),
+    "num_fit": int(stage.num_fit),
+    "num_test": int(len(is_anomaly)),
+    "num_anomalous": int(is_anomaly.sum()),
+    "scorer": headline,
+    "auroc": aurocs,
+    "image_metrics": image_thresholds[headline]["at_threshold"],
+    "calibration": calibration_summary(config, calib),
+    "thresholds": image_thresholds,
+    "pixel_baseline": {
+      "auroc": metrics.auroc(baseline, is_anomaly),
+      "note": PIXEL_BASELINE,
+    },
+    **({"localization": pixel} if pixel else {}),
+    "eval_seconds": round(time.perf_counter() - start, 2),
   }
   if out is not None:
     logging_utils.write_json(out / "results.json", results)
     if logging_utils.is_main_process():
-      _write_scores_csv(out / "test_scores.csv", scores.image, labels,
-                        headline, calib)
+      _write_scores_csv(
+        out / "test_scores.csv", scores.image, labels, headline, calib
+      )
       _draw(out, config, scores, labels, headline, calib, aurocs)
   if logging_utils.writable(run.workdir / "tensorboard"):
     writer = logging_utils.MetricWriter(run.workdir / "tensorboard" / "eval")
-    writer.write_scalars(results["step"], {
+    writer.write_scalars(
+      results["step"],
+      {
         **{f"auroc/{k}": v for k, v in aurocs.items()},
-        **{f"f1/{k}": v["at_threshold"]["f1"]
-           for k, v in image_thresholds.items()},
-        **{f"{metric}/{k}": v for k, per in pixel.items()
-           for metric, v in per.items() if metric != "threshold"}})
+        **{
+          f"f1/{k}": v["at_threshold"]["f1"]
+          for k, v in image_thresholds.items()
+        },
+        **{
+          f"{metric}/{k}": v
+          for k, per in pixel.items()
+          for metric, v in per.items()
+          if metric != "threshold"
+        },
+      },
+    )
     writer.close()
   return results
 
 
-def _draw(out: Path, config, scores, labels, headline: str, calib: dict,
-          aurocs: dict) -> None:
+def _draw(
+  out: Path, config, scores, labels, headline: str, calib: dict, aurocs: dict
+) -> None:
   """The first test images' panels and, with eval.plots, each scorer's
   ROC curve and score histogram."""
   if "image" in labels:
     count = len(labels["image"])
-    names = (data.decode_filenames(labels["filename"][:count])
-             if "filename" in labels else [f"test image {i}"
-                                          for i in range(count)])
+    names = (
+      data.decode_filenames(labels["filename"][:count])
+      if "filename" in labels
+      else [f"test image {i}" for i in range(count)]
+    )
     map_name = sorted(scores.maps)[0] if scores.maps else None
     visualize.save_panels(
-        out / "visualizations", labels["image"], names,
-        scores.image[headline][:count], calib["image"][headline], headline,
-        maps=None if map_name is None else scores.maps[map_name][:count],
-        map_calibration=None if map_name is None else calib["maps"][map_name],
-        masks=labels.get("pixel_mask", [None] * count)[:count],
-        is_anomaly=labels["is_anomaly"][:count])
+      out / "visualizations",
+      labels["image"],
+      names,
+      scores.image[headline][:count],
+      calib["image"][headline],
+      headline,
+      maps=None if map_name is None else scores.maps[map_name][:count],
+      map_calibration=None if map_name is None else calib["maps"][map_name],
+      masks=labels.get("pixel_mask", [None] * count)[:count],
+      is_anomaly=labels["is_anomaly"][:count],
+    )
   if config.eval.get("plots", True):
     for name, values in scores.image.items():
       visualize.save_score_plot(
-          out / "plots" / f"{name.replace('/', '_')}.png", values,
-          labels["is_anomaly"], calib["image"][name]["threshold"],
-          f"{config.method}: {name} (AUROC {aurocs[name]:.4f})")
+        out / "plots" / f"{name.replace('/', '_')}.png",
+        values,
+        labels["is_anomaly"],
+        calib["image"][name]["threshold"],
+        f"{config.method}: {name} (AUROC {aurocs[name]:.4f})",
+      )

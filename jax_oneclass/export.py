@@ -12,12 +12,14 @@ def __getattr__(name):
   if name.startswith("__"):  # Probes (e.g. __path__) need no JAX.
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
   from jax_oneclass import exporting  # pylint: disable=g-import-not-at-top
+
   return getattr(exporting, name)
 
 
 def main():
   """Runs `python -m jax_oneclass.main --mode=export` with these flags."""
   from jax_oneclass import main as main_lib  # pylint: disable=g-import-not-at-top
+
   main_lib.run(["--mode=export"])
 
 

@@ -49,17 +49,24 @@ def inference_fn(detector):
   map_name = sorted(calib["maps"])[0] if calib["maps"] else None
 
   def fn(images):
-    scores = method.score(state, fitted, {
-        "image": images.astype(jnp.float32) / 255.0})
+    scores = method.score(
+      state, fitted, {"image": images.astype(jnp.float32) / 255.0}
+    )
     score = scores.image[scorer]
     normalized = _normalize(score, image_stats)
-    out = {"score": score, "normalized_score": normalized,
-           "is_anomaly": score > image_stats["threshold"]}
+    out = {
+      "score": score,
+      "normalized_score": normalized,
+      "is_anomaly": score > image_stats["threshold"],
+    }
     if map_name is not None:
       anomaly_map = scores.maps[map_name]
       normalized_map = _normalize(anomaly_map, calib["maps"][map_name])
-      out.update(anomaly_map=anomaly_map, normalized_map=normalized_map,
-                 mask=normalized_map > 0.5)
+      out.update(
+        anomaly_map=anomaly_map,
+        normalized_map=normalized_map,
+        mask=normalized_map > 0.5,
+      )
     return out
 
   return fn
@@ -69,7 +76,8 @@ def _write_jax(fn, shape, output: Path) -> None:
   """model.jax: serialized StableHLO with a symbolic batch size."""
   (batch,) = jax.export.symbolic_shape("n")
   exported = jax.export.export(jax.jit(fn))(
-      jax.ShapeDtypeStruct((batch,) + shape, jnp.uint8))
+    jax.ShapeDtypeStruct((batch,) + shape, jnp.uint8)
+  )
   (output / "model.jax").write_bytes(exported.serialize())
 
 
@@ -77,23 +85,29 @@ def _write_savedmodel(fn, shape, output: Path) -> None:
   """savedmodel/: jax2tf's conversion behind a serving signature."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+
   h, w, c = shape
-  converted = jax2tf.convert(fn, polymorphic_shapes=[f"(n, {h}, {w}, {c})"],
-                             with_gradient=False)
+  converted = jax2tf.convert(
+    fn, polymorphic_shapes=[f"(n, {h}, {w}, {c})"], with_gradient=False
+  )
   module = tf.Module()
   module.serve = tf.function(
-      lambda images: converted(images), autograph=False,
-      input_signature=[tf.TensorSpec((None,) + shape, tf.uint8,
-                                     name="images")])
-  tf.saved_model.save(module, str(output / "savedmodel"),
-                      signatures={"serving_default": module.serve})
+    lambda images: converted(images),
+    autograph=False,
+    input_signature=[tf.TensorSpec((None,) + shape, tf.uint8, name="images")],
+  )
+  tf.saved_model.save(
+    module,
+    str(output / "savedmodel"),
+    signatures={"serving_default": module.serve},
+  )
 
 
 # flax.linen pooling functions and their parameters after `inputs`.
 _POOLING_PARAMS = {
-    "max_pool": ("window_shape", "strides", "padding"),
-    "min_pool": ("window_shape", "strides", "padding"),
-    "avg_pool": ("window_shape", "strides", "padding", "count_include_pad"),
+  "max_pool": ("window_shape", "strides", "padding"),
+  "min_pool": ("window_shape", "strides", "padding"),
+  "avg_pool": ("window_shape", "strides", "padding", "count_include_pad"),
 }
 
 
@@ -104,13 +118,16 @@ def _keyword_pooling():
   take only `inputs` positionally, so `nn.max_pool(x, (2, 2), (2, 2))` as
   researchers write it would fail."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  installed = {name: getattr(nn, name) for name in _POOLING_PARAMS
-               if hasattr(nn, name)}
+
+  installed = {
+    name: getattr(nn, name) for name in _POOLING_PARAMS if hasattr(nn, name)
+  }
 
   def by_keyword(name, pool):
     def call(inputs, *args, **kwargs):
       kwargs.update(zip(_POOLING_PARAMS[name], args))
       return pool(inputs, **kwargs)
+
     return call
 
   for name, pool in installed.items():
@@ -135,11 +152,14 @@ def _write_onnx(fn, shape, output: Path) -> list[str]:
   try:
     from jax2onnx import to_onnx  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ExportError("ONNX export needs jax2onnx: pip install "
-                      "'jax_oneclass[onnx]'.") from e
+    raise ExportError(
+      "ONNX export needs jax2onnx: pip install 'jax_oneclass[onnx]'."
+    ) from e
   from jax2onnx.converter import conversion_api  # pylint: disable=g-import-not-at-top
-  keys = sorted(jax.eval_shape(
-      fn, jax.ShapeDtypeStruct((1,) + shape, jnp.uint8)))
+
+  keys = sorted(
+    jax.eval_shape(fn, jax.ShapeDtypeStruct((1,) + shape, jnp.uint8))
+  )
 
   def as_list(images):
     with _keyword_pooling():  # Inside jax2onnx's own patches.
@@ -152,14 +172,17 @@ def _write_onnx(fn, shape, output: Path) -> list[str]:
   optimize = conversion_api.optimize_graph
   conversion_api.optimize_graph = lambda model: None
   try:
-    model = to_onnx(as_list,
-                    [jax.ShapeDtypeStruct(("N",) + shape, jnp.uint8)],
-                    model_name="jax_oneclass")
+    model = to_onnx(
+      as_list,
+      [jax.ShapeDtypeStruct(("N",) + shape, jnp.uint8)],
+      model_name="jax_oneclass",
+    )
   except NotImplementedError as e:
     raise ExportError(
-        f"ONNX export cannot convert an operation of this model "
-        f"({_unsupported_op(e)}); export --format=jax or savedmodel "
-        "instead, or write that part with operations ONNX has.") from e
+      f"ONNX export cannot convert an operation of this model "
+      f"({_unsupported_op(e)}); export --format=jax or savedmodel "
+      "instead, or write that part with operations ONNX has."
+    ) from e
   finally:
     conversion_api.optimize_graph = optimize
   _drop_unused_initializers(model.graph)
@@ -192,14 +215,18 @@ def _drop_unused_initializers(graph) -> None:
 def export(detector, fmt: str, output) -> Path:
   """Writes `detector` in format `fmt` to the folder `output`; returns it."""
   if fmt not in FORMATS:
-    raise ConfigError(f"Unknown export format {fmt!r}; use one of "
-                      f"{', '.join(FORMATS)}.")
+    raise ConfigError(
+      f"Unknown export format {fmt!r}; use one of {', '.join(FORMATS)}."
+    )
   output = Path(output)
   output.mkdir(parents=True, exist_ok=True)
   shape = tuple(int(d) for d in detector.image_shape)
   fn = inference_fn(detector)
-  writers = {"jax": _write_jax, "savedmodel": _write_savedmodel,
-             "onnx": _write_onnx}
+  writers = {
+    "jax": _write_jax,
+    "savedmodel": _write_savedmodel,
+    "onnx": _write_onnx,
+  }
   try:
     output_order = writers[fmt](fn, shape, output)
   except ExportError:
@@ -207,23 +234,28 @@ def export(detector, fmt: str, output) -> Path:
   except Exception as e:  # The converters raise many types.
     works = [f for f in FORMATS if f != fmt]
     raise ExportError(
-        f"{detector.config.method} cannot be exported as {fmt}: "
-        f"{type(e).__name__}: {str(e)[:300]}. Formats to try instead: "
-        f"{', '.join(works)}.") from e
+      f"{detector.config.method} cannot be exported as {fmt}: "
+      f"{type(e).__name__}: {str(e)[:300]}. Formats to try instead: "
+      f"{', '.join(works)}."
+    ) from e
   outputs = jax.eval_shape(fn, jax.ShapeDtypeStruct((1,) + shape, jnp.uint8))
   signature = {
-      "format": fmt, "method": detector.config.method, "step": detector.step,
-      "input": {"name": "images", "dtype": "uint8",
-                "shape": ["N", *shape]},
-      "outputs": {k: {"dtype": str(v.dtype), "shape": ["N", *v.shape[1:]]}
-                  for k, v in sorted(outputs.items())},
-      "scorer": detector.scorer,
-      "threshold": detector.stage.calibration["image"][
-          detector.scorer]["threshold"]}
+    "format": fmt,
+    "method": detector.config.method,
+    "step": detector.step,
+    "input": {"name": "images", "dtype": "uint8", "shape": ["N", *shape]},
+    "outputs": {
+      k: {"dtype": str(v.dtype), "shape": ["N", *v.shape[1:]]}
+      for k, v in sorted(outputs.items())
+    },
+    "scorer": detector.scorer,
+    "threshold": detector.stage.calibration["image"][detector.scorer][
+      "threshold"
+    ],
+  }
   if output_order:  # ONNX outputs are positional.
     signature["output_order"] = output_order
-  (output / "signature.json").write_text(json.dumps(signature, indent=2)
-                                         + "\n")
+  (output / "signature.json").write_text(json.dumps(signature, indent=2) + "\n")
   return output
 
 
@@ -238,15 +270,22 @@ def load(output):
     return lambda images: jax.tree.map(np.asarray, exported.call(images))
   if fmt == "savedmodel":
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     serve = tf.saved_model.load(str(output / "savedmodel")).signatures[
-        "serving_default"]
-    return lambda images: {k: v.numpy() for k, v in serve(
-        images=tf.constant(images)).items()}
+      "serving_default"
+    ]
+    return lambda images: {
+      k: v.numpy() for k, v in serve(images=tf.constant(images)).items()
+    }
   import onnxruntime  # pylint: disable=g-import-not-at-top
+
   options = onnxruntime.SessionOptions()
   options.log_severity_level = 3  # Errors only: no notes per graph node.
-  session = onnxruntime.InferenceSession(str(output / "model.onnx"),
-                                         options)
+  session = onnxruntime.InferenceSession(str(output / "model.onnx"), options)
   input_name = session.get_inputs()[0].name
-  return lambda images: dict(zip(signature["output_order"], session.run(
-      None, {input_name: np.asarray(images, np.uint8)})))
+  return lambda images: dict(
+    zip(
+      signature["output_order"],
+      session.run(None, {input_name: np.asarray(images, np.uint8)}),
+    )
+  )

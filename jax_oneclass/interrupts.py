@@ -52,11 +52,14 @@ class _Guard:
   def unwind(self, name: str):
     """Called as a handler raises: ends the process after UNWIND_SECS
     unless the guarded block has ended by then."""
+
     def check():
       if not self.ended.wait(UNWIND_SECS):
         _exit(self, name, second=False, secs=UNWIND_SECS, unwinding=True)
-    threading.Thread(target=check, daemon=True,
-                     name="interrupts-unwind").start()
+
+    threading.Thread(
+      target=check, daemon=True, name="interrupts-unwind"
+    ).start()
 
   def take(self):
     with self.changed:
@@ -116,9 +119,10 @@ def _sigterm(guard, *_):
   guard.requested.set()
   guard.unwind("SIGTERM")
   raise Terminated(
-      "Stopped by SIGTERM outside the training steps (e.g. while reading "
-      "data or evaluating); every finished checkpoint is kept. Run the same "
-      "command again to continue.")
+    "Stopped by SIGTERM outside the training steps (e.g. while reading "
+    "data or evaluating); every finished checkpoint is kept. Run the same "
+    "command again to continue."
+  )
 
 
 def raise_if_requested():
@@ -128,9 +132,10 @@ def raise_if_requested():
   guard = _guard
   if guard is not None and not guard.polling and guard.requested.is_set():
     raise Terminated(
-        "Stopped by SIGTERM: the command finished the work it was doing "
-        "when the signal came; every finished checkpoint is kept. Run the "
-        "same command again to continue.")
+      "Stopped by SIGTERM: the command finished the work it was doing "
+      "when the signal came; every finished checkpoint is kept. Run the "
+      "same command again to continue."
+    )
 
 
 def _sigint(guard, *_):
@@ -139,19 +144,24 @@ def _sigint(guard, *_):
   raise KeyboardInterrupt
 
 
-def hard_exit_message(name: str, second: bool, secs: float = 0,
-                      unwinding: bool = False) -> str:
+def hard_exit_message(
+  name: str, second: bool, secs: float = 0, unwinding: bool = False
+) -> str:
   """The line the watchdog prints before it ends the process."""
   if second:
     why = "asked twice"
   elif unwinding:
     why = f"the process had not stopped {secs:g} s after it took the signal"
   else:
-    why = (f"the process was inside a call that cannot be interrupted "
-           f"(reading data, compiling or a long step) for {secs:g} s")
-  return (f"error: Stopped by {name} without saving: {why}. Every finished "
-          "checkpoint is kept; run the same command again to continue from "
-          "the newest one.")
+    why = (
+      f"the process was inside a call that cannot be interrupted "
+      f"(reading data, compiling or a long step) for {secs:g} s"
+    )
+  return (
+    f"error: Stopped by {name} without saving: {why}. Every finished "
+    "checkpoint is kept; run the same command again to continue from "
+    "the newest one."
+  )
 
 
 def _watch(guard, read_fd):
@@ -178,15 +188,17 @@ def _watch(guard, read_fd):
           _exit(guard, _NAMES[number], second=False, secs=grace)
 
 
-def _exit(guard, name: str, second: bool, secs: float = 0,
-          unwinding: bool = False):
+def _exit(
+  guard, name: str, second: bool, secs: float = 0, unwinding: bool = False
+):
   for callback in list(guard.on_exit):
     try:
       callback()
     except Exception:  # pylint: disable=broad-except
       pass
   sys.stderr.write(
-      "\n" + hard_exit_message(name, second, secs, unwinding) + "\n")
+    "\n" + hard_exit_message(name, second, secs, unwinding) + "\n"
+  )
   sys.stderr.flush()
   os._exit(2)  # pylint: disable=protected-access
 
@@ -196,8 +208,10 @@ def guarded():
   """Installs the handlers and the watchdog for the block (main thread
   only; elsewhere, or nested, it does nothing)."""
   global _guard
-  if (threading.current_thread() is not threading.main_thread()
-      or _guard is not None):
+  if (
+    threading.current_thread() is not threading.main_thread()
+    or _guard is not None
+  ):
     yield _guard
     return
   guard = _Guard()
@@ -207,8 +221,12 @@ def guarded():
   signal.signal(signal.SIGTERM, lambda *a: _sigterm(guard, *a))
   signal.signal(signal.SIGINT, lambda *a: _sigint(guard, *a))
   previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-  threading.Thread(target=_watch, args=(guard, read_fd), daemon=True,
-                   name="interrupts-watchdog").start()
+  threading.Thread(
+    target=_watch,
+    args=(guard, read_fd),
+    daemon=True,
+    name="interrupts-watchdog",
+  ).start()
   _guard = guard
   try:
     yield guard

@@ -18,6 +18,7 @@ import tqdm
 
 def is_main_process() -> bool:
   import jax  # pylint: disable=g-import-not-at-top
+
   return jax.process_index() == 0
 
 
@@ -55,6 +56,7 @@ def quiet_libraries() -> None:
   error logs and asyncio's shutdown tracebacks (e.g. 'Event loop is
   closed'); call it before importing them. `--verbose` skips it."""
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   absl_logging.set_verbosity(absl_logging.WARNING)
   absl_logger = absl_logging.get_absl_logger()
@@ -125,6 +127,7 @@ class MetricWriter:
     self._writer = None
     if is_main_process():
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
       self._writer = SummaryWriter(str(logdir))
 
   def write_scalars(self, step: int, scalars: dict) -> None:
@@ -141,20 +144,34 @@ class MetricWriter:
 
 def progress_bar(total: int, unit: str, enabled: bool = True):
   """A tqdm bar on process 0 (a silent one elsewhere or when disabled)."""
-  return tqdm.tqdm(total=total, unit=unit, dynamic_ncols=True,
-                   disable=not (enabled and is_main_process()),
-                   mininterval=1.0)
+  return tqdm.tqdm(
+    total=total,
+    unit=unit,
+    dynamic_ncols=True,
+    disable=not (enabled and is_main_process()),
+    mininterval=1.0,
+  )
 
 
 class Progress:
   """A tqdm bar over training steps showing loss, images/s and ETA."""
 
-  def __init__(self, total_steps: int, start_step: int, batch_size: int,
-               enabled: bool = True):
+  def __init__(
+    self,
+    total_steps: int,
+    start_step: int,
+    batch_size: int,
+    enabled: bool = True,
+  ):
     self.batch_size = batch_size
     self._bar = tqdm.tqdm(
-        total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-        disable=not (enabled and is_main_process()), mininterval=1.0)
+      total=total_steps,
+      initial=start_step,
+      unit="step",
+      dynamic_ncols=True,
+      disable=not (enabled and is_main_process()),
+      mininterval=1.0,
+    )
     self._last_time = time.perf_counter()
     self._last_step = start_step
 
@@ -165,8 +182,11 @@ class Progress:
     images_per_sec = steps * self.batch_size / max(now - self._last_time, 1e-9)
     self._last_time, self._last_step = now, step
     self._bar.update(steps)
-    self._bar.set_postfix(loss=f"{scalars['loss']:.4f}",
-                          img_per_s=f"{images_per_sec:.0f}", refresh=False)
+    self._bar.set_postfix(
+      loss=f"{scalars['loss']:.4f}",
+      img_per_s=f"{images_per_sec:.0f}",
+      refresh=False,
+    )
     return images_per_sec
 
   def close(self) -> None:

@@ -23,8 +23,9 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   if opt.schedule == "constant":
     return optax.constant_schedule(opt.learning_rate)
   if opt.schedule == "cosine":
-    cosine = optax.cosine_decay_schedule(opt.learning_rate,
-                                         max(total - warmup, 1))
+    cosine = optax.cosine_decay_schedule(
+      opt.learning_rate, max(total - warmup, 1)
+    )
     if not warmup:
       return cosine
     ramp = optax.linear_schedule(0.0, opt.learning_rate, warmup)
@@ -34,8 +35,9 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     per_epoch = optax.cosine_decay_schedule(opt.learning_rate, num_epochs)
     return lambda step: per_epoch(step // max(steps_per_epoch, 1))
   raise ConfigError(
-      f"Unknown optimizer.schedule {opt.schedule!r}; use 'cosine', "
-      "'cosine_epoch' or 'constant'.")
+    f"Unknown optimizer.schedule {opt.schedule!r}; use 'cosine', "
+    "'cosine_epoch' or 'constant'."
+  )
 
 
 def make_optimizer(config, info) -> optax.GradientTransformation:
@@ -47,13 +49,17 @@ def make_optimizer(config, info) -> optax.GradientTransformation:
   opt = config.optimizer
   schedule = learning_rate_schedule(config, steps_per_epoch(config, info))
   if opt.name == "sgd":
-    base = optax.sgd(schedule, momentum=opt.momentum or None,
-                     nesterov=bool(opt.get("nesterov", False)))
+    base = optax.sgd(
+      schedule,
+      momentum=opt.momentum or None,
+      nesterov=bool(opt.get("nesterov", False)),
+    )
   elif opt.name == "adam":
     base = optax.adam(schedule, b1=opt.get("b1", 0.9), b2=opt.get("b2", 0.999))
   else:
     raise ConfigError(
-        f"Unknown optimizer.name {opt.name!r}; use 'sgd' or 'adam'.")
+      f"Unknown optimizer.name {opt.name!r}; use 'sgd' or 'adam'."
+    )
   chain = []
   if opt.get("grad_clip_norm", 0):
     chain.append(optax.clip_by_global_norm(opt.grad_clip_norm))
@@ -62,8 +68,7 @@ def make_optimizer(config, info) -> optax.GradientTransformation:
   return optax.chain(*chain, base)
 
 
-def apply_gradients(tx: optax.GradientTransformation, params, opt_state,
-                    grads):
+def apply_gradients(tx: optax.GradientTransformation, params, opt_state, grads):
   """Applies `tx` to `grads`; returns (new params, new optimiser state)."""
   updates, opt_state = tx.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state

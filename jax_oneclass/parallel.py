@@ -20,8 +20,9 @@ DATA_AXIS = "data"
 jax.config.update("jax_threefry_partitionable", True)
 
 
-def initialize_distributed(coordinator_address=None, num_processes=None,
-                           process_id=None) -> None:
+def initialize_distributed(
+  coordinator_address=None, num_processes=None, process_id=None
+) -> None:
   """Starts `jax.distributed` when launched as several processes.
 
   With no arguments nothing happens unless the cluster is auto-detectable
@@ -30,14 +31,17 @@ def initialize_distributed(coordinator_address=None, num_processes=None,
   """
   if coordinator_address is None and num_processes is None:
     import os  # pylint: disable=g-import-not-at-top
+
     if not os.environ.get("JAX_COORDINATOR_ADDRESS"):
       return
   # CPU processes exchange arrays through gloo; GPUs and TPUs ignore this.
   # (Asking for the backend here would start XLA before initialize.)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes,
-                             process_id=process_id)
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address,
+    num_processes=num_processes,
+    process_id=process_id,
+  )
 
 
 def make_mesh() -> Mesh:
@@ -58,24 +62,26 @@ def check_batch_size(batch_size: int, name: str = "batch_size") -> None:
   devices, hosts = jax.device_count(), jax.process_count()
   if batch_size <= 0 or batch_size % devices or batch_size % hosts:
     raise ConfigError(
-        f"config.{name}={batch_size} must be a positive multiple of the "
-        f"number of devices ({devices}) and hosts ({hosts}).")
+      f"config.{name}={batch_size} must be a positive multiple of the "
+      f"number of devices ({devices}) and hosts ({hosts})."
+    )
 
 
 def shard_batch(mesh: Mesh, local_batch: dict) -> dict:
   """Host-local numpy batch -> global arrays split over the 'data' axis."""
   sharding = batch_sharded(mesh)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x),
-      local_batch)
+    lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch
+  )
 
 
 def replicate(mesh: Mesh, tree):
   """Host values identical on every process -> replicated global arrays."""
   sharding = replicated(mesh)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-      tree)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+    tree,
+  )
 
 
 def to_host(tree):

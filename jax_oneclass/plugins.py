@@ -22,14 +22,14 @@ def _pythonpath() -> str:
   return f"PYTHONPATH={value!r}" if value else "PYTHONPATH is unset"
 
 
-def import_error(name: str, key: str, needed_by: str,
-                 why: str) -> ConfigError:
+def import_error(name: str, key: str, needed_by: str, why: str) -> ConfigError:
   """The one-line error for module `name` (from config `key`) that cannot be
   imported."""
   return ConfigError(
-      f"Cannot import module {name!r} ({key}), which {needed_by} needs "
-      f"({why}). Add the folder that holds it to PYTHONPATH "
-      f"({_pythonpath()}), or install it.")
+    f"Cannot import module {name!r} ({key}), which {needed_by} needs "
+    f"({why}). Add the folder that holds it to PYTHONPATH "
+    f"({_pythonpath()}), or install it."
+  )
 
 
 def findable(name: str) -> bool:
@@ -44,8 +44,9 @@ def findable(name: str) -> bool:
 def check_findable(name: str, key: str, needed_by: str = "the run") -> None:
   """Module `name` (from config `key`) can be found; ConfigError otherwise."""
   if not isinstance(name, str) or not name:
-    raise ConfigError(f"{key} must name modules (e.g. 'my_lab.classifiers'), "
-                      f"got {name!r}.")
+    raise ConfigError(
+      f"{key} must name modules (e.g. 'my_lab.classifiers'), got {name!r}."
+    )
   if not findable(name):
     raise import_error(name, key, needed_by, "no such module")
 
@@ -64,8 +65,10 @@ def plugin_names(config) -> tuple[str, ...]:
   """config.plugins as a tuple (() for configs saved before the key)."""
   names = config.get("plugins", ()) or ()
   if isinstance(names, str):
-    raise ConfigError(f"config.plugins must be a tuple of module names, got "
-                      f"the string {names!r}; write ({names!r},).")
+    raise ConfigError(
+      f"config.plugins must be a tuple of module names, got "
+      f"the string {names!r}; write ({names!r},)."
+    )
   return tuple(names)
 
 

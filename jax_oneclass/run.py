@@ -42,23 +42,43 @@ def resolve_duration(config, info) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(config.to_dict())
   if config.num_train_steps < 0:
     config.num_train_steps = int(
-        config.num_epochs * optim.steps_per_epoch(config, info))
+      config.num_epochs * optim.steps_per_epoch(config, info)
+    )
   return config
 
 
 # Keys that say which run a workdir holds: evaluating or resuming with
 # other values would mix two runs.
-_IDENTITY_KEYS = ("method", "data.name", "data.normal_class", "data.protocol",
-                  "data.category", "data.image_size", "data.channels",
-                  "data.holdout_fraction")
+_IDENTITY_KEYS = (
+  "method",
+  "data.name",
+  "data.normal_class",
+  "data.protocol",
+  "data.category",
+  "data.image_size",
+  "data.channels",
+  "data.holdout_fraction",
+)
 # Keys a resumed run may change freely (output, pacing, evaluation).
-_FREE_KEYS = ("progress_bar", "log_every_steps", "checkpoint_every_steps",
-              "checkpoint_every_secs", "keep_checkpoints", "halt_after_step",
-              "data.data_dir", "data.folder", "conv_weight_grad")
+_FREE_KEYS = (
+  "progress_bar",
+  "log_every_steps",
+  "checkpoint_every_steps",
+  "checkpoint_every_secs",
+  "keep_checkpoints",
+  "halt_after_step",
+  "data.data_dir",
+  "data.folder",
+  "conv_weight_grad",
+)
 # Keys added after runs were saved, with the value those runs implicitly
 # had: a saved config without them is not a change.
-_ADDED_KEYS = {"dtype": "float32", "conv_weight_grad": "xla", "plugins": [],
-               "model.map_fusion": "sum"}
+_ADDED_KEYS = {
+  "dtype": "float32",
+  "conv_weight_grad": "xla",
+  "plugins": [],
+  "model.map_fusion": "sum",
+}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -88,8 +108,9 @@ def saved_config(workdir):
   try:
     return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
   except ValueError as e:
-    raise ConfigError(f"{path} is not a readable config ({e}); pass "
-                      "--config explicitly.") from e
+    raise ConfigError(
+      f"{path} is not a readable config ({e}); pass --config explicitly."
+    ) from e
 
 
 def config_changes(old, new) -> dict:
@@ -97,12 +118,16 @@ def config_changes(old, new) -> dict:
   old = _flat(json.loads(json.dumps(old.to_dict())))
   new = _flat(json.loads(json.dumps(new.to_dict())))
   old = {**{k: v for k, v in _ADDED_KEYS.items() if k in new}, **old}
-  return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-          if old.get(k) != new.get(k)}
+  return {
+    k: (old.get(k), new.get(k))
+    for k in sorted(set(old) | set(new))
+    if old.get(k) != new.get(k)
+  }
 
 
-def check_against_run(config, workdir, resuming: bool,
-                      allow_config_change: bool = False) -> dict:
+def check_against_run(
+  config, workdir, resuming: bool, allow_config_change: bool = False
+) -> dict:
   """Refuses a config that does not belong to the run in `workdir`.
 
   Identity keys (method, data set, normal class, model, ...) must match the
@@ -114,23 +139,28 @@ def check_against_run(config, workdir, resuming: bool,
   if saved is None:
     return {}
   changes = config_changes(saved, config)
-  show = lambda keys: "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}"
-                                for k in keys[:6])
-  identity = [k for k in changes
-              if k in _IDENTITY_KEYS or k.startswith("model.")]
+  show = lambda keys: "; ".join(
+    f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in keys[:6]
+  )
+  identity = [
+    k for k in changes if k in _IDENTITY_KEYS or k.startswith("model.")
+  ]
   if identity:
     raise ConfigError(
-        f"The config differs from the run in {workdir} ({show(identity)}). "
-        "Use another --workdir for a new run, or leave --config out to "
-        "evaluate the run with its own config.")
-  training = [k for k in changes
-              if k not in _FREE_KEYS and not k.startswith("eval.")]
+      f"The config differs from the run in {workdir} ({show(identity)}). "
+      "Use another --workdir for a new run, or leave --config out to "
+      "evaluate the run with its own config."
+    )
+  training = [
+    k for k in changes if k not in _FREE_KEYS and not k.startswith("eval.")
+  ]
   if resuming and training and not allow_config_change:
     raise ConfigError(
-        f"The config differs from the one the run in {workdir} was trained "
-        f"with ({show(training)}). Resume with --allow_config_change to "
-        "continue with it (the change is recorded in config_history/), or "
-        "use another --workdir.")
+      f"The config differs from the one the run in {workdir} was trained "
+      f"with ({show(training)}). Resume with --allow_config_change to "
+      "continue with it (the change is recorded in config_history/), or "
+      "use another --workdir."
+    )
   return {k: changes[k] for k in training}
 
 
@@ -148,13 +178,19 @@ def saved_info(workdir, config):
   fields = json.loads(path.read_text())
   fields["image_shape"] = tuple(fields["image_shape"])
   fields["class_names"] = tuple(fields["class_names"])
-  fields.setdefault("epoch_size",
-                    data.examples_per_epoch(config, fields["num_train"]))
+  fields.setdefault(
+    "epoch_size", data.examples_per_epoch(config, fields["num_train"])
+  )
   return data.DatasetInfo(**fields)
 
 
-def setup(config, workdir, info=None, mode: str = "train",
-          allow_config_change: bool = False) -> Run:
+def setup(
+  config,
+  workdir,
+  info=None,
+  mode: str = "train",
+  allow_config_change: bool = False,
+) -> Run:
   """The run of `config` in `workdir`, checked against the run already there.
 
   `info` skips reading the data set (a deployed detector); `mode` 'train'
@@ -163,8 +199,9 @@ def setup(config, workdir, info=None, mode: str = "train",
   """
   if mode == "train" and not logging_utils.writable(workdir):
     raise ConfigError(
-        f"Cannot write to --workdir={workdir} (read-only or no permission), "
-        "where checkpoints and logs go: pass a writable folder.")
+      f"Cannot write to --workdir={workdir} (read-only or no permission), "
+      "where checkpoints and logs go: pass a writable folder."
+    )
   parallel.check_batch_size(config.batch_size)
   parallel.check_batch_size(config.eval.batch_size, "eval.batch_size")
   plugins.import_plugins(config, f"the run in {workdir}")
@@ -174,20 +211,27 @@ def setup(config, workdir, info=None, mode: str = "train",
     check_batch_sizes(config, info)
   config = resolve_duration(config, info)
   workdir = Path(workdir)
-  checkpointer = checkpointing.Checkpointer(workdir / "checkpoints",
-                                            config.keep_checkpoints)
+  checkpointer = checkpointing.Checkpointer(
+    workdir / "checkpoints", config.keep_checkpoints
+  )
   resuming = mode == "train" and checkpointer.latest_step() is not None
   changes = check_against_run(config, workdir, resuming, allow_config_change)
   if mode == "train":
     warn_small_training_set(config, info)
   if resuming and changes:
     logging_utils.info(
-        "Resuming with a changed config: " + "; ".join(
-            f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()) + ".")
-  return Run(config=config, workdir=workdir, info=info,
-             method=methods.get_method(
-                 _method_config(config, checkpointer), info),
-             mesh=parallel.make_mesh(), checkpointer=checkpointer)
+      "Resuming with a changed config: "
+      + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+      + "."
+    )
+  return Run(
+    config=config,
+    workdir=workdir,
+    info=info,
+    method=methods.get_method(_method_config(config, checkpointer), info),
+    mesh=parallel.make_mesh(),
+    checkpointer=checkpointer,
+  )
 
 
 # A batch more than this many times the normal training set is refused.
@@ -223,10 +267,12 @@ def _memory_problem(batch_size: int, name: str, info) -> str | None:
     if need > have:
       devices = jax.device_count()
       fits = have // (copies * image) * among // devices * devices
-      return (f"{name}={batch_size} needs {logging_utils.human_bytes(need)} "
-              f"for its {shape} float32 images alone, more than {whose} "
-              f"{logging_utils.human_bytes(have)} of memory; set "
-              f"--config.{name}={fits} or lower.")
+      return (
+        f"{name}={batch_size} needs {logging_utils.human_bytes(need)} "
+        f"for its {shape} float32 images alone, more than {whose} "
+        f"{logging_utils.human_bytes(have)} of memory; set "
+        f"--config.{name}={fits} or lower."
+      )
   return None
 
 
@@ -237,12 +283,15 @@ def check_batch_sizes(config, info) -> None:
   if config.batch_size > MAX_BATCH_OVER_DATA * info.num_train:
     times = config.batch_size // max(info.num_train, 1)
     raise ConfigError(
-        f"batch_size={config.batch_size} is more than {MAX_BATCH_OVER_DATA} "
-        f"times the {info.num_train} normal training images (each batch "
-        f"would hold every image about {times} times); set "
-        f"--config.batch_size={info.num_train} or lower.")
-  for batch_size, name in ((config.batch_size, "batch_size"),
-                           (config.eval.batch_size, "eval.batch_size")):
+      f"batch_size={config.batch_size} is more than {MAX_BATCH_OVER_DATA} "
+      f"times the {info.num_train} normal training images (each batch "
+      f"would hold every image about {times} times); set "
+      f"--config.batch_size={info.num_train} or lower."
+    )
+  for batch_size, name in (
+    (config.batch_size, "batch_size"),
+    (config.eval.batch_size, "eval.batch_size"),
+  ):
     problem = _memory_problem(batch_size, name, info)
     if problem:
       raise ConfigError(problem)
@@ -259,20 +308,23 @@ def warn_small_training_set(config, info) -> None:
   if config.batch_size <= info.num_train:
     return
   logging_utils.warn(
-      f"batch_size {config.batch_size} is larger than the "
-      f"{info.num_train} normal training images, so every batch repeats "
-      f"about {config.batch_size - info.num_train} of them"
-      + (" (and contrasts the copies as negatives)"
-         if config.method in _CONTRASTIVE else "")
-      + f"; set --config.batch_size={info.num_train} or lower.")
+    f"batch_size {config.batch_size} is larger than the "
+    f"{info.num_train} normal training images, so every batch repeats "
+    f"about {config.batch_size - info.num_train} of them"
+    + (
+      " (and contrasts the copies as negatives)"
+      if config.method in _CONTRASTIVE
+      else ""
+    )
+    + f"; set --config.batch_size={info.num_train} or lower."
+  )
 
 
 def _method_config(config, checkpointer):
   """The config the method is built from: when a checkpoint will be
   restored, its frozen backbone comes from there, so no weights file is
   read (it may have moved since training)."""
-  if (checkpointer.latest_step() is None
-      or not config.model.get("pretrained")):
+  if checkpointer.latest_step() is None or not config.model.get("pretrained"):
     return config
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.pretrained = pretrained.FROM_CHECKPOINT
@@ -284,22 +336,26 @@ def save_run_files(run: "Run", start_step: int) -> None:
   payload = run.config.to_dict()
   logging_utils.write_json(run.workdir / "config.json", payload)
   logging_utils.write_json(
-      run.workdir / "config_history" / f"step_{start_step:09d}.json", payload)
-  logging_utils.write_json(_info_path(run.workdir),
-                           dataclasses.asdict(run.info))
+    run.workdir / "config_history" / f"step_{start_step:09d}.json", payload
+  )
+  logging_utils.write_json(
+    _info_path(run.workdir), dataclasses.asdict(run.info)
+  )
 
 
 def initial_state(method, image_shape, mesh, seed: int):
   """`method`'s initial state, created directly replicated over `mesh`."""
-  init = jax.jit(method.init_state, static_argnums=1,
-                 out_shardings=parallel.replicated(mesh))
+  init = jax.jit(
+    method.init_state, static_argnums=1, out_shardings=parallel.replicated(mesh)
+  )
   return init(jax.random.key(seed), tuple(image_shape))
 
 
 def run_initial_state(run: Run):
   """The run's initial state (its seed, data shape and mesh)."""
-  return initial_state(run.method, run.info.image_shape, run.mesh,
-                       run.config.seed)
+  return initial_state(
+    run.method, run.info.image_shape, run.mesh, run.config.seed
+  )
 
 
 def abstract_state(run: Run):
@@ -307,11 +363,13 @@ def abstract_state(run: Run):
   the target checkpoints are restored into."""
   sharding = parallel.replicated(run.mesh)
   image_shape = tuple(run.info.image_shape)
-  shapes = jax.eval_shape(lambda key: run.method.init_state(key, image_shape),
-                          jax.random.key(run.config.seed))
+  shapes = jax.eval_shape(
+    lambda key: run.method.init_state(key, image_shape),
+    jax.random.key(run.config.seed),
+  )
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      shapes)
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes
+  )
 
 
 def restore(run: Run, step: int):
@@ -319,8 +377,9 @@ def restore(run: Run, step: int):
   state, meta = run.checkpointer.restore(step, abstract_state(run))
   if meta.get("method") != run.config.method:
     raise ConfigError(
-        f"The workdir holds a {meta.get('method')!r} run but the config asks "
-        f"for {run.config.method!r}; use another --workdir.")
+      f"The workdir holds a {meta.get('method')!r} run but the config asks "
+      f"for {run.config.method!r}; use another --workdir."
+    )
   return state, meta
 
 
@@ -338,17 +397,23 @@ def _shape_mismatch(run: Run, step: int):
     saved = run.checkpointer.saved_shapes(step)
   except Exception:  # pylint: disable=broad-except
     return None  # Unreadable metadata: corruption, not a config change.
-  built = {"/".join(_key_name(k) for k in path): tuple(leaf.shape)
-           for path, leaf in jax.tree_util.tree_flatten_with_path(
-               abstract_state(run))[0]}
+  built = {
+    "/".join(_key_name(k) for k in path): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state(run))[
+      0
+    ]
+  }
   if sorted(saved.values()) == sorted(built.values()):
     return None
   common = [k for k in built if k in saved and saved[k] != built[k]]
   if common:
-    return (f"{common[0]}: saved {saved[common[0]]}, the config builds "
-            f"{built[common[0]]}")
-  return (f"the checkpoint holds {len(saved)} arrays, the config builds "
-          f"{len(built)}")
+    return (
+      f"{common[0]}: saved {saved[common[0]]}, the config builds "
+      f"{built[common[0]]}"
+    )
+  return (
+    f"the checkpoint holds {len(saved)} arrays, the config builds {len(built)}"
+  )
 
 
 def restore_newest_good(run: Run, move_bad: bool):
@@ -374,26 +439,30 @@ def restore_newest_good(run: Run, move_bad: bool):
         mismatch = _shape_mismatch(run, step)
         if mismatch is not None:
           raise ConfigError(
-              f"The config differs from the one the run in {run.workdir} "
-              f"was trained with: its model does not fit the checkpoint "
-              f"({mismatch}). Use the run's own config (leave --config out "
-              "to evaluate it) or another --workdir for a new run.") from e
+            f"The config differs from the one the run in {run.workdir} "
+            f"was trained with: its model does not fit the checkpoint "
+            f"({mismatch}). Use the run's own config (leave --config out "
+            "to evaluate it) or another --workdir for a new run."
+          ) from e
         problem = f"cannot be read ({str(e.__cause__ or e)[:200]})"
     where = ""
     if move_bad:
       where = f"; moved to {checkpointer.move_aside(step)}"
-    logging_utils.warn(f"Skipping the checkpoint {path}: it {problem}"
-                       f"{where}.")
+    logging_utils.warn(f"Skipping the checkpoint {path}: it {problem}{where}.")
     skipped.append(step)
   if skipped:
     corrupt = checkpointer.directory.parent / checkpointing.CORRUPT_DIR
     raise CheckpointError(
-        f"No checkpoint in {checkpointer.directory} passed verification "
-        f"(steps {', '.join(map(str, skipped))}"
-        + (f", moved to {corrupt}). Run the same command again to start "
-           "training from step 0" if move_bad else
-           "). Train again (--mode=train)")
-        + ", or restore the files from a backup.")
+      f"No checkpoint in {checkpointer.directory} passed verification "
+      f"(steps {', '.join(map(str, skipped))}"
+      + (
+        f", moved to {corrupt}). Run the same command again to start "
+        "training from step 0"
+        if move_bad
+        else "). Train again (--mode=train)"
+      )
+      + ", or restore the files from a backup."
+    )
   return None
 
 
@@ -412,14 +481,20 @@ def restore_latest(run: Run):
   found = restore_newest_good(run, move_bad=False)
   if found is None:
     raise CheckpointError(
-        f"No checkpoint in {run.workdir / 'checkpoints'}: train first "
-        "(--mode=train) or point --workdir at a trained run.")
+      f"No checkpoint in {run.workdir / 'checkpoints'}: train first "
+      "(--mode=train) or point --workdir at a trained run."
+    )
   state, _, step = found
   return state, step
 
 
 def checkpoint_meta(config, step: int) -> dict:
   """What each checkpoint records beside the state."""
-  return {"step": step, "examples_seen": step * config.batch_size,
-          "seed": config.seed, "method": config.method,
-          "data": config.data.name, "normal_class": config.data.normal_class}
+  return {
+    "step": step,
+    "examples_seen": step * config.batch_size,
+    "seed": config.seed,
+    "method": config.method,
+    "data": config.data.name,
+    "normal_class": config.data.normal_class,
+  }

@@ -114,16 +114,23 @@ class Member:
 
   @property
   def name(self) -> str:
-    return " ".join([f"class {self.normal_class}", f"seed {self.seed}",
-                     *(f"{k}={v}" for k, v in self.grid)])
+    return " ".join(
+      [
+        f"class {self.normal_class}",
+        f"seed {self.seed}",
+        *(f"{k}={v}" for k, v in self.grid),
+      ]
+    )
 
 
 def parse_ints(text: str, what: str) -> list[int]:
   """'0,3,5' -> [0, 3, 5]; ConfigError naming `what` otherwise."""
   parts = [p.strip() for p in str(text).split(",") if p.strip()]
   if not parts or not all(re.fullmatch(r"-?\d+", p) for p in parts):
-    raise ConfigError(f"--{what}={text!r} must be integers separated by "
-                      "commas, e.g. --{what}=0,1,2.".replace("{what}", what))
+    raise ConfigError(
+      f"--{what}={text!r} must be integers separated by "
+      "commas, e.g. --{what}=0,1,2.".replace("{what}", what)
+    )
   values = [int(p) for p in parts]
   if len(set(values)) != len(values):
     raise ConfigError(f"--{what}={text!r} names a value twice.")
@@ -156,28 +163,35 @@ def parse_grid(specs: Sequence[str], config) -> list[tuple[str, list]]:
     key, sep, text = spec.partition("=")
     key = key.strip()
     if not sep or not key:
-      raise ConfigError(f"--grid={spec!r} must be key=value1,value2,... "
-                        "e.g. --grid=optimizer.learning_rate=1e-3,3e-4.")
+      raise ConfigError(
+        f"--grid={spec!r} must be key=value1,value2,... "
+        "e.g. --grid=optimizer.learning_rate=1e-3,3e-4."
+      )
     if key in _MEMBER_KEYS:
-      raise ConfigError(f"--grid={spec!r}: sweep {key} with --classes / "
-                        "--seeds instead.")
+      raise ConfigError(
+        f"--grid={spec!r}: sweep {key} with --classes / --seeds instead."
+      )
     if key in seen:
-      raise ConfigError(f"--grid names {key!r} twice; give its values in "
-                        "one --grid flag.")
+      raise ConfigError(
+        f"--grid names {key!r} twice; give its values in one --grid flag."
+      )
     seen.add(key)
     config_lib.current_value(config, key)  # Unknown keys fail here.
     texts = _split_values(text)
     if not texts:
-      raise ConfigError(f"--grid={spec!r} gives {key} no values; list "
-                        "them: --grid={key}=v1,v2.".replace("{key}", key))
+      raise ConfigError(
+        f"--grid={spec!r} gives {key} no values; list "
+        "them: --grid={key}=v1,v2.".replace("{key}", key)
+      )
     values = []
     for value_text in texts:
       probe = ml_collections.ConfigDict(config.to_dict())
       try:
         config_lib.override(probe, {key: value_text})
       except (ConfigError, TypeError, ValueError) as e:
-        raise ConfigError(f"--grid={spec!r}: {key} cannot take "
-                          f"{value_text!r} ({e}).") from e
+        raise ConfigError(
+          f"--grid={spec!r}: {key} cannot take {value_text!r} ({e})."
+        ) from e
       values.append(config_lib.current_value(probe, key))
     if len({json.dumps(v, default=str) for v in values}) != len(values):
       raise ConfigError(f"--grid={spec!r} names a value twice.")
@@ -191,14 +205,17 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return 0, 1
   match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
   if not match or not 0 <= int(match[1]) < int(match[2]):
-    raise ConfigError(f"--shard={text!r} must be i/n with 0 <= i < n, e.g. "
-                      "--shard=0/4 for the first of 4 jobs.")
+    raise ConfigError(
+      f"--shard={text!r} must be i/n with 0 <= i < n, e.g. "
+      "--shard=0/4 for the first of 4 jobs."
+    )
   return int(match[1]), int(match[2])
 
 
 def class_names(config) -> tuple[str, ...]:
   """The configured data set's class names (label = index)."""
   from jax_oneclass.data import sources  # pylint: disable=g-import-not-at-top
+
   return tuple(sources.get_source(config).class_names)
 
 
@@ -212,15 +229,18 @@ def resolve_classes(config, classes) -> list[int]:
     if classes.strip() == "all":
       if config.data.name == "mvtec":
         raise ConfigError(
-            "--classes=all: MVTec's classes are good / defect; sweep the "
-            "categories with --grid=data.category=bottle,cable,... instead.")
+          "--classes=all: MVTec's classes are good / defect; sweep the "
+          "categories with --grid=data.category=bottle,cable,... instead."
+        )
       return list(range(len(names)))
     classes = parse_ints(classes, "classes")
   unknown = [c for c in classes if not 0 <= c < len(names)]
   if unknown:
     listed = ", ".join(f"{i}={n}" for i, n in enumerate(names))
-    raise ConfigError(f"--classes: {unknown[0]} is not a class of "
-                      f"{config.data.name} ({listed}).")
+    raise ConfigError(
+      f"--classes: {unknown[0]} is not a class of "
+      f"{config.data.name} ({listed})."
+    )
   return list(classes)
 
 
@@ -237,8 +257,9 @@ def member_folder(normal_class: int, seed: int, grid) -> Path:
   return folder
 
 
-def make_members(config, workdir, classes: Sequence[int],
-                 seeds: Sequence[int], grid=()) -> list[Member]:
+def make_members(
+  config, workdir, classes: Sequence[int], seeds: Sequence[int], grid=()
+) -> list[Member]:
   """Every (grid point, class, seed) member of a sweep, in that order."""
   keys = [k for k, _ in grid]
   members = []
@@ -250,9 +271,15 @@ def make_members(config, workdir, classes: Sequence[int],
         member_config.seed = int(seed)
         member_config.update_from_flattened_dict(dict(zip(keys, point)))
         point_items = tuple(zip(keys, point))
-        members.append(Member(
-            int(normal_class), int(seed), point_items, member_config,
-            Path(workdir) / member_folder(normal_class, seed, point_items)))
+        members.append(
+          Member(
+            int(normal_class),
+            int(seed),
+            point_items,
+            member_config,
+            Path(workdir) / member_folder(normal_class, seed, point_items),
+          )
+        )
   return members
 
 
@@ -280,7 +307,8 @@ def trace_signature(method, state, batch, rng) -> str:
   """A digest of `method.train_step`'s jaxpr and constants for abstract
   inputs like these: members with equal digests run the same program."""
   closed = jax.make_jaxpr(method.train_step)(
-      _abstract(state), _abstract(batch), _abstract(rng))
+    _abstract(state), _abstract(batch), _abstract(rng)
+  )
   digest = hashlib.sha256(str(closed.jaxpr).encode())
   for const in closed.consts:
     if _is_key(const):
@@ -293,28 +321,31 @@ def trace_signature(method, state, batch, rng) -> str:
 
 def _is_key(x) -> bool:
   dtype = getattr(x, "dtype", None)
-  return dtype is not None and jax.dtypes.issubdtype(dtype,
-                                                     jax.dtypes.prng_key)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
-def mesh_shape(num_devices: int, num_members: int, batch_size: int,
-               num_processes: int = 1) -> tuple[int, int]:
+def mesh_shape(
+  num_devices: int, num_members: int, batch_size: int, num_processes: int = 1
+) -> tuple[int, int]:
   """(member, data) axis sizes: as many devices on 'member' as divide both
   the device count and `num_members` while the rest still divides
   `batch_size`. Several processes: 'data' only."""
   member = 1
   if num_processes == 1:
-    member = max(d for d in range(1, num_devices + 1)
-                 if num_devices % d == 0 and num_members % d == 0
-                 and batch_size % (num_devices // d) == 0)
+    member = max(
+      d
+      for d in range(1, num_devices + 1)
+      if num_devices % d == 0
+      and num_members % d == 0
+      and batch_size % (num_devices // d) == 0
+    )
   return member, num_devices // member
 
 
 def sweep_mesh(num_members: int, batch_size: int) -> Mesh:
   """A (member, data) mesh over every device (see `mesh_shape`)."""
   devices = np.asarray(jax.devices())
-  shape = mesh_shape(len(devices), num_members, batch_size,
-                     jax.process_count())
+  shape = mesh_shape(len(devices), num_members, batch_size, jax.process_count())
   return Mesh(devices.reshape(shape), (MEMBER_AXIS, parallel.DATA_AXIS))
 
 
@@ -330,34 +361,45 @@ def unstack(tree, index: int):
 
 def _keep(active, new, old):
   """`new` for active members, `old` (frozen) for the others."""
+
   def pick(n, o):
     mask = active.reshape(active.shape + (1,) * (n.ndim - 1))
     if _is_key(n):
       return jax.random.wrap_key_data(
-          jnp.where(mask[..., None], jax.random.key_data(n),
-                    jax.random.key_data(o)), impl=jax.random.key_impl(n))
+        jnp.where(
+          mask[..., None], jax.random.key_data(n), jax.random.key_data(o)
+        ),
+        impl=jax.random.key_impl(n),
+      )
     return jnp.where(mask, n, o)
+
   return jax.tree.map(pick, new, old)
 
 
 def vmap_step(method):
   """(states, batch, rngs, active) -> (states, metrics): one vmapped
   `train_step` over the member axis; inactive members keep their state."""
+
   def step(states, batch, rngs, active):
     new, metrics = jax.vmap(method.train_step)(states, batch, rngs)
     return _keep(active, new, states), metrics
+
   return step
 
 
 def unrolled_step(methods):
   """Like `vmap_step`, but member i's own `methods[i].train_step` runs on
   its slice, one after another, in one program."""
+
   def step(states, batch, rngs, active):
-    outs = [m.train_step(unstack(states, i), unstack(batch, i), rngs[i])
-            for i, m in enumerate(methods)]
+    outs = [
+      m.train_step(unstack(states, i), unstack(batch, i), rngs[i])
+      for i, m in enumerate(methods)
+    ]
     new = stack([o[0] for o in outs])
     metrics = stack([o[1] for o in outs])
     return _keep(active, new, states), metrics
+
   return step
 
 
@@ -367,17 +409,21 @@ def jit_stacked(step, mesh: Mesh):
   members = NamedSharding(mesh, P(MEMBER_AXIS))
   batch = NamedSharding(mesh, P(MEMBER_AXIS, parallel.DATA_AXIS))
   replicated = NamedSharding(mesh, P())
-  return jax.jit(step, in_shardings=(members, batch, members, replicated),
-                 out_shardings=(members, replicated), donate_argnums=0)
+  return jax.jit(
+    step,
+    in_shardings=(members, batch, members, replicated),
+    out_shardings=(members, replicated),
+    donate_argnums=0,
+  )
 
 
 def _put_batch(mesh: Mesh, host_batches: Sequence[dict]) -> dict:
   """Per-member host batches -> global [members, batch, ...] arrays."""
   sharding = NamedSharding(mesh, P(MEMBER_AXIS, parallel.DATA_AXIS))
   return jax.tree.map(
-      lambda *xs: jax.make_array_from_process_local_data(sharding,
-                                                         np.stack(xs)),
-      *host_batches)
+    lambda *xs: jax.make_array_from_process_local_data(sharding, np.stack(xs)),
+    *host_batches,
+  )
 
 
 def _put_members(mesh: Mesh, tree):
@@ -400,9 +446,11 @@ def _timed_step(fn, state, batch, rngs, active):
 
 def max_difference(a, b) -> float:
   """The largest |a - b| over the floating-point leaves of two pytrees."""
-  diffs = [float(jnp.max(jnp.abs(x - y))) for x, y in zip(
-      jax.tree.leaves(a), jax.tree.leaves(b))
-           if jnp.issubdtype(x.dtype, jnp.floating) and x.size]
+  diffs = [
+    float(jnp.max(jnp.abs(x - y)))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.size
+  ]
   return max(diffs, default=0.0)
 
 
@@ -433,9 +481,15 @@ def _read_json(path: Path):
 
 
 def _write_status(slot: _Slot) -> None:
-  logging_utils.write_json(_status_path(slot.member), {
-      "status": slot.status, "step": slot.step, "error": slot.error,
-      "member": slot.member.name})
+  logging_utils.write_json(
+    _status_path(slot.member),
+    {
+      "status": slot.status,
+      "step": slot.step,
+      "error": slot.error,
+      "member": slot.member.name,
+    },
+  )
 
 
 def _latest_step(member: Member):
@@ -443,7 +497,8 @@ def _latest_step(member: Member):
   if not (member.workdir / "checkpoints").is_dir():
     return None  # Another shard's member, or not started.
   checkpointer = checkpointing.Checkpointer(
-      member.workdir / "checkpoints", member.config.keep_checkpoints)
+    member.workdir / "checkpoints", member.config.keep_checkpoints
+  )
   try:
     return checkpointer.latest_step()
   finally:
@@ -459,8 +514,9 @@ def _trained_step(member: Member, total: int, latest="read"):
   if latest is None:
     return None
   status = _read_json(_status_path(member)) or {}
-  if latest >= total or (status.get("status") == "stopped_early"
-                         and status.get("step") == latest):
+  if latest >= total or (
+    status.get("status") == "stopped_early" and status.get("step") == latest
+  ):
     return latest
   return None
 
@@ -480,34 +536,44 @@ class _Combiner:
 
   def __init__(self, mode: str):
     if mode not in COMBINES:
-      raise ConfigError(f"--combine={mode!r} must be one of "
-                        f"{', '.join(COMBINES)}.")
+      raise ConfigError(
+        f"--combine={mode!r} must be one of {', '.join(COMBINES)}."
+      )
     self.mode = mode
     self.timings, self.difference = {}, None
 
   def step_fn(self, methods, mesh, state, batch, rngs, active):
     """The jitted step for one program of members."""
-    build = {"vmap": lambda: jit_stacked(vmap_step(methods[0]), mesh),
-             "unrolled": lambda: jit_stacked(unrolled_step(methods), mesh)}
+    build = {
+      "vmap": lambda: jit_stacked(vmap_step(methods[0]), mesh),
+      "unrolled": lambda: jit_stacked(unrolled_step(methods), mesh),
+    }
     if self.mode != "auto":
       return build[self.mode]()
     if len(methods) == 1:
       return build["unrolled"]()  # Either is the single run's step.
     fns = {name: make() for name, make in build.items()}
-    outs = {name: _timed_step(fn, state, batch, rngs, active)
-            for name, fn in fns.items()}
+    outs = {
+      name: _timed_step(fn, state, batch, rngs, active)
+      for name, fn in fns.items()
+    }
     self.timings = {name: out[0] for name, out in outs.items()}
     self.difference = max_difference(outs["vmap"][1], outs["unrolled"][1])
     self.mode = min(self.timings, key=self.timings.get)
     why = "faster"
     if self.difference > VMAP_TOLERANCE:
-      self.mode, why = "unrolled", (
+      self.mode, why = (
+        "unrolled",
+        (
           f"vmap's state differs by {self.difference:.2g} after one step "
-          "(members would not equal their single runs)")
+          "(members would not equal their single runs)"
+        ),
+      )
     logging_utils.info(
-        f"--combine=auto: one step of {len(methods)} members took "
-        + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.timings.items())
-        + f"; using {self.mode} ({why}).")
+      f"--combine=auto: one step of {len(methods)} members took "
+      + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.timings.items())
+      + f"; using {self.mode} ({why})."
+    )
     return fns[self.mode]
 
 
@@ -517,18 +583,25 @@ def _group_slots(slots: list[_Slot], states, batches, stack_limit):
   groups = {}
   for i, slot in enumerate(slots):
     rng = jax.random.key(slot.run.config.seed + 1)
-    key = (static_key(slot.run.config), slot.start_step,
-           trace_signature(slot.run.method, states[i], batches[i], rng))
+    key = (
+      static_key(slot.run.config),
+      slot.start_step,
+      trace_signature(slot.run.method, states[i], batches[i], rng),
+    )
     groups.setdefault(key, []).append(i)
   limit = stack_limit or max(len(slots), 1)
-  return [indices[k:k + limit] for indices in groups.values()
-          for k in range(0, len(indices), limit)]
+  return [
+    indices[k : k + limit]
+    for indices in groups.values()
+    for k in range(0, len(indices), limit)
+  ]
 
 
 def _prepare(member: Member, allow_config_change: bool):
   """(slot, state, first batch, batch iterator) of a member to train."""
-  run = run_lib.setup(member.config, member.workdir,
-                      allow_config_change=allow_config_change)
+  run = run_lib.setup(
+    member.config, member.workdir, allow_config_change=allow_config_change
+  )
   state, start_step = run_lib.restore_or_init(run)
   slot = _Slot(member, run, start_step, step=start_step)
   batches = data.train_batches(run.config, start_step)
@@ -538,8 +611,7 @@ def _prepare(member: Member, allow_config_change: bool):
 
 def _save(slot: _Slot, state, step: int) -> None:
   config = slot.run.config
-  slot.run.checkpointer.save(step, state, run_lib.checkpoint_meta(config,
-                                                                  step))
+  slot.run.checkpointer.save(step, state, run_lib.checkpoint_meta(config, step))
 
 
 def _member_state(stacked, index: int, run: run_lib.Run):
@@ -548,8 +620,15 @@ def _member_state(stacked, index: int, run: run_lib.Run):
   return jax.device_put(unstack(stacked, index), parallel.replicated(run.mesh))
 
 
-def train_program(slots: list[_Slot], states, firsts, iterators,
-                  combiner: _Combiner, progress, done_before: int) -> Any:
+def train_program(
+  slots: list[_Slot],
+  states,
+  firsts,
+  iterators,
+  combiner: _Combiner,
+  progress,
+  done_before: int,
+) -> Any:
   """Trains one program of members together; returns the stacked state.
 
   Mirrors `train.train_run` per member: the same saves, logs, early stop
@@ -557,27 +636,36 @@ def train_program(slots: list[_Slot], states, firsts, iterators,
   """
   config = slots[0].run.config
   total, start = config.num_train_steps, slots[0].start_step
-  stop = total if config.halt_after_step <= 0 else min(
-      total, config.halt_after_step)
+  stop = (
+    total if config.halt_after_step <= 0 else min(total, config.halt_after_step)
+  )
   if start >= stop:
     for slot in slots:
       slot.status = "finished" if start >= total else "halted"
     return stack(states)
   mesh = sweep_mesh(len(slots), config.batch_size)
   state = _put_members(mesh, stack(states))
-  rngs = _put_members(mesh, stack(
-      [jax.random.key(s.run.config.seed + 1) for s in slots]))
+  rngs = _put_members(
+    mesh, stack([jax.random.key(s.run.config.seed + 1) for s in slots])
+  )
   active = np.ones(len(slots), bool)
   replicated = NamedSharding(mesh, P())
-  writers = [logging_utils.MetricWriter(s.run.workdir / "tensorboard" /
-                                        "train") for s in slots]
+  writers = [
+    logging_utils.MetricWriter(s.run.workdir / "tensorboard" / "train")
+    for s in slots
+  ]
   for slot in slots:
     run_lib.save_run_files(slot.run, slot.start_step)
   pending, step = [], start
   first_batch = _put_batch(mesh, firsts)
-  step_fn = combiner.step_fn([s.run.method for s in slots], mesh, state,
-                             first_batch, rngs,
-                             jax.device_put(active, replicated))
+  step_fn = combiner.step_fn(
+    [s.run.method for s in slots],
+    mesh,
+    state,
+    first_batch,
+    rngs,
+    jax.device_put(active, replicated),
+  )
   last_save = time.monotonic()
   every_secs = config.get("checkpoint_every_secs", 0.0)
   batch = first_batch
@@ -592,16 +680,22 @@ def train_program(slots: list[_Slot], states, firsts, iterators,
       while step < stop and active.any():
         if batch is None:
           batch = _put_batch(mesh, [next(it) for it in iterators])
-        state, metrics = step_fn(state, batch, rngs,
-                                 jax.device_put(active, replicated))
+        state, metrics = step_fn(
+          state, batch, rngs, jax.device_put(active, replicated)
+        )
         batch = None
         pending.append(metrics)
         step += 1
         timed = every_secs > 0 and time.monotonic() - last_save >= every_secs
         timed, terminated = train._agreed(  # pylint: disable=protected-access
-            (timed, sigterm.is_set()), step, config.log_every_steps)
-        save = (step % config.checkpoint_every_steps == 0 or step == stop
-                or timed or terminated)
+          (timed, sigterm.is_set()), step, config.log_every_steps
+        )
+        save = (
+          step % config.checkpoint_every_steps == 0
+          or step == stop
+          or timed
+          or terminated
+        )
         stopping = []
         if save or step % config.log_every_steps == 0:
           fetched = [parallel.to_host(m) for m in pending]
@@ -611,8 +705,9 @@ def train_program(slots: list[_Slot], states, firsts, iterators,
               continue
             summary = train.mean_metrics([unstack(m, i) for m in fetched])
             try:
-              train.check_finite(summary, step - len(pending) + 1, step,
-                                 slot.run.checkpointer)
+              train.check_finite(
+                summary, step - len(pending) + 1, step, slot.run.checkpointer
+              )
             except NonFiniteLossError as e:
               active[i] = False
               slot.status, slot.error = "non_finite", str(e)
@@ -626,8 +721,10 @@ def train_program(slots: list[_Slot], states, firsts, iterators,
               stopping.append(i)
           pending = []
           if losses:
-            progress.update(done_before + (step - start) * len(slots),
-                            {"loss": float(np.mean(losses))})
+            progress.update(
+              done_before + (step - start) * len(slots),
+              {"loss": float(np.mean(losses))},
+            )
         if save:
           save_members(step)
           last_save = time.monotonic()
@@ -636,22 +733,25 @@ def train_program(slots: list[_Slot], states, firsts, iterators,
             save_members(step, only=i)
           active[i] = False
           slots[i].status, slots[i].step = "stopped_early", step
-          logging_utils.info(f"{slots[i].member.name}: early stopping at "
-                             f"step {step} of {total}.")
+          logging_utils.info(
+            f"{slots[i].member.name}: early stopping at step {step} of {total}."
+          )
         if terminated:
           for slot in slots:
             slot.run.checkpointer.wait()
           raise Interrupted(
-              f"Stopped by SIGTERM at step {step} of {total}; saved every "
-              "member's checkpoint. Run the same command again to continue.")
+            f"Stopped by SIGTERM at step {step} of {total}; saved every "
+            "member's checkpoint. Run the same command again to continue."
+          )
   except KeyboardInterrupt:
     for i, slot in enumerate(slots):
       slot.run.checkpointer.wait()
       if active[i] and step > (slot.run.checkpointer.latest_step() or 0):
         _save(slot, _member_state(state, i, slot.run), step)
     raise Interrupted(
-        f"Interrupted at step {step} of {total}; saved every member that "
-        "had a new step. Run the same command again to continue.") from None
+      f"Interrupted at step {step} of {total}; saved every member that "
+      "had a new step. Run the same command again to continue."
+    ) from None
   finally:
     for writer in writers:
       writer.close()
@@ -666,33 +766,44 @@ def train_program(slots: list[_Slot], states, firsts, iterators,
 
 def _evaluate(slot: _Slot, state) -> dict:
   slot.run.checkpointer.wait()
-  return evaluate.evaluate_run(slot.run, state,
-                               slot.run.checkpointer.latest_step())
+  return evaluate.evaluate_run(
+    slot.run, state, slot.run.checkpointer.latest_step()
+  )
 
 
-def run_sweep(config, workdir, classes="all", seeds=None, grid=(),
-              stack_limit: int | None = None, combine: str = "auto",
-              shard: tuple[int, int] = (0, 1),
-              allow_config_change: bool = False) -> dict:
+def run_sweep(
+  config,
+  workdir,
+  classes="all",
+  seeds=None,
+  grid=(),
+  stack_limit: int | None = None,
+  combine: str = "auto",
+  shard: tuple[int, int] = (0, 1),
+  allow_config_change: bool = False,
+) -> dict:
   """Trains and evaluates every member of a sweep; returns sweep_results.
 
   `classes`: 'all', '0,3,5', a list of ints or None (the config's class);
   `seeds`: a list of ints ('0,1,2' too) or None (the config's seed);
   `grid`: [(dotted key, [values])] or --grid strings ('key=v1,v2').
   """
-  members, stack_limit = plan(config, workdir, classes, seeds, grid,
-                              stack_limit, shard)
+  members, stack_limit = plan(
+    config, workdir, classes, seeds, grid, stack_limit, shard
+  )
   combiner = _Combiner(combine)
   outcomes = {}  # Member workdir -> (status, results or None, error).
   todo = []
   for member in members:
     total = run_lib.resolve_duration(
-        member.config, data.dataset_info(member.config)).num_train_steps
+      member.config, data.dataset_info(member.config)
+    ).num_train_steps
     results = _finished_results(member, total)
     if results is not None:
       logging_utils.info(f"{member.name}: finished, skipped.")
-      status = (_read_json(_status_path(member)) or {}).get("status",
-                                                              "finished")
+      status = (_read_json(_status_path(member)) or {}).get(
+        "status", "finished"
+      )
       outcomes[member.workdir] = (status, results, "")
     else:
       todo.append(member)
@@ -702,16 +813,16 @@ def run_sweep(config, workdir, classes="all", seeds=None, grid=(),
     by_config.setdefault(static_key(member.config), []).append(member)
   halted = False
   total_work = _remaining_work(todo)
-  progress = logging_utils.Progress(total_work, 0, config.batch_size,
-                                    config.get("progress_bar", True))
+  progress = logging_utils.Progress(
+    total_work, 0, config.batch_size, config.get("progress_bar", True)
+  )
   done = 0
   try:
     for group_members in by_config.values():
       with contextlib.ExitStack() as locks:
         # One writer per member folder, as a single run takes.
         for member in group_members:
-          locks.enter_context(workdir_lock.held(member.workdir,
-                                                "training"))
+          locks.enter_context(workdir_lock.held(member.workdir, "training"))
         # Built per static config: methods set process-wide modes (conv).
         prepared = [_prepare(m, allow_config_change) for m in group_members]
         slots = [p[0] for p in prepared]
@@ -721,27 +832,42 @@ def run_sweep(config, workdir, classes="all", seeds=None, grid=(),
         try:
           for indices in _group_slots(slots, states, firsts, stack_limit):
             program = [slots[i] for i in indices]
-            to_train = [i for i in indices if _trained_step(
-                slots[i].member, slots[i].run.config.num_train_steps,
-                slots[i].run.checkpointer.latest_step()) is None]
+            to_train = [
+              i
+              for i in indices
+              if _trained_step(
+                slots[i].member,
+                slots[i].run.config.num_train_steps,
+                slots[i].run.checkpointer.latest_step(),
+              )
+              is None
+            ]
             stacked = None
             if to_train:
               program = [slots[i] for i in to_train]
               stacked = train_program(
-                  program, [states[i] for i in to_train],
-                  [firsts[i] for i in to_train],
-                  [iterators[i] for i in to_train], combiner, progress, done)
-              done += len(program) * (program[0].run.config.num_train_steps
-                                      - program[0].start_step)
+                program,
+                [states[i] for i in to_train],
+                [firsts[i] for i in to_train],
+                [iterators[i] for i in to_train],
+                combiner,
+                progress,
+                done,
+              )
+              done += len(program) * (
+                program[0].run.config.num_train_steps - program[0].start_step
+              )
             for i in indices:
               slot = slots[i]
               if i in to_train:
-                member_state = _member_state(stacked, to_train.index(i),
-                                             slot.run)
+                member_state = _member_state(
+                  stacked, to_train.index(i), slot.run
+                )
               else:  # Trained, not yet evaluated: its checkpoint.
                 member_state, slot.step = run_lib.restore_latest(slot.run)
-                slot.status = ((_read_json(_status_path(slot.member)) or {})
-                               .get("status", "finished"))
+                slot.status = (_read_json(_status_path(slot.member)) or {}).get(
+                  "status", "finished"
+                )
               if slot.status == "halted":
                 halted = True
               if slot.status in ("finished", "stopped_early"):
@@ -757,8 +883,12 @@ def run_sweep(config, workdir, classes="all", seeds=None, grid=(),
     progress.close()
   if halted:
     return {}
-  return write_report(config, workdir, members_for_report(
-      config, workdir, classes, seeds, grid), outcomes)
+  return write_report(
+    config,
+    workdir,
+    members_for_report(config, workdir, classes, seeds, grid),
+    outcomes,
+  )
 
 
 def _remaining_work(members: list[Member]) -> int:
@@ -775,8 +905,9 @@ def _remaining_work(members: list[Member]) -> int:
 def plan(config, workdir, classes, seeds, grid, stack_limit, shard):
   """Checked members of this job (its shard) and the stack bound."""
   if stack_limit is not None and stack_limit < 1:
-    raise ConfigError(f"--stack={stack_limit} must be at least 1 (members "
-                      "per program).")
+    raise ConfigError(
+      f"--stack={stack_limit} must be at least 1 (members per program)."
+    )
   members = members_for_report(config, workdir, classes, seeds, grid)
   index, count = shard
   return shard_members(members, index, count), stack_limit
@@ -791,8 +922,9 @@ def members_for_report(config, workdir, classes, seeds, grid) -> list:
   seeds = [config.seed] if seeds is None else list(seeds)
   if not seeds:
     raise ConfigError("--seeds lists no seed.")
-  return make_members(config, workdir, resolve_classes(config, classes),
-                      seeds, grid)
+  return make_members(
+    config, workdir, resolve_classes(config, classes), seeds, grid
+  )
 
 
 # --- Report -------------------------------------------------------------------
@@ -808,21 +940,28 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def reference_results(method: str, data_name: str) -> list[dict]:
   """Published numbers for (method, data set) from reference_results.json."""
   entries = json.loads(REFERENCE_FILE.read_text())["results"]
-  return [e for e in entries
-          if e["method"] == method and e["data"] == data_name]
+  return [
+    e for e in entries if e["method"] == method and e["data"] == data_name
+  ]
 
 
 def summarise_scorer(rows: dict) -> dict:
   """{row: {seed: auroc}} -> per row the seeds' values, their mean and
   std, and the overall mean over rows +- the std over seeds of the
   per-seed mean over rows (seeds that have every row only)."""
-  per_row = {r: {"seeds": {str(s): x for s, x in v.items()},
-                 **dict(zip(("mean", "std"), _mean_std(list(v.values()))))}
-             for r, v in rows.items() if v}
+  per_row = {
+    r: {
+      "seeds": {str(s): x for s, x in v.items()},
+      **dict(zip(("mean", "std"), _mean_std(list(v.values())))),
+    }
+    for r, v in rows.items()
+    if v
+  }
   seeds = sorted({s for v in rows.values() for s in v})
   complete = [s for s in seeds if all(s in v for v in rows.values())]
-  per_seed = {str(s): float(np.mean([v[s] for v in rows.values()]))
-              for s in complete}
+  per_seed = {
+    str(s): float(np.mean([v[s] for v in rows.values()])) for s in complete
+  }
   overall = None
   if per_row:
     mean = float(np.mean([r["mean"] for r in per_row.values()]))
@@ -856,41 +995,62 @@ def write_report(config, workdir, members: list[Member], outcomes: dict):
     status, results, error = outcomes.get(member.workdir, (None, None, ""))
     if status is None:  # Another shard's member: read what it wrote.
       total = run_lib.resolve_duration(
-          member.config, data.dataset_info(member.config)).num_train_steps
+        member.config, data.dataset_info(member.config)
+      ).num_train_steps
       results = _finished_results(member, total)
       saved = _read_json(_status_path(member)) or {}
-      status = saved.get("status", "missing") if results or saved else (
-          "missing")
+      status = (
+        saved.get("status", "missing") if results or saved else ("missing")
+      )
       error = saved.get("error", "")
-    entries.append({
-        "class": member.normal_class, "seed": member.seed,
+    entries.append(
+      {
+        "class": member.normal_class,
+        "seed": member.seed,
         "grid": {k: v for k, v in member.grid},
         "workdir": str(member.workdir.relative_to(workdir)),
-        "status": status, "error": error,
+        "status": status,
+        "error": error,
         "step": results["step"] if results else None,
         "scorer": results["scorer"] if results else None,
         "auroc": results["auroc"] if results else {},
-        **({"localization": {k: {m: v[m] for m in ("pixel_auroc", "aupro")}
-                             for k, v in results["localization"].items()}}
-           if results and "localization" in results else {})})
+        **(
+          {
+            "localization": {
+              k: {m: v[m] for m in ("pixel_auroc", "aupro")}
+              for k, v in results["localization"].items()
+            }
+          }
+          if results and "localization" in results
+          else {}
+        ),
+      }
+    )
     if results:
       section = sections.setdefault(_section(member), {})
       for scorer, value in results["auroc"].items():
-        section.setdefault(scorer, {}).setdefault(
-            _row(member, names), {})[member.seed] = value
+        section.setdefault(scorer, {}).setdefault(_row(member, names), {})[
+          member.seed
+        ] = value
   headline = next((e["scorer"] for e in entries if e["scorer"]), None)
-  summary = {section: {scorer: summarise_scorer(rows)
-                       for scorer, rows in sorted(scorers.items())}
-             for section, scorers in sections.items()}
+  summary = {
+    section: {
+      scorer: summarise_scorer(rows) for scorer, rows in sorted(scorers.items())
+    }
+    for section, scorers in sections.items()
+  }
   report = {
-      "method": config.method, "data": config.data.name,
-      "headline_scorer": headline,
-      "seeds": sorted({m.seed for m in members}),
-      "members": entries, "summary": summary,
-      "reference": reference_results(config.method, config.data.name),
-      "notes": "AUROC as fractions. Per row: mean and sample std over "
-               "seeds; overall: mean over rows, std over seeds of the "
-               "per-seed mean over rows."}
+    "method": config.method,
+    "data": config.data.name,
+    "headline_scorer": headline,
+    "seeds": sorted({m.seed for m in members}),
+    "members": entries,
+    "summary": summary,
+    "reference": reference_results(config.method, config.data.name),
+    "notes": "AUROC as fractions. Per row: mean and sample std over "
+    "seeds; overall: mean over rows, std over seeds of the "
+    "per-seed mean over rows.",
+  }
   logging_utils.write_json(workdir / RESULTS_FILE, report)
   if logging_utils.is_main_process():
     (workdir / TABLE_FILE).write_text(format_table(report))
@@ -909,13 +1069,18 @@ def format_table(report: dict) -> str:
   headline = report["headline_scorer"]
   seeds = report["seeds"]
   lines = [f"# Sweep: {report['method']} on {report['data']}", ""]
-  problems = [m for m in report["members"]
-              if m["status"] not in ("finished", "stopped_early")]
+  problems = [
+    m
+    for m in report["members"]
+    if m["status"] not in ("finished", "stopped_early")
+  ]
   done = len(report["members"]) - len(problems)
-  lines.append(f"{done} of {len(report['members'])} members finished. "
-               f"Image AUROC (%) of the headline scorer `{headline}`; mean "
-               "± sample std over seeds; overall: mean over rows ± std "
-               "over seeds of the per-seed mean.")
+  lines.append(
+    f"{done} of {len(report['members'])} members finished. "
+    f"Image AUROC (%) of the headline scorer `{headline}`; mean "
+    "± sample std over seeds; overall: mean over rows ± std "
+    "over seeds of the per-seed mean."
+  )
   references = report["reference"]
   for section, scorers in report["summary"].items():
     if headline not in scorers:
@@ -925,35 +1090,49 @@ def format_table(report: dict) -> str:
     header = ["class", *(f"seed {s}" for s in seeds), "mean ± std"]
     if references:
       header.append("published")
-    lines += ["| " + " | ".join(header) + " |",
-              "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row_name, stats in per["rows"].items():
-      cells = [row_name, *(_percent(stats["seeds"][str(s)])
-                           if str(s) in stats["seeds"] else "-"
-                           for s in seeds),
-               _percent(stats["mean"], stats["std"])]
+      cells = [
+        row_name,
+        *(
+          _percent(stats["seeds"][str(s)]) if str(s) in stats["seeds"] else "-"
+          for s in seeds
+        ),
+        _percent(stats["mean"], stats["std"]),
+      ]
       if references:
         cells.append("")
       lines.append("| " + " | ".join(cells) + " |")
     overall = per["overall"]
-    cells = ["**overall**", *(
+    cells = [
+      "**overall**",
+      *(
         _percent(overall["seed_means"][str(s)])
         if str(s) in overall["seed_means"]
-        else "-" for s in seeds), _percent(overall["mean"], overall["std"])]
+        else "-"
+        for s in seeds
+      ),
+      _percent(overall["mean"], overall["std"]),
+    ]
     if references:
-      cells.append("; ".join(f"{r['value']:g} [{i + 1}]"
-                             for i, r in enumerate(references)))
+      cells.append(
+        "; ".join(f"{r['value']:g} [{i + 1}]" for i, r in enumerate(references))
+      )
     lines.append("| " + " | ".join(cells) + " |")
   if references:
     lines += ["", "Published:"]
-    lines += [f"[{i + 1}] {r['source']}, {r['table']}: {r['value']:g} "
-              f"{r['metric']} ({r['setting']})."
-              for i, r in enumerate(references)]
+    lines += [
+      f"[{i + 1}] {r['source']}, {r['table']}: {r['value']:g} "
+      f"{r['metric']} ({r['setting']})."
+      for i, r in enumerate(references)
+    ]
   if problems:
     lines += ["", "Not finished:"]
-    lines += [f"- {m['workdir']}: {m['status']}"
-              + (f" ({m['error'].split('. ')[0]})" if m["error"] else "")
-              for m in problems]
+    lines += [
+      f"- {m['workdir']}: {m['status']}"
+      + (f" ({m['error'].split('. ')[0]})" if m["error"] else "")
+      for m in problems
+    ]
   return "\n".join(lines) + "\n"
 
 
@@ -961,15 +1140,19 @@ def plot_report(report: dict, path: Path) -> None:
   """Per row: the headline AUROC's mean over seeds, its std as an error
   bar and each seed as a dot; one panel per grid point."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   headline = report["headline_scorer"]
-  sections = [(s, v[headline]) for s, v in report["summary"].items()
-              if headline in v]
+  sections = [
+    (s, v[headline]) for s, v in report["summary"].items() if headline in v
+  ]
   if not sections:
     return
-  fig, axes = plt.subplots(len(sections), 1, squeeze=False,
-                           figsize=(8, 3 * len(sections)))
+  fig, axes = plt.subplots(
+    len(sections), 1, squeeze=False, figsize=(8, 3 * len(sections))
+  )
   for ax, (section, per) in zip(axes[:, 0], sections):
     rows = list(per["rows"])
     means = [per["rows"][r]["mean"] for r in rows]
@@ -982,9 +1165,12 @@ def plot_report(report: dict, path: Path) -> None:
     ax.set_xticks(x, rows, rotation=45, ha="right", fontsize=8)
     ax.set_ylim(min(0.5, min(means) - 0.05), 1.0)
     ax.set_ylabel(f"AUROC ({headline})", fontsize=8)
-    ax.set_title(f"{report['method']} on {report['data']}"
-                 + (f", {section}" if section else "")
-                 + f": mean {per['overall']['mean']:.3f}", fontsize=9)
+    ax.set_title(
+      f"{report['method']} on {report['data']}"
+      + (f", {section}" if section else "")
+      + f": mean {per['overall']['mean']:.3f}",
+      fontsize=9,
+    )
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=100)
@@ -997,69 +1183,103 @@ def plot_report(report: dict, path: Path) -> None:
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   from jax_oneclass import main as main_cli  # pylint: disable=g-import-not-at-top
+
   if "classes" in flags.FLAGS:
     return main_cli
-  flags.DEFINE_string("classes", None, "Normal classes: 'all' or '0,3,5' "
-                      "(default: all; MVTec: the config's, sweep its "
-                      "categories with --grid=data.category=...).")
-  flags.DEFINE_string("seeds", None, "Seeds, e.g. 0,1,2 (default: the "
-                      "config's seed).")
-  flags.DEFINE_multi_string("grid", [], "key=v1,v2: also sweep this config "
-                            "key (repeatable).")
-  flags.DEFINE_integer("stack", None, "At most this many members per "
-                       "program (default: no bound).")
-  flags.DEFINE_enum("combine", "auto", list(COMBINES), "How a program "
-                    "combines its members (see the module docstring).")
-  flags.DEFINE_string("shard", None, "i/n: run every n-th member from the "
-                      "i-th (independent jobs).")
-  flags.DEFINE_bool("report_only", False, "Only redraw the sweep tables "
-                    "from the members' results.json.")
+  flags.DEFINE_string(
+    "classes",
+    None,
+    "Normal classes: 'all' or '0,3,5' "
+    "(default: all; MVTec: the config's, sweep its "
+    "categories with --grid=data.category=...).",
+  )
+  flags.DEFINE_string(
+    "seeds", None, "Seeds, e.g. 0,1,2 (default: the config's seed)."
+  )
+  flags.DEFINE_multi_string(
+    "grid", [], "key=v1,v2: also sweep this config key (repeatable)."
+  )
+  flags.DEFINE_integer(
+    "stack", None, "At most this many members per program (default: no bound)."
+  )
+  flags.DEFINE_enum(
+    "combine",
+    "auto",
+    list(COMBINES),
+    "How a program combines its members (see the module docstring).",
+  )
+  flags.DEFINE_string(
+    "shard",
+    None,
+    "i/n: run every n-th member from the i-th (independent jobs).",
+  )
+  flags.DEFINE_bool(
+    "report_only",
+    False,
+    "Only redraw the sweep tables from the members' results.json.",
+  )
   return main_cli
 
 
 # Flags of jax_oneclass.main that mean nothing to a sweep.
-_SINGLE_RUN_FLAGS = ("mode", "refit", "results_path", "input", "output",
-                     "visualize")
+_SINGLE_RUN_FLAGS = (
+  "mode",
+  "refit",
+  "results_path",
+  "input",
+  "output",
+  "visualize",
+)
 
 
 def _main(argv):
   del argv
   from absl import flags, logging  # pylint: disable=g-import-not-at-top
   from jax_oneclass.errors import OneClassError  # pylint: disable=g-import-not-at-top
+
   main_cli = _define_flags()
   values = flags.FLAGS
   if not values.verbose:
     logging.set_verbosity(logging.WARNING)
     logging_utils.quiet_libraries()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   tf.config.set_visible_devices([], "GPU")
   try:
     given = [f for f in _SINGLE_RUN_FLAGS if values[f].present]
     if given:
-      raise ConfigError(f"--{given[0]} is not a sweep flag; after the sweep "
-                        "run jax_oneclass.main on a member folder, e.g. "
-                        "--workdir=W/class_0/seed_0.")
+      raise ConfigError(
+        f"--{given[0]} is not a sweep flag; after the sweep "
+        "run jax_oneclass.main on a member folder, e.g. "
+        "--workdir=W/class_0/seed_0."
+      )
     config = main_cli._CONFIG.value  # pylint: disable=protected-access
     if config is None:
-      raise ConfigError("A sweep needs --config, e.g. "
-                        "--config=configs/disaug.py:digits.")
-    parallel.initialize_distributed(values.coordinator_address,
-                                    values.num_processes, values.process_id)
+      raise ConfigError(
+        "A sweep needs --config, e.g. --config=configs/disaug.py:digits."
+      )
+    parallel.initialize_distributed(
+      values.coordinator_address, values.num_processes, values.process_id
+    )
     config = ml_collections.ConfigDict(config.to_dict())
     classes = values.classes
     if classes is None and config.data.name != "mvtec":
       classes = "all"
     shard = parse_shard(values.shard)
-    args = (config, values.workdir, classes, values.seeds,
-            list(values.grid))
+    args = (config, values.workdir, classes, values.seeds, list(values.grid))
     if values.report_only:
-      report = write_report(config, values.workdir,
-                            members_for_report(*args), {})
+      report = write_report(
+        config, values.workdir, members_for_report(*args), {}
+      )
     else:
       plan(*args, values.stack, shard)  # Bad input fails before training.
-      report = run_sweep(*args, stack_limit=values.stack,
-                         combine=values.combine, shard=shard,
-                         allow_config_change=values.allow_config_change)
+      report = run_sweep(
+        *args,
+        stack_limit=values.stack,
+        combine=values.combine,
+        shard=shard,
+        allow_config_change=values.allow_config_change,
+      )
   except OneClassError as e:
     if values.debug:
       raise
@@ -1069,9 +1289,12 @@ def _main(argv):
   except KeyboardInterrupt:  # Outside training (it saves itself).
     if values.debug:
       raise
-    print("\nerror: Interrupted (Ctrl-C) outside training, e.g. while "
-          "evaluating a member; every finished checkpoint is kept. Run the "
-          "same command again to continue.", file=sys.stderr)
+    print(
+      "\nerror: Interrupted (Ctrl-C) outside training, e.g. while "
+      "evaluating a member; every finished checkpoint is kept. Run the "
+      "same command again to continue.",
+      file=sys.stderr,
+    )
     sys.exit(2)
   if jax.process_index() == 0:
     if not report:
@@ -1083,6 +1306,7 @@ def _main(argv):
 
 def run_cli():
   from absl import app  # pylint: disable=g-import-not-at-top
+
   main_cli = _define_flags()
   app.run(_main, flags_parser=main_cli.parse_flags)
 

@@ -48,13 +48,15 @@ def f1_optimal_threshold(scores: Any, is_anomaly: Any) -> tuple[float, float]:
   # between distinct values are thresholds.
   true_pos = np.cumsum(sorted_labels)
   flagged = np.arange(1, scores.size + 1)
-  cuts = np.flatnonzero(np.append(sorted_scores[1:] < sorted_scores[:-1],
-                                  True))
+  cuts = np.flatnonzero(np.append(sorted_scores[1:] < sorted_scores[:-1], True))
   f1 = 2.0 * true_pos[cuts] / (flagged[cuts] + labels.sum())
   best = int(np.argmax(f1))  # First maximum: the fewest flagged images.
   cut = cuts[best]
-  below = sorted_scores[cut + 1] if cut + 1 < scores.size else (
-      sorted_scores[cut] - 1.0)
+  below = (
+    sorted_scores[cut + 1]
+    if cut + 1 < scores.size
+    else (sorted_scores[cut] - 1.0)
+  )
   return float(below), float(f1[best])
 
 
@@ -67,8 +69,9 @@ def binary_metrics(scores: Any, is_anomaly: Any, threshold: float) -> dict:
   negatives = labels.size - positives
   precision = true_pos / flagged if flagged else 0.0
   recall = true_pos / positives if positives else 0.0
-  f1 = (2 * precision * recall / (precision + recall)
-        if precision + recall else 0.0)
+  f1 = (
+    2 * precision * recall / (precision + recall) if precision + recall else 0.0
+  )
   fpr = (flagged - true_pos) / negatives if negatives else 0.0
   return {"precision": precision, "recall": recall, "f1": f1, "fpr": fpr}
 
@@ -76,9 +79,13 @@ def binary_metrics(scores: Any, is_anomaly: Any, threshold: float) -> dict:
 def calibrate(normal_scores: Any, fpr: float) -> dict:
   """{'threshold', 'min', 'max', 'fpr', 'count'} of held-out normal scores."""
   scores = np.asarray(normal_scores, np.float64).ravel()
-  return {"threshold": fpr_threshold(scores, fpr), "min": float(scores.min()),
-          "max": float(scores.max()), "fpr": float(fpr),
-          "count": int(scores.size)}
+  return {
+    "threshold": fpr_threshold(scores, fpr),
+    "min": float(scores.min()),
+    "max": float(scores.max()),
+    "fpr": float(fpr),
+    "count": int(scores.size),
+  }
 
 
 def normalize(scores: Any, calibration: dict) -> np.ndarray:

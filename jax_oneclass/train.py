@@ -37,9 +37,11 @@ def jit_train_step(method, mesh):
   """
   replicated = parallel.replicated(mesh)
   return jax.jit(
-      method.train_step,
-      in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
-      out_shardings=(replicated, replicated), donate_argnums=0)
+    method.train_step,
+    in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
+    out_shardings=(replicated, replicated),
+    donate_argnums=0,
+  )
 
 
 def mean_metrics(fetched: list) -> dict:
@@ -56,12 +58,16 @@ def check_finite(summary: dict, first: int, step: int, checkpointer) -> None:
   checkpointer.wait()
   last = checkpointer.latest_step()
   raise NonFiniteLossError(
-      f"Non-finite {', '.join(bad)} between steps {first} "
-      f"and {step}. Training stopped; the last good checkpoint is "
-      + (f"step {last} in {checkpointer.directory}" if last is not None
-         else "none (no checkpoint was written yet)")
-      + ". Lower optimizer.learning_rate or set optimizer.grad_clip_norm, "
-      "then run again with the same --workdir to resume from it.")
+    f"Non-finite {', '.join(bad)} between steps {first} "
+    f"and {step}. Training stopped; the last good checkpoint is "
+    + (
+      f"step {last} in {checkpointer.directory}"
+      if last is not None
+      else "none (no checkpoint was written yet)"
+    )
+    + ". Lower optimizer.learning_rate or set optimizer.grad_clip_norm, "
+    "then run again with the same --workdir to resume from it."
+  )
 
 
 def _summarise(pending: list, step: int, checkpointer) -> dict:
@@ -89,9 +95,10 @@ def sigterm_requests():
       guard.polling = False
     if guard.requested.is_set():  # After the loop's last look.
       raise interrupts.Terminated(
-          "Stopped by SIGTERM after the last training step, before "
-          "evaluation; the final checkpoint is saved. Run the same command "
-          "again to evaluate it.")
+        "Stopped by SIGTERM after the last training step, before "
+        "evaluation; the final checkpoint is saved. Run the same command "
+        "again to evaluate it."
+      )
     return
   requested = threading.Event()
   if threading.current_thread() is not threading.main_thread():
@@ -112,8 +119,9 @@ def _agreed(flags: tuple[bool, ...], step: int, every: int) -> tuple:
   if step % every:
     return (False,) * len(flags)
   gathered = multihost_utils.process_allgather(np.asarray(flags, np.int32))
-  return tuple(bool(v) for v in np.asarray(gathered).reshape(
-      -1, len(flags)).max(axis=0))
+  return tuple(
+    bool(v) for v in np.asarray(gathered).reshape(-1, len(flags)).max(axis=0)
+  )
 
 
 def prepare(run: run_lib.Run, state, batches):
@@ -122,19 +130,21 @@ def prepare(run: run_lib.Run, state, batches):
   steps)."""
   if not hasattr(run.method, "prepare"):
     return state, batches
-  first = list(itertools.islice(batches,
-                                getattr(run.method, "prepare_batches", 1)))
+  first = list(
+    itertools.islice(batches, getattr(run.method, "prepare_batches", 1))
+  )
   state = run.method.prepare(
-      state, [parallel.shard_batch(run.mesh, b) for b in first])
-  state = jax.jit(lambda s: s,
-                  out_shardings=parallel.replicated(run.mesh))(state)
+    state, [parallel.shard_batch(run.mesh, b) for b in first]
+  )
+  state = jax.jit(lambda s: s, out_shardings=parallel.replicated(run.mesh))(
+    state
+  )
   return state, itertools.chain(first, batches)
 
 
 def train(config, workdir, allow_config_change: bool = False):
   """Trains `config.method` in `workdir`; returns (run, final state)."""
-  run = run_lib.setup(config, workdir,
-                      allow_config_change=allow_config_change)
+  run = run_lib.setup(config, workdir, allow_config_change=allow_config_change)
   try:
     with workdir_lock.held(run.workdir, "training"):
       return run, train_run(run)
@@ -150,20 +160,23 @@ def train_run(run: run_lib.Run):
   total = config.num_train_steps
   run_lib.save_run_files(run, start_step)
   logging_utils.info(
-      f"{config.method} on {config.data.name}, normal class "
-      f"{config.data.normal_class} "
-      f"({info.class_names[config.data.normal_class]}): {info.num_train} "
-      f"normal training images, {jax.device_count()} devices in "
-      f"{jax.process_count()} processes, steps {start_step}..{total}, "
-      f"workdir {workdir}.")
+    f"{config.method} on {config.data.name}, normal class "
+    f"{config.data.normal_class} "
+    f"({info.class_names[config.data.normal_class]}): {info.num_train} "
+    f"normal training images, {jax.device_count()} devices in "
+    f"{jax.process_count()} processes, steps {start_step}..{total}, "
+    f"workdir {workdir}."
+  )
 
   step_fn = jit_train_step(run.method, mesh)
   rng = jax.random.key(config.seed + 1)
   writer = logging_utils.MetricWriter(workdir / "tensorboard" / "train")
-  progress = logging_utils.Progress(total, start_step, config.batch_size,
-                                    config.progress_bar)
-  stop = total if config.halt_after_step <= 0 else min(
-      total, config.halt_after_step)
+  progress = logging_utils.Progress(
+    total, start_step, config.batch_size, config.progress_bar
+  )
+  stop = (
+    total if config.halt_after_step <= 0 else min(total, config.halt_after_step)
+  )
   batches = data.train_batches(config, start_step)
   if start_step == 0:
     state, batches = prepare(run, state, batches)
@@ -183,10 +196,15 @@ def train_run(run: run_lib.Run):
             _wait_for(pending[-MAX_IN_FLIGHT - 1])
         step += 1
         timed = every_secs > 0 and time.monotonic() - last_save >= every_secs
-        timed, terminated = _agreed((timed, sigterm.is_set()), step,
-                                    config.log_every_steps)
-        save = (step % config.checkpoint_every_steps == 0 or step == stop
-                or timed or terminated)
+        timed, terminated = _agreed(
+          (timed, sigterm.is_set()), step, config.log_every_steps
+        )
+        save = (
+          step % config.checkpoint_every_steps == 0
+          or step == stop
+          or timed
+          or terminated
+        )
         stopped_early = False
         if save or step % config.log_every_steps == 0:
           with interrupts.waiting_for_steps():
@@ -202,9 +220,10 @@ def train_run(run: run_lib.Run):
         if terminated:
           checkpointer.wait()
           raise Interrupted(
-              f"Stopped by SIGTERM at step {step} of {total}; saved the "
-              f"checkpoint {checkpointer.directory / str(step)}. Run the same "
-              "command again to continue from it.")
+            f"Stopped by SIGTERM at step {step} of {total}; saved the "
+            f"checkpoint {checkpointer.directory / str(step)}. Run the same "
+            "command again to continue from it."
+          )
         if stopped_early:
           logging_utils.info(f"Early stopping at step {step} of {total}.")
           break
@@ -217,15 +236,22 @@ def train_run(run: run_lib.Run):
     if step > (last or 0):
       checkpointer.save(step, state, run_lib.checkpoint_meta(config, step))
       checkpointer.wait()
-      message = (f"Interrupted at step {step} of {total}; saved the "
-                 f"checkpoint {checkpointer.directory / str(step)}. Run the "
-                 "same command again to continue from it.")
+      message = (
+        f"Interrupted at step {step} of {total}; saved the "
+        f"checkpoint {checkpointer.directory / str(step)}. Run the "
+        "same command again to continue from it."
+      )
     else:  # E.g. during compilation: no step finished since the last save.
-      message = (f"Interrupted at step {step} of {total} before a new step "
-                 "finished; nothing new to save. " + (
-                     f"Run the same command again to continue from the "
-                     f"checkpoint at step {last}." if last is not None else
-                     "No checkpoint was written yet."))
+      message = (
+        f"Interrupted at step {step} of {total} before a new step "
+        "finished; nothing new to save. "
+        + (
+          f"Run the same command again to continue from the "
+          f"checkpoint at step {last}."
+          if last is not None
+          else "No checkpoint was written yet."
+        )
+      )
     raise Interrupted(message) from None
   finally:
     progress.close()
@@ -234,17 +260,16 @@ def train_run(run: run_lib.Run):
   return state
 
 
-def train_and_evaluate(config, workdir,
-                       allow_config_change: bool = False) -> dict:
+def train_and_evaluate(
+  config, workdir, allow_config_change: bool = False
+) -> dict:
   """Trains, then (unless halted early) evaluates; returns the results."""
-  run = run_lib.setup(config, workdir,
-                      allow_config_change=allow_config_change)
+  run = run_lib.setup(config, workdir, allow_config_change=allow_config_change)
   try:
     with workdir_lock.held(run.workdir, "training"):
       state = train_run(run)
       if 0 < run.config.halt_after_step < run.config.num_train_steps:
         return {}
-      return evaluate.evaluate_run(run, state,
-                                   run.checkpointer.latest_step())
+      return evaluate.evaluate_run(run, state, run.checkpointer.latest_step())
   finally:
     run.checkpointer.close()

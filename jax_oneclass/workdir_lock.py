@@ -55,12 +55,15 @@ def describe(holder: dict) -> str:
   if not holder:
     return "a process whose lock file cannot be read"
   try:
-    since = time.strftime("%Y-%m-%d %H:%M:%S UTC",
-                          time.gmtime(float(holder.get("since"))))
+    since = time.strftime(
+      "%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(holder.get("since")))
+    )
   except (TypeError, ValueError, OverflowError):
     since = "an unknown time"
-  return (f"pid {holder.get('pid')} on host {holder.get('host')} since "
-          f"{since} ({holder.get('purpose', 'writing')})")
+  return (
+    f"pid {holder.get('pid')} on host {holder.get('host')} since "
+    f"{since} ({holder.get('purpose', 'writing')})"
+  )
 
 
 def _create(path: Path, payload: dict) -> bool:
@@ -82,22 +85,29 @@ def acquire(workdir, purpose: str) -> dict | None:
     return None
   path = lock_path(workdir)
   path.parent.mkdir(parents=True, exist_ok=True)
-  payload = {"host": socket.gethostname(), "pid": os.getpid(),
-             "since": time.time(), "purpose": purpose}
+  payload = {
+    "host": socket.gethostname(),
+    "pid": os.getpid(),
+    "since": time.time(),
+    "purpose": purpose,
+  }
   if _create(path, payload):
     return payload
   holder = read_holder(path)
   if holder and is_stale(holder):
-    logging_utils.warn(f"Taking over the lock {path} left by {describe(holder)}"
-                       ", which no longer runs.")
+    logging_utils.warn(
+      f"Taking over the lock {path} left by {describe(holder)}"
+      ", which no longer runs."
+    )
     path.unlink(missing_ok=True)
     if _create(path, payload):
       return payload
     holder = read_holder(path) or {}
   raise WorkdirBusy(
-      f"{Path(workdir)} is in use by {describe(holder or {})}. Wait for it "
-      "to finish or stop it, or use another --workdir; if that process is "
-      f"certainly not running, delete {path}.")
+    f"{Path(workdir)} is in use by {describe(holder or {})}. Wait for it "
+    "to finish or stop it, or use another --workdir; if that process is "
+    f"certainly not running, delete {path}."
+  )
 
 
 def release(workdir, payload: dict | None) -> None:
@@ -114,6 +124,7 @@ def acquire_everywhere(workdir, purpose: str) -> dict | None:
   whether it got the lock, so that none goes on (and waits for the others
   in a collective) alone."""
   import jax  # pylint: disable=g-import-not-at-top
+
   failed = None
   try:
     payload = acquire(workdir, purpose)
@@ -122,12 +133,14 @@ def acquire_everywhere(workdir, purpose: str) -> dict | None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
-    refused = multihost_utils.broadcast_one_to_all(
-        np.int32(failed is not None))
+
+    refused = multihost_utils.broadcast_one_to_all(np.int32(failed is not None))
     if failed is None and int(refused):
-      failed = WorkdirBusy(f"{Path(workdir)} is in use by another run, or "
-                           "its lock could not be taken (process 0 says "
-                           "which).")
+      failed = WorkdirBusy(
+        f"{Path(workdir)} is in use by another run, or "
+        "its lock could not be taken (process 0 says "
+        "which)."
+      )
   if failed is not None:
     raise failed
   return payload

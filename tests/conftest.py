@@ -6,8 +6,10 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Many tests (and the CLI subprocesses they start) compile the same tiny
 # steps: one persistent compilation cache for the session saves minutes.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(
-    prefix="jax_oneclass_test_compile_cache_"))
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR",
+  tempfile.mkdtemp(prefix="jax_oneclass_test_compile_cache_"),
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from pathlib import Path  # pylint: disable=g-import-not-at-top
@@ -22,9 +24,14 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = methods.available_methods()
 
 # Smallest networks, by config key; a method takes those its config has.
-_TINY_MODEL = {"model.width": 4, "model.stage_sizes": (1, 1),
-               "model.head_dims": (16, 8), "model.latent_size": 8,
-               "model.backbone": "resnet_tiny", "model.mlp_widths": (16, 8)}
+_TINY_MODEL = {
+  "model.width": 4,
+  "model.stage_sizes": (1, 1),
+  "model.head_dims": (16, 8),
+  "model.latent_size": 8,
+  "model.backbone": "resnet_tiny",
+  "model.mlp_widths": (16, 8),
+}
 
 
 def load_config(method: str, arg: str | None = "digits"):
@@ -73,6 +80,7 @@ def trained_run(tmp_path_factory):
   """`trained_run(method)`: that method's run, trained once per session
   through the CLI (see tests/trained.py) and shared by every xdist worker."""
   from tests import trained  # pylint: disable=g-import-not-at-top
+
   base = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     base = base.parent  # Shared by the workers of this session only.

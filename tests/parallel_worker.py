@@ -26,15 +26,23 @@ def run_steps(method: str, steps: int, workdir) -> dict:
   batches = data.train_batches(run.config)
   losses = []
   for _ in range(steps):
-    state, metrics = step_fn(state, parallel.shard_batch(mesh, next(batches)),
-                             jax.random.key(0))
+    state, metrics = step_fn(
+      state, parallel.shard_batch(mesh, next(batches)), jax.random.key(0)
+    )
     losses.append(float(parallel.to_host(metrics["loss"])))
   # The whole state: parameters, BatchNorm statistics, optimiser states.
-  state_sum = float(sum(np.abs(np.asarray(x)).sum()
-                        for x in jax.tree.leaves(parallel.to_host(state))))
+  state_sum = float(
+    sum(
+      np.abs(np.asarray(x)).sum()
+      for x in jax.tree.leaves(parallel.to_host(state))
+    )
+  )
   run.checkpointer.close()
-  return {"devices": jax.device_count(), "losses": losses,
-          "state_abs_sum": state_sum}
+  return {
+    "devices": jax.device_count(),
+    "losses": losses,
+    "state_abs_sum": state_sum,
+  }
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ _IMAGES = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
 def _init_shapes(arch, with_layer4=False):
   model = backbones.build(arch, with_layer4)
   return jax.eval_shape(
-      lambda x: model.init_with_output(jax.random.key(0), x), _IMAGES)
+    lambda x: model.init_with_output(jax.random.key(0), x), _IMAGES
+  )
 
 
 def _size(tree):
@@ -25,13 +26,12 @@ def _size(tree):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_feature_shapes(arch):
-  widths = (64, 128, 256, 512) if arch == "resnet18" else (256, 512, 1024,
-                                                           2048)
+  widths = (64, 128, 256, 512) if arch == "resnet18" else (256, 512, 1024, 2048)
   features, _ = _init_shapes(arch)
   assert {k: v.shape for k, v in features.items()} == {
-      "layer1": (2, 16, 16, widths[0]),
-      "layer2": (2, 8, 8, widths[1]),
-      "layer3": (2, 4, 4, widths[2]),
+    "layer1": (2, 16, 16, widths[0]),
+    "layer2": (2, 8, 8, widths[1]),
+    "layer3": (2, 4, 4, widths[2]),
   }
   features, _ = _init_shapes(arch, with_layer4=True)
   assert features["layer4"].shape == (2, 2, 2, widths[3])
@@ -41,11 +41,14 @@ def test_feature_shapes(arch):
 # torchvision's documented totals minus the classifier (512 or 2048 inputs,
 # 1000 classes), and stem through layer3 (torchvision's WRN;
 # counted from torchvision's modules for the other two).
-@pytest.mark.parametrize("arch, through_layer3, without_fc", [
+@pytest.mark.parametrize(
+  "arch, through_layer3, without_fc",
+  [
     ("resnet18", 2_782_784, 11_689_512 - 513_000),
     ("resnet50", 8_543_296, 25_557_032 - 2_049_000),
     ("wide_resnet50_2", 24_862_528, 68_883_240 - 2_049_000),
-])
+  ],
+)
 def test_parameter_counts(arch, through_layer3, without_fc):
   assert _size(_init_shapes(arch)[1]["params"]) == through_layer3
   assert _size(_init_shapes(arch, True)[1]["params"]) == without_fc
@@ -88,8 +91,11 @@ def _torchvision_bottleneck_shapes(width_per_group, stage_sizes=(3, 4, 6, 3)):
 
 
 def _num_torch_params(shapes):
-  return sum(int(np.prod(s)) for k, s in shapes.items()
-             if not k.endswith(("running_mean", "running_var", "tracked")))
+  return sum(
+    int(np.prod(s))
+    for k, s in shapes.items()
+    if not k.endswith(("running_mean", "running_var", "tracked"))
+  )
 
 
 def test_torchvision_key_table_matches_published_counts():
@@ -109,8 +115,9 @@ def resnet50_state():
       state[key] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
     elif len(shape) == 4:  # He-scaled, so activations stay O(1).
       fan_in = np.prod(shape[1:])
-      state[key] = (rng.standard_normal(shape, np.float32)
-                    * np.float32(np.sqrt(2 / fan_in)))
+      state[key] = rng.standard_normal(shape, np.float32) * np.float32(
+        np.sqrt(2 / fan_in)
+      )
     else:
       state[key] = rng.uniform(-0.5, 0.5, shape).astype(np.float32)
   return state
@@ -125,7 +132,7 @@ def _np_conv(x, w, stride, pad):
   out = 0.0
   for a in range(kh):
     for b in range(kw):
-      patch = x[:, :, a:a + stride * h:stride, b:b + stride * v:stride]
+      patch = x[:, :, a : a + stride * h : stride, b : b + stride * v : stride]
       out = out + np.einsum("nihw,oi->nohw", patch, w[:, :, a, b])
   return out
 
@@ -133,8 +140,9 @@ def _np_conv(x, w, stride, pad):
 def _np_bn(x, state, prefix):
   """BatchNorm2d in eval mode from the torch tensors."""
   get = lambda leaf: state[f"{prefix}.{leaf}"][:, None, None]
-  return ((x - get("running_mean")) / np.sqrt(get("running_var") + 1e-5)
-          * get("weight") + get("bias"))
+  return (x - get("running_mean")) / np.sqrt(get("running_var") + 1e-5) * get(
+    "weight"
+  ) + get("bias")
 
 
 def _np_bottleneck(x, state, prefix, stride):
@@ -143,24 +151,28 @@ def _np_bottleneck(x, state, prefix, stride):
   y = relu(_np_bn(_np_conv(x, w("conv1"), 1, 0), state, f"{prefix}.bn1"))
   y = relu(_np_bn(_np_conv(y, w("conv2"), stride, 1), state, f"{prefix}.bn2"))
   y = _np_bn(_np_conv(y, w("conv3"), 1, 0), state, f"{prefix}.bn3")
-  shortcut = _np_bn(_np_conv(x, w("downsample.0"), stride, 0), state,
-                    f"{prefix}.downsample.1")
+  shortcut = _np_bn(
+    _np_conv(x, w("downsample.0"), stride, 0), state, f"{prefix}.downsample.1"
+  )
   return relu(y + shortcut)
 
 
 def test_converted_bottleneck_matches_numpy_reference(resnet50_state):
   variables = pretrained.convert_state_dict(resnet50_state, "resnet50")
   _, init = _init_shapes("resnet50")
-  assert (jax.tree.map(lambda x: x.shape, variables)
-          == jax.tree.map(lambda x: x.shape, init))
+  assert jax.tree.map(lambda x: x.shape, variables) == jax.tree.map(
+    lambda x: x.shape, init
+  )
   x = np.random.default_rng(1).standard_normal((2, 256, 8, 8))
   want = _np_bottleneck(x, resnet50_state, "layer2.0", stride=2)
   block = {k: v["layer2_0"] for k, v in variables.items()}
   got = backbones.Bottleneck(128, stride=2).apply(
-      block, jnp.asarray(x.transpose(0, 2, 3, 1), jnp.float32))
+    block, jnp.asarray(x.transpose(0, 2, 3, 1), jnp.float32)
+  )
   assert got.shape == (2, 4, 4, 512)
-  np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want,
-                             atol=1e-4, rtol=0)
+  np.testing.assert_allclose(
+    np.asarray(got).transpose(0, 3, 1, 2), want, atol=1e-4, rtol=0
+  )
 
 
 def test_converter_names_the_offending_key(resnet50_state):
@@ -272,5 +284,6 @@ def test_reads_torch_save_files_without_torch(tmp_path, legacy):
     np.testing.assert_array_equal(loaded[key], value.numpy(), err_msg=key)
   variables = pretrained.load_torchvision(path, "resnet18", with_layer4=True)
   np.testing.assert_array_equal(
-      variables["params"]["layer4_1"]["conv2"]["kernel"],
-      state["layer4.1.conv2.weight"].numpy().transpose(2, 3, 1, 0))
+    variables["params"]["layer4_1"]["conv2"]["kernel"],
+    state["layer4.1.conv2.weight"].numpy().transpose(2, 3, 1, 0),
+  )

@@ -30,9 +30,14 @@ assert not heavy, heavy
 
 
 def test_the_checks_and_configs_load_without_jax_or_tensorflow():
-  done = subprocess.run([sys.executable, "-c", _LIGHT_IMPORTS], cwd=REPO,
-                        capture_output=True, text=True, timeout=120,
-                        check=False)
+  done = subprocess.run(
+    [sys.executable, "-c", _LIGHT_IMPORTS],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -40,17 +45,23 @@ def test_the_checks_know_the_methods_and_class_counts():
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from jax_oneclass import methods  # pylint: disable=g-import-not-at-top
   from jax_oneclass.data import mvtec, sources  # pylint: disable=g-import-not-at-top
+
   assert list(cli_checks.METHODS) == methods.available_methods()
   assert set(cli_checks.DATA_SETS) == set(sources.SOURCE_NAMES)
   catalog = sources._CATALOG  # pylint: disable=protected-access
-  counts = {name: tfds.builder(tfds_name).info.features[key].num_classes
-            for name, (tfds_name, key, _, _) in catalog.items()}
+  counts = {
+    name: tfds.builder(tfds_name).info.features[key].num_classes
+    for name, (tfds_name, key, _, _) in catalog.items()
+  }
   counts.update(digits=10, mvtec=len(mvtec.LABEL_NAMES))
   assert counts == cli_checks.NUM_CLASSES
 
 
-_ENTRIES = {"main": main_lib.run, "predict": predict.main,
-            "export": export.main}
+_ENTRIES = {
+  "main": main_lib.run,
+  "predict": predict.main,
+  "export": export.main,
+}
 
 
 def _fake_run(workdir, config=None):
@@ -72,117 +83,209 @@ def _inputs(tmp_path):
   syntax.write_text("def get_config(arg=None:\n  pass\n")
   raises = tmp_path / "raises.py"
   raises.write_text("def get_config(arg=None):\n  del arg\n  return 1 / 0\n")
-  return {"folder": folder, "empty": tmp_path / "empty",
-          "file": tmp_path / "a_file", "syntax": syntax, "raises": raises,
-          "run": _fake_run(tmp_path / "run", load_config("clr")),
-          "no_config": _fake_run(tmp_path / "no_config"),
-          "missing": tmp_path / "missing", "new": tmp_path / "new"}
+  return {
+    "folder": folder,
+    "empty": tmp_path / "empty",
+    "file": tmp_path / "a_file",
+    "syntax": syntax,
+    "raises": raises,
+    "run": _fake_run(tmp_path / "run", load_config("clr")),
+    "no_config": _fake_run(tmp_path / "no_config"),
+    "missing": tmp_path / "missing",
+    "new": tmp_path / "new",
+  }
 
 
 _WORKDIR = "--workdir={new}"
 # (entry point, arguments, the message's expected part): one row per case.
 _CASES = {
-    "unknown flag": ("main", ["--bogus", _WORKDIR],
-                     "Unknown command line flag 'bogus'"),
-    "bad flag value": ("main", ["--mode=bogus", _WORKDIR],
-                       "value should be one of"),
-    "no config file": ("main", ["--config=configs/nope.py", _WORKDIR],
-                       "no config file 'configs/nope.py' (from --config)"),
-    "config syntax error": ("main", ["--config={syntax}", _WORKDIR],
-                            "{syntax}:1: SyntaxError: "),
-    "config raises": ("main", ["--config={raises}", _WORKDIR],
-                      "{raises}:3: ZeroDivisionError: division by zero "
-                      "(in get_config of the config file)"),
-    "unknown data set": ("main", ["--config=configs/disaug.py:imagenet",
-                                  _WORKDIR], "Unknown data set 'imagenet'"),
-    "unknown config key": ("main", ["--config=configs/disaug.py:digits",
-                                    "--config.lr=1", _WORKDIR],
-                           "unknown config key 'lr'"),
-    "config value type": ("main", ["--config=configs/clr.py:digits",
-                                   "--config.batch_size=abc", _WORKDIR],
-                          "config key 'batch_size' cannot take the value "
-                          "'abc'"),
-    "unknown method": ("main", ["--config=configs/disaug.py:digits",
-                                "--config.method=gan", _WORKDIR],
-                       "Unknown method 'gan'"),
-    "class index 42": ("main", ["--config=configs/disaug.py:digits",
-                                "--config.data.normal_class=42", _WORKDIR],
-                       "config.data.normal_class=42 is out of range for "
-                       "'digits': valid range 0..9"),
-    "class index 10": ("main", ["--config=configs/rotnet.py:digits,"
-                                "normal_class=10", _WORKDIR], "out of range"),
-    "folder class name": ("main", ["--config=configs/clr.py:folder,folder="
-                                   "{folder},normal_class=cow", _WORKDIR],
-                          "normal_class='cow' is not a class of the folder "
-                          "'{folder}'; its classes are 0 cat, 1 dog."),
-    "class name, digits": ("main", ["--config=configs/clr.py:digits,"
-                                    "normal_class=x", _WORKDIR],
-                           "the digits data set takes a class index"),
-    "missing data folder": ("main", ["--config=configs/disaug.py:folder,"
-                                     "folder=/no/such/dir", _WORKDIR],
-                            "does not exist"),
-    "folder without test/": ("main", ["--config=configs/clr.py:folder,"
-                                      "folder={folder}", _WORKDIR],
-                             "has no 'test' subfolder"),
-    "missing mvtec folder": ("main", [
-        "--config=configs/reverse_distillation.py:mvtec,folder={missing},"
-        "category=widget,data_dir={missing}", _WORKDIR],
-                             "MVTec root folder '{missing}' does not exist"),
-    "channels": ("main", ["--config=configs/clr.py:digits",
-                          "--config.data.channels=2", _WORKDIR],
-                 "must be 1 or 3"),
-    "zero steps": ("main", ["--config=configs/clr.py:digits",
-                            "--config.num_train_steps=0", _WORKDIR],
-                   "config.num_train_steps=0 would train nothing. Pass a "
-                   "number of steps > 0, or --config.num_train_steps=-1 to "
-                   "train for config.num_epochs (2048) epochs"),
-    "zero epochs": ("main", ["--config=configs/clr.py",  # Steps -1.
-                             "--config.num_epochs=0", _WORKDIR],
-                    "but num_epochs is 0"),
-    "train without config": ("main", [_WORKDIR], "Training needs --config"),
-    "workdir under a file": ("main", ["--config=configs/clr.py:digits",
-                                      "--workdir={file}/run"],
-                             "Cannot write to --workdir"),
-    "eval, not a run": ("main", ["--config=configs/clr.py:digits",
-                                 "--mode=eval", _WORKDIR], "train first"),
-    "eval, no config.json": ("main", ["--mode=eval", "--workdir={no_config}"],
-                             "No config.json in {no_config}"),
-    "eval, results path": ("main", ["--mode=eval", "--workdir={run}",
-                                    "--results_path={file}"],
-                           "Cannot write to --results_path"),
-    "predict, not a run": ("predict", [_WORKDIR, "--input={folder}",
-                                       "--output={new}"],
-                           "does not exist: train first"),
-    "predict, no input": ("predict", ["--workdir={run}", "--output={new}"],
-                          "Predicting needs --input"),
-    "predict, missing input": ("predict", ["--workdir={run}",
-                                           "--input={missing}",
-                                           "--output={new}"],
-                               "is no file, folder or glob"),
-    "predict, no images": ("predict", ["--workdir={run}", "--input={empty}",
-                                       "--output={new}"],
-                           "holds no image files"),
-    "predict, no output": ("predict", ["--workdir={run}",
-                                       "--input={file}"],
-                           "--output is needed"),
-    "predict, output a file": ("predict", ["--workdir={run}",
-                                           "--input={file}",
-                                           "--output={file}"],
-                               "is a file, not a folder"),
-    "export, not a run": ("export", ["--workdir={empty}", "--output={new}"],
-                          "No checkpoint in {empty}/checkpoints: train "
-                          "first"),
-    "export, no config.json": ("export", ["--workdir={no_config}",
-                                          "--output={new}"],
-                               "No config.json in {no_config}"),
-    "export, no output": ("export", ["--workdir={run}"],
-                          "--output is needed"),
-    "export, output under a file": ("export", ["--workdir={run}",
-                                               "--output={file}/x"],
-                                    "is a file, not a folder"),
-    "export, bad format": ("export", ["--workdir={run}", "--output={new}",
-                                      "--format=tflite"],
-                           "value should be one of"),
+  "unknown flag": (
+    "main",
+    ["--bogus", _WORKDIR],
+    "Unknown command line flag 'bogus'",
+  ),
+  "bad flag value": (
+    "main",
+    ["--mode=bogus", _WORKDIR],
+    "value should be one of",
+  ),
+  "no config file": (
+    "main",
+    ["--config=configs/nope.py", _WORKDIR],
+    "no config file 'configs/nope.py' (from --config)",
+  ),
+  "config syntax error": (
+    "main",
+    ["--config={syntax}", _WORKDIR],
+    "{syntax}:1: SyntaxError: ",
+  ),
+  "config raises": (
+    "main",
+    ["--config={raises}", _WORKDIR],
+    "{raises}:3: ZeroDivisionError: division by zero "
+    "(in get_config of the config file)",
+  ),
+  "unknown data set": (
+    "main",
+    ["--config=configs/disaug.py:imagenet", _WORKDIR],
+    "Unknown data set 'imagenet'",
+  ),
+  "unknown config key": (
+    "main",
+    ["--config=configs/disaug.py:digits", "--config.lr=1", _WORKDIR],
+    "unknown config key 'lr'",
+  ),
+  "config value type": (
+    "main",
+    ["--config=configs/clr.py:digits", "--config.batch_size=abc", _WORKDIR],
+    "config key 'batch_size' cannot take the value 'abc'",
+  ),
+  "unknown method": (
+    "main",
+    ["--config=configs/disaug.py:digits", "--config.method=gan", _WORKDIR],
+    "Unknown method 'gan'",
+  ),
+  "class index 42": (
+    "main",
+    [
+      "--config=configs/disaug.py:digits",
+      "--config.data.normal_class=42",
+      _WORKDIR,
+    ],
+    "config.data.normal_class=42 is out of range for "
+    "'digits': valid range 0..9",
+  ),
+  "class index 10": (
+    "main",
+    ["--config=configs/rotnet.py:digits,normal_class=10", _WORKDIR],
+    "out of range",
+  ),
+  "folder class name": (
+    "main",
+    [
+      "--config=configs/clr.py:folder,folder={folder},normal_class=cow",
+      _WORKDIR,
+    ],
+    "normal_class='cow' is not a class of the folder "
+    "'{folder}'; its classes are 0 cat, 1 dog.",
+  ),
+  "class name, digits": (
+    "main",
+    ["--config=configs/clr.py:digits,normal_class=x", _WORKDIR],
+    "the digits data set takes a class index",
+  ),
+  "missing data folder": (
+    "main",
+    ["--config=configs/disaug.py:folder,folder=/no/such/dir", _WORKDIR],
+    "does not exist",
+  ),
+  "folder without test/": (
+    "main",
+    ["--config=configs/clr.py:folder,folder={folder}", _WORKDIR],
+    "has no 'test' subfolder",
+  ),
+  "missing mvtec folder": (
+    "main",
+    [
+      "--config=configs/reverse_distillation.py:mvtec,folder={missing},"
+      "category=widget,data_dir={missing}",
+      _WORKDIR,
+    ],
+    "MVTec root folder '{missing}' does not exist",
+  ),
+  "channels": (
+    "main",
+    ["--config=configs/clr.py:digits", "--config.data.channels=2", _WORKDIR],
+    "must be 1 or 3",
+  ),
+  "zero steps": (
+    "main",
+    ["--config=configs/clr.py:digits", "--config.num_train_steps=0", _WORKDIR],
+    "config.num_train_steps=0 would train nothing. Pass a "
+    "number of steps > 0, or --config.num_train_steps=-1 to "
+    "train for config.num_epochs (2048) epochs",
+  ),
+  "zero epochs": (
+    "main",
+    [
+      "--config=configs/clr.py",  # Steps -1.
+      "--config.num_epochs=0",
+      _WORKDIR,
+    ],
+    "but num_epochs is 0",
+  ),
+  "train without config": ("main", [_WORKDIR], "Training needs --config"),
+  "workdir under a file": (
+    "main",
+    ["--config=configs/clr.py:digits", "--workdir={file}/run"],
+    "Cannot write to --workdir",
+  ),
+  "eval, not a run": (
+    "main",
+    ["--config=configs/clr.py:digits", "--mode=eval", _WORKDIR],
+    "train first",
+  ),
+  "eval, no config.json": (
+    "main",
+    ["--mode=eval", "--workdir={no_config}"],
+    "No config.json in {no_config}",
+  ),
+  "eval, results path": (
+    "main",
+    ["--mode=eval", "--workdir={run}", "--results_path={file}"],
+    "Cannot write to --results_path",
+  ),
+  "predict, not a run": (
+    "predict",
+    [_WORKDIR, "--input={folder}", "--output={new}"],
+    "does not exist: train first",
+  ),
+  "predict, no input": (
+    "predict",
+    ["--workdir={run}", "--output={new}"],
+    "Predicting needs --input",
+  ),
+  "predict, missing input": (
+    "predict",
+    ["--workdir={run}", "--input={missing}", "--output={new}"],
+    "is no file, folder or glob",
+  ),
+  "predict, no images": (
+    "predict",
+    ["--workdir={run}", "--input={empty}", "--output={new}"],
+    "holds no image files",
+  ),
+  "predict, no output": (
+    "predict",
+    ["--workdir={run}", "--input={file}"],
+    "--output is needed",
+  ),
+  "predict, output a file": (
+    "predict",
+    ["--workdir={run}", "--input={file}", "--output={file}"],
+    "is a file, not a folder",
+  ),
+  "export, not a run": (
+    "export",
+    ["--workdir={empty}", "--output={new}"],
+    "No checkpoint in {empty}/checkpoints: train first",
+  ),
+  "export, no config.json": (
+    "export",
+    ["--workdir={no_config}", "--output={new}"],
+    "No config.json in {no_config}",
+  ),
+  "export, no output": ("export", ["--workdir={run}"], "--output is needed"),
+  "export, output under a file": (
+    "export",
+    ["--workdir={run}", "--output={file}/x"],
+    "is a file, not a folder",
+  ),
+  "export, bad format": (
+    "export",
+    ["--workdir={run}", "--output={new}", "--format=tflite"],
+    "value should be one of",
+  ),
 }
 
 
@@ -214,24 +317,38 @@ def test_bad_input_table(case, tmp_path, monkeypatch, capfd):
 
 
 # Bad input found once the data or the method is read (after the checks).
-@pytest.mark.parametrize("args, message", [
-    (["--config=configs/ganomaly.py:digits", "--config.data.image_size=24"],
-     "power-of-two"),
-    (["--config=configs/dgad.py:digits", "--config.transforms=shift"],
-     "Unknown transforms 'shift'"),
-])
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (
+      ["--config=configs/ganomaly.py:digits", "--config.data.image_size=24"],
+      "power-of-two",
+    ),
+    (
+      ["--config=configs/dgad.py:digits", "--config.transforms=shift"],
+      "Unknown transforms 'shift'",
+    ),
+  ],
+)
 def test_bad_method_config(args, message, tmp_path, monkeypatch, capfd):
   code, stderr = _run_in_process(
-      "main", [*args, f"--workdir={tmp_path / 'run'}"], monkeypatch, capfd)
+    "main", [*args, f"--workdir={tmp_path / 'run'}"], monkeypatch, capfd
+  )
   _assert_one_error_line(code, stderr, message)
 
 
 def test_eval_with_another_runs_config(tmp_path, monkeypatch, capfd):
   workdir = _fake_run(tmp_path / "run", load_config("dgad"))
   code, stderr = _run_in_process(
-      "main", [f"--workdir={workdir}", "--mode=eval",
-               "--config=configs/dgad.py:digits,normal_class=5"],
-      monkeypatch, capfd)
+    "main",
+    [
+      f"--workdir={workdir}",
+      "--mode=eval",
+      "--config=configs/dgad.py:digits,normal_class=5",
+    ],
+    monkeypatch,
+    capfd,
+  )
   _assert_one_error_line(code, stderr, "The config differs from the run")
   assert "data.normal_class: 1 -> 5" in stderr
 
@@ -242,6 +359,7 @@ def test_bad_data_files(tmp_path, monkeypatch, capfd):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from jax_oneclass.data import mvtec  # pylint: disable=g-import-not-at-top
   from tests.test_mvtec import write_widget  # pylint: disable=g-import-not-at-top
+
   folder = tmp_path / "images"
   for split in ("train", "test"):
     for name in ("cat", "dog"):
@@ -250,31 +368,47 @@ def test_bad_data_files(tmp_path, monkeypatch, capfd):
   (folder / "train" / "cat" / "0.png").write_bytes(b"\x89PNG broken")
   write_widget(tmp_path / "mvtec")
   data_dir = tmp_path / "tfds"
-  mvtec.build_mvtec_like(tmp_path / "mvtec", "widget",
-                         data_dir=os.fspath(data_dir))
+  mvtec.build_mvtec_like(
+    tmp_path / "mvtec", "widget", data_dir=os.fspath(data_dir)
+  )
   (tmp_path / "mvtec" / "widget" / "train" / "good" / "000.png").unlink()
   cases = [
-      (f"--config=configs/clr.py:folder,folder={folder}",
-       f"No image of {folder}/train/cat can be decoded"),
-      (f"--config=configs/reverse_distillation.py:mvtec,folder="
-       f"{tmp_path / 'mvtec'},category=widget,data_dir={data_dir}",
-       "its files changed since. Delete"),
+    (
+      f"--config=configs/clr.py:folder,folder={folder}",
+      f"No image of {folder}/train/cat can be decoded",
+    ),
+    (
+      f"--config=configs/reverse_distillation.py:mvtec,folder="
+      f"{tmp_path / 'mvtec'},category=widget,data_dir={data_dir}",
+      "its files changed since. Delete",
+    ),
   ]
   for config_arg, message in cases:
     code, stderr = _run_in_process(
-        "main", [config_arg, f"--workdir={tmp_path / 'run'}"], monkeypatch,
-        capfd)
+      "main", [config_arg, f"--workdir={tmp_path / 'run'}"], monkeypatch, capfd
+    )
     _assert_one_error_line(code, stderr, message)
 
 
 def test_the_real_command_fails_in_one_line(tmp_path):
   done = subprocess.run(
-      [sys.executable, "-m", "jax_oneclass.main",
-       "--config=configs/disaug.py:digits", "--config.data.normal_class=42",
-       f"--workdir={tmp_path / 'run'}"],
-      cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    [
+      sys.executable,
+      "-m",
+      "jax_oneclass.main",
+      "--config=configs/disaug.py:digits",
+      "--config.data.normal_class=42",
+      f"--workdir={tmp_path / 'run'}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert done.returncode == 2
   assert done.stderr.strip().splitlines() == [
-      "error: config.data.normal_class=42 is out of range for 'digits': "
-      "valid range 0..9 (10 classes)."]
+    "error: config.data.normal_class=42 is out of range for 'digits': "
+    "valid range 0..9 (10 classes)."
+  ]
   assert not done.stdout

@@ -9,32 +9,47 @@ from experiments import two_stage_benchmark as bench
 def _part(seed, auroc_by_class, baseline_by_class, command="cmd"):
   classes = [str(c) for c in range(len(auroc_by_class))]
   return {
-      "command": command, "seed": seed,
-      "runs": {"disaug": {c: {"auroc": {bench.HEADLINE_SCORER: a,
-                                        "pool/kde": a - 0.1},
-                              "wall_seconds": 10.0}
-                          for c, a in zip(classes, auroc_by_class)}},
-      "baselines": {c: {"pixels/ocsvm": b, "pixels/gde_lw": b - 0.01}
-                    for c, b in zip(classes, baseline_by_class)},
+    "command": command,
+    "seed": seed,
+    "runs": {
+      "disaug": {
+        c: {
+          "auroc": {bench.HEADLINE_SCORER: a, "pool/kde": a - 0.1},
+          "wall_seconds": 10.0,
+        }
+        for c, a in zip(classes, auroc_by_class)
+      }
+    },
+    "baselines": {
+      c: {"pixels/ocsvm": b, "pixels/gde_lw": b - 0.01}
+      for c, b in zip(classes, baseline_by_class)
+    },
   }
 
 
 def test_seed_section_gives_each_seed_and_the_spread():
-  parts = {"digits": _part(1, [0.9, 1.0], [0.95, 0.95], "first"),
-           "digits_seed2": _part(2, [0.8, 0.9], [0.95, 0.95], "second")}
+  parts = {
+    "digits": _part(1, [0.9, 1.0], [0.95, 0.95], "first"),
+    "digits_seed2": _part(2, [0.8, 0.9], [0.95, 0.95], "second"),
+  }
   text = "\n".join(bench._seed_section(parts))
   assert "`first`; `second`" in text
   # Means 0.95 and 0.85: sample sd 0.0707.
-  assert (f"| disaug / {bench.HEADLINE_SCORER} | 0.9500 | 0.8500 | "
-          "0.9000 ± 0.0707 |") in text
-  assert "| raw pixels / pixels/ocsvm | 0.9500 | 0.9500 | 0.9500 ± 0.0000 |" \
-      in text
+  assert (
+    f"| disaug / {bench.HEADLINE_SCORER} | 0.9500 | 0.8500 | 0.9000 ± 0.0707 |"
+  ) in text
+  assert (
+    "| raw pixels / pixels/ocsvm | 0.9500 | 0.9500 | 0.9500 ± 0.0000 |" in text
+  )
   parts["digits_seed3"] = _part(3, [0.9, 0.9], [0.95, 0.95], "third")
   parts["digits_seed3"]["runs"]["clr"] = parts["digits_seed3"]["runs"].pop(
-      "disaug")
+    "disaug"
+  )
   text = "\n".join(bench._seed_section(parts))
-  assert (f"| disaug / {bench.HEADLINE_SCORER} | 0.9500 | 0.8500 | - | "
-          "0.9000 ± 0.0707 |") in text
+  assert (
+    f"| disaug / {bench.HEADLINE_SCORER} | 0.9500 | 0.8500 | - | "
+    "0.9000 ± 0.0707 |"
+  ) in text
   assert f"| clr / {bench.HEADLINE_SCORER} | - | - | 0.9000 | 0.9000 |" in text
 
 
@@ -44,13 +59,16 @@ def test_auroc_section_ranks_scorers_and_flags_runs_without_gde_lw():
   text = "\n".join(lines)
   assert "predates" not in text
   assert "Best raw-pixel baseline: pixels/ocsvm (0.9600)." in text
-  assert (f"- disaug: 1 of 2 scorers beat it. {bench.HEADLINE_SCORER} "
-          "(the fixed scorer, 0.9800) is above pixels/ocsvm, pixels/gde_lw; "
-          "not above none.") in text
+  assert (
+    f"- disaug: 1 of 2 scorers beat it. {bench.HEADLINE_SCORER} "
+    "(the fixed scorer, 0.9800) is above pixels/ocsvm, pixels/gde_lw; "
+    "not above none."
+  ) in text
   for baselines in part["baselines"].values():
     del baselines["pixels/gde_lw"]
   assert "predates the `gde_lw`" in "\n".join(
-      bench._auroc_section("Title", part, "note"))
+    bench._auroc_section("Title", part, "note")
+  )
 
 
 def test_rerun_section_compares_the_shared_classes_only():
@@ -63,44 +81,68 @@ def test_rerun_section_compares_the_shared_classes_only():
   assert "## Rerun of `digits` after `fix`" in text
   assert "Stopped early" in text
   # Class 1 only: before 1.0, after 0.9.
-  assert (f"| disaug | 1 | {bench.HEADLINE_SCORER} | 1.0000 | 0.9000 | "
-          "-0.1000 |") in text
+  assert (
+    f"| disaug | 1 | {bench.HEADLINE_SCORER} | 1.0000 | 0.9000 | -0.1000 |"
+  ) in text
   assert "| disaug | 1 | pool/nn | - | 0.7000 | new |" in text
 
 
 def test_an_ablation_rerun_is_compared_with_the_file_it_names():
-  results = {"cifar10": _part(1, [0.5], [0.9], "old code"),
-             "cifar10.fix": _part(1, [0.7], [0.9], "new code"),
-             "cifar10.ablation": _part(1, [0.6], [0.9], 'new code "--set=k=v"')}
+  results = {
+    "cifar10": _part(1, [0.5], [0.9], "old code"),
+    "cifar10.fix": _part(1, [0.7], [0.9], "new code"),
+    "cifar10.ablation": _part(1, [0.6], [0.9], 'new code "--set=k=v"'),
+  }
   results["cifar10.ablation"]["compare_with"] = "cifar10.fix"
   text = "\n".join(bench._rerun_sections(results))
   assert "## Rerun of `cifar10` after `fix`" in text
-  assert (f"| disaug | 0 | {bench.HEADLINE_SCORER} | 0.5000 | 0.7000 | "
-          "+0.2000 |") in text
+  assert (
+    f"| disaug | 0 | {bench.HEADLINE_SCORER} | 0.5000 | 0.7000 | +0.2000 |"
+  ) in text
   ablation = text.split("after `ablation`")[1]
   assert "Before: `new code`" in ablation
   assert "Same settings except the --set flags." in ablation
-  assert (f"| disaug | 0 | {bench.HEADLINE_SCORER} | 0.7000 | 0.6000 | "
-          "-0.1000 |") in ablation
+  assert (
+    f"| disaug | 0 | {bench.HEADLINE_SCORER} | 0.7000 | 0.6000 | -0.1000 |"
+  ) in ablation
 
 
 def _speed_run(points):
-  return {"scorer": "s", "batch_size": 64, "views": 1, "load_before": "0 0 0",
-          "load_after": "1 1 1", "train_seconds": 1.0,
-          "points": [{"step": st, "train_seconds": t, "auroc": a,
-                      "num_test": 30} for st, t, a in points]}
+  return {
+    "scorer": "s",
+    "batch_size": 64,
+    "views": 1,
+    "load_before": "0 0 0",
+    "load_after": "1 1 1",
+    "train_seconds": 1.0,
+    "points": [
+      {"step": st, "train_seconds": t, "auroc": a, "num_test": 30}
+      for st, t, a in points
+    ],
+  }
 
 
 def test_speed_results_saved_before_merge_read_as_one_command(
-    tmp_path, monkeypatch):
+  tmp_path, monkeypatch
+):
   monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
-  old = {"command": "speed --data=cifar.tar.gz --steps=600", "cpu": "c",
-         "methods": ["dgad", "rotnet", "disaug"], "steps": 600,
-         "eval_every": 100, "width": 32, "test_per_class": 3,
-         "targets": [0.6, 0.7], "partial": True,
-         "runs": {"0": {"dgad": _speed_run([(100, 50.0, 0.65)]),
-                        "rotnet": _speed_run([(100, 90.0, 0.55),
-                                              (200, 180.0, 0.72)])}}}
+  old = {
+    "command": "speed --data=cifar.tar.gz --steps=600",
+    "cpu": "c",
+    "methods": ["dgad", "rotnet", "disaug"],
+    "steps": 600,
+    "eval_every": 100,
+    "width": 32,
+    "test_per_class": 3,
+    "targets": [0.6, 0.7],
+    "partial": True,
+    "runs": {
+      "0": {
+        "dgad": _speed_run([(100, 50.0, 0.65)]),
+        "rotnet": _speed_run([(100, 90.0, 0.55), (200, 180.0, 0.72)]),
+      }
+    },
+  }
   (tmp_path / "dgad_speed.json").write_text(json.dumps(old))
   result = dgad_speed._previous()
   assert result["commands"] == ["speed --data=cifar.tar.gz --steps=600"]
@@ -113,26 +155,46 @@ def test_speed_results_saved_before_merge_read_as_one_command(
 
 
 def test_speed_steps_take_per_step_medians_and_render_without_torch():
-  runs = [{"step_s_each": [0.3, 0.1], "step_cpu_s_each": [0.5, 0.2]},
-          {"step_s_each": [0.2], "step_cpu_s_each": [0.9]}]
+  runs = [
+    {"step_s_each": [0.3, 0.1], "step_cpu_s_each": [0.5, 0.2]},
+    {"step_s_each": [0.2], "step_cpu_s_each": [0.9]},
+  ]
   assert speed._side(runs) == {"cpu_s": 0.5, "wall_s": 0.2}
-  steps = {"command": "python experiments/speed.py steps --rows=disaug",
-           "cpu_model": "c", "cores": 2, "jaxlib": "0.1", "uptime": "u",
-           "rows": {"disaug": {"ours_cpu_s": 0.5, "torch_cpu_s": None,
-                               "ours_wall_s": 0.2, "torch_wall_s": None,
-                               "load_1min": 1.0},
-                    "ganomaly": {"ours_cpu_s": 0.1, "torch_cpu_s": 0.4,
-                                 "ours_wall_s": 0.05, "torch_wall_s": 0.1,
-                                 "load_1min": 2.0}}}
+  steps = {
+    "command": "python experiments/speed.py steps --rows=disaug",
+    "cpu_model": "c",
+    "cores": 2,
+    "jaxlib": "0.1",
+    "uptime": "u",
+    "rows": {
+      "disaug": {
+        "ours_cpu_s": 0.5,
+        "torch_cpu_s": None,
+        "ours_wall_s": 0.2,
+        "torch_wall_s": None,
+        "load_1min": 1.0,
+      },
+      "ganomaly": {
+        "ours_cpu_s": 0.1,
+        "torch_cpu_s": 0.4,
+        "ours_wall_s": 0.05,
+        "torch_wall_s": 0.1,
+        "load_1min": 2.0,
+      },
+    },
+  }
   text = "\n".join(speed._steps_table(steps))
   assert "| disaug | 500 | - | 200 | - | - | 1.0 |" in text
   assert "| ganomaly | 100 | 400 | 50 | 100 | 2.00x | 2.0 |" in text
 
 
 def test_speed_names_where_a_merged_script_lives_now():
-  assert speed._was_run_as("python experiments/inference_benchmark.py "
-                           "--models=x", "note") == (
-      "`python experiments/inference_benchmark.py --models=x` (since merged "
-      "into `python experiments/speed.py` as `inference`; note)")
+  assert speed._was_run_as(
+    "python experiments/inference_benchmark.py --models=x", "note"
+  ) == (
+    "`python experiments/inference_benchmark.py --models=x` (since merged "
+    "into `python experiments/speed.py` as `inference`; note)"
+  )
   assert speed._was_run_as("python experiments/speed.py device") == (
-      "`python experiments/speed.py device`")
+    "`python experiments/speed.py device`"
+  )

@@ -36,15 +36,15 @@ def test_the_saved_state_tree_is_unchanged(method, tmp_path):
   state = run_lib.run_initial_state(run)
   run.checkpointer.save(1, state, run_lib.checkpoint_meta(run.config, 1))
   run.checkpointer.close()
-  saved = json.loads(
-      (fixtures.OUT / method / "state_tree.json").read_text())
+  saved = json.loads((fixtures.OUT / method / "state_tree.json").read_text())
   assert fixtures.state_tree(tmp_path / "checkpoints", 1) == saved
 
 
 @pytest.mark.parametrize("method", fixtures.SMALL)
 def test_an_old_checkpoint_restores_and_scores_the_same(method, tmp_path):
-  shutil.copytree(fixtures.OUT / method / "checkpoints",
-                  tmp_path / "checkpoints")
+  shutil.copytree(
+    fixtures.OUT / method / "checkpoints", tmp_path / "checkpoints"
+  )
   results = evaluate.evaluate(_config(method), tmp_path)
   old = json.loads((fixtures.OUT / method / "results.json").read_text())
   assert results["step"] == old["step"] == 4
@@ -52,15 +52,18 @@ def test_an_old_checkpoint_restores_and_scores_the_same(method, tmp_path):
     # Scores that changed on purpose (see MOVED): the values the current
     # code recorded, by rescore_checkpoint_fixtures.py.
     old = json.loads(
-        (fixtures.OUT / method / "expected_auroc.json").read_text())
+      (fixtures.OUT / method / "expected_auroc.json").read_text()
+    )
   assert results["auroc"] == pytest.approx(old["auroc"], abs=1e-3)
 
 
 def test_the_fixture_script_never_rewrites_a_fixture_unasked(capsys):
   before = {p: p.stat().st_mtime_ns for p in fixtures.OUT.rglob("*")}
-  for argv, message in [(["--method=rotnet"], "pass --replace"),
-                        (["--method=nope"], "no RUNS entry for nope"),
-                        ([], "--method")]:
+  for argv, message in [
+    (["--method=rotnet"], "pass --replace"),
+    (["--method=nope"], "no RUNS entry for nope"),
+    ([], "--method"),
+  ]:
     with pytest.raises(SystemExit) as exit_info:
       fixtures.main(argv)
     assert exit_info.value.code == 2

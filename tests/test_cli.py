@@ -12,13 +12,24 @@ from tests.trained import by_method, command, tiny_flags
 
 DIGITS_METHODS = [m for m in METHODS if not localises(m)]
 EXPECTED_SCORERS = {
-    "rotnet": {"pool/kde", "pool/gde", "pool/ocsvm", "embed/kde/rot_avg",
-               "rotation_head", "rotation_head/rot_avg"},
-    "clr": {"pool/kde", "pool/gde", "pool/ocsvm", "embed/kde/rot_avg"},
-    "disaug": {"pool/kde", "pool/gde", "pool/ocsvm", "embed/kde/rot_avg",
-               "pool/gde_lw/rot_avg"},
-    "ganomaly": {"latent_mse", "latent_l1", "reconstruction_l1"},
-    "dgad": {"pretext/generated", "pretext/real", "latent/gde", "latent/kde"},
+  "rotnet": {
+    "pool/kde",
+    "pool/gde",
+    "pool/ocsvm",
+    "embed/kde/rot_avg",
+    "rotation_head",
+    "rotation_head/rot_avg",
+  },
+  "clr": {"pool/kde", "pool/gde", "pool/ocsvm", "embed/kde/rot_avg"},
+  "disaug": {
+    "pool/kde",
+    "pool/gde",
+    "pool/ocsvm",
+    "embed/kde/rot_avg",
+    "pool/gde_lw/rot_avg",
+  },
+  "ganomaly": {"latent_mse", "latent_l1", "reconstruction_l1"},
+  "dgad": {"pretext/generated", "pretext/real", "latent/gde", "latent/kde"},
 }
 
 
@@ -27,14 +38,20 @@ def test_every_method_on_digits_is_checked_here():
 
 
 def _main(*args):
-  return subprocess.run([sys.executable, "-m", "jax_oneclass.main", *args],
-                        cwd=REPO, capture_output=True, text=True, timeout=400,
-                        check=False)
+  return subprocess.run(
+    [sys.executable, "-m", "jax_oneclass.main", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=400,
+    check=False,
+  )
 
 
 @pytest.mark.parametrize("method", by_method(DIGITS_METHODS))
 def test_each_method_trains_and_evaluates_from_the_command_line(
-    method, trained_run, tmp_path):
+  method, trained_run, tmp_path
+):
   run = trained_run(method)
   workdir, results = run.workdir, run.results
   assert "step 4: 599 test images, 540 anomalous" in run.stdout
@@ -46,8 +63,9 @@ def test_each_method_trains_and_evaluates_from_the_command_line(
   config = json.loads((workdir / "config.json").read_text())
   assert config["num_train_steps"] == 4 and config["batch_size"] == 16
   assert list((workdir / "tensorboard" / "train").glob("events.out.*"))
-  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()
-                if p.name.isdigit()) == ["2", "4"]
+  assert sorted(
+    p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()
+  ) == ["2", "4"]
   if method in ("disaug", "dgad"):  # --mode=eval gives the same numbers.
     copy = tmp_path / "run"  # Other tests read the shared run meanwhile.
     shutil.copytree(workdir, copy)
@@ -55,4 +73,5 @@ def test_each_method_trains_and_evaluates_from_the_command_line(
     again = _main(*flags, f"--workdir={copy}", "--mode=eval")
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((copy / "results.json").read_text())["auroc"] == (
-        pytest.approx(results["auroc"], abs=1e-6))
+      pytest.approx(results["auroc"], abs=1e-6)
+    )

@@ -18,27 +18,35 @@ _DN = ("NHWC", "HWIO", "NHWC")
 
 
 def _reference(x, w, strides, padding):
-  return lax.conv_general_dilated(x, w, strides, padding,
-                                  dimension_numbers=_DN)
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DN)
 
 
-@pytest.mark.parametrize("mode,strides,padding,kernel", [
-    ("taps", (1, 1), "SAME", 3), ("im2col", (2, 2), "SAME", 3),
-    ("taps", (2, 2), ((1, 1), (1, 1)), 3), ("im2col", (1, 1), "VALID", 3),
-    ("taps", (2, 1), ((0, 2), (1, 0)), 3), ("im2col", (2, 2), "VALID", 1),
-    ("im2col", (1, 2), ((0, 2), (1, 0)), 3)])
+@pytest.mark.parametrize(
+  "mode,strides,padding,kernel",
+  [
+    ("taps", (1, 1), "SAME", 3),
+    ("im2col", (2, 2), "SAME", 3),
+    ("taps", (2, 2), ((1, 1), (1, 1)), 3),
+    ("im2col", (1, 1), "VALID", 3),
+    ("taps", (2, 1), ((0, 2), (1, 0)), 3),
+    ("im2col", (2, 2), "VALID", 1),
+    ("im2col", (1, 2), ((0, 2), (1, 0)), 3),
+  ],
+)
 def test_custom_vjp_matches_xla(mode, strides, padding, kernel):
   x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
   w = jax.random.normal(jax.random.key(1), (kernel, kernel, 3, 5))
-  probe = jax.random.normal(jax.random.key(2),
-                            _reference(x, w, strides, padding).shape)
+  probe = jax.random.normal(
+    jax.random.key(2), _reference(x, w, strides, padding).shape
+  )
 
   def loss(fn):
     return lambda x, w: jnp.sum(fn(x, w, strides, padding) * probe)
 
   def ours(x, w, strides, padding):
-    return conv.conv_general_dilated(x, w, strides, padding,
-                                     dimension_numbers=_DN, weight_grad=mode)
+    return conv.conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=_DN, weight_grad=mode
+    )
 
   got = jax.jit(jax.value_and_grad(loss(ours), (0, 1)))(x, w)
   jaxpr = str(jax.make_jaxpr(jax.grad(loss(ours), 1))(x, w))
@@ -53,13 +61,21 @@ def test_xla_mode_and_unsupported_convs_take_lax_path():
   x = jnp.ones((1, 5, 5, 2))
   w = jnp.ones((3, 3, 2, 4))
   taps = conv.ConvSettings(weight_grad="taps").conv_general_dilated
-  grouped = jax.make_jaxpr(lambda w: taps(
-      x, w, (1, 1), "SAME", dimension_numbers=_DN,
-      feature_group_count=2))(jnp.ones((3, 3, 1, 4)))
-  dilated = jax.make_jaxpr(lambda w: taps(
-      x, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=_DN))(w)
-  plain = jax.make_jaxpr(lambda w: conv.conv_general_dilated(
-      x, w, (1, 1), "SAME", dimension_numbers=_DN, weight_grad="xla"))(w)
+  grouped = jax.make_jaxpr(
+    lambda w: taps(
+      x, w, (1, 1), "SAME", dimension_numbers=_DN, feature_group_count=2
+    )
+  )(jnp.ones((3, 3, 1, 4)))
+  dilated = jax.make_jaxpr(
+    lambda w: taps(
+      x, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=_DN
+    )
+  )(w)
+  plain = jax.make_jaxpr(
+    lambda w: conv.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=_DN, weight_grad="xla"
+    )
+  )(w)
   for jaxpr in (grouped, dilated, plain):
     assert "custom_vjp" not in str(jaxpr)
 
@@ -67,26 +83,42 @@ def test_xla_mode_and_unsupported_convs_take_lax_path():
 def test_default_mode_is_im2col_on_the_cpu_and_xla_for_symbolic_shapes():
   assert config_lib.base_config("rotnet").conv_weight_grad == "im2col_cpu"
   w = jnp.ones((3, 3, 2, 4))
-  grad_jaxpr = lambda x: str(jax.make_jaxpr(jax.grad(
-      lambda w: conv.conv_general_dilated(
-          x, w, (1, 1), "SAME", dimension_numbers=_DN).sum()))(w))
+  grad_jaxpr = lambda x: str(
+    jax.make_jaxpr(
+      jax.grad(
+        lambda w: conv.conv_general_dilated(
+          x, w, (1, 1), "SAME", dimension_numbers=_DN
+        ).sum()
+      )
+    )(w)
+  )
   assert conv.ConvSettings().weight_grad == "im2col_cpu"
   assert ("custom_vjp" in grad_jaxpr(jnp.ones((2, 5, 5, 2)))) == (
-      jax.default_backend() == "cpu")
-  symbolic = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 5, 5, 2"),
-                                  jnp.float32)
+    jax.default_backend() == "cpu"
+  )
+  symbolic = jax.ShapeDtypeStruct(
+    jax.export.symbolic_shape("b, 5, 5, 2"), jnp.float32
+  )
   pads = ((1, 1), (1, 1))
   assert conv._resolve("im2col_cpu", symbolic, w, (1, 1), pads) == "xla"  # pylint: disable=protected-access
 
 
 def test_auto_is_xla_for_small_convs_and_tunes_large_ones(monkeypatch):
-  small = jax.make_jaxpr(lambda w: conv.conv_general_dilated(
-      jnp.ones((2, 8, 8, 4)), w, (1, 1), "SAME", dimension_numbers=_DN,
-      weight_grad="auto"))
+  small = jax.make_jaxpr(
+    lambda w: conv.conv_general_dilated(
+      jnp.ones((2, 8, 8, 4)),
+      w,
+      (1, 1),
+      "SAME",
+      dimension_numbers=_DN,
+      weight_grad="auto",
+    )
+  )
   assert "custom_vjp" not in str(small(jnp.ones((3, 3, 4, 4))))
   monkeypatch.setattr(conv, "AUTO_MIN_FLOPS", 0.0)
-  timing = conv.tune((2, 8, 8, 4), (3, 3, 4, 4), "float32", (1, 1),
-                     ((1, 1), (1, 1)), repeats=1)
+  timing = conv.tune(
+    (2, 8, 8, 4), (3, 3, 4, 4), "float32", (1, 1), ((1, 1), (1, 1)), repeats=1
+  )
   assert set(timing["seconds"]) == {"xla", "taps", "im2col"}
   assert timing["best"] == min(timing["seconds"], key=timing["seconds"].get)
 
@@ -100,9 +132,14 @@ def test_settings_come_from_the_config_and_are_checked():
   with pytest.raises(ConfigError, match="conv_weight_grad"):
     conv.ConvSettings(weight_grad="fast")
   with pytest.raises(ConfigError, match="conv_weight_grad"):
-    conv.conv_general_dilated(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 3)),
-                              (1, 1), "SAME", dimension_numbers=_DN,
-                              weight_grad="fast")
+    conv.conv_general_dilated(
+      jnp.ones((1, 4, 4, 2)),
+      jnp.ones((3, 3, 2, 3)),
+      (1, 1),
+      "SAME",
+      dimension_numbers=_DN,
+      weight_grad="fast",
+    )
   with pytest.raises(ConfigError, match="float32, bfloat16"):
     conv.ConvSettings(dtype="float16")
   with pytest.raises(ConfigError, match="float32, bfloat16"):
@@ -114,12 +151,18 @@ def test_bf16_policy_computes_in_bf16_and_keeps_f32_outside():
   w = jnp.ones((3, 3, 2, 3))
   bf16 = conv.ConvSettings("bfloat16").conv_general_dilated
   y = bf16(x, w, (1, 1), "SAME", dimension_numbers=_DN)
-  g = jax.grad(lambda w: bf16(
-      x, w, (1, 1), "SAME", dimension_numbers=_DN).astype(
-          jnp.float32).sum())(w)
+  g = jax.grad(
+    lambda w: (
+      bf16(x, w, (1, 1), "SAME", dimension_numbers=_DN)
+      .astype(jnp.float32)
+      .sum()
+    )
+  )(w)
   assert y.dtype == jnp.bfloat16 and g.dtype == jnp.float32
-  assert conv.conv_general_dilated(
-      x, w, (1, 1), "SAME", dimension_numbers=_DN).dtype == jnp.float32
+  assert (
+    conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_DN).dtype
+    == jnp.float32
+  )
 
 
 @pytest.mark.parametrize("method_name", ["rotnet"])
@@ -131,17 +174,18 @@ def test_bf16_step_is_close_to_f32(method_name):
     info = data.dataset_info(config)
     method = methods.get_method(config, info)
     state = jax.jit(method.init_state, static_argnums=1)(
-        jax.random.key(0), info.image_shape)
+      jax.random.key(0), info.image_shape
+    )
     batch = next(data.train_batches(config))
-    new_state, metrics = jax.jit(method.train_step)(state, batch,
-                                                    jax.random.key(1))
+    new_state, metrics = jax.jit(method.train_step)(
+      state, batch, jax.random.key(1)
+    )
     leaves = jax.tree.leaves(new_state.params)
     assert all(leaf.dtype == jnp.float32 for leaf in leaves)
     losses[dtype] = float(metrics["loss"])
   assert np.isfinite(losses["bfloat16"])
   assert losses["bfloat16"] != losses["float32"]  # The dtype reached it.
-  np.testing.assert_allclose(losses["bfloat16"], losses["float32"],
-                             rtol=0.05)
+  np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.05)
 
 
 def test_runs_saved_without_the_new_keys_are_unchanged():
@@ -156,7 +200,9 @@ def test_runs_saved_without_the_new_keys_are_unchanged():
   assert "conv_weight_grad" in run_lib._FREE_KEYS  # pylint: disable=protected-access
   config.dtype = "bfloat16"
   assert run_lib.config_changes(saved, config) == {
-      **moved, "dtype": ("float32", "bfloat16")}
+    **moved,
+    "dtype": ("float32", "bfloat16"),
+  }
 
 
 def test_get_method_checks_the_conv_settings_of_every_method():

@@ -10,14 +10,25 @@ from jax_oneclass import data
 from tests.conftest import tiny_config
 
 
-@pytest.mark.parametrize("name, num_classes", [
-    ("cifar10", 10), ("cifar100", 20), ("fashion_mnist", 10), ("mnist", 10),
-    ("cats_vs_dogs", 2)])
+@pytest.mark.parametrize(
+  "name, num_classes",
+  [
+    ("cifar10", 10),
+    ("cifar100", 20),
+    ("fashion_mnist", 10),
+    ("mnist", 10),
+    ("cats_vs_dogs", 2),
+  ],
+)
 def test_catalog_sources_give_one_class_batches(name, num_classes):
   # mock_data serves random examples with each data set's real features;
   # the builder is marked prepared since nothing is on disk.
-  with tfds.testing.mock_data(num_examples=48), mock.patch.object(
-      tfds.core.DatasetBuilder, "is_prepared", return_value=True):
+  with (
+    tfds.testing.mock_data(num_examples=48),
+    mock.patch.object(
+      tfds.core.DatasetBuilder, "is_prepared", return_value=True
+    ),
+  ):
     config = tiny_config("clr", arg=name)
     config.data.normal_class = 1
     info = data.dataset_info(config)

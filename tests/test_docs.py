@@ -55,14 +55,19 @@ def test_every_local_link_resolves(page):
 def test_the_checker_sees_links():
   assert "docs/configs.md" in _links(REPO / "README.md")
   assert _slug("Faithfulness to Sohn et al. 2021") == (
-      "faithfulness-to-sohn-et-al-2021")
+    "faithfulness-to-sohn-et-al-2021"
+  )
   assert _slug("`dgad` (discriminative-generative)") == (
-      "dgad-discriminative-generative")
+    "dgad-discriminative-generative"
+  )
 
 
 def test_the_readme_links_every_docs_page():
-  linked = {(REPO / link.partition("#")[0]).resolve()
-            for link in _links(REPO / "README.md") if _local(link)}
+  linked = {
+    (REPO / link.partition("#")[0]).resolve()
+    for link in _links(REPO / "README.md")
+    if _local(link)
+  }
   missing = [p.name for p in PAGES[1:] if p.resolve() not in linked]
   assert not missing, f"docs pages the README does not link: {missing}"
 
@@ -70,5 +75,6 @@ def test_the_readme_links_every_docs_page():
 def test_the_readme_is_a_front_door():
   lines = len((REPO / "README.md").read_text().splitlines())
   assert lines <= README_MAX_LINES, (
-      f"README.md has {lines} lines; move detail to docs/ (at most "
-      f"{README_MAX_LINES}).")
+    f"README.md has {lines} lines; move detail to docs/ (at most "
+    f"{README_MAX_LINES})."
+  )

@@ -33,8 +33,11 @@ def registry(monkeypatch):
 def lab(tmp_path):
   """A folder outside the repository holding my_lab/ and the config."""
   folder = tmp_path / "lab"
-  shutil.copytree(EXAMPLES / "my_lab", folder / "my_lab",
-                  ignore=shutil.ignore_patterns("__pycache__"))
+  shutil.copytree(
+    EXAMPLES / "my_lab",
+    folder / "my_lab",
+    ignore=shutil.ignore_patterns("__pycache__"),
+  )
   shutil.copy(EXAMPLES / "deep_svdd_config.py", folder)
   return folder
 
@@ -42,8 +45,7 @@ def lab(tmp_path):
 def test_register_refuses_a_taken_name_unless_replace(registry):
   with pytest.raises(ConfigError, match="already registered.*replace=True"):
     methods.register("rotnet", "jax_oneclass.methods.two_stage.clr")
-  methods.register("rotnet", "jax_oneclass.methods.two_stage.clr",
-                   replace=True)
+  methods.register("rotnet", "jax_oneclass.methods.two_stage.clr", replace=True)
   assert methods.method_module("rotnet").__name__.endswith(".clr")
 
 
@@ -53,10 +55,13 @@ def test_a_registered_name_finds_its_module(registry):
   assert methods.family("rotnet_again") == "two_stage"
 
 
-@pytest.mark.parametrize("name, module, message", [
+@pytest.mark.parametrize(
+  "name, module, message",
+  [
     ("my.name", "jax_oneclass.methods.two_stage.rotnet", "identifier"),
     ("svdd", "my_lab_that_is_not_there.svdd", "PYTHONPATH"),
-])
+  ],
+)
 def test_register_refuses_bad_input(registry, name, module, message):
   with pytest.raises(ConfigError, match=message):
     methods.register(name, module)
@@ -89,6 +94,7 @@ def test_a_module_with_a_missing_import_is_one_line(tmp_path, monkeypatch):
   monkeypatch.syspath_prepend(str(tmp_path))
   config = ml_collections.ConfigDict({"plugins": ("my_broken_lab",)})
   from jax_oneclass import plugins  # pylint: disable=g-import-not-at-top
+
   with pytest.raises(ConfigError) as e:
     plugins.import_plugins(config, "the run in /tmp/run")
   assert "my_broken_lab" in str(e.value)
@@ -98,45 +104,55 @@ def test_a_module_with_a_missing_import_is_one_line(tmp_path, monkeypatch):
 
 def _config(**values):
   from jax_oneclass import config as config_lib  # pylint: disable=g-import-not-at-top
+
   config = config_lib.base_config("rotnet")
   config.data.name = "digits"
   config.num_train_steps = 2
   return ml_collections.ConfigDict({**config.to_dict(), **values})
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"plugins": ("my_lab_gone.classifiers",)},
-     "module 'my_lab_gone.classifiers' \\(config.plugins\\), which "
-     "the run in /r needs.*PYTHONPATH"),
-    ({"method": "my_lab_gone.deep_svdd"},
-     "module 'my_lab_gone.deep_svdd' \\(config.method\\), which "
-     "the run in /r needs.*PYTHONPATH"),
+@pytest.mark.parametrize(
+  "values, message",
+  [
+    (
+      {"plugins": ("my_lab_gone.classifiers",)},
+      "module 'my_lab_gone.classifiers' \\(config.plugins\\), which "
+      "the run in /r needs.*PYTHONPATH",
+    ),
+    (
+      {"method": "my_lab_gone.deep_svdd"},
+      "module 'my_lab_gone.deep_svdd' \\(config.method\\), which "
+      "the run in /r needs.*PYTHONPATH",
+    ),
     ({"method": "deep_svdd"}, "Unknown method 'deep_svdd'"),
     ({"plugins": "my_lab.classifiers"}, "tuple of module names"),
-])
+  ],
+)
 def test_cli_checks_refuse_what_cannot_be_imported(values, message):
   with pytest.raises(ConfigError, match=message):
     cli_checks.check_train_args(_config(**values), "the run in /r")
 
 
-def test_cli_checks_leave_a_plugin_registered_name_to_the_run(lab,
-                                                              monkeypatch):
+def test_cli_checks_leave_a_plugin_registered_name_to_the_run(lab, monkeypatch):
   monkeypatch.syspath_prepend(str(lab))
   # 'deep_svdd' may be registered by the plugin, which the check does not
   # import (it would import JAX): the run decides.
-  cli_checks.check_train_args(_config(method="deep_svdd",
-                                      plugins=("my_lab.classifiers",)))
+  cli_checks.check_train_args(
+    _config(method="deep_svdd", plugins=("my_lab.classifiers",))
+  )
 
 
-def test_register_classifier_refuses_a_taken_name_unless_replace(
-    monkeypatch):
+def test_register_classifier_refuses_a_taken_name_unless_replace(monkeypatch):
   from jax_oneclass.components import oneclass  # pylint: disable=g-import-not-at-top
+
   monkeypatch.setattr(oneclass, "CLASSIFIERS", dict(oneclass.CLASSIFIERS))
   nn = oneclass.CLASSIFIERS["nn"]
   with pytest.raises(ConfigError, match="already registered"):
     oneclass.register_classifier("nn", nn.fit, nn.score)
-  with pytest.raises(ConfigError, match="Unknown one-class classifier.*"
-                     "register_classifier.*config.plugins"):
+  with pytest.raises(
+    ConfigError,
+    match="Unknown one-class classifier.*register_classifier.*config.plugins",
+  ):
     oneclass.get_classifier("nn2")
   oneclass.register_classifier("nn2", nn.fit, nn.score)
   oneclass.register_classifier("nn2", nn.fit, nn.score, replace=True)
@@ -165,23 +181,38 @@ print(json.dumps(result))
 
 
 def test_an_out_of_tree_method_and_classifier_train_and_are_read_again(
-    lab, tmp_path):
+  lab, tmp_path
+):
   workdir = tmp_path / "run"
   env = {**os.environ, "PYTHONPATH": str(lab)}
   main = [sys.executable, "-m", "jax_oneclass.main", f"--workdir={workdir}"]
 
   def run(args, environ=None):
-    return subprocess.run(args, cwd=REPO, env=environ or env,
-                          capture_output=True, text=True, timeout=600,
-                          check=False)
+    return subprocess.run(
+      args,
+      cwd=REPO,
+      env=environ or env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+    )
 
-  train = run(main + [
+  train = run(
+    main
+    + [
       f"--config={lab / 'deep_svdd_config.py'}:digits",
-      "--config.num_train_steps=3", "--config.batch_size=16",
-      "--config.model.width=4", "--config.eval.batch_size=128",
-      "--config.checkpoint_every_steps=3", "--config.log_every_steps=1",
-      "--config.progress_bar=False", "--config.eval.num_overlays=0",
-      "--config.eval.plots=False"])
+      "--config.num_train_steps=3",
+      "--config.batch_size=16",
+      "--config.model.width=4",
+      "--config.eval.batch_size=128",
+      "--config.checkpoint_every_steps=3",
+      "--config.log_every_steps=1",
+      "--config.progress_bar=False",
+      "--config.eval.num_overlays=0",
+      "--config.eval.plots=False",
+    ]
+  )
   assert train.returncode == 0, train.stderr[-3000:]
   results = json.loads((workdir / "results.json").read_text())
   assert sorted(results["auroc"]) == ["gde", "knn", "svdd"]
@@ -192,67 +223,95 @@ def test_an_out_of_tree_method_and_classifier_train_and_are_read_again(
   # Without PYTHONPATH the run's modules are missing: one line, before JAX.
   no_path = {k: v for k, v in env.items() if k != "PYTHONPATH"}
   for mode in ("eval", "predict", "export"):
-    lost = run(main + [f"--mode={mode}", f"--input={lab}",
-                       f"--output={tmp_path / 'out'}"], no_path)
+    lost = run(
+      main
+      + [f"--mode={mode}", f"--input={lab}", f"--output={tmp_path / 'out'}"],
+      no_path,
+    )
     assert lost.returncode == 2, mode
     (line,) = lost.stderr.strip().splitlines()
     assert "'my_lab.classifiers'" in line and str(workdir) in line, line
     assert "PYTHONPATH" in line
 
-  evaluated = run(main + ["--mode=eval",
-                          f"--results_path={tmp_path / 'eval'}"])
+  evaluated = run(main + ["--mode=eval", f"--results_path={tmp_path / 'eval'}"])
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   again = json.loads((tmp_path / "eval" / "results.json").read_text())
   assert again["auroc"] == pytest.approx(results["auroc"], abs=1e-6)
 
-  read = run([sys.executable, "-c", _READ_THE_RUN, str(workdir),
-              str(tmp_path / "export")])
+  read = run(
+    [
+      sys.executable,
+      "-c",
+      _READ_THE_RUN,
+      str(workdir),
+      str(tmp_path / "export"),
+    ]
+  )
   assert read.returncode == 0, read.stderr[-3000:]
   out = json.loads(read.stdout.strip().splitlines()[-1])
   assert out["scores"] == ["gde", "knn", "svdd"]
   for fmt in ("jax", "onnx"):
-    np.testing.assert_allclose(out[fmt], out["score"], rtol=2e-4, atol=2e-4,
-                               err_msg=fmt)
+    np.testing.assert_allclose(
+      out[fmt], out["score"], rtol=2e-4, atol=2e-4, err_msg=fmt
+    )
 
 
 def test_a_run_saved_before_plugins_existed_is_unchanged():
   from jax_oneclass import run as run_lib  # pylint: disable=g-import-not-at-top
+
   config = _config()
   saved = ml_collections.ConfigDict(
-      {k: v for k, v in config.to_dict().items() if k != "plugins"})
+    {k: v for k, v in config.to_dict().items() if k != "plugins"}
+  )
   assert run_lib.config_changes(saved, config) == {}
   config.plugins = ("my_lab.classifiers",)
   assert run_lib.config_changes(saved, config) == {
-      "plugins": ([], ["my_lab.classifiers"])}
+    "plugins": ([], ["my_lab.classifiers"])
+  }
 
 
 def _svdd_config(lab, **values):
   from jax_oneclass import config as config_lib  # pylint: disable=g-import-not-at-top
+
   config = config_lib.load(str(lab / "deep_svdd_config.py"), "digits")
-  config_lib.override(config, {
-      "num_train_steps": 2, "batch_size": 16, "model.width": 4,
-      "checkpoint_every_steps": 1, "log_every_steps": 1,
-      "progress_bar": False, **values})
+  config_lib.override(
+    config,
+    {
+      "num_train_steps": 2,
+      "batch_size": 16,
+      "model.width": 4,
+      "checkpoint_every_steps": 1,
+      "log_every_steps": 1,
+      "progress_bar": False,
+      **values,
+    },
+  )
   return config
 
 
 def test_prepare_runs_once_before_the_first_step_and_resumes_the_same(
-    lab, tmp_path, monkeypatch):
+  lab, tmp_path, monkeypatch
+):
   monkeypatch.syspath_prepend(str(lab))
   from jax_oneclass import data, train  # pylint: disable=g-import-not-at-top
   from jax_oneclass import run as run_lib  # pylint: disable=g-import-not-at-top
+
   deep_svdd = methods.method_module("my_lab.deep_svdd")
   calls = []
   prepare = deep_svdd.Method.prepare
-  monkeypatch.setattr(deep_svdd.Method, "prepare",
-                      lambda self, *a: calls.append(1) or prepare(self, *a))
+  monkeypatch.setattr(
+    deep_svdd.Method,
+    "prepare",
+    lambda self, *a: calls.append(1) or prepare(self, *a),
+  )
 
   run, whole = train.train(_svdd_config(lab), tmp_path / "whole")
   assert int(whole.step) == 2 and len(calls) == 1  # Not a step.
   first = next(data.train_batches(run.config, 0))
   initial = run_lib.run_initial_state(run)
-  center = run.method.encoder.apply(initial.params,
-                                    first["image"][:, 0]).mean(0)
+  center = run.method.encoder.apply(initial.params, first["image"][:, 0]).mean(
+    0
+  )
   np.testing.assert_allclose(whole.center, center, rtol=1e-5, atol=1e-6)
 
   train.train(_svdd_config(lab, halt_after_step=1), tmp_path / "halted")
@@ -265,4 +324,5 @@ def test_prepare_runs_once_before_the_first_step_and_resumes_the_same(
 
 def _leaves(tree):
   import jax  # pylint: disable=g-import-not-at-top
+
   return [np.asarray(x) for x in jax.tree.leaves(tree)]

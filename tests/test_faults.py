@@ -19,28 +19,42 @@ from jax_oneclass.errors import CheckpointError
 from tests.conftest import REPO, tiny_config
 
 
-
 def _config_file(tmp_path, steps: int, **keys) -> str:
   """A config file giving `tiny_config('clr', steps)` with `keys` set."""
   path = tmp_path / "tiny_clr.py"
-  path.write_text(textwrap.dedent(f"""\
+  path.write_text(
+    textwrap.dedent(f"""\
       from tests.conftest import tiny_config
       def get_config(arg=None):
         config = tiny_config("clr", steps={steps})
         config.update_from_flattened_dict({keys!r})
         return config
-      """))
+      """)
+  )
   return f"--config={path}"
 
 
 def _command(config_arg, workdir, *extra):
-  return [sys.executable, "-m", "jax_oneclass.main", config_arg,
-          f"--workdir={workdir}", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "jax_oneclass.main",
+    config_arg,
+    f"--workdir={workdir}",
+    *extra,
+  ]
 
 
 def _run(command, **kwargs):
-  return subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                        timeout=400, check=False, **kwargs)
+  return subprocess.run(
+    command,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=400,
+    check=False,
+    **kwargs,
+  )
 
 
 def _last_line(text: str) -> str:
@@ -58,12 +72,16 @@ def _final_params(workdir, config):
 
 def test_sigterm_saves_and_the_rerun_is_bit_identical(tmp_path):
   # Halting one step before the end skips evaluation: training is tested.
-  keys = {"checkpoint_every_steps": 10, "log_every_steps": 5,
-          "halt_after_step": 80}
+  keys = {
+    "checkpoint_every_steps": 10,
+    "log_every_steps": 5,
+    "halt_after_step": 80,
+  }
   config_arg = _config_file(tmp_path, 81, **keys)
   command = _command(config_arg, tmp_path / "run")
-  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+  process = subprocess.Popen(
+    command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   first = tmp_path / "run" / "checkpoints" / "10"
   deadline = time.monotonic() + 300
   while not first.is_dir() and process.poll() is None:
@@ -93,14 +111,18 @@ def test_sigterm_saves_and_the_rerun_is_bit_identical(tmp_path):
 
 
 def _data_files(step_dir):
-  files = [p for p in (step_dir / "state").rglob("*")
-           if p.is_file() and "/d/" in str(p)]
+  files = [
+    p
+    for p in (step_dir / "state").rglob("*")
+    if p.is_file() and "/d/" in str(p)
+  ]
   return sorted(files, key=lambda p: -p.stat().st_size)
 
 
 def test_flipped_and_truncated_checkpoints_fall_back(tmp_path):
-  config_arg = _config_file(tmp_path, 6, **{"eval.plots": False,
-                                            "eval.num_overlays": 0})
+  config_arg = _config_file(
+    tmp_path, 6, **{"eval.plots": False, "eval.num_overlays": 0}
+  )
   workdir = tmp_path / "run"
   train.train(tiny_config("clr", steps=6), workdir)
   checkpoints = workdir / "checkpoints"
@@ -111,18 +133,23 @@ def test_flipped_and_truncated_checkpoints_fall_back(tmp_path):
   truncated = _data_files(checkpoints / "4")[0]
   truncated.write_bytes(truncated.read_bytes()[:100])
   assert checkpointing.verify(checkpoints / "6").startswith(
-      "fails its checksums")
+    "fails its checksums"
+  )
 
   done = _run(_command(config_arg, workdir))
   assert done.returncode == 0, done.stderr[-3000:]
   for step in (6, 4):
-    assert f"warning: Skipping the checkpoint {checkpoints / str(step)}: " \
-           "it fails its checksums" in done.stderr
+    assert (
+      f"warning: Skipping the checkpoint {checkpoints / str(step)}: "
+      "it fails its checksums" in done.stderr
+    )
   assert "Resumed from the checkpoint at step 2" in done.stdout
   assert "Traceback" not in done.stderr
   assert "Event loop is closed" not in done.stderr
-  moved = sorted(p.name.split("-")[0]
-                 for p in (workdir / checkpointing.CORRUPT_DIR).iterdir())
+  moved = sorted(
+    p.name.split("-")[0]
+    for p in (workdir / checkpointing.CORRUPT_DIR).iterdir()
+  )
   assert moved == ["4", "6"]  # Moved aside, never deleted.
   assert checkpointing.Checkpointer(checkpoints).latest_step() == 6
 
@@ -144,17 +171,26 @@ def test_unverified_unreadable_checkpoint_is_skipped(tmp_path):
 
 def _can_mount_tmpfs(tmp_path) -> bool:
   probe = subprocess.run(
-      ["unshare", "-m", "sh", "-c",
-       f"mkdir -p {tmp_path}/probe && mount -t tmpfs -o size=1m tmpfs "
-       f"{tmp_path}/probe"], capture_output=True, check=False)
+    [
+      "unshare",
+      "-m",
+      "sh",
+      "-c",
+      f"mkdir -p {tmp_path}/probe && mount -t tmpfs -o size=1m tmpfs "
+      f"{tmp_path}/probe",
+    ],
+    capture_output=True,
+    check=False,
+  )
   return probe.returncode == 0
 
 
 def test_disk_full_during_save_then_a_clean_rerun(tmp_path):
   if not _can_mount_tmpfs(tmp_path):
     pytest.skip("No mount namespaces here for a small tmpfs.")
-  config_arg = _config_file(tmp_path, 4, **{"eval.plots": False,
-                                            "eval.num_overlays": 0})
+  config_arg = _config_file(
+    tmp_path, 4, **{"eval.plots": False, "eval.num_overlays": 0}
+  )
   disk = tmp_path / "disk"
   main = " ".join(_command(config_arg, disk / "run"))
   # Train to step 2 (halted), fill the disk but for 40 KiB (less than one
@@ -172,9 +208,14 @@ def test_disk_full_during_save_then_a_clean_rerun(tmp_path):
       echo $? > {tmp_path}/rerun.rc
       ls {disk}/run/checkpoints > {tmp_path}/final.txt
       """)
-  done = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO,
-                        capture_output=True, text=True, timeout=600,
-                        check=False)
+  done = subprocess.run(
+    ["unshare", "-m", "sh", "-c", script],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert done.returncode == 0, done.stdout + done.stderr
   stderr = (tmp_path / "full.err").read_text()
   assert (tmp_path / "full.rc").read_text().strip() == "2", stderr[-3000:]
@@ -186,8 +227,10 @@ def test_disk_full_during_save_then_a_clean_rerun(tmp_path):
   assert "tmp" not in (tmp_path / "left.txt").read_text()  # No partial left.
   rerun = (tmp_path / "rerun.err").read_text()
   assert (tmp_path / "rerun.rc").read_text().strip() == "0", rerun[-3000:]
-  assert "Resumed from the checkpoint at step 2" in (
-      tmp_path / "rerun.out").read_text()
+  assert (
+    "Resumed from the checkpoint at step 2"
+    in (tmp_path / "rerun.out").read_text()
+  )
   assert (tmp_path / "final.txt").read_text().split() == ["2", "4"]
 
 
@@ -202,9 +245,12 @@ def test_disk_full_reported_by_the_writer(tmp_path, monkeypatch):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
   monkeypatch.setattr(checkpointer.manager, "save", full)
-  with pytest.raises(CheckpointError, match=r"Disk full while saving the "
-                     r"checkpoint of step 3 .* free, .*Removed the partial "
-                     r"3.orbax-checkpoint-tmp-1234"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"Disk full while saving the "
+    r"checkpoint of step 3 .* free, .*Removed the partial "
+    r"3.orbax-checkpoint-tmp-1234",
+  ):
     checkpointer.save(3, {"x": np.zeros(3)}, {"step": 3})
   assert not partial.exists()
   checkpointer.close()
@@ -212,6 +258,7 @@ def test_disk_full_reported_by_the_writer(tmp_path, monkeypatch):
 
 def test_folder_classes_by_name(tmp_path):
   from jax_oneclass import config as config_lib  # pylint: disable=g-import-not-at-top
+
   for name in ("cat", "dog"):
     (tmp_path / "train" / name).mkdir(parents=True)
   config = config_lib.load("clr", f"folder,folder={tmp_path},normal_class=dog")
@@ -220,6 +267,7 @@ def test_folder_classes_by_name(tmp_path):
 
 def test_a_batch_larger_than_the_training_set_warns(capsys):
   from jax_oneclass import data  # pylint: disable=g-import-not-at-top
+
   config = tiny_config("clr")
   info = data.dataset_info(config)
   run_lib.warn_small_training_set(config, info)
@@ -227,13 +275,22 @@ def test_a_batch_larger_than_the_training_set_warns(capsys):
   config.batch_size = 256
   run_lib.warn_small_training_set(config, info)
   err = capsys.readouterr().err
-  assert f"batch_size 256 is larger than the {info.num_train} normal " \
-         "training images" in err and "negatives" in err
+  assert (
+    f"batch_size 256 is larger than the {info.num_train} normal training images"
+    in err
+    and "negatives" in err
+  )
 
 
 def test_make_mvtec_like_without_its_source(tmp_path):
-  done = _run([sys.executable, "experiments/make_mvtec_like.py",
-               f"--out={tmp_path}", f"--source={tmp_path / 'none.tar.gz'}"])
+  done = _run(
+    [
+      sys.executable,
+      "experiments/make_mvtec_like.py",
+      f"--out={tmp_path}",
+      f"--source={tmp_path / 'none.tar.gz'}",
+    ]
+  )
   assert done.returncode == 2
   assert "is missing. Pass --source=" in _last_line(done.stderr)
   assert "Traceback" not in done.stderr

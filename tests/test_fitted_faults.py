@@ -26,23 +26,25 @@ def _stage_dir(workdir):
 
 def _damage(workdir, how: str) -> None:
   """Flips bytes in, or truncates, the stage's largest array file."""
-  files = [p for p in (_stage_dir(workdir) / "fitted").rglob("*")
-           if p.is_file()]
+  files = [
+    p for p in (_stage_dir(workdir) / "fitted").rglob("*") if p.is_file()
+  ]
   path = max(files, key=lambda p: p.stat().st_size)
   raw = bytearray(path.read_bytes())
   if how == "flip":
     middle = len(raw) // 2
-    raw[middle:middle + 8] = bytes(b ^ 0xFF for b in raw[middle:middle + 8])
+    raw[middle : middle + 8] = bytes(b ^ 0xFF for b in raw[middle : middle + 8])
   else:
-    raw = raw[:len(raw) // 2]
+    raw = raw[: len(raw) // 2]
   path.write_bytes(bytes(raw))
 
 
 def _problem(workdir):
   store = checkpointing.FittedStore(workdir / "fitted")
   try:
-    return store.problem(STEP, checkpointing.checksums_digest(
-        workdir / "checkpoints" / str(STEP)))
+    return store.problem(
+      STEP, checkpointing.checksums_digest(workdir / "checkpoints" / str(STEP))
+    )
   finally:
     store.close()
 
@@ -59,8 +61,10 @@ def test_eval_refits_a_damaged_stage_with_a_warning(work, capsys, how):
   assert "fails its checksums (changed: fitted/" in _problem(workdir)
   results = evaluate.evaluate(run_lib.saved_config(workdir), workdir)
   err = capsys.readouterr().err
-  assert (f"warning: The fitted stage at {_stage_dir(workdir)} fails its "
-          "checksums (changed: fitted/") in err
+  assert (
+    f"warning: The fitted stage at {_stage_dir(workdir)} fails its "
+    "checksums (changed: fitted/"
+  ) in err
   assert "fitting it anew." in err
   assert results["auroc"] == shared.results["auroc"]  # As a fresh fit.
   assert _problem(workdir) is None  # Saved anew.
@@ -69,10 +73,14 @@ def test_eval_refits_a_damaged_stage_with_a_warning(work, capsys, how):
 def test_detector_refuses_a_damaged_stage_and_writes_nothing(work):
   workdir, _ = work
   _damage(workdir, "truncate")
-  with pytest.raises(CheckpointError, match=(
+  with pytest.raises(
+    CheckpointError,
+    match=(
       r"fitted stage at .*fitted/4 fails its checksums.* Fit it anew: "
       rf"python -m jax_oneclass.main --workdir={workdir} --mode=eval "
-      r"--refit$")):
+      r"--refit$"
+    ),
+  ):
     detector.Detector.load(workdir)
   assert "fails its checksums" in _problem(workdir)
 
@@ -87,9 +95,11 @@ def test_a_stage_of_a_replaced_checkpoint_is_not_reused(work, capsys):
   with pytest.raises(CheckpointError, match="another checkpoint of step 4"):
     detector.Detector.load(workdir)
   evaluate.evaluate(config, workdir)
-  assert (f"The fitted stage at {_stage_dir(workdir)} was fitted on another "
-          "checkpoint of step 4 (the checkpoint has been replaced since): "
-          "fitting it anew.") in capsys.readouterr().err
+  assert (
+    f"The fitted stage at {_stage_dir(workdir)} was fitted on another "
+    "checkpoint of step 4 (the checkpoint has been replaced since): "
+    "fitting it anew."
+  ) in capsys.readouterr().err
   assert _problem(workdir) is None
 
 
@@ -98,10 +108,13 @@ def test_a_stage_saved_before_checksums(work, capsys):
   (_stage_dir(workdir) / checkpointing.CHECKSUMS).unlink()
   detector.Detector.load(workdir)  # Used, with a warning.
   err = capsys.readouterr().err
-  assert "has no checksums (saved by an older version): using it " \
-         "unverified" in err
+  assert (
+    "has no checksums (saved by an older version): using it unverified" in err
+  )
   assert _problem(workdir) == checkpointing.UNVERIFIED  # Nothing written.
   evaluate.evaluate(run_lib.saved_config(workdir), workdir)
-  assert "has no checksums (saved by an older version): fitting it anew." \
-      in capsys.readouterr().err
+  assert (
+    "has no checksums (saved by an older version): fitting it anew."
+    in capsys.readouterr().err
+  )
   assert _problem(workdir) is None

@@ -8,8 +8,8 @@ from experiments import common
 
 def _conv(x, w, stride):
   return jax.lax.conv_general_dilated(
-      x, w, (stride, stride), "SAME",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
 
 
 def test_counts_a_strided_conv_forward_and_both_gradients():
@@ -25,9 +25,11 @@ def test_counts_a_strided_conv_forward_and_both_gradients():
 
 def test_counts_products_in_scans_and_the_larger_branch():
   a = jnp.ones((4, 4))
-  scanned = lambda a: jax.lax.scan(lambda c, _: (c @ a, None), a, None,
-                                   length=5)[0]
-  assert common.matmul_flops(scanned, a) == 5 * 2 * 4 ** 3
-  branch = lambda a: jax.lax.cond(a[0, 0] > 0, lambda a: a @ a @ a,
-                                  lambda a: a, a)
-  assert common.matmul_flops(branch, a) == 2 * 2 * 4 ** 3
+  scanned = lambda a: jax.lax.scan(
+    lambda c, _: (c @ a, None), a, None, length=5
+  )[0]
+  assert common.matmul_flops(scanned, a) == 5 * 2 * 4**3
+  branch = lambda a: jax.lax.cond(
+    a[0, 0] > 0, lambda a: a @ a @ a, lambda a: a, a
+  )
+  assert common.matmul_flops(branch, a) == 2 * 2 * 4**3

@@ -14,23 +14,29 @@ from tests.conftest import tiny_config
 
 def _num_params(module, image_shape, *args):
   shapes = jax.eval_shape(
-      lambda: module.init(jax.random.key(0), *args, train=False))
+    lambda: module.init(jax.random.key(0), *args, train=False)
+  )
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
 
 
 # The official GANomaly networks (nz 100, ngf 64): encoder, decoder, G, D.
-@pytest.mark.parametrize("size, channels, counts", [
+@pytest.mark.parametrize(
+  "size, channels, counts",
+  [
     (32, 3, (1_068_800, 1_068_928, 3_206_528, 663_296)),
     (32, 1, (1_066_752, 1_066_880, 3_200_384, 661_248)),
     (64, 3, (3_576_576, 3_576_704, 10_729_856, 2_765_568)),
-])
+  ],
+)
 def test_dcgan_parameter_counts_match_the_reference(size, channels, counts):
   image = jnp.zeros((1, size, size, channels))
   code = jnp.zeros((1, 100))
-  got = (_num_params(dcgan.DCGANEncoder(100, 64), None, image),
-         _num_params(dcgan.DCGANDecoder(size, channels, 64), None, code),
-         _num_params(dcgan.GANomalyGenerator(100, 64), None, image),
-         _num_params(dcgan.DCGANDiscriminator(64), None, image))
+  got = (
+    _num_params(dcgan.DCGANEncoder(100, 64), None, image),
+    _num_params(dcgan.DCGANDecoder(size, channels, 64), None, code),
+    _num_params(dcgan.GANomalyGenerator(100, 64), None, image),
+    _num_params(dcgan.DCGANDiscriminator(64), None, image),
+  )
   assert got == counts
 
 
@@ -39,13 +45,17 @@ def test_dcgan_shapes(size):
   images = jnp.zeros((2, size, size, 3))
   generator = dcgan.GANomalyGenerator(100, 64)
   outputs = jax.eval_shape(
-      lambda: generator.init_with_output(jax.random.key(0), images,
-                                         train=False)[0])
+    lambda: generator.init_with_output(jax.random.key(0), images, train=False)[
+      0
+    ]
+  )
   assert outputs["fake"].shape == (2, size, size, 3)
   assert outputs["latent_in"].shape == outputs["latent_out"].shape == (2, 100)
   logits, features = jax.eval_shape(
-      lambda: dcgan.DCGANDiscriminator(64).init_with_output(
-          jax.random.key(0), images, train=False)[0])
+    lambda: dcgan.DCGANDiscriminator(64).init_with_output(
+      jax.random.key(0), images, train=False
+    )[0]
+  )
   assert logits.shape == (2,)
   assert features.shape == (2, 4, 4, dcgan.top_width(size, 64))
 
@@ -58,9 +68,11 @@ def test_sizes_that_are_not_powers_of_two_are_refused(size):
 
 def test_ganomaly_loss_terms_hand_computed():
   images = jnp.ones((2, 2, 2, 1))
-  outputs = {"fake": jnp.zeros((2, 2, 2, 1)),
-             "latent_in": jnp.array([[1.0, 2.0], [0.0, 0.0]]),
-             "latent_out": jnp.zeros((2, 2))}
+  outputs = {
+    "fake": jnp.zeros((2, 2, 2, 1)),
+    "latent_in": jnp.array([[1.0, 2.0], [0.0, 0.0]]),
+    "latent_out": jnp.zeros((2, 2)),
+  }
   real = jnp.full((2, 1, 1, 3), 3.0)
   terms = ganomaly.generator_loss_terms(images, outputs, real, real - 1.0)
   assert float(terms["adversarial"]) == pytest.approx(1.0)
@@ -72,7 +84,8 @@ def test_ganomaly_loss_terms_hand_computed():
   np.testing.assert_allclose(scores["reconstruction_l1"], [1.0, 1.0])
   # BCE from logits 0 is log 2 for real and fake alike.
   assert float(gan.real_fake_loss(jnp.zeros(3), jnp.zeros(3))) == (
-      pytest.approx(np.log(2)))
+    pytest.approx(np.log(2))
+  )
   assert float(gan.real_fake_loss(jnp.full(3, 30.0), jnp.full(3, -30.0))) < 1e-6
 
 
@@ -82,8 +95,9 @@ def test_dgad_transforms_and_pretext_score():
   assert stacked.shape == (16, 4, 4, 1)
   np.testing.assert_array_equal(labels, np.repeat(np.arange(8), 2))
   np.testing.assert_array_equal(stacked[2:4], np.rot90(images, 1, (1, 2)))
-  np.testing.assert_array_equal(stacked[10:12],
-                                np.rot90(images, 1, (1, 2))[:, :, ::-1])
+  np.testing.assert_array_equal(
+    stacked[10:12], np.rot90(images, 1, (1, 2))[:, :, ::-1]
+  )
   assert len({np.asarray(t).tobytes() for t in stacked[::2]}) == 8
   uniform = dgad.pretext_nll(jnp.zeros((8, 4)), jnp.tile(jnp.arange(4), 2), 4)
   np.testing.assert_allclose(uniform, [np.log(4)] * 2, rtol=1e-6)
@@ -94,11 +108,13 @@ def test_dgad_transforms_and_pretext_score():
 def _step_once(config):
   info = data.dataset_info(config)
   method = methods.get_method(config, info)
-  state = jax.jit(method.init_state, static_argnums=1)(jax.random.key(0),
-                                                      info.image_shape)
+  state = jax.jit(method.init_state, static_argnums=1)(
+    jax.random.key(0), info.image_shape
+  )
   batch = next(data.train_batches(config))
-  new_state, metrics = jax.jit(method.train_step)(state, batch,
-                                                  jax.random.key(1))
+  new_state, metrics = jax.jit(method.train_step)(
+    state, batch, jax.random.key(1)
+  )
   return state, new_state, metrics
 
 
@@ -132,8 +148,9 @@ def test_ganomaly_reinitialises_a_collapsed_discriminator():
   assert _same(kept.discriminator.opt_state, reset.discriminator.opt_state)
   config.reset_discriminator_optimizer = True
   _, fresh_adam, _ = _step_once(config)
-  assert not _same(kept.discriminator.opt_state,
-                   fresh_adam.discriminator.opt_state)
+  assert not _same(
+    kept.discriminator.opt_state, fresh_adam.discriminator.opt_state
+  )
 
 
 def test_reference_batch_mode_depends_on_the_batch_and_running_does_not():
@@ -160,8 +177,11 @@ def test_gan_resume_continues_exactly(tmp_path):
   halted.halt_after_step = 2
   train.train(halted, tmp_path / "resumed")
   _, resumed = train.train(config, tmp_path / "resumed")
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-               jax.device_get(straight), jax.device_get(resumed))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+    jax.device_get(straight),
+    jax.device_get(resumed),
+  )
 
 
 def test_up_conv_is_torchs_conv_transpose():
@@ -172,11 +192,16 @@ def test_up_conv_is_torchs_conv_transpose():
   # torch ConvTranspose2d(3, 5, 4, 2, 1) == the input-gradient of
   # Conv2d(5, 3, 4, 2, 1) with the same weight tensor.
   conv = lambda y: jax.lax.conv_general_dilated(
-      y, kernel.transpose(0, 1, 3, 2), (2, 2), ((1, 1), (1, 1)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y,
+    kernel.transpose(0, 1, 3, 2),
+    (2, 2),
+    ((1, 1), (1, 1)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
   _, transpose = jax.vjp(conv, jnp.zeros((2, 8, 8, 5)))
-  np.testing.assert_allclose(module.apply(variables, x), transpose(x)[0],
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    module.apply(variables, x), transpose(x)[0], atol=1e-5
+  )
 
 
 def _reference_gradients(method, state, images):
@@ -185,24 +210,31 @@ def _reference_gradients(method, state, images):
   g, d = state.generator, state.discriminator
 
   def discriminate(params, x):
-    (logits, features), _ = gan.apply_train(method.discriminator, params,
-                                            d.batch_stats, x)
+    (logits, features), _ = gan.apply_train(
+      method.discriminator, params, d.batch_stats, x
+    )
     return logits, features
 
   def generator_objective(params):
-    outputs, _ = gan.apply_train(method.generator, params, g.batch_stats,
-                                 images)
+    outputs, _ = gan.apply_train(
+      method.generator, params, g.batch_stats, images
+    )
     _, real = discriminate(d.params, images)
     _, fake = discriminate(d.params, outputs["fake"])
     terms = ganomaly.generator_loss_terms(images, outputs, real, fake)
     return terms["adversarial"] + 50 * terms["contextual"] + terms[
-        "encoder"], outputs["fake"]
+      "encoder"
+    ], outputs["fake"]
 
   (g_loss, fake), g_grads = jax.value_and_grad(
-      generator_objective, has_aux=True)(g.params)
+    generator_objective, has_aux=True
+  )(g.params)
   fake = jax.lax.stop_gradient(fake)
-  d_loss, d_grads = jax.value_and_grad(lambda p: gan.real_fake_loss(
-      discriminate(p, images)[0], discriminate(p, fake)[0]))(d.params)
+  d_loss, d_grads = jax.value_and_grad(
+    lambda p: gan.real_fake_loss(
+      discriminate(p, images)[0], discriminate(p, fake)[0]
+    )
+  )(d.params)
   return g_loss, g_grads, d_loss, d_grads
 
 
@@ -210,13 +242,15 @@ def test_shared_discriminator_passes_give_the_reference_gradients():
   config = tiny_config("ganomaly")
   info = data.dataset_info(config)
   method = methods.get_method(config, info)
-  state = jax.jit(method.init_state, static_argnums=1)(jax.random.key(0),
-                                                      info.image_shape)
+  state = jax.jit(method.init_state, static_argnums=1)(
+    jax.random.key(0), info.image_shape
+  )
   images = jax.random.uniform(jax.random.key(1), (8,) + info.image_shape)
   images = gan.to_tanh_range(images)
   g_out, d_out = jax.jit(method.gradients)(state, images)
   g_loss, g_grads, d_loss, d_grads = jax.jit(
-      lambda s, x: _reference_gradients(method, s, x))(state, images)
+    lambda s, x: _reference_gradients(method, s, x)
+  )(state, images)
   assert float(g_out.loss) == pytest.approx(float(g_loss), rel=1e-5)
   assert float(d_out.loss) == pytest.approx(float(d_loss), rel=1e-5)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -230,7 +264,8 @@ def test_padding_modes_keep_the_parameter_tree():
   for padding in dcgan.PADDING_MODES:
     net = dcgan.EncoderDecoder(8, 4, extra_layers=1, padding=padding)
     variables = jax.eval_shape(
-        lambda n=net: n.init(jax.random.key(0), x, train=False))
+      lambda n=net: n.init(jax.random.key(0), x, train=False)
+    )
     shapes[padding] = jax.tree.map(lambda v: v.shape, variables)
   assert shapes["reflect"] == shapes["circular"] == shapes["zeros"]
 

@@ -18,11 +18,13 @@ from tests.conftest import REPO, tiny_config
 
 def _config_file(tmp_path, steps: int) -> str:
   path = tmp_path / "tiny_clr.py"
-  path.write_text(textwrap.dedent(f"""\
+  path.write_text(
+    textwrap.dedent(f"""\
       from tests.conftest import tiny_config
       def get_config(arg=None):
         return tiny_config("clr", steps={steps})
-      """))
+      """)
+  )
   return f"--config={path}"
 
 
@@ -33,15 +35,28 @@ def _last_line(text: str) -> str:
 def test_an_impossible_batch_is_refused_before_reading_data(tmp_path):
   start = time.monotonic()
   done = subprocess.run(
-      [sys.executable, "-m", "jax_oneclass.main", _config_file(tmp_path, 4),
-       f"--workdir={tmp_path / 'run'}", "--config.batch_size=1000000000"],
-      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    [
+      sys.executable,
+      "-m",
+      "jax_oneclass.main",
+      _config_file(tmp_path, 4),
+      f"--workdir={tmp_path / 'run'}",
+      "--config.batch_size=1000000000",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert time.monotonic() - start < 60  # It sat for minutes before.
   assert done.returncode == 2, done.stderr[-3000:]
   line = _last_line(done.stderr)
   num_train = data.dataset_info(tiny_config("clr")).num_train
-  assert line.startswith("error: batch_size=1000000000 is more than 100 "
-                         f"times the {num_train} normal training images")
+  assert line.startswith(
+    "error: batch_size=1000000000 is more than 100 "
+    f"times the {num_train} normal training images"
+  )
   assert f"--config.batch_size={num_train} or lower" in line
   assert "Traceback" not in done.stderr
   assert not (tmp_path / "run" / "checkpoints").exists()
@@ -55,17 +70,19 @@ def test_a_batch_whose_images_exceed_the_memory_is_refused(monkeypatch):
   # Room for two batches of 40 images (the batch and a prefetched one).
   monkeypatch.setattr(run_lib, "physical_memory", lambda: 80 * image)
   config.batch_size = 64
-  with pytest.raises(ConfigError, match=r"batch_size=64 needs .* float32 "
-                     r"images alone, more than this machine's .* of memory; "
-                     r"set --config.batch_size=40 or lower"):
+  with pytest.raises(
+    ConfigError,
+    match=r"batch_size=64 needs .* float32 "
+    r"images alone, more than this machine's .* of memory; "
+    r"set --config.batch_size=40 or lower",
+  ):
     run_lib.check_batch_sizes(config, info)
   config.batch_size = 16
   with pytest.raises(ConfigError, match="--config.eval.batch_size=40 or"):
     run_lib.check_batch_sizes(config, info)  # eval.batch_size is 128.
 
 
-def test_the_loop_runs_at_most_max_in_flight_steps_ahead(tmp_path,
-                                                         monkeypatch):
+def test_the_loop_runs_at_most_max_in_flight_steps_ahead(tmp_path, monkeypatch):
   dispatched, finished, index = [], [0], {}
   real_jit = train.jit_train_step
 
@@ -78,6 +95,7 @@ def test_the_loop_runs_at_most_max_in_flight_steps_ahead(tmp_path,
       state, metrics = step_fn(state, batch, rng)
       index[id(metrics)] = len(dispatched)
       return state, metrics
+
     return step
 
   def wait_for(metrics):
@@ -108,9 +126,13 @@ with interrupts.guarded(), workdir_lock.held(sys.argv[1], "test"):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_inside_a_blocking_call_ends_the_process(tmp_path, sig):
-  process = subprocess.Popen([sys.executable, "-c", _STUCK, str(tmp_path)],
-                             cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+  process = subprocess.Popen(
+    [sys.executable, "-c", _STUCK, str(tmp_path)],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   assert process.stdout.readline() == "locked\n"
   assert (tmp_path / ".lock").exists()
   time.sleep(1)  # Into the second lock call.
@@ -121,7 +143,8 @@ def test_a_signal_inside_a_blocking_call_ends_the_process(tmp_path, sig):
   assert process.returncode == 2
   name = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
   assert _last_line(stderr) == interrupts.hard_exit_message(
-      name, False, interrupts.GRACE_SECS)
+    name, False, interrupts.GRACE_SECS
+  )
   assert not (tmp_path / ".lock").exists()  # Released on the way out.
 
 
@@ -144,8 +167,12 @@ with interrupts.guarded():
 def test_a_wait_for_running_steps_has_a_longer_grace(steps):
   # E.g. a slow step: the loop would save once it ends.
   process = subprocess.Popen(
-      [sys.executable, "-c", _WAITING, str(int(steps))], cwd=REPO,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    [sys.executable, "-c", _WAITING, str(int(steps))],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   assert process.stdout.readline() == "waiting\n"
   time.sleep(1)  # Into the call.
   process.send_signal(signal.SIGTERM)
@@ -155,17 +182,25 @@ def test_a_wait_for_running_steps_has_a_longer_grace(steps):
   else:
     assert process.returncode == 2
     assert _last_line(stderr) == interrupts.hard_exit_message(
-        "SIGTERM", False, interrupts.GRACE_SECS)
+      "SIGTERM", False, interrupts.GRACE_SECS
+    )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_during_setup_and_compilation_exits_within_seconds(
-    tmp_path, sig):
+  tmp_path, sig
+):
   # The start line comes before the pipeline is built and the step compiled.
-  command = [sys.executable, "-m", "jax_oneclass.main",
-             _config_file(tmp_path, 400), f"--workdir={tmp_path / 'run'}"]
-  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+  command = [
+    sys.executable,
+    "-m",
+    "jax_oneclass.main",
+    _config_file(tmp_path, 400),
+    f"--workdir={tmp_path / 'run'}",
+  ]
+  process = subprocess.Popen(
+    command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   line = process.stdout.readline()
   assert "steps 0..400" in line, line
   start = time.monotonic()

@@ -33,13 +33,19 @@ def _graph() -> dict[str, set[str]]:
   for f in files:
     module = _module_name(f)
     # A package's own __init__ does not count as importing its modules.
-    graph[module] = {m for m in _imports(f) if m in names and m != module
-                     and not m.startswith(module + ".")}
+    graph[module] = {
+      m
+      for m in _imports(f)
+      if m in names and m != module and not m.startswith(module + ".")
+    }
     # Importing `a.b.c` runs `a.b`'s __init__ too.
     for m in list(graph[module]):
       parent = m.rpartition(".")[0]
-      if parent in names and parent != module and not module.startswith(
-          parent + "."):
+      if (
+        parent in names
+        and parent != module
+        and not module.startswith(parent + ".")
+      ):
         graph[module].add(parent)
   return graph
 
@@ -52,7 +58,7 @@ def _cycle(graph):
     state[node] = "open"
     for nxt in sorted(graph[node]):
       if state.get(nxt) == "open":
-        return path[path.index(nxt):] + [nxt]
+        return path[path.index(nxt) :] + [nxt]
       if nxt not in state:
         found = visit(nxt, path + [nxt])
         if found:
@@ -76,11 +82,16 @@ def test_the_package_has_no_import_cycle():
 
 def test_lower_layers_do_not_import_upper_ones():
   graph = _graph()
-  upper = {"jax_oneclass.main", "jax_oneclass.train", "jax_oneclass.evaluate",
-           "jax_oneclass.run"}
+  upper = {
+    "jax_oneclass.main",
+    "jax_oneclass.train",
+    "jax_oneclass.evaluate",
+    "jax_oneclass.run",
+  }
   for module, imported in graph.items():
-    if module.startswith(("jax_oneclass.components", "jax_oneclass.methods",
-                          "jax_oneclass.data")):
+    if module.startswith(
+      ("jax_oneclass.components", "jax_oneclass.methods", "jax_oneclass.data")
+    ):
       assert not imported & upper, (module, imported & upper)
 
 

@@ -50,12 +50,14 @@ def test_nt_xent_loss_matches_numpy_loop():
 
 def test_resnet18_shapes_and_size():
   net = SelfSupervisedNet(head_dims=(512,) * 8 + (128,))
-  variables = jax.eval_shape(net.init, jax.random.key(0),
-                             jnp.zeros((2, 32, 32, 3)))
+  variables = jax.eval_shape(
+    net.init, jax.random.key(0), jnp.zeros((2, 32, 32, 3))
+  )
   out = jax.eval_shape(net.apply, variables, jnp.zeros((2, 32, 32, 3)))
   assert out["pool"].shape == (2, 512) and out["embed"].shape == (2, 128)
-  backbone = sum(x.size for x in jax.tree.leaves(
-      variables["params"]["backbone"]))
+  backbone = sum(
+    x.size for x in jax.tree.leaves(variables["params"]["backbone"])
+  )
   # CIFAR ResNet-18 without its classifier: 11.17M parameters.
   assert 11.1e6 < backbone < 11.2e6
 
@@ -72,8 +74,9 @@ def _reference_block(x, params, stats, eps=1e-5):
 
   def bn(x, name):
     p, s = params[name], stats[name]
-    return ((x - np.asarray(s["mean"])) / np.sqrt(np.asarray(s["var"]) + eps)
-            * np.asarray(p["scale"]) + np.asarray(p["bias"]))
+    return (x - np.asarray(s["mean"])) / np.sqrt(
+      np.asarray(s["var"]) + eps
+    ) * np.asarray(p["scale"]) + np.asarray(p["bias"])
 
   y = tf.nn.relu(bn(conv(x, "conv1", 2), "bn1"))
   y = bn(conv(y, "conv2", 1), "bn2")
@@ -87,11 +90,13 @@ def test_stride2_block_pads_symmetrically_like_the_reference():
   variables = block.init(jax.random.key(1), x, train=False)
   # Non-trivial running statistics, so the BatchNorms are not identities.
   variables = jax.tree.map(
-      lambda v: v + 0.1 * jax.random.uniform(jax.random.key(2), v.shape),
-      variables)
+    lambda v: v + 0.1 * jax.random.uniform(jax.random.key(2), v.shape),
+    variables,
+  )
   ours = block.apply(variables, x, train=False)
-  expected = _reference_block(np.asarray(x), variables["params"],
-                              variables["batch_stats"])
+  expected = _reference_block(
+    np.asarray(x), variables["params"], variables["batch_stats"]
+  )
   assert ours.shape == (2, 4, 4, 8)
   np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
 
@@ -101,8 +106,11 @@ def test_batchnorm_train_updates_stats_and_eval_is_batch_independent():
   images = jax.random.uniform(jax.random.key(1), (6, 8, 8, 1))
   variables = net.init(jax.random.key(0), images)
   _, updates = net.apply(variables, images, train=True, mutable=["batch_stats"])
-  changed = jax.tree.map(lambda a, b: not np.allclose(a, b),
-                         variables["batch_stats"], updates["batch_stats"])
+  changed = jax.tree.map(
+    lambda a, b: not np.allclose(a, b),
+    variables["batch_stats"],
+    updates["batch_stats"],
+  )
   assert all(jax.tree.leaves(changed))
   alone = net.apply(variables, images[:1])["pool"]
   in_batch = net.apply(variables, images)["pool"][:1]
@@ -114,26 +122,36 @@ def test_scores_do_not_depend_on_batch_composition(method_name):
   config = tiny_config(method_name)
   info = data.dataset_info(config)
   method = methods.get_method(config, info)
-  state = jax.jit(method.init_state, static_argnums=1)(jax.random.key(0),
-                                                      info.image_shape)
+  state = jax.jit(method.init_state, static_argnums=1)(
+    jax.random.key(0), info.image_shape
+  )
   images = jax.random.uniform(jax.random.key(1), (8,) + info.image_shape)
   embed, score = jax.jit(method.embed), jax.jit(method.score)
   fitted = method.fit(jax.device_get(embed(state, {"image": images})))
   full = score(state, fitted, {"image": images})
   part = score(state, fitted, {"image": images[3:5]})
   for name in full.image:
-    np.testing.assert_allclose(full.image[name][3:5], part.image[name],
-                               rtol=1e-4, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(
+      full.image[name][3:5],
+      part.image[name],
+      rtol=1e-4,
+      atol=1e-5,
+      err_msg=name,
+    )
   for name in full.maps:
-    np.testing.assert_allclose(full.maps[name][3:5], part.maps[name],
-                               rtol=1e-4, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(
+      full.maps[name][3:5], part.maps[name], rtol=1e-4, atol=1e-5, err_msg=name
+    )
 
 
 def test_unknown_method_and_bad_views():
   config = tiny_config("clr")
   info = data.dataset_info(config)
   config.method = "ganomalyy"
-  with pytest.raises(ConfigError, match="Available methods: clr, dgad, disaug, ganomaly, gradient_preference, reverse_distillation, rotnet"):
+  with pytest.raises(
+    ConfigError,
+    match="Available methods: clr, dgad, disaug, ganomaly, gradient_preference, reverse_distillation, rotnet",
+  ):
     methods.get_method(config, info)
   config = tiny_config("rotnet")
   config.data.num_views = 2

@@ -14,8 +14,9 @@ def test_auroc_hand_computed():
 
 
 def test_auroc_accepts_jax_and_bool_labels():
-  got = auroc(jnp.array([0.1, 0.4, 0.35, 0.8]),
-              jnp.array([False, False, True, True]))
+  got = auroc(
+    jnp.array([0.1, 0.4, 0.35, 0.8]), jnp.array([False, False, True, True])
+  )
   assert got == pytest.approx(0.75)
 
 
@@ -37,16 +38,19 @@ def test_auroc_multidimensional():
   assert auroc(scores, labels) == pytest.approx(0.75)
 
 
-@pytest.mark.parametrize('scores, labels, mask, match', [
-    ([0.1, 0.2], [0, 0], None, 'both normal and anomalous'),
-    ([0.1, 0.2], [1, 1], None, 'both normal and anomalous'),
-    ([0.1, 0.2, 0.3], [0, 1], None, 'same shape'),
-    ([0.1, np.nan], [0, 1], None, 'NaN'),
-    ([0.1, 0.2], [0, 2], None, 'binary'),
-    ([0.1, 0.2], [0, 1], [True], 'mask'),
-    ([0.1, 0.2], [0, 1], [1, 1], 'boolean'),
-    ([0.1, 0.2], [0, 1], [False, False], 'no scores'),
-])
+@pytest.mark.parametrize(
+  "scores, labels, mask, match",
+  [
+    ([0.1, 0.2], [0, 0], None, "both normal and anomalous"),
+    ([0.1, 0.2], [1, 1], None, "both normal and anomalous"),
+    ([0.1, 0.2, 0.3], [0, 1], None, "same shape"),
+    ([0.1, np.nan], [0, 1], None, "NaN"),
+    ([0.1, 0.2], [0, 2], None, "binary"),
+    ([0.1, 0.2], [0, 1], [True], "mask"),
+    ([0.1, 0.2], [0, 1], [1, 1], "boolean"),
+    ([0.1, 0.2], [0, 1], [False, False], "no scores"),
+  ],
+)
 def test_auroc_errors(scores, labels, mask, match):
   with pytest.raises(DataError, match=match):
     auroc(scores, labels, mask=None if mask is None else np.asarray(mask))

@@ -14,27 +14,44 @@ from tests.conftest import METHODS, REPO
 
 
 def _env(num_devices: int) -> dict:
-  env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3",
-             JAX_PLATFORMS="cpu")
+  env = dict(
+    os.environ,
+    PYTHONPATH=str(REPO),
+    TF_CPP_MIN_LOG_LEVEL="3",
+    JAX_PLATFORMS="cpu",
+  )
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
   return env
 
 
 def _run_worker(method: str, num_devices: int, workdir) -> dict:
   out = subprocess.run(
-      [sys.executable, str(REPO / "tests" / "parallel_worker.py"), method, "3",
-       str(workdir)],
-      env=_env(num_devices), capture_output=True, text=True, timeout=300,
-      check=False)
+    [
+      sys.executable,
+      str(REPO / "tests" / "parallel_worker.py"),
+      method,
+      "3",
+      str(workdir),
+    ],
+    env=_env(num_devices),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # The first method of each family whose networks normalise over the global
 # batch (the two-stage ResNet with cross-device negatives, the DCGANs).
-_ONE_PER_FAMILY = sorted({methods.family(m): m for m in reversed(METHODS)
-                          if methods.family(m) in ("two_stage", "gan")
-                          }.values())
+_ONE_PER_FAMILY = sorted(
+  {
+    methods.family(m): m
+    for m in reversed(METHODS)
+    if methods.family(m) in ("two_stage", "gan")
+  }.values()
+)
 
 
 @pytest.mark.parametrize("method", _ONE_PER_FAMILY)
@@ -45,8 +62,7 @@ def test_same_steps_on_one_and_four_devices(method, tmp_path):
   # Global-batch BatchNorm and contrastive negatives: same numbers up to
   # float reduction order.
   assert four["losses"] == pytest.approx(one["losses"], rel=1e-4, abs=1e-5)
-  assert four["state_abs_sum"] == pytest.approx(one["state_abs_sum"],
-                                                 rel=1e-4)
+  assert four["state_abs_sum"] == pytest.approx(one["state_abs_sum"], rel=1e-4)
 
 
 def _free_port() -> int:
@@ -58,15 +74,23 @@ def _free_port() -> int:
 def _run_two_processes(flags: list[str], returncode: int = 0) -> list[str]:
   """`main` with `flags` as processes 0 and 1 of one job (2 devices each);
   their outputs, once both exited with `returncode`."""
-  flags = [*flags, "--config.progress_bar=False",
-           f"--coordinator_address=127.0.0.1:{_free_port()}",
-           "--num_processes=2"]
+  flags = [
+    *flags,
+    "--config.progress_bar=False",
+    f"--coordinator_address=127.0.0.1:{_free_port()}",
+    "--num_processes=2",
+  ]
   procs = [
-      subprocess.Popen(
-          [sys.executable, "-m", "jax_oneclass.main", *flags,
-           f"--process_id={i}"], cwd=REPO, env=_env(2),
-          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+    subprocess.Popen(
+      [sys.executable, "-m", "jax_oneclass.main", *flags, f"--process_id={i}"],
+      cwd=REPO,
+      env=_env(2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=400) for p in procs]
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == returncode, err[-3000:]
@@ -74,30 +98,53 @@ def _run_two_processes(flags: list[str], returncode: int = 0) -> list[str]:
 
 
 def test_two_processes_train_and_evaluate(tmp_path):
-  outputs = _run_two_processes([
-      "--config=configs/clr.py:digits", f"--workdir={tmp_path}",
-      "--config.num_train_steps=3", "--config.batch_size=16",
-      "--config.data.image_size=8", "--config.model.stage_sizes=(1,1)",
-      "--config.model.width=4", "--config.model.head_dims=(16,8)",
-      "--config.eval.batch_size=64", "--config.checkpoint_every_steps=2"])
+  outputs = _run_two_processes(
+    [
+      "--config=configs/clr.py:digits",
+      f"--workdir={tmp_path}",
+      "--config.num_train_steps=3",
+      "--config.batch_size=16",
+      "--config.data.image_size=8",
+      "--config.model.stage_sizes=(1,1)",
+      "--config.model.width=4",
+      "--config.model.head_dims=(16,8)",
+      "--config.eval.batch_size=64",
+      "--config.checkpoint_every_steps=2",
+    ]
+  )
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["step"] == 3 and results["num_test"] == 599
   assert "4 devices in 2 processes" in outputs[0]
 
 
 def test_two_processes_both_stop_on_a_held_workdir_lock(tmp_path):
-  sleeper = subprocess.Popen([sys.executable, "-c",
-                              "import time; time.sleep(300)"])
+  sleeper = subprocess.Popen(
+    [sys.executable, "-c", "import time; time.sleep(300)"]
+  )
   try:
-    (tmp_path / ".lock").write_text(json.dumps({
-        "host": socket.gethostname(), "pid": sleeper.pid, "since": 0,
-        "purpose": "training"}))
-    outputs = _run_two_processes([
-        "--config=configs/clr.py:digits", f"--workdir={tmp_path}",
-        "--config.num_train_steps=3", "--config.batch_size=16",
-        "--config.data.image_size=8", "--config.model.stage_sizes=(1,1)",
-        "--config.model.width=4", "--config.model.head_dims=(16,8)"],
-                                 returncode=2)
+    (tmp_path / ".lock").write_text(
+      json.dumps(
+        {
+          "host": socket.gethostname(),
+          "pid": sleeper.pid,
+          "since": 0,
+          "purpose": "training",
+        }
+      )
+    )
+    outputs = _run_two_processes(
+      [
+        "--config=configs/clr.py:digits",
+        f"--workdir={tmp_path}",
+        "--config.num_train_steps=3",
+        "--config.batch_size=16",
+        "--config.data.image_size=8",
+        "--config.model.stage_sizes=(1,1)",
+        "--config.model.width=4",
+        "--config.model.head_dims=(16,8)",
+      ],
+      returncode=2,
+    )
   finally:
     sleeper.kill()
     sleeper.wait()
@@ -110,18 +157,27 @@ def test_two_processes_localise_and_draw_panels(tmp_path):
   # pylint: disable=g-import-not-at-top
   from jax_oneclass.data import mvtec
   from tests.test_mvtec import write_widget
+
   # pylint: enable=g-import-not-at-top
   write_widget(tmp_path)  # 4 good train images; 2 good + 2 defective test.
   data_dir = tmp_path / "tfds"
   mvtec.build_mvtec_like(tmp_path, "widget", data_dir=str(data_dir))
   run = tmp_path / "run"
-  _run_two_processes([
+  _run_two_processes(
+    [
       f"--config=configs/gradient_preference.py:mvtec,folder={tmp_path},"
-      f"category=widget,data_dir={data_dir}", f"--workdir={run}",
-      "--config.data.image_size=32", "--config.model.backbone=resnet_tiny",
-      "--config.num_train_steps=2", "--config.center_steps=1",
-      "--config.batch_size=4", "--config.eval.batch_size=4",
-      "--config.eval.num_overlays=3", "--config.checkpoint_every_steps=2"])
+      f"category=widget,data_dir={data_dir}",
+      f"--workdir={run}",
+      "--config.data.image_size=32",
+      "--config.model.backbone=resnet_tiny",
+      "--config.num_train_steps=2",
+      "--config.center_steps=1",
+      "--config.batch_size=4",
+      "--config.eval.batch_size=4",
+      "--config.eval.num_overlays=3",
+      "--config.checkpoint_every_steps=2",
+    ]
+  )
   results = json.loads((run / "results.json").read_text())
   assert (results["num_test"], results["num_anomalous"]) == (4, 2)
   assert 0.0 <= results["localization"]["anomaly_map"]["aupro"] <= 1.0

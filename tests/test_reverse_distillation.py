@@ -30,15 +30,20 @@ def _abstract_init(arch, side, **kwargs):
     student, decoder_vars = decoder.init_with_output(keys[2], code)
     return features, code, student, ocbe_vars, decoder_vars
 
-  return jax.eval_shape(init, jax.ShapeDtypeStruct((1, side, side, 3),
-                                                   jnp.float32))
+  return jax.eval_shape(
+    init, jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)
+  )
 
 
 def test_wide_resnet50_2_shapes_and_sizes_at_256():
   features, code, student, ocbe_vars, decoder_vars = _abstract_init(
-      "wide_resnet50_2", 256)
-  assert _shapes(features) == [(1, 64, 64, 256), (1, 32, 32, 512),
-                               (1, 16, 16, 1024)]
+    "wide_resnet50_2", 256
+  )
+  assert _shapes(features) == [
+    (1, 64, 64, 256),
+    (1, 32, 32, 512),
+    (1, 16, 16, 1024),
+  ]
   assert code.shape == (1, 8, 8, 2048)
   assert _shapes(student) == _shapes(features)
   params = ocbe_vars["params"]
@@ -46,7 +51,11 @@ def test_wide_resnet50_2_shapes_and_sizes_at_256():
   # stride-2 output is 8x8).
   assert params["bn_layer_0"]["conv1"]["kernel"].shape == (1, 1, 3072, 1024)
   assert params["bn_layer_0"]["downsample_0"]["kernel"].shape == (
-      1, 1, 3072, 2048)
+    1,
+    1,
+    3072,
+    2048,
+  )
   # The official OCBE minus its unused conv4/bn4.
   oce = _size({k: v for k, v in params.items() if k.startswith("bn_layer")})
   assert oce == 48_263_168
@@ -55,27 +64,33 @@ def test_wide_resnet50_2_shapes_and_sizes_at_256():
   decoder_params = decoder_vars["params"]
   assert _size(decoder_params) == 24_917_504
   assert [
-      _size({k: v for k, v in decoder_params.items()
-             if k.startswith(f"layer{i}_")}) for i in (1, 2, 3)
+    _size(
+      {k: v for k, v in decoder_params.items() if k.startswith(f"layer{i}_")}
+    )
+    for i in (1, 2, 3)
   ] == [17_840_128, 5_317_632, 1_759_744]
   # Every BN has running statistics; the teacher's are not counted here.
   assert set(decoder_vars) == {"params", "batch_stats"}
 
 
 def test_anomalib_width_ocbe_size():
-  *_, ocbe_vars, _ = _abstract_init("wide_resnet50_2", 256,
-                                    ocbe_width_per_group=64)
+  *_, ocbe_vars, _ = _abstract_init(
+    "wide_resnet50_2", 256, ocbe_width_per_group=64
+  )
   assert _size(ocbe_vars["params"]) == 30_829_568
 
 
 def test_resnet18_shapes_at_64():
   features, code, student, ocbe_vars, _ = _abstract_init("resnet18", 64)
-  assert _shapes(features) == [(1, 16, 16, 64), (1, 8, 8, 128),
-                               (1, 4, 4, 256)]
+  assert _shapes(features) == [(1, 16, 16, 64), (1, 8, 8, 128), (1, 4, 4, 256)]
   assert code.shape == (1, 2, 2, 512)
   assert _shapes(student) == _shapes(features)
   assert ocbe_vars["params"]["bn_layer_0"]["conv1"]["kernel"].shape == (
-      3, 3, 768, 512)
+    3,
+    3,
+    768,
+    512,
+  )
 
 
 def _normal(rng, shape, std=1.0):
@@ -88,21 +103,33 @@ def test_student_trains_with_finite_gradients():
   # initialisers would take most of this test's time.
   ocbe, decoder = rd.OCBE("basic", 1), rd.StudentDecoder("basic", (1, 1, 1))
   rng = np.random.default_rng(0)
-  features = [_normal(rng, (2, 8 // 2**i, 8 // 2**i, 64 * 2**i))
-              for i in range(3)]
+  features = [
+    _normal(rng, (2, 8 // 2**i, 8 // 2**i, 64 * 2**i)) for i in range(3)
+  ]
   fill = lambda s: _normal(rng, s.shape, 0.05)
   ocbe_vars = jax.tree.map(
-      fill, jax.eval_shape(ocbe.init, jax.random.key(0), features))
-  decoder_vars = jax.tree.map(fill, jax.eval_shape(
-      decoder.init, jax.random.key(0), jnp.zeros((2, 1, 1, 512))))
+    fill, jax.eval_shape(ocbe.init, jax.random.key(0), features)
+  )
+  decoder_vars = jax.tree.map(
+    fill,
+    jax.eval_shape(decoder.init, jax.random.key(0), jnp.zeros((2, 1, 1, 512))),
+  )
 
   @jax.jit
   @jax.value_and_grad
   def loss_and_grads(params):
-    code, _ = ocbe.apply({**ocbe_vars, "params": params[0]}, features,
-                         train=True, mutable=["batch_stats"])
-    student, _ = decoder.apply({**decoder_vars, "params": params[1]}, code,
-                               train=True, mutable=["batch_stats"])
+    code, _ = ocbe.apply(
+      {**ocbe_vars, "params": params[0]},
+      features,
+      train=True,
+      mutable=["batch_stats"],
+    )
+    student, _ = decoder.apply(
+      {**decoder_vars, "params": params[1]},
+      code,
+      train=True,
+      mutable=["batch_stats"],
+    )
     assert _shapes(student) == _shapes(features)
     return rd.reverse_distillation_loss(features, student)
 
@@ -122,24 +149,34 @@ def test_conv_transpose_2x2_is_torchs_conv_transpose():
   # Conv2d(6, 5, 2, 2) with the same weight tensor.
   forward_kernel = kernel.transpose(0, 1, 3, 2)  # HWIO with I=6, O=5.
   conv = lambda y: jax.lax.conv_general_dilated(
-      y, forward_kernel, (2, 2), "VALID",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y,
+    forward_kernel,
+    (2, 2),
+    "VALID",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
   _, vjp = jax.vjp(conv, jnp.zeros((2, 6, 8, 6)))
   np.testing.assert_allclose(fast, vjp(x)[0], atol=1e-5)
   reference = jax.lax.conv_transpose(
-      x, forward_kernel, (2, 2), "VALID",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), transpose_kernel=True)
+    x,
+    forward_kernel,
+    (2, 2),
+    "VALID",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    transpose_kernel=True,
+  )
   np.testing.assert_allclose(fast, reference, atol=1e-5)
   # Flax's own ConvTranspose takes the spatially flipped kernel (spec C3).
-  flax_out = nn.ConvTranspose(6, (2, 2), (2, 2), "VALID", use_bias=False
-                             ).apply({"params": {"kernel": kernel[::-1, ::-1]}},
-                                     x)
+  flax_out = nn.ConvTranspose(6, (2, 2), (2, 2), "VALID", use_bias=False).apply(
+    {"params": {"kernel": kernel[::-1, ::-1]}}, x
+  )
   np.testing.assert_allclose(fast, flax_out, atol=1e-5)
 
 
 def test_conv_transpose_2x2_init_is_torchs_default():
   kernel = rd.ConvTranspose2x2(64).init(
-      jax.random.key(0), jnp.zeros((1, 1, 1, 32)))["params"]["kernel"]
+    jax.random.key(0), jnp.zeros((1, 1, 1, 32))
+  )["params"]["kernel"]
   bound = 1.0 / np.sqrt(4 * 64)  # torch's fan_in of [32, 64, 2, 2] is 256.
   assert np.abs(kernel).max() <= bound
   assert np.abs(kernel).max() > 0.95 * bound
@@ -153,8 +190,9 @@ def test_cosine_distance_maps():
   assert _shapes(maps) == [(2, 4, 4), (2, 2, 2)]
   for m, t, s in zip(maps, teacher, student):
     t, s = np.asarray(t), np.asarray(s)
-    expected = 1 - (t * s).sum(-1) / (np.linalg.norm(t, axis=-1) *
-                                      np.linalg.norm(s, axis=-1))
+    expected = 1 - (t * s).sum(-1) / (
+      np.linalg.norm(t, axis=-1) * np.linalg.norm(s, axis=-1)
+    )
     np.testing.assert_allclose(m, expected, atol=1e-6)
     assert np.all(m >= 0) and np.all(m <= 2)
   for m in rd.cosine_distance_maps(teacher, teacher):
@@ -187,14 +225,16 @@ def test_loss_modes_agree_on_1x1_maps_only():
   expected = 0.0
   for t, s in zip(teacher, student):
     t, s = np.asarray(t).reshape(3, -1), np.asarray(s).reshape(3, -1)
-    cos = (t * s).sum(-1) / np.linalg.norm(t, axis=-1) / np.linalg.norm(
-        s, axis=-1)
+    cos = (
+      (t * s).sum(-1) / np.linalg.norm(t, axis=-1) / np.linalg.norm(s, axis=-1)
+    )
     expected += np.mean(1 - cos)
   np.testing.assert_allclose(flat, expected, rtol=1e-5)
   np.testing.assert_allclose(
-      per_pixel,
-      sum(np.mean(m) for m in rd.cosine_distance_maps(teacher, student)),
-      rtol=1e-6)
+    per_pixel,
+    sum(np.mean(m) for m in rd.cosine_distance_maps(teacher, student)),
+    rtol=1e-6,
+  )
   with pytest.raises(ConfigError, match="per_pixel"):
     rd.reverse_distillation_loss(teacher, student, "flatten")
 
@@ -204,6 +244,10 @@ def test_unknown_arch_is_a_config_error():
     rd.build("resnet101")
   with pytest.raises(ConfigError, match="block"):
     rd.OCBE(block="dense").init(
-        jax.random.key(0),
-        [jnp.zeros((1, 8, 8, 4)), jnp.zeros((1, 4, 4, 8)),
-         jnp.zeros((1, 2, 2, 16))])
+      jax.random.key(0),
+      [
+        jnp.zeros((1, 8, 8, 4)),
+        jnp.zeros((1, 4, 4, 8)),
+        jnp.zeros((1, 2, 2, 16)),
+      ],
+    )

@@ -33,8 +33,9 @@ def _combine(method: str) -> str:
   which must notice that vmap drifts); the others vmap."""
   if method == "reverse_distillation":
     return "auto"
-  return "unrolled" if _FAMILY_CHECKED[methods.family(method)] == method \
-      else "vmap"
+  return (
+    "unrolled" if _FAMILY_CHECKED[methods.family(method)] == method else "vmap"
+  )
 
 
 def _state(workdir, config):
@@ -47,9 +48,16 @@ def _state(workdir, config):
 
 
 def _assert_close(a, b, atol=_ATOL):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(
-      np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=_RTOL,
-      atol=atol), a, b)
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(
+      np.asarray(x, np.float64),
+      np.asarray(y, np.float64),
+      rtol=_RTOL,
+      atol=atol,
+    ),
+    a,
+    b,
+  )
 
 
 def _sweep_config(method, steps=4):
@@ -64,15 +72,20 @@ def _sweep_config(method, steps=4):
 
 def test_grid_values_are_typed_and_bad_grids_fail():
   config = _sweep_config("rotnet")
-  assert sweep.parse_grid(["optimizer.learning_rate=1e-3,3e-4",
-                           "model.head_dims=(16, 8),(8,)"], config) == [
-                               ("optimizer.learning_rate", [1e-3, 3e-4]),
-                               ("model.head_dims", [(16, 8), (8,)])]
-  for bad, message in [("optimizer.lr=1", "Unknown config key"),
-                       ("optimizer.learning_rate=", "no values"),
-                       ("optimizer.learning_rate", "key=value"),
-                       ("seed=1,2", "--seeds"),
-                       ("batch_size=a", "cannot take")]:
+  assert sweep.parse_grid(
+    ["optimizer.learning_rate=1e-3,3e-4", "model.head_dims=(16, 8),(8,)"],
+    config,
+  ) == [
+    ("optimizer.learning_rate", [1e-3, 3e-4]),
+    ("model.head_dims", [(16, 8), (8,)]),
+  ]
+  for bad, message in [
+    ("optimizer.lr=1", "Unknown config key"),
+    ("optimizer.learning_rate=", "no values"),
+    ("optimizer.learning_rate", "key=value"),
+    ("seed=1,2", "--seeds"),
+    ("batch_size=a", "cannot take"),
+  ]:
     with pytest.raises(ConfigError, match=message):
       sweep.parse_grid([bad], config)
 
@@ -98,15 +111,17 @@ def test_member_folders_and_shards(tmp_path):
   grid = sweep.parse_grid(["optimizer.learning_rate=1e-3,3e-4"], config)
   members = sweep.make_members(config, tmp_path, [0, 3], [0, 1], grid)
   assert len(members) == 8
-  assert members[0].workdir == (tmp_path / "class_0" / "seed_0" /
-                                "optimizer.learning_rate=0.001")
+  assert members[0].workdir == (
+    tmp_path / "class_0" / "seed_0" / "optimizer.learning_rate=0.001"
+  )
   assert members[-1].config.optimizer.learning_rate == 3e-4
   assert members[-1].config.data.normal_class == 3
   assert members[-1].config.seed == 1
   assert config.seed == 1 and config.data.normal_class == 1  # Untouched.
   shards = [sweep.shard_members(members, i, 3) for i in range(3)]
   assert sorted((m.workdir for s in shards for m in s)) == sorted(
-      m.workdir for m in members)
+    m.workdir for m in members
+  )
 
 
 def test_mesh_puts_members_on_devices_where_they_divide():
@@ -126,18 +141,24 @@ def test_frozen_members_keep_their_state():
   new = {"w": jnp.ones((2, 3)), "key": jax.random.split(jax.random.key(1))}
   kept = sweep._keep(active, new, old)  # pylint: disable=protected-access
   np.testing.assert_array_equal(kept["w"], [[1, 1, 1], [0, 0, 0]])
-  assert jax.random.key_data(kept["key"][0]).tolist() == jax.random.key_data(
-      new["key"][0]).tolist()
-  assert jax.random.key_data(kept["key"][1]).tolist() == jax.random.key_data(
-      old["key"][1]).tolist()
+  assert (
+    jax.random.key_data(kept["key"][0]).tolist()
+    == jax.random.key_data(new["key"][0]).tolist()
+  )
+  assert (
+    jax.random.key_data(kept["key"][1]).tolist()
+    == jax.random.key_data(old["key"][1]).tolist()
+  )
 
 
 def test_summary_overall_is_mean_over_classes_and_std_over_seeds():
-  summary = sweep.summarise_scorer({"0": {0: 0.9, 1: 0.8}, "1": {0: 0.7,
-                                                                 1: 0.6}})
+  summary = sweep.summarise_scorer(
+    {"0": {0: 0.9, 1: 0.8}, "1": {0: 0.7, 1: 0.6}}
+  )
   assert summary["rows"]["0"]["mean"] == pytest.approx(0.85)
-  assert summary["rows"]["0"]["std"] == pytest.approx(np.std([0.9, 0.8],
-                                                             ddof=1))
+  assert summary["rows"]["0"]["std"] == pytest.approx(
+    np.std([0.9, 0.8], ddof=1)
+  )
   overall = summary["overall"]
   assert overall["mean"] == pytest.approx(0.75)
   assert overall["seed_means"] == pytest.approx({"0": 0.8, "1": 0.7})
@@ -148,27 +169,37 @@ def test_the_reference_file_names_its_sources():
   disaug = sweep.reference_results("disaug", "cifar10")
   assert [r["value"] for r in disaug] == [92.5]
   assert "Sohn" in disaug[0]["source"]
-  assert sorted(r["value"] for r in sweep.reference_results(
-      "reverse_distillation", "mvtec")) == [97.8, 98.5]
+  assert sorted(
+    r["value"] for r in sweep.reference_results("reverse_distillation", "mvtec")
+  ) == [97.8, 98.5]
   assert sweep.reference_results("rotnet", "digits") == []
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "jax_oneclass.sweep", *args],
-                        cwd=REPO, capture_output=True, text=True, timeout=400,
-                        check=False)
+  return subprocess.run(
+    [sys.executable, "-m", "jax_oneclass.sweep", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=400,
+    check=False,
+  )
 
 
-@pytest.mark.parametrize("flags, message", [
+@pytest.mark.parametrize(
+  "flags, message",
+  [
     (["--classes=0,12"], "12 is not a class of digits"),
     (["--grid=optimizer.nope=1,2"], "Unknown config key 'optimizer.nope'"),
     (["--grid=optimizer.learning_rate="], "no values"),
     (["--stack=0"], "--stack=0 must be at least 1"),
     (["--mode=eval"], "--mode is not a sweep flag"),
-])
+  ],
+)
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, flags, message):
-  out = _cli("--config=configs/rotnet.py:digits", f"--workdir={tmp_path}",
-             *flags)
+  out = _cli(
+    "--config=configs/rotnet.py:digits", f"--workdir={tmp_path}", *flags
+  )
   assert out.returncode == 2, out.stderr[-2000:]
   lines = [line for line in out.stderr.splitlines() if line.strip()]
   assert lines[-1].startswith("error: ") and message in lines[-1]
@@ -186,16 +217,24 @@ def _single_run_config(method, normal_class, seed):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_sweeps_and_members_equal_single_runs(tmp_path, method,
-                                                           capsys):
+def test_every_method_sweeps_and_members_equal_single_runs(
+  tmp_path, method, capsys
+):
   config = _sweep_config(method)
-  report = sweep.run_sweep(config, tmp_path / "sweep", classes="0,3",
-                           seeds="0", combine=_combine(method))
+  report = sweep.run_sweep(
+    config,
+    tmp_path / "sweep",
+    classes="0,3",
+    seeds="0",
+    combine=_combine(method),
+  )
   if method == "reverse_distillation":  # vmap drifts: see _combine.
     assert "using unrolled (vmap's state differs" in capsys.readouterr().out
   members = report["members"]
-  assert [(m["class"], m["seed"], m["status"], m["step"])
-          for m in members] == [(0, 0, "finished", 4), (3, 0, "finished", 4)]
+  assert [(m["class"], m["seed"], m["status"], m["step"]) for m in members] == [
+    (0, 0, "finished", 4),
+    (3, 0, "finished", 4),
+  ]
   table = (tmp_path / "sweep" / sweep.TABLE_FILE).read_text()
   assert "| 0 |" in table and "| 3 |" in table and "**overall**" in table
   assert (tmp_path / "sweep" / sweep.PLOT_FILE).stat().st_size > 0
@@ -221,15 +260,18 @@ def test_every_method_sweeps_and_members_equal_single_runs(tmp_path, method,
 def test_halted_sweep_resumes_to_the_same_table_and_skips_finished(tmp_path):
   # One combine mode throughout: 'auto' may time differently per call.
   run = lambda config, workdir: sweep.run_sweep(
-      config, tmp_path / workdir, classes="0,3", seeds="0",
-      combine="unrolled")
+    config, tmp_path / workdir, classes="0,3", seeds="0", combine="unrolled"
+  )
   config = _sweep_config("rotnet")
   straight = run(config, "straight")
   halted = _sweep_config("rotnet")
   halted.halt_after_step = 2
   assert run(halted, "resumed") == {}
-  status = json.loads((tmp_path / "resumed" / "class_3" / "seed_0" /
-                       sweep.STATUS_FILE).read_text())
+  status = json.loads(
+    (
+      tmp_path / "resumed" / "class_3" / "seed_0" / sweep.STATUS_FILE
+    ).read_text()
+  )
   assert status["status"] == "halted" and status["step"] == 2
   resumed = run(config, "resumed")
   table = lambda w: (tmp_path / w / sweep.TABLE_FILE).read_text()
@@ -265,8 +307,9 @@ def test_a_non_finite_member_stops_alone(tmp_path, monkeypatch):
   assert not (tmp_path / "class_3" / "seed_0" / "results.json").exists()
   table = (tmp_path / sweep.TABLE_FILE).read_text()
   assert "class_3/seed_0: non_finite" in table
-  state, step = _state(tmp_path / "class_3" / "seed_0",
-                       _single_run_config("rotnet", 3, 0))
+  state, step = _state(
+    tmp_path / "class_3" / "seed_0", _single_run_config("rotnet", 3, 0)
+  )
   assert step == 2
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
 
@@ -286,16 +329,20 @@ def _stop_class_3(get_method):
 
     method.train_step = train_step
     return method
+
   return wrapped
 
 
 def test_an_early_stopping_member_freezes_while_the_others_go_on(
-    tmp_path, monkeypatch):
-  monkeypatch.setattr(run_lib.methods, "get_method",
-                      _stop_class_3(run_lib.methods.get_method))
+  tmp_path, monkeypatch
+):
+  monkeypatch.setattr(
+    run_lib.methods, "get_method", _stop_class_3(run_lib.methods.get_method)
+  )
   config = _sweep_config("rotnet", steps=6)
-  report = sweep.run_sweep(config, tmp_path / "sweep", classes="0,3",
-                           seeds="0", combine="vmap")
+  report = sweep.run_sweep(
+    config, tmp_path / "sweep", classes="0,3", seeds="0", combine="vmap"
+  )
   by_class = {m["class"]: m for m in report["members"]}
   assert (by_class[0]["status"], by_class[0]["step"]) == ("finished", 6)
   assert (by_class[3]["status"], by_class[3]["step"]) == ("stopped_early", 4)
@@ -308,63 +355,85 @@ def test_an_early_stopping_member_freezes_while_the_others_go_on(
   assert step == 4 and int(swept.step) == 4
   _assert_close(swept, alone)
   # Finished: a rerun neither trains nor evaluates it again.
-  again = sweep.run_sweep(config, tmp_path / "sweep", classes="0,3",
-                          seeds="0")
+  again = sweep.run_sweep(config, tmp_path / "sweep", classes="0,3", seeds="0")
   assert again["summary"] == report["summary"]
 
 
-def test_shards_train_their_own_members_and_the_last_writes_the_table(
-    tmp_path):
+def test_shards_train_their_own_members_and_the_last_writes_the_table(tmp_path):
   config = _sweep_config("rotnet", steps=2)
-  first = sweep.run_sweep(config, tmp_path, classes="0,3", seeds="0",
-                          shard=(0, 2))
+  first = sweep.run_sweep(
+    config, tmp_path, classes="0,3", seeds="0", shard=(0, 2)
+  )
   assert (tmp_path / "class_0" / "seed_0" / "results.json").exists()
   assert not (tmp_path / "class_3").exists()
   assert [m["status"] for m in first["members"]] == ["finished", "missing"]
-  second = sweep.run_sweep(config, tmp_path, classes="0,3", seeds="0",
-                           shard=(1, 2))
-  assert [m["status"] for m in second["members"]] == ["finished",
-                                                      "finished"]
+  second = sweep.run_sweep(
+    config, tmp_path, classes="0,3", seeds="0", shard=(1, 2)
+  )
+  assert [m["status"] for m in second["members"]] == ["finished", "finished"]
   assert set(second["summary"][""][second["headline_scorer"]]["rows"]) == {
-      "0", "3"}
+    "0",
+    "3",
+  }
 
 
 def test_command_line_sweep_and_eval_of_a_member(tmp_path):
   config_file = tmp_path / "tiny.py"
   config_file.write_text(
-      "from tests.conftest import tiny_config\n"
-      "def get_config(arg=None):\n"
-      "  return tiny_config('rotnet', steps=2)\n")
-  out = _cli(f"--config={config_file}", "--classes=0,3", "--seeds=0,1",
-             "--stack=2", "--config.eval.plots=False",
-             f"--workdir={tmp_path / 'w'}")
+    "from tests.conftest import tiny_config\n"
+    "def get_config(arg=None):\n"
+    "  return tiny_config('rotnet', steps=2)\n"
+  )
+  out = _cli(
+    f"--config={config_file}",
+    "--classes=0,3",
+    "--seeds=0,1",
+    "--stack=2",
+    "--config.eval.plots=False",
+    f"--workdir={tmp_path / 'w'}",
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "**overall**" in out.stdout
   rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
   assert len(rows) == 4  # Header, classes 0 and 3, overall.
   member = tmp_path / "w" / "class_3" / "seed_1"
   evaluated = subprocess.run(
-      [sys.executable, "-m", "jax_oneclass.main", f"--workdir={member}",
-       "--mode=eval", f"--results_path={tmp_path / 'eval'}"], cwd=REPO,
-      capture_output=True, text=True, timeout=400, check=False)
+    [
+      sys.executable,
+      "-m",
+      "jax_oneclass.main",
+      f"--workdir={member}",
+      "--mode=eval",
+      f"--results_path={tmp_path / 'eval'}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=400,
+    check=False,
+  )
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   again = json.loads((tmp_path / "eval" / "results.json").read_text())
   saved = json.loads((member / "results.json").read_text())
   assert again["auroc"] == saved["auroc"] and again["step"] == 2
   from jax_oneclass import detector  # pylint: disable=g-import-not-at-top
+
   loaded = detector.Detector.load(member)
   assert loaded.step == 2 and loaded.scorer == saved["scorer"]
 
 
 def _signature(config):
   from jax_oneclass import data  # pylint: disable=g-import-not-at-top
+
   info = data.dataset_info(config)
   method = methods.get_method(config, info)
-  state = jax.eval_shape(lambda k: method.init_state(k, info.image_shape),
-                         jax.random.key(0))
+  state = jax.eval_shape(
+    lambda k: method.init_state(k, info.image_shape), jax.random.key(0)
+  )
   batch = next(data.train_batches(config))
-  return sweep.trace_signature(method, state, batch,
-                               jax.random.key(config.seed + 1))
+  return sweep.trace_signature(
+    method, state, batch, jax.random.key(config.seed + 1)
+  )
 
 
 def test_members_share_a_program_unless_their_step_differs():
@@ -372,10 +441,12 @@ def test_members_share_a_program_unless_their_step_differs():
     c = _single_run_config(method, normal_class, seed)
     c.update_from_flattened_dict(keys)
     return c
+
   base = _signature(config("rotnet"))
   assert _signature(config("rotnet", normal_class=3, seed=2)) == base
-  assert _signature(config("rotnet", **{"optimizer.learning_rate": 1e-2})
-                    ) != base
+  assert (
+    _signature(config("rotnet", **{"optimizer.learning_rate": 1e-2})) != base
+  )
   # Gradient preference selects patches with the seed: one program per seed.
   gp = _signature(config("gradient_preference"))
   assert _signature(config("gradient_preference", normal_class=3)) == gp
@@ -384,16 +455,26 @@ def test_members_share_a_program_unless_their_step_differs():
 
 def test_a_grid_point_is_a_folder_and_a_table_section(tmp_path):
   config = _sweep_config("rotnet", steps=2)
-  report = sweep.run_sweep(config, tmp_path, classes="0", seeds="0",
-                           grid=["optimizer.learning_rate=1e-3,1e-2"])
+  report = sweep.run_sweep(
+    config,
+    tmp_path,
+    classes="0",
+    seeds="0",
+    grid=["optimizer.learning_rate=1e-3,1e-2"],
+  )
   assert [m["grid"] for m in report["members"]] == [
-      {"optimizer.learning_rate": 1e-3}, {"optimizer.learning_rate": 1e-2}]
-  for folder in ("optimizer.learning_rate=0.001",
-                 "optimizer.learning_rate=0.01"):
-    assert (tmp_path / "class_0" / "seed_0" / folder / "results.json"
-            ).is_file()
-  assert sorted(report["summary"]) == ["optimizer.learning_rate=0.001",
-                                       "optimizer.learning_rate=0.01"]
+    {"optimizer.learning_rate": 1e-3},
+    {"optimizer.learning_rate": 1e-2},
+  ]
+  for folder in (
+    "optimizer.learning_rate=0.001",
+    "optimizer.learning_rate=0.01",
+  ):
+    assert (tmp_path / "class_0" / "seed_0" / folder / "results.json").is_file()
+  assert sorted(report["summary"]) == [
+    "optimizer.learning_rate=0.001",
+    "optimizer.learning_rate=0.01",
+  ]
   table = (tmp_path / sweep.TABLE_FILE).read_text()
   assert "## optimizer.learning_rate=0.01" in table
 
@@ -401,21 +482,35 @@ def test_a_grid_point_is_a_folder_and_a_table_section(tmp_path):
 def test_sigterm_saves_every_member_and_the_rerun_finishes_alike(tmp_path):
   import signal  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
-  keys = {"num_train_steps": 300, "checkpoint_every_steps": 4,
-          "log_every_steps": 2, "eval.plots": False,
-          "eval.num_overlays": 0}
+
+  keys = {
+    "num_train_steps": 300,
+    "checkpoint_every_steps": 4,
+    "log_every_steps": 2,
+    "eval.plots": False,
+    "eval.num_overlays": 0,
+  }
   config_file = tmp_path / "tiny.py"
   config_file.write_text(
-      "from tests.conftest import tiny_config\n"
-      "def get_config(arg=None):\n"
-      "  config = tiny_config('rotnet')\n"
-      f"  config.update_from_flattened_dict({keys!r})\n"
-      "  return config\n")
-  command = [sys.executable, "-m", "jax_oneclass.sweep",
-             f"--config={config_file}", "--classes=0,3", "--seeds=0",
-             "--combine=unrolled", f"--workdir={tmp_path / 'w'}"]
-  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    "from tests.conftest import tiny_config\n"
+    "def get_config(arg=None):\n"
+    "  config = tiny_config('rotnet')\n"
+    f"  config.update_from_flattened_dict({keys!r})\n"
+    "  return config\n"
+  )
+  command = [
+    sys.executable,
+    "-m",
+    "jax_oneclass.sweep",
+    f"--config={config_file}",
+    "--classes=0,3",
+    "--seeds=0",
+    "--combine=unrolled",
+    f"--workdir={tmp_path / 'w'}",
+  ]
+  process = subprocess.Popen(
+    command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   first = tmp_path / "w" / "class_3" / "seed_0" / "checkpoints" / "4"
   deadline = time.monotonic() + 300
   while not first.is_dir() and process.poll() is None:
@@ -429,15 +524,19 @@ def test_sigterm_saves_every_member_and_the_rerun_finishes_alike(tmp_path):
   stopped = int(last.split("at step ")[1].split()[0])
   assert 4 <= stopped < 300
   for c in (0, 3):
-    assert (tmp_path / "w" / f"class_{c}" / "seed_0" / "checkpoints" /
-            str(stopped)).is_dir()
+    assert (
+      tmp_path / "w" / f"class_{c}" / "seed_0" / "checkpoints" / str(stopped)
+    ).is_dir()
 
-  rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                         timeout=400, check=False)
+  rerun = subprocess.run(
+    command, cwd=REPO, capture_output=True, text=True, timeout=400, check=False
+  )
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   config = _sweep_config("rotnet")
   config.update_from_flattened_dict(keys)
-  sweep.run_sweep(config, tmp_path / "straight", classes="0,3", seeds="0",
-                  combine="unrolled")
-  assert ((tmp_path / "w" / sweep.TABLE_FILE).read_text() ==
-          (tmp_path / "straight" / sweep.TABLE_FILE).read_text())
+  sweep.run_sweep(
+    config, tmp_path / "straight", classes="0,3", seeds="0", combine="unrolled"
+  )
+  assert (tmp_path / "w" / sweep.TABLE_FILE).read_text() == (
+    tmp_path / "straight" / sweep.TABLE_FILE
+  ).read_text()

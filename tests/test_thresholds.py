@@ -14,8 +14,7 @@ def _brute_fpr_threshold(normal, fpr):
 
 def _brute_f1(scores, labels):
   """(threshold, F1) maximising F1 over 'score > t', largest t on ties."""
-  candidates = sorted(set(scores.tolist()) | {scores.min() - 1.0},
-                      reverse=True)
+  candidates = sorted(set(scores.tolist()) | {scores.min() - 1.0}, reverse=True)
   best = None
   for t in candidates:
     predicted = scores > t
@@ -26,9 +25,10 @@ def _brute_f1(scores, labels):
   return best
 
 
-@pytest.mark.parametrize("seed, n, fpr", [(0, 11, 0.01), (1, 200, 0.05),
-                                          (2, 1000, 0.01), (3, 40, 0.0),
-                                          (4, 7, 0.5)])
+@pytest.mark.parametrize(
+  "seed, n, fpr",
+  [(0, 11, 0.01), (1, 200, 0.05), (2, 1000, 0.01), (3, 40, 0.0), (4, 7, 0.5)],
+)
 def test_fpr_threshold_equals_a_direct_computation(seed, n, fpr):
   normal = np.random.default_rng(seed).normal(size=n)
   got = thresholds.fpr_threshold(normal, fpr)
@@ -53,7 +53,8 @@ def test_f1_threshold_equals_a_direct_computation(seed):
   assert f1 == pytest.approx(want_f1)
   assert threshold == pytest.approx(want_threshold)
   assert thresholds.binary_metrics(scores, labels, threshold)["f1"] == (
-      pytest.approx(f1))
+    pytest.approx(f1)
+  )
 
 
 def test_binary_metrics_hand_computed():
@@ -61,16 +62,18 @@ def test_binary_metrics_hand_computed():
   labels = np.array([0, 0, 1, 1, 1, 0], bool)
   got = thresholds.binary_metrics(scores, labels, 0.5)
   # Flagged: 0.6, 0.9, 0.7 -> 2 true positives, 1 false positive.
-  assert got == pytest.approx({"precision": 2 / 3, "recall": 2 / 3,
-                               "f1": 2 / 3, "fpr": 1 / 3})
+  assert got == pytest.approx(
+    {"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "fpr": 1 / 3}
+  )
 
 
 def test_normalize_puts_the_threshold_at_one_half():
   stats = thresholds.calibrate(np.array([1.0, 2.0, 3.0, 5.0]), fpr=0.25)
   assert stats["threshold"] == 3.0 and stats["count"] == 4
   np.testing.assert_allclose(
-      thresholds.normalize(np.array([3.0, 5.0, 1.0, 100.0, -100.0]), stats),
-      [0.5, 1.0, 0.0, 1.0, 0.0])
+    thresholds.normalize(np.array([3.0, 5.0, 1.0, 100.0, -100.0]), stats),
+    [0.5, 1.0, 0.0, 1.0, 0.0],
+  )
   np.testing.assert_allclose(thresholds.normalize(4.0, stats), 0.75)
 
 

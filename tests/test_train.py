@@ -37,14 +37,19 @@ def test_resume_continues_exactly(tmp_path, method):
   halted = _resume_config(method)
   halted.halt_after_step = 3
   train.train(halted, tmp_path / "resumed")
-  assert checkpointing.Checkpointer(
-      tmp_path / "resumed" / "checkpoints").latest_step() == 3
+  assert (
+    checkpointing.Checkpointer(
+      tmp_path / "resumed" / "checkpoints"
+    ).latest_step()
+    == 3
+  )
   train.train(config, tmp_path / "resumed")  # Continues from step 3.
   straight, meta = _params(tmp_path / "straight", config)
   resumed, meta_resumed = _params(tmp_path / "resumed", config)
   assert meta == meta_resumed and meta["step"] == 6
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-               straight, resumed)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), straight, resumed
+  )
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -70,8 +75,11 @@ def test_corrupt_checkpoint_gives_clear_error_and_keeps_files(tmp_path):
       path.write_bytes(b"garbage")
       corrupted += 1
   assert corrupted
-  with pytest.raises(CheckpointError, match="No checkpoint in .* passed "
-                     "verification .*corrupt_checkpoints.*step 0"):
+  with pytest.raises(
+    CheckpointError,
+    match="No checkpoint in .* passed "
+    "verification .*corrupt_checkpoints.*step 0",
+  ):
     train.train(config, tmp_path)
   moved = list((tmp_path / checkpointing.CORRUPT_DIR).iterdir())
   assert [p.name.split("-")[0] for p in moved] == ["2"]  # Kept, not deleted.
@@ -98,11 +106,13 @@ def test_interrupt_saves_the_current_step(tmp_path, monkeypatch):
     raise KeyboardInterrupt
 
   monkeypatch.setattr(train.data, "train_batches", interrupted_after_three)
-  with pytest.raises(Interrupted, match="at step 3 of 10; saved the "
-                     "checkpoint .*3. Run the same command again"):
+  with pytest.raises(
+    Interrupted,
+    match="at step 3 of 10; saved the "
+    "checkpoint .*3. Run the same command again",
+  ):
     train.train(config, tmp_path)
-  assert checkpointing.Checkpointer(
-      tmp_path / "checkpoints").latest_step() == 3
+  assert checkpointing.Checkpointer(tmp_path / "checkpoints").latest_step() == 3
 
   def interrupted_at_once(cfg, start_step):  # E.g. while compiling.
     del cfg, start_step
@@ -110,8 +120,10 @@ def test_interrupt_saves_the_current_step(tmp_path, monkeypatch):
     yield  # pylint: disable=unreachable
 
   monkeypatch.setattr(train.data, "train_batches", interrupted_at_once)
-  with pytest.raises(Interrupted, match="nothing new to save.*continue from "
-                     "the checkpoint at step 3"):
+  with pytest.raises(
+    Interrupted,
+    match="nothing new to save.*continue from the checkpoint at step 3",
+  ):
     train.train(config, tmp_path)
 
 
@@ -120,13 +132,17 @@ def test_time_based_checkpoints(tmp_path):
   config.checkpoint_every_steps = 100
   config.checkpoint_every_secs = 1e-6  # Due after every step.
   train.train(config, tmp_path)
-  assert checkpointing.Checkpointer(
-      tmp_path / "checkpoints").all_steps() == [1, 2, 3]
+  assert checkpointing.Checkpointer(tmp_path / "checkpoints").all_steps() == [
+    1,
+    2,
+    3,
+  ]
 
 
 def test_pixel_baseline_is_the_distance_to_the_mean_normal_image(tmp_path):
   from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
   from jax_oneclass import data, evaluate  # pylint: disable=g-import-not-at-top
+
   config = tiny_config("clr")
   run = run_lib.setup(config, tmp_path, mode="eval")
   scores = evaluate.pixel_baseline(run)
@@ -149,16 +165,17 @@ def test_pixel_baseline_is_the_distance_to_the_mean_normal_image(tmp_path):
   assert 0.8 < roc_auc_score(is_anomaly, scores) < 0.97
 
 
-def test_dataset_info_carries_the_epoch_size_and_old_runs_default_it(
-    tmp_path):
+def test_dataset_info_carries_the_epoch_size_and_old_runs_default_it(tmp_path):
   import dataclasses  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
   from jax_oneclass import data, optim  # pylint: disable=g-import-not-at-top
+
   config = tiny_config("disaug")  # Rotation copies: 4 examples per image.
   info = data.dataset_info(config)
   assert info.epoch_size == 4 * info.num_train
   assert optim.steps_per_epoch(config, info) == (
-      4 * info.num_train // config.batch_size)
+    4 * info.num_train // config.batch_size
+  )
   fields = dataclasses.asdict(info)
   (tmp_path / "dataset_info.json").write_text(json.dumps(fields))
   assert run_lib.saved_info(tmp_path, config) == info

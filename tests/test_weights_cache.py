@@ -26,7 +26,6 @@ class _Server:
     outer = self
 
     class Handler(http.server.BaseHTTPRequestHandler):
-
       def do_GET(self):  # pylint: disable=invalid-name
         body = outer.files.get(self.path.rsplit("/", 1)[-1])
         if body is None:
@@ -41,8 +40,9 @@ class _Server:
             self.send_error(416)
             return
           self.send_response(206)
-          self.send_header("Content-Range",
-                           f"bytes {start}-{len(body) - 1}/{len(body)}")
+          self.send_header(
+            "Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}"
+          )
         else:
           self.send_response(200)
         self.send_header("Content-Length", str(len(body) - start))
@@ -50,7 +50,7 @@ class _Server:
         rest = body[start:]
         if outer.truncate:
           outer.truncate -= 1
-          rest = rest[:len(rest) // 2]
+          rest = rest[: len(rest) // 2]
           self.close_connection = True
         self.wfile.write(rest)
 
@@ -59,8 +59,7 @@ class _Server:
 
     self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/models"
-    self.thread = threading.Thread(target=self.httpd.serve_forever,
-                                   daemon=True)
+    self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
     self.thread.start()
 
   def close(self):
@@ -77,8 +76,11 @@ def _state_dict_bytes(tmp_path, with_layer4=False):
   for path, shape in shapes.items():
     if path[-1] == "kernel":
       shape = (shape[3], shape[2], shape[0], shape[1])
-    value = rng.uniform(0.5, 1.0, shape) if path[-1] == "var" else (
-        rng.standard_normal(shape) * 0.05)
+    value = (
+      rng.uniform(0.5, 1.0, shape)
+      if path[-1] == "var"
+      else (rng.standard_normal(shape) * 0.05)
+    )
     state[pretrained._torch_key(path[1:])] = value.astype(np.float16)  # pylint: disable=protected-access
   np.savez(tmp_path / "state.npz", **state)
   return (tmp_path / "state.npz").read_bytes(), state
@@ -96,8 +98,11 @@ def server(request, tmp_path, monkeypatch):
   srv.state = state
   monkeypatch.setenv(weights_cache.BASE_URL_ENV, srv.url)
   monkeypatch.setenv(weights_cache.CACHE_ENV, str(tmp_path / "cache"))
-  monkeypatch.setitem(weights_cache.WEIGHTS, "resnet18", weights_cache.Weights(
-      name, hashlib.sha256(body).hexdigest()))
+  monkeypatch.setitem(
+    weights_cache.WEIGHTS,
+    "resnet18",
+    weights_cache.Weights(name, hashlib.sha256(body).hexdigest()),
+  )
   yield srv
   srv.close()
 
@@ -121,12 +126,15 @@ def test_download_then_reuse_the_cache(server, tmp_path):
 
 
 def test_imagenet_pretrained_loads_the_downloaded_file(server):
-  variables = pretrained.load_or_announce_random("imagenet", "resnet18",
-                                                 "Backbone")
+  variables = pretrained.load_or_announce_random(
+    "imagenet", "resnet18", "Backbone"
+  )
   np.testing.assert_array_equal(
-      variables["params"]["layer2_0"]["conv1"]["kernel"],
-      server.state["layer2.0.conv1.weight"].astype(np.float32).transpose(
-          2, 3, 1, 0))
+    variables["params"]["layer2_0"]["conv1"]["kernel"],
+    server.state["layer2.0.conv1.weight"]
+    .astype(np.float32)
+    .transpose(2, 3, 1, 0),
+  )
 
 
 def test_truncated_download_resumes_with_a_range_request(server, tmp_path):
@@ -138,7 +146,8 @@ def test_truncated_download_resumes_with_a_range_request(server, tmp_path):
 
 
 def test_interrupted_run_leaves_a_part_file_the_next_run_resumes(
-    server, tmp_path):
+  server, tmp_path
+):
   server.truncate = 3  # Every attempt of the first call breaks off.
   with pytest.raises(CheckpointError, match="resumes"):
     weights_cache.fetch("resnet18")
@@ -152,8 +161,9 @@ def test_interrupted_run_leaves_a_part_file_the_next_run_resumes(
 
 def test_wrong_hash_is_refused_and_deleted(server, tmp_path, monkeypatch):
   name = "resnet18-f37072fd.pth"
-  monkeypatch.setitem(weights_cache.WEIGHTS, "resnet18",
-                      weights_cache.Weights(name, "f37072fd"))
+  monkeypatch.setitem(
+    weights_cache.WEIGHTS, "resnet18", weights_cache.Weights(name, "f37072fd")
+  )
   with pytest.raises(CheckpointError, match="sha256 .* expected f37072fd"):
     weights_cache.fetch("resnet18")
   assert not list((tmp_path / "cache").iterdir())
@@ -193,32 +203,40 @@ def _two_stage(pretrained_value, arch="resnet18"):
   config = load_config("disaug", "digits")
   config.model.arch = arch
   config.model.pretrained = pretrained_value
-  info = types.SimpleNamespace(image_shape=(16, 16, 1), num_train=64,
-                               epoch_size=256)
+  info = types.SimpleNamespace(
+    image_shape=(16, 16, 1), num_train=64, epoch_size=256
+  )
   return two_stage.TwoStageMethod(config, info)
 
 
 @pytest.mark.parametrize("server", [True], indirect=True)
 def test_two_stage_backbone_starts_from_imagenet_weights(server):
-  state = _two_stage("imagenet").init_state(jax.random.PRNGKey(0),
-                                            (16, 16, 1))
+  state = _two_stage("imagenet").init_state(jax.random.PRNGKey(0), (16, 16, 1))
   backbone = traverse_util.flatten_dict(state.params["backbone"])
-  for path in (("conv1", "kernel"), ("layer2_0", "conv1", "kernel"),
-               ("layer4_1", "conv2", "kernel")):
+  for path in (
+    ("conv1", "kernel"),
+    ("layer2_0", "conv1", "kernel"),
+    ("layer4_1", "conv2", "kernel"),
+  ):
     np.testing.assert_array_equal(
-        backbone[path],
-        server.state[pretrained._torch_key(path)].astype(np.float32)  # pylint: disable=protected-access
-        .transpose(2, 3, 1, 0))
+      backbone[path],
+      server.state[pretrained._torch_key(path)]
+      .astype(np.float32)  # pylint: disable=protected-access
+      .transpose(2, 3, 1, 0),
+    )
   np.testing.assert_array_equal(
-      state.batch_stats["backbone"]["bn1"]["var"],
-      server.state["bn1.running_var"].astype(np.float32))
+    state.batch_stats["backbone"]["bn1"]["var"],
+    server.state["bn1.running_var"].astype(np.float32),
+  )
   # Another seed changes the heads only: they start random.
-  other = _two_stage("imagenet").init_state(jax.random.PRNGKey(1),
-                                            (16, 16, 1))
-  np.testing.assert_array_equal(other.params["backbone"]["conv1"]["kernel"],
-                                backbone[("conv1", "kernel")])
-  assert not np.array_equal(other.params["head"]["dense1"]["kernel"],
-                            state.params["head"]["dense1"]["kernel"])
+  other = _two_stage("imagenet").init_state(jax.random.PRNGKey(1), (16, 16, 1))
+  np.testing.assert_array_equal(
+    other.params["backbone"]["conv1"]["kernel"], backbone[("conv1", "kernel")]
+  )
+  assert not np.array_equal(
+    other.params["head"]["dense1"]["kernel"],
+    state.params["head"]["dense1"]["kernel"],
+  )
 
 
 def test_two_stage_pretrained_needs_a_torchvision_arch(tmp_path):

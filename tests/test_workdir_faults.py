@@ -19,18 +19,26 @@ def test_resuming_with_a_changed_config_is_refused_then_recorded(tmp_path):
   train.train(halted, tmp_path)
   changed = tiny_config("clr", steps=6)
   changed.optimizer.learning_rate = 0.5
-  with pytest.raises(ConfigError, match=r"differs from the one the run .* "
-                     r"(num_train_steps: 4 -> 6|optimizer.learning_rate).*"
-                     r"--allow_config_change"):
+  with pytest.raises(
+    ConfigError,
+    match=r"differs from the one the run .* "
+    r"(num_train_steps: 4 -> 6|optimizer.learning_rate).*"
+    r"--allow_config_change",
+  ):
     train.train(changed, tmp_path)
-  assert json.loads((tmp_path / "config.json").read_text())[
-      "num_train_steps"] == 4  # Nothing was overwritten.
+  assert (
+    json.loads((tmp_path / "config.json").read_text())["num_train_steps"] == 4
+  )  # Nothing was overwritten.
   run, _ = train.train(changed, tmp_path, allow_config_change=True)
   assert run.checkpointer.latest_step() == 6
   history = sorted(p.name for p in (tmp_path / "config_history").iterdir())
   assert history == ["step_000000000.json", "step_000000002.json"]
-  assert json.loads((tmp_path / "config_history" / history[1]).read_text())[
-      "optimizer"]["learning_rate"] == 0.5
+  assert (
+    json.loads((tmp_path / "config_history" / history[1]).read_text())[
+      "optimizer"
+    ]["learning_rate"]
+    == 0.5
+  )
 
 
 def test_another_run_in_the_workdir_is_refused_even_when_allowed(tmp_path):
@@ -42,15 +50,19 @@ def test_another_run_in_the_workdir_is_refused_even_when_allowed(tmp_path):
 
 
 @pytest.mark.xdist_group("run_ganomaly")
-def test_eval_of_an_unwritable_workdir_still_scores(tmp_path, monkeypatch,
-                                                    trained_run):
+def test_eval_of_an_unwritable_workdir_still_scores(
+  tmp_path, monkeypatch, trained_run
+):
   shutil.copytree(trained_run("ganomaly").workdir, tmp_path / "run")
   config = run_lib.saved_config(tmp_path / "run")
   shutil.rmtree(tmp_path / "run" / "fitted")  # As trained, not evaluated.
   (tmp_path / "run" / "results.json").unlink()
   real = logging_utils.writable
-  monkeypatch.setattr(logging_utils, "writable", lambda d: not str(
-      d).startswith(str(tmp_path / "run")) and real(d))
+  monkeypatch.setattr(
+    logging_utils,
+    "writable",
+    lambda d: not str(d).startswith(str(tmp_path / "run")) and real(d),
+  )
   results = evaluate.evaluate(config, tmp_path / "run", output_dir=False)
   assert results["num_test"] == 599
   assert not (tmp_path / "run" / "results.json").exists()
@@ -65,15 +77,26 @@ def _read_only(source, target, command):
   """`command` run with `target` a read-only view of `source` (a private
   mount namespace), or None where this machine allows no such mount."""
   target.mkdir()
-  script = (f"mount --bind {source} {target} && "
-            f"mount -o remount,ro,bind {target} && exec \"$@\"")
-  probe = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", "true"],
-                         capture_output=True, text=True, check=False)
+  script = (
+    f"mount --bind {source} {target} && "
+    f'mount -o remount,ro,bind {target} && exec "$@"'
+  )
+  probe = subprocess.run(
+    ["unshare", "-m", "sh", "-c", script, "sh", "true"],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   if probe.returncode:
     return None
-  return subprocess.run(["unshare", "-m", "sh", "-c", script, "sh",
-                         *command], cwd=REPO, capture_output=True, text=True,
-                        timeout=400, check=False)
+  return subprocess.run(
+    ["unshare", "-m", "sh", "-c", script, "sh", *command],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=400,
+    check=False,
+  )
 
 
 @pytest.mark.xdist_group("run_ganomaly")
@@ -81,22 +104,34 @@ def test_a_read_only_workdir_through_the_command_line(tmp_path, trained_run):
   shared = trained_run("ganomaly").workdir  # Seen read-only: never changed.
   main = [sys.executable, "-m", "jax_oneclass.main"]
   view = tmp_path / "view"
-  done = _read_only(shared, view, [
-      *main, f"--workdir={view}", "--mode=eval"])
+  done = _read_only(shared, view, [*main, f"--workdir={view}", "--mode=eval"])
   if done is None:
     pytest.skip("No mount namespaces here to make a read-only workdir.")
   assert done.returncode == 2
   assert "latent_mse" in done.stdout  # The results were printed.
   assert "is read-only" in done.stderr and "--results_path" in done.stderr
   assert "Traceback" not in done.stderr
-  done = _read_only(shared, tmp_path / "view2", [
-      *main, f"--workdir={tmp_path / 'view2'}", "--mode=eval",
-      f"--results_path={tmp_path / 'out'}"])
+  done = _read_only(
+    shared,
+    tmp_path / "view2",
+    [
+      *main,
+      f"--workdir={tmp_path / 'view2'}",
+      "--mode=eval",
+      f"--results_path={tmp_path / 'out'}",
+    ],
+  )
   assert done.returncode == 0, done.stderr[-2000:]
   assert (tmp_path / "out" / "results.json").is_file()
-  done = _read_only(shared, tmp_path / "view3", [
-      *main, "--config=configs/ganomaly.py:digits",
-      f"--workdir={tmp_path / 'view3' / 'new'}"])
+  done = _read_only(
+    shared,
+    tmp_path / "view3",
+    [
+      *main,
+      "--config=configs/ganomaly.py:digits",
+      f"--workdir={tmp_path / 'view3' / 'new'}",
+    ],
+  )
   assert done.returncode == 2
   assert "Cannot write to --workdir" in done.stderr
   assert "Traceback" not in done.stderr

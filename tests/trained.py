@@ -23,11 +23,13 @@ DIGITS_NORMAL_CLASS = 2
 # nothing improves by min_delta=1, so step 2 decides to stop, the trainer
 # sees it at the log of step 4, saves there and evaluates that state.
 _LOCALISING_FLAGS = {
-    "reverse_distillation": ["--config.num_train_steps=2"],
-    "gradient_preference": ["--config.center_steps=1",
-                            "--config.early_stopping.patience=1",
-                            "--config.early_stopping.min_delta=1.0",
-                            "--config.num_train_steps=40"],
+  "reverse_distillation": ["--config.num_train_steps=2"],
+  "gradient_preference": [
+    "--config.center_steps=1",
+    "--config.early_stopping.patience=1",
+    "--config.early_stopping.min_delta=1.0",
+    "--config.num_train_steps=40",
+  ],
 }
 NUM_OVERLAYS = 3
 
@@ -46,28 +48,37 @@ class TrainedRun:
 def tiny_flags(method: str) -> list[str]:
   """Command-line flags of `tests.conftest.tiny_config`'s digits run."""
   overrides = tiny_overrides(load_config(method, "digits"))
-  model = [f"--config.{k}={str(v).replace(' ', '')}"
-           for k, v in overrides.items()]
-  return model + ["--config.num_train_steps=4", "--config.batch_size=16",
-                  "--config.eval.batch_size=128",
-                  "--config.log_every_steps=2",
-                  "--config.checkpoint_every_steps=2"]
+  model = [
+    f"--config.{k}={str(v).replace(' ', '')}" for k, v in overrides.items()
+  ]
+  return model + [
+    "--config.num_train_steps=4",
+    "--config.batch_size=16",
+    "--config.eval.batch_size=128",
+    "--config.log_every_steps=2",
+    "--config.checkpoint_every_steps=2",
+  ]
 
 
 def _localising_args(method: str, root: Path) -> list[str]:
   from tests.test_mvtec import write_widget  # pylint: disable=g-import-not-at-top
+
   widget = root / "widget_images"
   if not (widget / "widget").is_dir():
     write_widget(widget)
-  return [f"--config=configs/{method}.py:mvtec,folder={widget},"
-          f"category=widget,data_dir={root / f'tfds_{method}'}",
-          "--config.data.image_size=32",
-          "--config.model.backbone=resnet_tiny", "--config.batch_size=4",
-          "--config.eval.batch_size=4", "--config.log_every_steps=2",
-          f"--config.eval.num_overlays={NUM_OVERLAYS}",
-          "--config.checkpoint_every_steps=2",
-          "--config.data.holdout_fraction=0.25",  # 1 of the 4 good images.
-          *_LOCALISING_FLAGS[method]]
+  return [
+    f"--config=configs/{method}.py:mvtec,folder={widget},"
+    f"category=widget,data_dir={root / f'tfds_{method}'}",
+    "--config.data.image_size=32",
+    "--config.model.backbone=resnet_tiny",
+    "--config.batch_size=4",
+    "--config.eval.batch_size=4",
+    "--config.log_every_steps=2",
+    f"--config.eval.num_overlays={NUM_OVERLAYS}",
+    "--config.checkpoint_every_steps=2",
+    "--config.data.holdout_fraction=0.25",  # 1 of the 4 good images.
+    *_LOCALISING_FLAGS[method],
+  ]
 
 
 def command(method: str, root: Path) -> list[str]:
@@ -75,11 +86,18 @@ def command(method: str, root: Path) -> list[str]:
   if localises(method):
     args = _localising_args(method, root)
   else:
-    args = [f"--config=configs/{method}.py:digits,"
-            f"normal_class={DIGITS_NORMAL_CLASS}", *tiny_flags(method),
-            f"--config.eval.num_overlays={NUM_OVERLAYS}"]
-  return [sys.executable, "-m", "jax_oneclass.main", *args,
-          f"--workdir={root / method}"]
+    args = [
+      f"--config=configs/{method}.py:digits,normal_class={DIGITS_NORMAL_CLASS}",
+      *tiny_flags(method),
+      f"--config.eval.num_overlays={NUM_OVERLAYS}",
+    ]
+  return [
+    sys.executable,
+    "-m",
+    "jax_oneclass.main",
+    *args,
+    f"--workdir={root / method}",
+  ]
 
 
 def train_once(method: str, root: Path) -> TrainedRun:
@@ -89,21 +107,31 @@ def train_once(method: str, root: Path) -> TrainedRun:
   with open(root / f"{method}.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not record.is_file():
-      done = subprocess.run(command(method, root), cwd=REPO,
-                            capture_output=True, text=True, timeout=600,
-                            check=False)
+      done = subprocess.run(
+        command(method, root),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+      )
       assert done.returncode == 0, done.stderr[-3000:]
       results = json.loads((root / method / "results.json").read_text())
-      record.write_text(json.dumps({"stdout": done.stdout,
-                                    "stderr": done.stderr,
-                                    "results": results}))
+      record.write_text(
+        json.dumps(
+          {"stdout": done.stdout, "stderr": done.stderr, "results": results}
+        )
+      )
   saved = json.loads(record.read_text())
-  return TrainedRun(method, root / method, saved["stdout"], saved["stderr"],
-                    saved["results"])
+  return TrainedRun(
+    method, root / method, saved["stdout"], saved["stderr"], saved["results"]
+  )
 
 
 def by_method(methods):
   """Parameters over `methods`, each in the xdist group of its run, so a
   run's tests share the worker that trained it."""
-  return [pytest.param(m, id=m, marks=pytest.mark.xdist_group(f"run_{m}"))
-          for m in methods]
+  return [
+    pytest.param(m, id=m, marks=pytest.mark.xdist_group(f"run_{m}"))
+    for m in methods
+  ]

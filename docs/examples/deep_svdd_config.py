@@ -13,7 +13,8 @@ def get_config(arg=None):
   config = config_lib.base_config("my_lab.deep_svdd")
   config.plugins = ("my_lab.classifiers",)  # Registers 'knn'.
   config.classifiers = ml_collections.ConfigDict(
-      {"knn": {"k": 2}, "gde": {"shrinkage": "ledoit_wolf"}})
+    {"knn": {"k": 2}, "gde": {"shrinkage": "ledoit_wolf"}}
+  )
   config.eval.scorer = "svdd"
   config_lib.apply_arg(config, arg)
   return config

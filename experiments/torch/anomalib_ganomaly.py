@@ -76,11 +76,11 @@ BETAS = (0.5, 0.999)
 def _versions():
   """Returns the versions of the libraries this benchmark measures."""
   return {
-      "torch_version": torch.__version__,
-      "anomalib_version": anomalib.__version__,
-      "torch_num_threads": torch.get_num_threads(),
-      "import_rss_mb": _IMPORT_RSS_MB,
-      "python_version": sys.version.split()[0],
+    "torch_version": torch.__version__,
+    "anomalib_version": anomalib.__version__,
+    "torch_num_threads": torch.get_num_threads(),
+    "import_rss_mb": _IMPORT_RSS_MB,
+    "python_version": sys.version.split()[0],
   }
 
 
@@ -97,27 +97,29 @@ class GanomalyTrainer:
 
   def __init__(self, image_size, channels, width, latent):
     self.model = ganomaly_torch.GanomalyModel(
-        input_size=(image_size, image_size),
-        num_input_channels=channels,
-        n_features=width,
-        latent_vec_size=latent,
-        extra_layers=0,
-        add_final_conv_layer=True,
+      input_size=(image_size, image_size),
+      num_input_channels=channels,
+      n_features=width,
+      latent_vec_size=latent,
+      extra_layers=0,
+      add_final_conv_layer=True,
     )
     self.generator_loss = ganomaly_loss.GeneratorLoss(wadv=1, wcon=50, wenc=1)
     self.discriminator_loss = ganomaly_loss.DiscriminatorLoss()
     # Same creation order as anomalib's configure_optimizers: D first, then G.
     self.d_opt = torch.optim.Adam(
-        self.model.discriminator.parameters(), lr=LR, betas=BETAS)
+      self.model.discriminator.parameters(), lr=LR, betas=BETAS
+    )
     self.g_opt = torch.optim.Adam(
-        self.model.generator.parameters(), lr=LR, betas=BETAS)
+      self.model.generator.parameters(), lr=LR, betas=BETAS
+    )
 
   def num_params(self):
     """Returns the parameter counts of the generator and the discriminator."""
     count = lambda m: sum(p.numel() for p in m.parameters())
     return {
-        "generator_params": count(self.model.generator),
-        "discriminator_params": count(self.model.discriminator),
+      "generator_params": count(self.model.generator),
+      "discriminator_params": count(self.model.discriminator),
     }
 
   def train_step(self, images):
@@ -135,8 +137,9 @@ class GanomalyTrainer:
     pred_real, _ = model.discriminator(padded)
 
     pred_fake, _ = model.discriminator(fake)
-    g_loss = self.generator_loss(latent_i, latent_o, padded, fake, pred_real,
-                                 pred_fake)
+    g_loss = self.generator_loss(
+      latent_i, latent_o, padded, fake, pred_real, pred_fake
+    )
     self.g_opt.zero_grad()
     g_loss.backward(retain_graph=True)
     self.g_opt.step()
@@ -159,7 +162,7 @@ class GanomalyTrainer:
     self.model.eval()
     out = []
     for start in range(0, images.shape[0], batch_size):
-      batch = self.model(images[start:start + batch_size])
+      batch = self.model(images[start : start + batch_size])
       out.append(batch.pred_score.reshape(-1).cpu().numpy())
     return np.concatenate(out)
 
@@ -174,37 +177,43 @@ def cmd_throughput(args):
   """Times full training steps on random inputs in [-1, 1]."""
   torch.set_num_threads(args.threads)
   torch.manual_seed(args.seed)
-  trainer = GanomalyTrainer(args.image_size, args.channels, args.width,
-                            args.latent)
-  images = torch.rand(args.batch_size, args.channels, args.image_size,
-                      args.image_size) * 2.0 - 1.0
+  trainer = GanomalyTrainer(
+    args.image_size, args.channels, args.width, args.latent
+  )
+  images = (
+    torch.rand(args.batch_size, args.channels, args.image_size, args.image_size)
+    * 2.0
+    - 1.0
+  )
 
   losses = []
 
   def step():
     losses.append(trainer.train_step(images))
 
-  timing = measure.time_steps(step, args.steps, args.warmup, args.batch_size,
-                              "images")
+  timing = measure.time_steps(
+    step, args.steps, args.warmup, args.batch_size, "images"
+  )
   g_loss, d_loss = losses[-1]
   result = {
-      "benchmark": "anomalib_ganomaly_throughput", **timing,
-      "step_matmul_gflop": measure.torch_step_flops(step) / 1e9,
-      "kernel_rates": measure.torch_kernel_rates(),
-      "final_generator_loss": float(g_loss),
-      "final_discriminator_loss": float(d_loss),
-      "peak_rss_mb": measure.rss_mb(),
-      "image_size": args.image_size,
-      "batch_size": args.batch_size,
-      "width": args.width,
-      "latent": args.latent,
-      "channels": args.channels,
-      "steps": args.steps,
-      "warmup": args.warmup,
-      "threads": args.threads,
-      "seed": args.seed,
-      **trainer.num_params(),
-      **_versions(),
+    "benchmark": "anomalib_ganomaly_throughput",
+    **timing,
+    "step_matmul_gflop": measure.torch_step_flops(step) / 1e9,
+    "kernel_rates": measure.torch_kernel_rates(),
+    "final_generator_loss": float(g_loss),
+    "final_discriminator_loss": float(d_loss),
+    "peak_rss_mb": measure.rss_mb(),
+    "image_size": args.image_size,
+    "batch_size": args.batch_size,
+    "width": args.width,
+    "latent": args.latent,
+    "channels": args.channels,
+    "steps": args.steps,
+    "warmup": args.warmup,
+    "threads": args.threads,
+    "seed": args.seed,
+    **trainer.num_params(),
+    **_versions(),
   }
   measure.emit(result, args.out)
 
@@ -215,15 +224,17 @@ def _ensure_cifar10(data):
   if (data / "train").is_dir() and (data / "test").is_dir():
     return data
   if not CIFAR10_TARBALL.exists():
-    raise FileNotFoundError(f"{data} has no train/ and test/, and "
-                            f"{CIFAR10_TARBALL} does not exist")
+    raise FileNotFoundError(
+      f"{data} has no train/ and test/, and {CIFAR10_TARBALL} does not exist"
+    )
   print(f"extracting {CIFAR10_TARBALL} to {data.parent}", file=sys.stderr)
   data.parent.mkdir(parents=True, exist_ok=True)
   with tarfile.open(CIFAR10_TARBALL) as tar:
     tar.extractall(data.parent)
   if not (data / "train").is_dir():
-    raise FileNotFoundError(f"{data}/train missing after extracting "
-                            f"{CIFAR10_TARBALL}")
+    raise FileNotFoundError(
+      f"{data}/train missing after extracting {CIFAR10_TARBALL}"
+    )
   return data
 
 
@@ -259,13 +270,15 @@ def cmd_cifar10(args):
   classes = sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
   if not 0 <= args.normal_class < len(classes):
     raise ValueError(
-        f"normal_class {args.normal_class} not in 0..{len(classes) - 1}")
+      f"normal_class {args.normal_class} not in 0..{len(classes) - 1}"
+    )
 
   start = time.perf_counter()
   normal = [(args.normal_class, classes[args.normal_class])]
   train_x, _ = _load_split(data / "train", normal, args.image_size)
-  test_x, test_y = _load_split(data / "test", list(enumerate(classes)),
-                               args.image_size)
+  test_x, test_y = _load_split(
+    data / "test", list(enumerate(classes)), args.image_size
+  )
   load_seconds = time.perf_counter() - start
   if train_x.shape[0] < args.batch_size:
     raise ValueError(f"{train_x.shape[0]} training images < batch size")
@@ -280,14 +293,18 @@ def cmd_cifar10(args):
     index = step % batches_per_epoch
     if index == 0:
       order = rng.permutation(train_x.shape[0])
-    batch_idx = order[index * args.batch_size:(index + 1) * args.batch_size]
+    batch_idx = order[index * args.batch_size : (index + 1) * args.batch_size]
     g_loss, d_loss = trainer.train_step(_to_tensor(train_x[batch_idx]))
     g_losses.append(float(g_loss))
     d_losses.append(float(d_loss))
     if args.log_every and (step + 1) % args.log_every == 0:
-      print(f"step {step + 1}/{args.steps} g_loss {g_losses[-1]:.4f} "
-            f"d_loss {d_losses[-1]:.4f} "
-            f"{time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+      print(
+        f"step {step + 1}/{args.steps} g_loss {g_losses[-1]:.4f} "
+        f"d_loss {d_losses[-1]:.4f} "
+        f"{time.perf_counter() - start:.1f}s",
+        file=sys.stderr,
+        flush=True,
+      )
   train_seconds = time.perf_counter() - start
 
   start = time.perf_counter()
@@ -298,32 +315,32 @@ def cmd_cifar10(args):
 
   tail = max(1, min(50, len(g_losses)))
   result = {
-      "benchmark": "anomalib_ganomaly_cifar10",
-      "auroc": auroc,
-      "normal_class": args.normal_class,
-      "normal_class_name": classes[args.normal_class],
-      "train_seconds": train_seconds,
-      "images_per_sec": args.steps * args.batch_size / train_seconds,
-      "score_seconds": score_seconds,
-      "load_seconds": load_seconds,
-      "num_train": int(train_x.shape[0]),
-      "num_test": int(test_x.shape[0]),
-      "num_test_anomalous": int(labels.sum()),
-      "epochs": args.steps / batches_per_epoch,
-      "final_generator_loss_mean": float(np.mean(g_losses[-tail:])),
-      "final_discriminator_loss_mean": float(np.mean(d_losses[-tail:])),
-      "scores_finite": finite,
-      "peak_rss_mb": measure.rss_mb(),
-      "data": str(data),
-      "steps": args.steps,
-      "batch_size": args.batch_size,
-      "image_size": args.image_size,
-      "width": args.width,
-      "latent": args.latent,
-      "seed": args.seed,
-      "threads": args.threads,
-      **trainer.num_params(),
-      **_versions(),
+    "benchmark": "anomalib_ganomaly_cifar10",
+    "auroc": auroc,
+    "normal_class": args.normal_class,
+    "normal_class_name": classes[args.normal_class],
+    "train_seconds": train_seconds,
+    "images_per_sec": args.steps * args.batch_size / train_seconds,
+    "score_seconds": score_seconds,
+    "load_seconds": load_seconds,
+    "num_train": int(train_x.shape[0]),
+    "num_test": int(test_x.shape[0]),
+    "num_test_anomalous": int(labels.sum()),
+    "epochs": args.steps / batches_per_epoch,
+    "final_generator_loss_mean": float(np.mean(g_losses[-tail:])),
+    "final_discriminator_loss_mean": float(np.mean(d_losses[-tail:])),
+    "scores_finite": finite,
+    "peak_rss_mb": measure.rss_mb(),
+    "data": str(data),
+    "steps": args.steps,
+    "batch_size": args.batch_size,
+    "image_size": args.image_size,
+    "width": args.width,
+    "latent": args.latent,
+    "seed": args.seed,
+    "threads": args.threads,
+    **trainer.num_params(),
+    **_versions(),
   }
   measure.emit(result, args.out)
 
@@ -331,20 +348,30 @@ def cmd_cifar10(args):
 def _parser():
   """Returns the command-line parser."""
   parser = argparse.ArgumentParser(
-      description=__doc__.split("\n\n", maxsplit=1)[0])
+    description=__doc__.split("\n\n", maxsplit=1)[0]
+  )
   sub = parser.add_subparsers(dest="command", required=True)
 
   def common(p, steps, threads=2):
     p.add_argument("--image_size", type=int, default=32)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--width", type=int, default=64,
-                   help="n_features of anomalib's GanomalyModel.")
-    p.add_argument("--latent", type=int, default=100,
-                   help="latent_vec_size of anomalib's GanomalyModel.")
+    p.add_argument(
+      "--width",
+      type=int,
+      default=64,
+      help="n_features of anomalib's GanomalyModel.",
+    )
+    p.add_argument(
+      "--latent",
+      type=int,
+      default=100,
+      help="latent_vec_size of anomalib's GanomalyModel.",
+    )
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=threads,
-                   help="torch.set_num_threads.")
+    p.add_argument(
+      "--threads", type=int, default=threads, help="torch.set_num_threads."
+    )
     p.add_argument("--out", default="", help="Also write the JSON here.")
 
   p = sub.add_parser("throughput", help="Train-step images/s on random input.")
@@ -357,8 +384,12 @@ def _parser():
   common(p, steps=500)
   p.add_argument("--data", default="/tmp/cifar10/cifar10-jpeg")
   p.add_argument("--normal_class", type=int, default=0)
-  p.add_argument("--log_every", type=int, default=100,
-                 help="Log losses to stderr every this many steps (0: off).")
+  p.add_argument(
+    "--log_every",
+    type=int,
+    default=100,
+    help="Log losses to stderr every this many steps (0: off).",
+  )
   p.set_defaults(func=cmd_cifar10)
   return parser
 

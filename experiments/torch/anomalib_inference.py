@@ -46,9 +46,9 @@ from experiments import measure  # Standard library only: no JAX here.
 warnings.filterwarnings("ignore")
 
 MODELS = {
-    "rd_resnet18": ("reverse_distillation", "resnet18", 256),
-    "rd_wrn50": ("reverse_distillation", "wide_resnet50_2", 256),
-    "ganomaly": ("ganomaly", None, 32),
+  "rd_resnet18": ("reverse_distillation", "resnet18", 256),
+  "rd_wrn50": ("reverse_distillation", "wide_resnet50_2", 256),
+  "ganomaly": ("ganomaly", None, 32),
 }
 
 
@@ -56,17 +56,28 @@ def _build(model_name):
   """The anomalib Lightning module of `model_name`, in eval mode."""
   # pylint: disable=g-import-not-at-top
   from anomalib.models import Ganomaly, ReverseDistillation
+
   # pylint: enable=g-import-not-at-top
   family, backbone, size = MODELS[model_name]
   if family == "reverse_distillation":
     pre = ReverseDistillation.configure_pre_processor((size, size))
-    module = ReverseDistillation(backbone=backbone, pre_trained=False,
-                                 pre_processor=pre, evaluator=False,
-                                 visualizer=False)
+    module = ReverseDistillation(
+      backbone=backbone,
+      pre_trained=False,
+      pre_processor=pre,
+      evaluator=False,
+      visualizer=False,
+    )
   else:
     pre = Ganomaly.configure_pre_processor((size, size))
-    module = Ganomaly(n_features=64, latent_vec_size=100, extra_layers=0,
-                      pre_processor=pre, evaluator=False, visualizer=False)
+    module = Ganomaly(
+      n_features=64,
+      latent_vec_size=100,
+      extra_layers=0,
+      pre_processor=pre,
+      evaluator=False,
+      visualizer=False,
+    )
   return module.eval()
 
 
@@ -83,9 +94,16 @@ def cmd_export(args):
   start = time.perf_counter()
   onnx_path = module.to_onnx(root, input_size=(size, size))
   times["onnx_export_s"] = time.perf_counter() - start
-  measure.emit({"benchmark": "anomalib_export", "model": args.model,
-                "torch": str(torch_path), "onnx": str(onnx_path), **times},
-               args.out)
+  measure.emit(
+    {
+      "benchmark": "anomalib_export",
+      "model": args.model,
+      "torch": str(torch_path),
+      "onnx": str(onnx_path),
+      **times,
+    },
+    args.out,
+  )
 
 
 def _images(count, size, seed):
@@ -96,13 +114,17 @@ def _images(count, size, seed):
 def _torch_runner(root):
   """images uint8 [N, H, W, 3] -> outputs, with TorchInferencer."""
   from anomalib.deploy import TorchInferencer  # pylint: disable=g-import-not-at-top
-  inferencer = TorchInferencer(path=root / "weights/torch/model.pt",
-                               device="cpu")
+
+  inferencer = TorchInferencer(
+    path=root / "weights/torch/model.pt", device="cpu"
+  )
 
   def outputs(batch):
-    return {k: getattr(batch, k).numpy()
-            for k in ("pred_score", "pred_label", "anomaly_map", "pred_mask")
-            if getattr(batch, k, None) is not None}
+    return {
+      k: getattr(batch, k).numpy()
+      for k in ("pred_score", "pred_label", "anomaly_map", "pred_mask")
+      if getattr(batch, k, None) is not None
+    }
 
   @torch.no_grad()
   def run(images):
@@ -122,11 +144,14 @@ def _torch_runner(root):
 def _onnx_runner(root, threads):
   """images uint8 [N, H, W, 3] -> outputs, with onnxruntime."""
   import onnxruntime  # pylint: disable=g-import-not-at-top
+
   options = onnxruntime.SessionOptions()
   options.intra_op_num_threads = threads
   session = onnxruntime.InferenceSession(
-      str(root / "weights/onnx/model.onnx"), options,
-      providers=["CPUExecutionProvider"])
+    str(root / "weights/onnx/model.onnx"),
+    options,
+    providers=["CPUExecutionProvider"],
+  )
   name = session.get_inputs()[0].name
   outputs = [o.name for o in session.get_outputs()]
 
@@ -142,44 +167,59 @@ def cmd_time(args):
   torch.set_num_threads(args.threads)
   root = Path(args.root) / args.model
   start = time.perf_counter()
-  run = (_torch_runner(root) if args.impl == "torch"
-         else _onnx_runner(root, args.threads))
+  run = (
+    _torch_runner(root)
+    if args.impl == "torch"
+    else _onnx_runner(root, args.threads)
+  )
   load_s = time.perf_counter() - start
   size = MODELS[args.model][2]
   images = _images(args.batch_size, size, args.seed)
   steal, total = measure.cpu_ticks()
   start = time.perf_counter()
-  timing = measure.time_latency_and_throughput(run, images, args.repeats,
-                                               args.warmup)
+  timing = measure.time_latency_and_throughput(
+    run, images, args.repeats, args.warmup
+  )
   steal_end, total_end = measure.cpu_ticks()
   outputs = run(images)
   if hasattr(run, "numpy_input"):  # TorchInferencer.predict(HWC uint8).
     numpy_times = []
-    for image in images[:args.repeats]:
+    for image in images[: args.repeats]:
       begin = time.perf_counter()
       run.numpy_input(image)
       numpy_times.append(time.perf_counter() - begin)
-    timing["latency_ms_numpy_input_median"] = 1000 * sorted(numpy_times)[
-        len(numpy_times) // 2]
+    timing["latency_ms_numpy_input_median"] = (
+      1000 * sorted(numpy_times)[len(numpy_times) // 2]
+    )
   import anomalib  # pylint: disable=g-import-not-at-top
-  measure.emit({
-      "benchmark": "anomalib_inference", "model": args.model,
-      "impl": f"anomalib {args.impl}", **timing, "load_s": load_s,
+
+  measure.emit(
+    {
+      "benchmark": "anomalib_inference",
+      "model": args.model,
+      "impl": f"anomalib {args.impl}",
+      **timing,
+      "load_s": load_s,
       "timed_s": time.perf_counter() - start,
       "cpu_steal_pct": 100 * (steal_end - steal) / max(1, total_end - total),
       "outputs": {k: list(v.shape) for k, v in outputs.items()},
-      "batch_size": args.batch_size, "repeats": args.repeats,
-      "threads": args.threads, "peak_rss_mb": measure.rss_mb(),
+      "batch_size": args.batch_size,
+      "repeats": args.repeats,
+      "threads": args.threads,
+      "peak_rss_mb": measure.rss_mb(),
       "anomalib_version": anomalib.__version__,
       "torch_version": torch.__version__,
       "torch_num_threads": torch.get_num_threads(),
       "onnxruntime_version": _onnxruntime_version(),
-  }, args.out)
+    },
+    args.out,
+  )
 
 
 def _onnxruntime_version():
   try:
     import onnxruntime  # pylint: disable=g-import-not-at-top
+
     return onnxruntime.__version__
   except ImportError:
     return None
@@ -188,7 +228,8 @@ def _onnxruntime_version():
 def _parser():
   """Returns the command-line parser."""
   parser = argparse.ArgumentParser(
-      description=__doc__.split("\n\n", maxsplit=1)[0])
+    description=__doc__.split("\n\n", maxsplit=1)[0]
+  )
   sub = parser.add_subparsers(dest="command", required=True)
 
   def shared(p):

@@ -58,9 +58,11 @@ BETAS = (0.5, 0.99)  # anomalib's configure_optimizers (the paper: 0.999).
 
 def _versions():
   """Returns the versions of the libraries this benchmark measures."""
-  return {"torch_version": torch.__version__,
-          "torch_num_threads": torch.get_num_threads(),
-          "python_version": sys.version.split()[0]}
+  return {
+    "torch_version": torch.__version__,
+    "torch_num_threads": torch.get_num_threads(),
+    "python_version": sys.version.split()[0],
+  }
 
 
 def cmd_rd_throughput(args):
@@ -70,18 +72,25 @@ def cmd_rd_throughput(args):
   from anomalib.models.image.reverse_distillation import loss as rd_loss
   from anomalib.models.image.reverse_distillation import torch_model
   from anomalib.models.image.reverse_distillation.anomaly_map import (
-      AnomalyMapGenerationMode)
+    AnomalyMapGenerationMode,
+  )
+
   # pylint: enable=g-import-not-at-top
   import_rss = measure.rss_mb()
   torch.set_num_threads(args.threads)
   torch.manual_seed(args.seed)
   size = (args.image_size, args.image_size)
   model = torch_model.ReverseDistillationModel(
-      backbone=args.backbone, input_size=size, layers=LAYERS,
-      anomaly_map_mode=AnomalyMapGenerationMode.ADD, pre_trained=False)
+    backbone=args.backbone,
+    input_size=size,
+    layers=LAYERS,
+    anomaly_map_mode=AnomalyMapGenerationMode.ADD,
+    pre_trained=False,
+  )
   criterion = rd_loss.ReverseDistillationLoss()
-  trained = (list(model.decoder.parameters())
-             + list(model.bottleneck.parameters()))
+  trained = list(model.decoder.parameters()) + list(
+    model.bottleneck.parameters()
+  )
   optimizer = torch.optim.Adam(params=trained, lr=LR, betas=BETAS)
   images = torch.randn(args.batch_size, 3, *size)  # As if normalised.
   losses = []
@@ -94,24 +103,35 @@ def cmd_rd_throughput(args):
     optimizer.step()
     losses.append(loss.item())
 
-  timing = measure.time_steps(step, args.steps, args.warmup, args.batch_size,
-                              "images")
+  timing = measure.time_steps(
+    step, args.steps, args.warmup, args.batch_size, "images"
+  )
   count = lambda params: sum(p.numel() for p in params)
-  measure.emit({
-      "benchmark": "anomalib_rd_throughput", **timing,
+  measure.emit(
+    {
+      "benchmark": "anomalib_rd_throughput",
+      **timing,
       "step_matmul_gflop": measure.torch_step_flops(step) / 1e9,
       "kernel_rates": measure.torch_kernel_rates(),
-      "final_loss": losses[-1], "peak_rss_mb": measure.rss_mb(),
-      "import_rss_mb": import_rss, "backbone": args.backbone,
-      "image_size": args.image_size, "batch_size": args.batch_size,
-      "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
+      "final_loss": losses[-1],
+      "peak_rss_mb": measure.rss_mb(),
+      "import_rss_mb": import_rss,
+      "backbone": args.backbone,
+      "image_size": args.image_size,
+      "batch_size": args.batch_size,
+      "steps": args.steps,
+      "warmup": args.warmup,
+      "threads": args.threads,
       "optimizer_params": count(trained),
       # conv4/bn4 of anomalib's OCBE exist (as in the official code) but
       # take no part in the forward, so they never get a gradient.
       "trained_params": count(p for p in trained if p.grad is not None),
       "encoder_params": count(model.encoder.parameters()),
-      "anomalib_version": anomalib.__version__, **_versions(),
-  }, args.out)
+      "anomalib_version": anomalib.__version__,
+      **_versions(),
+    },
+    args.out,
+  )
 
 
 def cmd_bank(args):
@@ -130,35 +150,48 @@ def cmd_bank(args):
   @torch.no_grad()
   def step():
     distances = torch.cdist(queries, bank)
-    result["values"], result["indices"] = distances.topk(args.k,
-                                                         largest=False)
+    result["values"], result["indices"] = distances.topk(args.k, largest=False)
 
-  timing = measure.time_steps(step, args.steps, args.warmup, args.queries,
-                              "queries")
-  measure.emit({
-      "benchmark": "torch_cdist_topk", **timing,
-      "import_rss_mb": import_rss, "data_peak_rss_mb": data_peak,
-      "peak_reset": reset, "rss_before_search_mb": before,
+  timing = measure.time_steps(
+    step, args.steps, args.warmup, args.queries, "queries"
+  )
+  measure.emit(
+    {
+      "benchmark": "torch_cdist_topk",
+      **timing,
+      "import_rss_mb": import_rss,
+      "data_peak_rss_mb": data_peak,
+      "peak_reset": reset,
+      "rss_before_search_mb": before,
       "search_peak_rss_mb": measure.rss_mb(),
       "peak_rss_mb": max(data_peak, measure.rss_mb()),
-      "bank_size": args.bank_size, "dim": args.dim,
-      "queries": args.queries, "k": args.k, "steps": args.steps,
-      "warmup": args.warmup, "threads": args.threads,
-      "index_shape": list(result["indices"].shape), **_versions(),
-  }, args.out)
+      "bank_size": args.bank_size,
+      "dim": args.dim,
+      "queries": args.queries,
+      "k": args.k,
+      "steps": args.steps,
+      "warmup": args.warmup,
+      "threads": args.threads,
+      "index_shape": list(result["indices"].shape),
+      **_versions(),
+    },
+    args.out,
+  )
 
 
 def _parser():
   """Returns the command-line parser."""
   parser = argparse.ArgumentParser(
-      description=__doc__.split("\n\n", maxsplit=1)[0])
+    description=__doc__.split("\n\n", maxsplit=1)[0]
+  )
   sub = parser.add_subparsers(dest="command", required=True)
 
   def shared(p):
     p.add_argument("--steps", type=int, default=5, help="Timed steps.")
     p.add_argument("--warmup", type=int, default=2, help="Untimed steps.")
-    p.add_argument("--threads", type=int, default=2,
-                   help="torch.set_num_threads.")
+    p.add_argument(
+      "--threads", type=int, default=2, help="torch.set_num_threads."
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="Also write the JSON here.")
 

@@ -36,7 +36,8 @@ class BasicBlock(nn.Module):
     self.shortcut = nn.Identity()
     if stride != 1 or c_in != c_out:
       self.shortcut = nn.Sequential(
-          nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+      )
 
   def forward(self, x):
     y = torch.relu(self.bn1(self.conv1(x)))
@@ -45,8 +46,11 @@ class BasicBlock(nn.Module):
 
 def network(width, head_dims, num_rotations):
   """CIFAR ResNet-18 + MLP head (+ rotation classifier)."""
-  layers = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
-            nn.ReLU()]
+  layers = [
+    nn.Conv2d(3, width, 3, 1, 1, bias=False),
+    nn.BatchNorm2d(width),
+    nn.ReLU(),
+  ]
   c = width
   for stage in range(4):
     for block in range(2):
@@ -65,8 +69,9 @@ def network(width, head_dims, num_rotations):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--method", choices=["disaug", "rotnet"],
-                      default="disaug")
+  parser.add_argument(
+    "--method", choices=["disaug", "rotnet"], default="disaug"
+  )
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--image_size", type=int, default=32)
   parser.add_argument("--width", type=int, default=64)
@@ -81,11 +86,13 @@ def main():
   views = 4 if args.method == "rotnet" else 2
   model = network(args.width, head, 4 if args.method == "rotnet" else 0)
   model = model.to(memory_format=torch.channels_last)
-  optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9,
-                              weight_decay=3e-4)
+  optimizer = torch.optim.SGD(
+    model.parameters(), lr=0.01, momentum=0.9, weight_decay=3e-4
+  )
   n = args.batch_size * views
   images = torch.rand(n, 3, args.image_size, args.image_size).contiguous(
-      memory_format=torch.channels_last)
+    memory_format=torch.channels_last
+  )
   labels = torch.arange(views).repeat_interleave(args.batch_size)
   losses = []
 
@@ -93,11 +100,13 @@ def main():
     if args.method == "rotnet":
       return nn.functional.cross_entropy(out, labels)
     z = nn.functional.normalize(out, dim=-1)
-    a, b = z[:args.batch_size], z[args.batch_size:]
+    a, b = z[: args.batch_size], z[args.batch_size :]
     target = torch.arange(args.batch_size)
     logits = a @ b.T / 0.2
-    return 0.5 * (nn.functional.cross_entropy(logits, target)
-                  + nn.functional.cross_entropy(logits.T, target))
+    return 0.5 * (
+      nn.functional.cross_entropy(logits, target)
+      + nn.functional.cross_entropy(logits.T, target)
+    )
 
   def step():
     optimizer.zero_grad()
@@ -107,11 +116,17 @@ def main():
     losses.append(loss.item())
 
   timing = measure.time_steps(step, args.steps, args.warmup, n, "images")
-  measure.emit({"benchmark": f"torch_{args.method}_step", **timing,
-                "images_per_step": n, "final_loss": losses[-1],
-                "peak_rss_mb": measure.rss_mb(),
-                "torch_version": torch.__version__,
-                "threads": torch.get_num_threads()})
+  measure.emit(
+    {
+      "benchmark": f"torch_{args.method}_step",
+      **timing,
+      "images_per_step": n,
+      "final_loss": losses[-1],
+      "peak_rss_mb": measure.rss_mb(),
+      "torch_version": torch.__version__,
+      "threads": torch.get_num_threads(),
+    }
+  )
 
 
 if __name__ == "__main__":

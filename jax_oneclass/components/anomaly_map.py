@@ -18,7 +18,7 @@ from jax_oneclass.errors import ConfigError
 
 # Boundary modes by numpy.pad's names: 'symmetric' is SciPy's 'reflect' (its
 # default), 'reflect' is SciPy's 'mirror' (torch's reflect padding).
-BOUNDARY_MODES = ('symmetric', 'reflect')
+BOUNDARY_MODES = ("symmetric", "reflect")
 
 
 def _size_pair(size) -> tuple[int, int]:
@@ -45,7 +45,7 @@ def _align_corners_matrix(in_size: int, out_size: int) -> np.ndarray:
   return weights
 
 
-@functools.partial(jax.jit, static_argnames=('size',))
+@functools.partial(jax.jit, static_argnames=("size",))
 def resize_bilinear_align_corners(maps: jax.Array, size) -> jax.Array:
   """Bilinear resize with `align_corners=True` (PyTorch's convention).
 
@@ -64,8 +64,9 @@ def resize_bilinear_align_corners(maps: jax.Array, size) -> jax.Array:
   rows = jnp.asarray(_align_corners_matrix(maps.shape[-2], height), maps.dtype)
   cols = jnp.asarray(_align_corners_matrix(maps.shape[-1], width), maps.dtype)
   # HIGHEST keeps the weights exact on accelerators that default to TF32.
-  return jnp.einsum('Hh,...hw,Ww->...HW', rows, maps, cols,
-                    precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum(
+    "Hh,...hw,Ww->...HW", rows, maps, cols, precision=jax.lax.Precision.HIGHEST
+  )
 
 
 def gaussian_kernel(sigma: float, truncate: float = 4.0) -> np.ndarray:
@@ -83,7 +84,7 @@ def _padded_indices(size: int, radius: int, mode: str) -> np.ndarray:
   extension when the kernel is wider than the map.
   """
   index = np.arange(-radius, size + radius)
-  if mode == 'symmetric':  # d c b a | a b c d | d c b a: period 2 * size.
+  if mode == "symmetric":  # d c b a | a b c d | d c b a: period 2 * size.
     period = 2 * size
     index = index % period
     return np.where(index < size, index, period - 1 - index)
@@ -101,13 +102,17 @@ def blur_matrix(size: int, kernel: np.ndarray, mode: str) -> np.ndarray:
   source = _padded_indices(size, radius, mode)  # Of each padded position.
   matrix = np.zeros((size, size))
   for tap, weight in enumerate(kernel):
-    np.add.at(matrix, (np.arange(size), source[tap:tap + size]), weight)
+    np.add.at(matrix, (np.arange(size), source[tap : tap + size]), weight)
   return matrix
 
 
-@functools.partial(jax.jit, static_argnames=('sigma', 'truncate', 'mode'))
-def gaussian_blur(maps: jax.Array, sigma: float = 4.0, truncate: float = 4.0,
-                  mode: str = 'symmetric') -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("sigma", "truncate", "mode"))
+def gaussian_blur(
+  maps: jax.Array,
+  sigma: float = 4.0,
+  truncate: float = 4.0,
+  mode: str = "symmetric",
+) -> jax.Array:
   """Separable Gaussian smoothing over the last two axes.
 
   Equals `scipy.ndimage.gaussian_filter(m, sigma, truncate=truncate,
@@ -128,23 +133,25 @@ def gaussian_blur(maps: jax.Array, sigma: float = 4.0, truncate: float = 4.0,
     The smoothed maps, same shape and dtype.
   """
   if mode not in BOUNDARY_MODES:
-    raise ConfigError(f'gaussian_blur: mode must be one of {BOUNDARY_MODES}, '
-                     f'got {mode!r}.')
+    raise ConfigError(
+      f"gaussian_blur: mode must be one of {BOUNDARY_MODES}, got {mode!r}."
+    )
   kernel = gaussian_kernel(sigma, truncate)
   rows = jnp.asarray(blur_matrix(maps.shape[-2], kernel, mode), maps.dtype)
   cols = jnp.asarray(blur_matrix(maps.shape[-1], kernel, mode), maps.dtype)
   # Two small matmuls; HIGHEST keeps them float32-exact on accelerators
   # that default to TF32 (and ONNX converters read einsums well).
-  return jnp.einsum('Hh,...hw,Ww->...HW', rows, maps, cols,
-                    precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum(
+    "Hh,...hw,Ww->...HW", rows, maps, cols, precision=jax.lax.Precision.HIGHEST
+  )
 
 
 # How the upsampled maps of several scales become one: fn(list of
 # [..., H, W]) -> [..., H, W]. RD4AD sums them.
 MAP_FUSIONS = {
-    'sum': sum,
-    'mean': lambda maps: sum(maps) / len(maps),
-    'product': lambda maps: functools.reduce(jnp.multiply, maps),
+  "sum": sum,
+  "mean": lambda maps: sum(maps) / len(maps),
+  "product": lambda maps: functools.reduce(jnp.multiply, maps),
 }
 
 
@@ -152,8 +159,10 @@ def register_map_fusion(name: str, fn, replace: bool = False) -> None:
   """Makes `fn(list of [..., H, W] maps) -> [..., H, W]` (jnp, jit-able)
   the fusion `model.map_fusion=name`; an existing name needs `replace`."""
   if name in MAP_FUSIONS and not replace:
-    raise ConfigError(f'A map fusion {name!r} is registered already; pass '
-                      'replace=True to replace it, or choose another name.')
+    raise ConfigError(
+      f"A map fusion {name!r} is registered already; pass "
+      "replace=True to replace it, or choose another name."
+    )
   MAP_FUSIONS[name] = fn
 
 
@@ -162,22 +171,31 @@ def map_fusion(name: str):
   'package.module.function' (imported here). Never a silent default."""
   if name in MAP_FUSIONS:
     return MAP_FUSIONS[name]
-  module, _, attr = name.rpartition('.')
+  module, _, attr = name.rpartition(".")
   if module:
     try:
       return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
       raise ConfigError(
-          f'model.map_fusion={name!r} cannot be imported ({e}); add its '
-          'folder to PYTHONPATH or list its module in config.plugins.') from e
-  raise ConfigError(f'Unknown model.map_fusion {name!r}; choose one of '
-                    f'{sorted(MAP_FUSIONS)}, an import path '
-                    "'package.module.function', or register one with "
-                    'anomaly_map.register_map_fusion.')
+        f"model.map_fusion={name!r} cannot be imported ({e}); add its "
+        "folder to PYTHONPATH or list its module in config.plugins."
+      ) from e
+  raise ConfigError(
+    f"Unknown model.map_fusion {name!r}; choose one of "
+    f"{sorted(MAP_FUSIONS)}, an import path "
+    "'package.module.function', or register one with "
+    "anomaly_map.register_map_fusion."
+  )
 
 
-def anomaly_map(maps, size, sigma: float = 4.0, mode: str = 'symmetric',
-                truncate: float = 4.0, fusion='sum') -> jax.Array:
+def anomaly_map(
+  maps,
+  size,
+  sigma: float = 4.0,
+  mode: str = "symmetric",
+  truncate: float = 4.0,
+  fusion="sum",
+) -> jax.Array:
   """Upsamples [..., h, w] maps to `size` (align corners), then smooths them.
 
   `maps` is one array, or a sequence of arrays at several scales that are

@@ -52,8 +52,9 @@ def torchvision_inputs(images: jax.Array) -> jax.Array:
   return imagenet_normalize(images)
 
 
-def frozen_features(backbone: nn.Module, variables, images: jax.Array
-                    ) -> dict[str, jax.Array]:
+def frozen_features(
+  backbone: nn.Module, variables, images: jax.Array
+) -> dict[str, jax.Array]:
   """Eval-mode features of images in [0, 1] (see `torchvision_inputs`),
   with no gradient flowing back."""
   features = backbone.apply(variables, torchvision_inputs(images))
@@ -64,12 +65,17 @@ def local_mean(x: jax.Array, size: int) -> jax.Array:
   """Mean of each `size` x `size` window (stride 1, 'same' output) over the
   pixels inside the map: average pooling without counting the padding,
   written as two VALID poolings so that ONNX converters read it right."""
-  pad = ((0, 0), ((size - 1) // 2, size // 2), ((size - 1) // 2, size // 2),
-         (0, 0))
+  pad = (
+    (0, 0),
+    ((size - 1) // 2, size // 2),
+    ((size - 1) // 2, size // 2),
+    (0, 0),
+  )
   window = dict(window_shape=(size, size), padding="VALID")
   sums = nn.avg_pool(jnp.pad(x, pad), **window)
-  counts = nn.avg_pool(jnp.pad(jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype),
-                               pad), **window)
+  counts = nn.avg_pool(
+    jnp.pad(jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype), pad), **window
+  )
   return sums / counts
 
 
@@ -86,8 +92,9 @@ def resize_matrix(size_in: int, size_out: int) -> np.ndarray:
   return weights / weights.sum(axis=1, keepdims=True)
 
 
-def patch_features(features: dict[str, jax.Array], layers: Sequence[str],
-                   neighbourhood: int = 3) -> jax.Array:
+def patch_features(
+  features: dict[str, jax.Array], layers: Sequence[str], neighbourhood: int = 3
+) -> jax.Array:
   """Multi-level patch features on the grid of `layers[0]`.
 
   Each named map is averaged over a `neighbourhood` x `neighbourhood`
@@ -97,8 +104,10 @@ def patch_features(features: dict[str, jax.Array], layers: Sequence[str],
   """
   unknown = [name for name in layers if name not in features]
   if unknown or not layers:
-    raise ConfigError(f"Feature layers {list(layers)} must be a non-empty "
-                      f"subset of {sorted(features)}.")
+    raise ConfigError(
+      f"Feature layers {list(layers)} must be a non-empty "
+      f"subset of {sorted(features)}."
+    )
   height, width = features[layers[0]].shape[1:3]
   parts = []
   for name in layers:
@@ -108,14 +117,20 @@ def patch_features(features: dict[str, jax.Array], layers: Sequence[str],
     if level.shape[1:3] != (height, width):
       rows = jnp.asarray(resize_matrix(level.shape[1], height), level.dtype)
       cols = jnp.asarray(resize_matrix(level.shape[2], width), level.dtype)
-      level = jnp.einsum("Hh,bhwc,Ww->bHWc", rows, level, cols,
-                         precision=jax.lax.Precision.HIGHEST)
+      level = jnp.einsum(
+        "Hh,bhwc,Ww->bHWc",
+        rows,
+        level,
+        cols,
+        precision=jax.lax.Precision.HIGHEST,
+      )
     parts.append(level)
   return jnp.concatenate(parts, axis=-1)
 
 
-def _shortcut(x, features: int, stride: int, train: bool,
-              settings: conv_lib.ConvSettings):
+def _shortcut(
+  x, features: int, stride: int, train: bool, settings: conv_lib.ConvSettings
+):
   """Identity, or a strided 1x1 conv + BN when the shape changes."""
   if x.shape[-1] == features and stride == 1:
     return x
@@ -137,8 +152,7 @@ class BasicBlock(nn.Module):
     y = nn.relu(batch_norm(train, "bn1")(y))
     y = conv(self.planes, 3, 1, "conv2", settings)(y)
     y = batch_norm(train, "bn2")(y)
-    return nn.relu(y + _shortcut(x, self.planes, self.stride, train,
-                                 settings))
+    return nn.relu(y + _shortcut(x, self.planes, self.stride, train, settings))
 
 
 class Bottleneck(nn.Module):
@@ -163,8 +177,9 @@ class Bottleneck(nn.Module):
     y = nn.relu(batch_norm(train, "bn2")(y))
     y = conv(4 * self.planes, 1, 1, "conv3", settings)(y)
     y = batch_norm(train, "bn3")(y)
-    return nn.relu(y + _shortcut(x, 4 * self.planes, self.stride, train,
-                                 settings))
+    return nn.relu(
+      y + _shortcut(x, 4 * self.planes, self.stride, train, settings)
+    )
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -192,14 +207,17 @@ class TorchResNet(nn.Module):
   def __call__(self, x, train: bool = False):
     if self.block not in _BLOCKS:
       raise ConfigError(
-          f"block must be one of {sorted(_BLOCKS)}, got {self.block!r}.")
-    block = functools.partial(_BLOCKS[self.block],
-                              conv_settings=self.conv_settings)
+        f"block must be one of {sorted(_BLOCKS)}, got {self.block!r}."
+      )
+    block = functools.partial(
+      _BLOCKS[self.block], conv_settings=self.conv_settings
+    )
     if self.block == "bottleneck":
       block = functools.partial(block, width_per_group=self.width_per_group)
     elif self.width_per_group != 64:
       raise ConfigError(
-          "Basic blocks need width_per_group=64, as in torchvision.")
+        "Basic blocks need width_per_group=64, as in torchvision."
+      )
     x = conv(self.base_width, 7, 2, "conv1", self.conv_settings)(x)
     x = nn.relu(batch_norm(train, "bn1")(x))
     # torch's MaxPool2d(3, 2, padding=1): -inf padding, then a VALID window
@@ -210,9 +228,9 @@ class TorchResNet(nn.Module):
     for stage in range(4 if self.with_layer4 else 3):
       for i in range(self.stage_sizes[stage]):
         stride = 2 if stage > 0 and i == 0 else 1
-        x = block(self.base_width * 2**stage, stride,
-                  name=f"layer{stage + 1}_{i}")(
-            x, train)
+        x = block(
+          self.base_width * 2**stage, stride, name=f"layer{stage + 1}_{i}"
+        )(x, train)
       features[f"layer{stage + 1}"] = x
     if self.with_layer4:
       features["pool"] = jnp.mean(x, axis=(1, 2))
@@ -222,54 +240,76 @@ class TorchResNet(nn.Module):
 _DEFAULT_SETTINGS = conv_lib.ConvSettings()
 
 
-def resnet18(with_layer4: bool = False,
-             conv_settings: conv_lib.ConvSettings = _DEFAULT_SETTINGS
-             ) -> TorchResNet:
+def resnet18(
+  with_layer4: bool = False,
+  conv_settings: conv_lib.ConvSettings = _DEFAULT_SETTINGS,
+) -> TorchResNet:
   """torchvision `resnet18`: basic blocks, 64/128/256(/512) channels."""
-  return TorchResNet("basic", (2, 2, 2, 2), with_layer4=with_layer4,
-                     conv_settings=conv_settings)
+  return TorchResNet(
+    "basic", (2, 2, 2, 2), with_layer4=with_layer4, conv_settings=conv_settings
+  )
 
 
-def resnet50(with_layer4: bool = False,
-             conv_settings: conv_lib.ConvSettings = _DEFAULT_SETTINGS
-             ) -> TorchResNet:
+def resnet50(
+  with_layer4: bool = False,
+  conv_settings: conv_lib.ConvSettings = _DEFAULT_SETTINGS,
+) -> TorchResNet:
   """torchvision `resnet50`: bottlenecks, 256/512/1024(/2048) channels."""
-  return TorchResNet("bottleneck", (3, 4, 6, 3), with_layer4=with_layer4,
-                     conv_settings=conv_settings)
+  return TorchResNet(
+    "bottleneck",
+    (3, 4, 6, 3),
+    with_layer4=with_layer4,
+    conv_settings=conv_settings,
+  )
 
 
-def wide_resnet50_2(with_layer4: bool = False,
-                    conv_settings: conv_lib.ConvSettings = _DEFAULT_SETTINGS
-                    ) -> TorchResNet:
+def wide_resnet50_2(
+  with_layer4: bool = False,
+  conv_settings: conv_lib.ConvSettings = _DEFAULT_SETTINGS,
+) -> TorchResNet:
   """torchvision `wide_resnet50_2`: resnet50 with twice the inner width."""
-  return TorchResNet("bottleneck", (3, 4, 6, 3), width_per_group=128,
-                     with_layer4=with_layer4, conv_settings=conv_settings)
+  return TorchResNet(
+    "bottleneck",
+    (3, 4, 6, 3),
+    width_per_group=128,
+    with_layer4=with_layer4,
+    conv_settings=conv_settings,
+  )
 
 
-def resnet_tiny(with_layer4: bool = False,
-                conv_settings: conv_lib.ConvSettings = _DEFAULT_SETTINGS
-                ) -> TorchResNet:
+def resnet_tiny(
+  with_layer4: bool = False,
+  conv_settings: conv_lib.ConvSettings = _DEFAULT_SETTINGS,
+) -> TorchResNet:
   """Not a torchvision model: resnet18's layout at 1/8 of its widths
   (8/16/32(/64) channels) with one block per stage, for tests and smoke
   runs. No pretrained weights exist for it."""
-  return TorchResNet("basic", (1, 1, 1, 1), with_layer4=with_layer4,
-                     base_width=8, conv_settings=conv_settings)
+  return TorchResNet(
+    "basic",
+    (1, 1, 1, 1),
+    with_layer4=with_layer4,
+    base_width=8,
+    conv_settings=conv_settings,
+  )
 
 
 ARCHS = {
-    "resnet18": resnet18,
-    "resnet50": resnet50,
-    "wide_resnet50_2": wide_resnet50_2,
-    "resnet_tiny": resnet_tiny,
+  "resnet18": resnet18,
+  "resnet50": resnet50,
+  "wide_resnet50_2": wide_resnet50_2,
+  "resnet_tiny": resnet_tiny,
 }
 
 
-def build(arch: str, with_layer4: bool = False,
-          conv_settings: conv_lib.ConvSettings = _DEFAULT_SETTINGS
-          ) -> TorchResNet:
+def build(
+  arch: str,
+  with_layer4: bool = False,
+  conv_settings: conv_lib.ConvSettings = _DEFAULT_SETTINGS,
+) -> TorchResNet:
   """The backbone named `arch` (a key of `ARCHS`), its convolutions
   computed as `conv_settings` say."""
   if arch not in ARCHS:
     raise ConfigError(
-        f"Unknown backbone {arch!r}; choose one of {sorted(ARCHS)}.")
+      f"Unknown backbone {arch!r}; choose one of {sorted(ARCHS)}."
+    )
   return ARCHS[arch](with_layer4, conv_settings)

@@ -61,8 +61,10 @@ _tuned: dict = {}
 def check_mode(mode: str) -> str:
   """`mode` if it is one of MODES; ConfigError otherwise."""
   if mode not in MODES:
-    raise ConfigError(f"Unknown conv weight-gradient mode {mode!r}; use one "
-                      f"of {', '.join(MODES)} (config.conv_weight_grad).")
+    raise ConfigError(
+      f"Unknown conv weight-gradient mode {mode!r}; use one "
+      f"of {', '.join(MODES)} (config.conv_weight_grad)."
+    )
   return mode
 
 
@@ -86,8 +88,12 @@ class ConvSettings:
 
   def conv_general_dilated(self, *args, **kwargs):
     """`conv_general_dilated` with these settings (for `nn.Conv`)."""
-    return conv_general_dilated(*args, weight_grad=self.weight_grad,
-                                compute_dtype=self.compute_dtype, **kwargs)
+    return conv_general_dilated(
+      *args,
+      weight_grad=self.weight_grad,
+      compute_dtype=self.compute_dtype,
+      **kwargs,
+    )
 
   def matmul(self, x, kernel):
     """`matmul` in these settings' compute dtype."""
@@ -96,28 +102,44 @@ class ConvSettings:
 
 def settings(config) -> ConvSettings:
   """The ConvSettings of a run's config (`dtype`, `conv_weight_grad`)."""
-  return ConvSettings(config.get("dtype", "float32"),
-                      config.get("conv_weight_grad", "im2col_cpu"))
+  return ConvSettings(
+    config.get("dtype", "float32"), config.get("conv_weight_grad", "im2col_cpu")
+  )
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None,
-                         feature_group_count=1, batch_group_count=1,
-                         precision=None, preferred_element_type=None, *,
-                         weight_grad: str = "im2col_cpu",
-                         compute_dtype=None):
+def conv_general_dilated(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  batch_group_count=1,
+  precision=None,
+  preferred_element_type=None,
+  *,
+  weight_grad: str = "im2col_cpu",
+  compute_dtype=None,
+):
   """`lax.conv_general_dilated`, floating inputs cast to `compute_dtype`
   (None: as the inputs), with the weight gradient of mode `weight_grad`
   (see the module docstring)."""
   dtype = _compute_dtype(lhs, rhs, compute_dtype)
   lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
-  kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-                dimension_numbers=dimension_numbers,
-                feature_group_count=feature_group_count,
-                batch_group_count=batch_group_count, precision=precision,
-                preferred_element_type=preferred_element_type)
-  plain = functools.partial(lax.conv_general_dilated, lhs, rhs,
-                            window_strides, padding, **kwargs)
+  kwargs = dict(
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dimension_numbers,
+    feature_group_count=feature_group_count,
+    batch_group_count=batch_group_count,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )
+  plain = functools.partial(
+    lax.conv_general_dilated, lhs, rhs, window_strides, padding, **kwargs
+  )
   if not _supported(lhs, rhs, padding, kwargs):
     return plain()
   strides = tuple(int(s) for s in window_strides)
@@ -149,18 +171,21 @@ def _supported(lhs, rhs, padding, kwargs) -> bool:
     dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dn)
   nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
   dilations = (kwargs["lhs_dilation"], kwargs["rhs_dilation"])
-  return (dn == nhwc
-          and all(d is None or all(v == 1 for v in d) for d in dilations)
-          and kwargs["feature_group_count"] == 1
-          and kwargs["batch_group_count"] == 1
-          and kwargs["preferred_element_type"] is None
-          and kwargs["precision"] is None)
+  return (
+    dn == nhwc
+    and all(d is None or all(v == 1 for v in d) for d in dilations)
+    and kwargs["feature_group_count"] == 1
+    and kwargs["batch_group_count"] == 1
+    and kwargs["preferred_element_type"] is None
+    and kwargs["precision"] is None
+  )
 
 
 def _explicit_pads(lhs, rhs, strides, padding):
   if isinstance(padding, str):
-    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides,
-                                  padding)
+    padding = lax.padtype_to_pads(
+      lhs.shape[1:3], rhs.shape[:2], strides, padding
+    )
   return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
@@ -171,17 +196,21 @@ def conv_flops(lhs_shape, rhs_shape, strides, pads) -> float:
 
 
 def _out_size(lhs_shape, rhs_shape, strides, pads):
-  return tuple((lhs_shape[1 + d] + sum(pads[d]) - rhs_shape[d]) // strides[d]
-               + 1 for d in range(2))
+  return tuple(
+    (lhs_shape[1 + d] + sum(pads[d]) - rhs_shape[d]) // strides[d] + 1
+    for d in range(2)
+  )
 
 
 # ---------------------------------------------------------------------------
 # The custom VJP.
 
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv(lhs, rhs, strides, pads, mode):
-  return lax.conv_general_dilated(lhs, rhs, strides, pads,
-                                  dimension_numbers=_NHWC)
+  return lax.conv_general_dilated(
+    lhs, rhs, strides, pads, dimension_numbers=_NHWC
+  )
 
 
 def _conv_fwd(lhs, rhs, strides, pads, mode):
@@ -192,8 +221,9 @@ def _conv_bwd(strides, pads, mode, residuals, dy):
   lhs, rhs = residuals
   if mode == "auto":  # Tuned here, so a forward-only use never times.
     mode = _tuned_mode(lhs, rhs, strides, pads)
-  plain = lambda x, w: lax.conv_general_dilated(x, w, strides, pads,
-                                                dimension_numbers=_NHWC)
+  plain = lambda x, w: lax.conv_general_dilated(
+    x, w, strides, pads, dimension_numbers=_NHWC
+  )
   if mode == "xla":
     return jax.vjp(plain, lhs, rhs)[1](dy)
   (dx,) = jax.vjp(lambda x: plain(x, rhs), lhs)[1](dy)
@@ -210,11 +240,19 @@ def _tap_views(lhs, kernel_hw, out_hw, strides, pads):
   views = []
   for i in range(kernel_hw[0]):
     for j in range(kernel_hw[1]):
-      views.append(lax.slice(
-          padded, (0, i, j, 0),
-          (lhs.shape[0], i + (out_hw[0] - 1) * strides[0] + 1,
-           j + (out_hw[1] - 1) * strides[1] + 1, lhs.shape[3]),
-          (1, strides[0], strides[1], 1)))
+      views.append(
+        lax.slice(
+          padded,
+          (0, i, j, 0),
+          (
+            lhs.shape[0],
+            i + (out_hw[0] - 1) * strides[0] + 1,
+            j + (out_hw[1] - 1) * strides[1] + 1,
+            lhs.shape[3],
+          ),
+          (1, strides[0], strides[1], 1),
+        )
+      )
   return views
 
 
@@ -230,8 +268,9 @@ def weight_grad(lhs, dy, rhs_shape, strides, pads, mode: str):
     grad = jnp.stack(taps).reshape(rhs_shape)
   elif mode == "im2col":
     patches = jnp.concatenate(views, axis=-1).reshape(-1, kh * kw * c_in)
-    grad = lax.dot_general(patches, dy.reshape(-1, c_out),
-                           (((0,), (0,)), ((), ())), **acc)
+    grad = lax.dot_general(
+      patches, dy.reshape(-1, c_out), (((0,), (0,)), ((), ())), **acc
+    )
     grad = grad.reshape(rhs_shape)
   else:
     raise ConfigError(f"No custom weight gradient {mode!r}.")
@@ -240,6 +279,7 @@ def weight_grad(lhs, dy, rhs_shape, strides, pads, mode: str):
 
 # ---------------------------------------------------------------------------
 # 'auto': by backend and shape, timed once per process.
+
 
 def _resolve(mode, lhs, rhs, strides, pads) -> str:
   """'auto' becomes 'xla' off the CPU, for symbolic shapes (an export) and
@@ -260,8 +300,13 @@ def _resolve(mode, lhs, rhs, strides, pads) -> str:
 
 
 def _tuned_mode(lhs, rhs, strides, pads) -> str:
-  key = (tuple(lhs.shape), tuple(rhs.shape), jnp.dtype(lhs.dtype).name,
-         strides, pads)
+  key = (
+    tuple(lhs.shape),
+    tuple(rhs.shape),
+    jnp.dtype(lhs.dtype).name,
+    strides,
+    pads,
+  )
   if key not in _tuned:
     # A fresh thread has no trace in progress, so the timing runs for real
     # even when this call is being traced.
@@ -271,8 +316,7 @@ def _tuned_mode(lhs, rhs, strides, pads) -> str:
   return _tuned[key]["best"]
 
 
-def tune(lhs_shape, rhs_shape, dtype, strides, pads, repeats: int = 3
-         ) -> dict:
+def tune(lhs_shape, rhs_shape, dtype, strides, pads, repeats: int = 3) -> dict:
   """Seconds of each mode's weight gradient for one convolution (the best
   of `repeats` after a compiling call) and the fastest, as 'best'."""
   key = jax.random.key(0)
@@ -282,15 +326,19 @@ def tune(lhs_shape, rhs_shape, dtype, strides, pads, repeats: int = 3
   rhs = jnp.zeros(rhs_shape, dtype)
 
   def xla(lhs, dy):
-    _, vjp = jax.vjp(lambda w: lax.conv_general_dilated(
-        lhs, w, strides, pads, dimension_numbers=_NHWC), rhs)
+    _, vjp = jax.vjp(
+      lambda w: lax.conv_general_dilated(
+        lhs, w, strides, pads, dimension_numbers=_NHWC
+      ),
+      rhs,
+    )
     return vjp(dy)[0]
 
   candidates = dict(
-      xla=xla,
-      taps=lambda x, d: weight_grad(x, d, rhs_shape, strides, pads, "taps"),
-      im2col=lambda x, d: weight_grad(x, d, rhs_shape, strides, pads,
-                                      "im2col"))
+    xla=xla,
+    taps=lambda x, d: weight_grad(x, d, rhs_shape, strides, pads, "taps"),
+    im2col=lambda x, d: weight_grad(x, d, rhs_shape, strides, pads, "im2col"),
+  )
   seconds = {}
   for name, fn in candidates.items():
     fn = jax.jit(fn)

@@ -57,16 +57,23 @@ def build_bank(vectors: jax.Array, bank_chunk: int = 8192) -> Bank:
   # keeps the norms, and so the expansion's cancellation error, small.
   shift = jnp.mean(vectors, axis=0)
   blocks = _pad_rows(vectors - shift, bank_chunk).reshape(
-      -1, bank_chunk, vectors.shape[1])
+    -1, bank_chunk, vectors.shape[1]
+  )
   index = jnp.arange(blocks.shape[0] * bank_chunk).reshape(blocks.shape[:2])
-  block_sq = jnp.where(index < vectors.shape[0],
-                       jnp.sum(blocks**2, axis=-1), jnp.inf)
+  block_sq = jnp.where(
+    index < vectors.shape[0], jnp.sum(blocks**2, axis=-1), jnp.inf
+  )
   return Bank(blocks=blocks, block_sq=block_sq, shift=shift)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "query_chunk", "precision"))
-def search(bank: Bank, queries: jax.Array, k: int = 1,
-           query_chunk: int = 1024, precision: str = "highest"):
+def search(
+  bank: Bank,
+  queries: jax.Array,
+  k: int = 1,
+  query_chunk: int = 1024,
+  precision: str = "highest",
+):
   """Euclidean distances and indices of each query's k nearest bank entries.
 
   Args:
@@ -84,27 +91,34 @@ def search(bank: Bank, queries: jax.Array, k: int = 1,
   num_queries, dim = queries.shape
   num_blocks, bank_chunk, bank_dim = bank.blocks.shape
   if bank_dim != dim:
-    raise ValueError(f"Queries have dimension {dim} but the bank has "
-                     f"{bank_dim}.")
+    raise ValueError(
+      f"Queries have dimension {dim} but the bank has {bank_dim}."
+    )
   flat = bank.blocks.reshape(-1, dim)
 
   def rank(centred, query_sq, vectors, vectors_sq):
     """The k smallest |q - b|^2 of the query block against `vectors`."""
     dots = jnp.matmul(centred, vectors.T, precision=precision)
     neg_top, position = jax.lax.top_k(
-        -(query_sq - 2.0 * dots + vectors_sq[None, :]), k)
+      -(query_sq - 2.0 * dots + vectors_sq[None, :]), k
+    )
     return -neg_top, position
 
   def search_block(query_block, one_pass: bool = False):
     centred = query_block.astype(jnp.float32) - bank.shift
     query_sq = jnp.sum(centred**2, axis=-1, keepdims=True)
     if one_pass:  # The whole bank at once, ranked by a sort (see below).
-      squared = query_sq - 2.0 * jnp.matmul(
-          centred, flat.T, precision=precision) + bank.block_sq.reshape(1, -1)
+      squared = (
+        query_sq
+        - 2.0 * jnp.matmul(centred, flat.T, precision=precision)
+        + bank.block_sq.reshape(1, -1)
+      )
       best_index = jnp.argsort(squared, axis=1)[:, :k].astype(jnp.int32)
     else:
-      start = (jnp.full((query_block.shape[0], k), jnp.inf),
-               jnp.zeros((query_block.shape[0], k), jnp.int32))
+      start = (
+        jnp.full((query_block.shape[0], k), jnp.inf),
+        jnp.zeros((query_block.shape[0], k), jnp.int32),
+      )
 
       def scan_bank(best, chunk):
         vectors, vectors_sq, offset = chunk
@@ -113,12 +127,15 @@ def search(bank: Bank, queries: jax.Array, k: int = 1,
 
       offsets = jnp.arange(num_blocks, dtype=jnp.int32) * bank_chunk
       (_, best_index), _ = jax.lax.scan(
-          scan_bank, start, (bank.blocks, bank.block_sq, offsets))
+        scan_bank, start, (bank.blocks, bank.block_sq, offsets)
+      )
     winners = flat[best_index]  # [query_block, k, D], centred too.
-    exact = jnp.sqrt(jnp.sum((centred[:, None, :] - winners)**2, -1))
+    exact = jnp.sqrt(jnp.sum((centred[:, None, :] - winners) ** 2, -1))
     order = jnp.argsort(exact, axis=1)
-    return (jnp.take_along_axis(exact, order, axis=1),
-            jnp.take_along_axis(best_index, order, axis=1))
+    return (
+      jnp.take_along_axis(exact, order, axis=1),
+      jnp.take_along_axis(best_index, order, axis=1),
+    )
 
   if not isinstance(num_queries, int):
     # A symbolic number of queries (an exported model): one block against
@@ -128,27 +145,41 @@ def search(bank: Bank, queries: jax.Array, k: int = 1,
   query_chunk = min(query_chunk, num_queries)
   padded = _pad_rows(queries, query_chunk).reshape(-1, query_chunk, dim)
   distances, indices = jax.lax.map(search_block, padded)
-  return (distances.reshape(-1, k)[:num_queries],
-          indices.reshape(-1, k)[:num_queries])
+  return (
+    distances.reshape(-1, k)[:num_queries],
+    indices.reshape(-1, k)[:num_queries],
+  )
 
 
-def nearest_neighbors(queries: jax.Array, vectors: jax.Array, k: int = 1,
-                      query_chunk: int = 1024, bank_chunk: int = 8192,
-                      precision: str = "highest"):
+def nearest_neighbors(
+  queries: jax.Array,
+  vectors: jax.Array,
+  k: int = 1,
+  query_chunk: int = 1024,
+  bank_chunk: int = 8192,
+  precision: str = "highest",
+):
   """`search` over `build_bank(vectors)`: for a one-off search.
 
   Raises ValueError when there are fewer than k vectors or the dimensions
   differ.
   """
   if vectors.shape[0] < k:
-    raise ValueError(f"The bank has {vectors.shape[0]} entries; k={k} needs "
-                     "at least k.")
-  return search(build_bank(vectors, bank_chunk), queries, k=k,
-                query_chunk=query_chunk, precision=precision)
+    raise ValueError(
+      f"The bank has {vectors.shape[0]} entries; k={k} needs at least k."
+    )
+  return search(
+    build_bank(vectors, bank_chunk),
+    queries,
+    k=k,
+    query_chunk=query_chunk,
+    precision=precision,
+  )
 
 
-def nearest_distance(bank: Bank, queries: jax.Array, k: int = 1,
-                     **kwargs) -> jax.Array:
+def nearest_distance(
+  bank: Bank, queries: jax.Array, k: int = 1, **kwargs
+) -> jax.Array:
   """[Q] mean distance to the k nearest entries of `bank` (k=1: nearest)."""
   distances, _ = search(bank, queries, k=k, **kwargs)
   return jnp.mean(distances, axis=1)

@@ -13,23 +13,38 @@ BN_EPSILON = 1e-5
 CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def conv(features: int, kernel: int, stride: int = 1, name=None,
-         settings: conv_lib.ConvSettings = conv_lib.ConvSettings()):
+def conv(
+  features: int,
+  kernel: int,
+  stride: int = 1,
+  name=None,
+  settings: conv_lib.ConvSettings = conv_lib.ConvSettings(),
+):
   """torchvision's bias-free conv: symmetric 'same' padding for odd kernels
   (as PyTorch pads; 'SAME' would pad stride-2 convolutions asymmetrically)
   and kaiming_normal_(mode='fan_out') weights; computed as `settings`
   say."""
   pad = (kernel - 1) // 2
-  return nn.Conv(features, (kernel, kernel), (stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=CONV_INIT, name=name,
-                 conv_general_dilated=settings.conv_general_dilated)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    (stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=False,
+    kernel_init=CONV_INIT,
+    name=name,
+    conv_general_dilated=settings.conv_general_dilated,
+  )
 
 
 def batch_norm(train: bool, name=None):
   """torchvision's BatchNorm2d defaults (eps 1e-5, momentum 0.1)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                      epsilon=BN_EPSILON, name=name)
+  return nn.BatchNorm(
+    use_running_average=not train,
+    momentum=BN_MOMENTUM,
+    epsilon=BN_EPSILON,
+    name=name,
+  )
 
 
 def depth_to_space(x: jax.Array) -> jax.Array:

@@ -19,8 +19,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def parse_dtype(name: str):
   """The jnp dtype named by `config.dtype`; ConfigError if unknown."""
   if name not in DTYPES:
-    raise ConfigError(f"Unknown config.dtype {name!r}; use one of "
-                      f"{', '.join(DTYPES)}.")
+    raise ConfigError(
+      f"Unknown config.dtype {name!r}; use one of {', '.join(DTYPES)}."
+    )
   return DTYPES[name]
 
 

@@ -29,8 +29,13 @@ from jax_oneclass.components.weights_io import read_state_dict
 from jax_oneclass.errors import CheckpointError, ConfigError
 
 # Flax leaf name -> torch tensor name.
-_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias",
-               "mean": "running_mean", "var": "running_var"}
+_TORCH_LEAF = {
+  "kernel": "weight",
+  "scale": "weight",
+  "bias": "bias",
+  "mean": "running_mean",
+  "var": "running_var",
+}
 
 
 def load_torchvision(path: str, arch: str, with_layer4: bool = False):
@@ -46,8 +51,9 @@ FROM_CHECKPOINT = "<checkpoint>"
 IMAGENET = "imagenet"
 
 
-def load_or_announce_random(path: str, arch: str, role: str,
-                            with_layer4: bool = False):
+def load_or_announce_random(
+  path: str, arch: str, role: str, with_layer4: bool = False
+):
   """Variables from `path`, or None (random init) when `path` is empty.
 
   `path` is a torchvision weights file, `IMAGENET` (torchvision's file for
@@ -68,21 +74,25 @@ def load_or_announce_random(path: str, arch: str, role: str,
   if path and os.path.isdir(path):
     if with_layer4:
       raise ConfigError(
-          f"model.pretrained={path} is a directory; here it takes "
-          f"'{IMAGENET}' or a torchvision weights file of {arch} (a "
-          "two-stage workdir initialises the localisation methods, not "
-          "another self-supervised run).")
+        f"model.pretrained={path} is a directory; here it takes "
+        f"'{IMAGENET}' or a torchvision weights file of {arch} (a "
+        "two-stage workdir initialises the localisation methods, not "
+        "another self-supervised run)."
+      )
     variables, origin = load_self_supervised(path, arch)
-    logging_utils.info(f"{role}: {arch} SELF-SUPERVISED ({origin}) from "
-                       f"{path}; not ImageNet features.")
+    logging_utils.info(
+      f"{role}: {arch} SELF-SUPERVISED ({origin}) from "
+      f"{path}; not ImageNet features."
+    )
     return variables
   if path:
     logging_utils.info(f"{role}: {arch} from {path}.")
     return load_torchvision(path, arch, with_layer4)
   logging_utils.info(
-      f"{role}: {arch} with RANDOM weights (no config.model.pretrained "
-      "file); its features are not ImageNet features, so maps of real "
-      "defects will be weak.")
+    f"{role}: {arch} with RANDOM weights (no config.model.pretrained "
+    "file); its features are not ImageNet features, so maps of real "
+    "defects will be weak."
+  )
   return None
 
 
@@ -94,19 +104,23 @@ def load_self_supervised(workdir: str, arch: str):
   two-stage run of that architecture or holds no complete checkpoint.
   """
   workdir = os.fspath(workdir)
-  fix = (f"model.pretrained takes a torchvision weights file or the workdir "
-         f"of a two-stage run (rotnet, clr, disaug) trained with "
-         f"--config.model.arch={arch}")
+  fix = (
+    f"model.pretrained takes a torchvision weights file or the workdir "
+    f"of a two-stage run (rotnet, clr, disaug) trained with "
+    f"--config.model.arch={arch}"
+  )
   try:
     with open(os.path.join(workdir, "config.json")) as f:
       trained_arch = json.load(f).get("model", {}).get("arch")
   except (OSError, ValueError) as e:
-    raise CheckpointError(f"{workdir} has no readable config.json: {fix}."
-                          ) from e
+    raise CheckpointError(
+      f"{workdir} has no readable config.json: {fix}."
+    ) from e
   if trained_arch != arch:
     raise CheckpointError(
-        f"{workdir} was trained with model.arch={trained_arch!r}, but this "
-        f"backbone is {arch!r}: {fix}.")
+      f"{workdir} was trained with model.arch={trained_arch!r}, but this "
+      f"backbone is {arch!r}: {fix}."
+    )
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(checkpoint_dir):
     raise CheckpointError(f"No checkpoints/ in {workdir}: {fix}.")
@@ -116,26 +130,34 @@ def load_self_supervised(workdir: str, arch: str):
   if step is None:
     raise CheckpointError(f"No complete checkpoint in {checkpoint_dir}.")
   state, meta = checkpointing.restore_parts(
-      checkpoint_dir, step, [("params", "backbone"),
-                             ("batch_stats", "backbone")])
+    checkpoint_dir, step, [("params", "backbone"), ("batch_stats", "backbone")]
+  )
   flat = traverse_util.flatten_dict(
-      {c: state[c]["backbone"] for c in ("params", "batch_stats")})
+    {c: state[c]["backbone"] for c in ("params", "batch_stats")}
+  )
   shapes = _variable_shapes(arch, False)
-  wrong = [p for p, shape in shapes.items()
-           if p not in flat or tuple(np.shape(flat[p])) != shape]
+  wrong = [
+    p
+    for p, shape in shapes.items()
+    if p not in flat or tuple(np.shape(flat[p])) != shape
+  ]
   if wrong:
     raise CheckpointError(
-        f"The backbone in {checkpoint_dir}/{step} does not fit {arch}: "
-        f"{len(wrong)} variable(s) missing or of another shape, e.g. "
-        f"{'/'.join(wrong[0])}.")
+      f"The backbone in {checkpoint_dir}/{step} does not fit {arch}: "
+      f"{len(wrong)} variable(s) missing or of another shape, e.g. "
+      f"{'/'.join(wrong[0])}."
+    )
   variables = traverse_util.unflatten_dict(
-      {p: np.asarray(flat[p], np.float32) for p in shapes})  # No layer4.
-  return variables, (f"step {step} of {meta.get('method')} on "
-                     f"{meta.get('data')}")
+    {p: np.asarray(flat[p], np.float32) for p in shapes}
+  )  # No layer4.
+  return variables, (
+    f"step {step} of {meta.get('method')} on {meta.get('data')}"
+  )
 
 
-def convert_state_dict(state_dict: Mapping[str, Any], arch: str,
-                       with_layer4: bool = False):
+def convert_state_dict(
+  state_dict: Mapping[str, Any], arch: str, with_layer4: bool = False
+):
   """torchvision state dict -> {'params', 'batch_stats'} of float32 arrays.
 
   Raises CheckpointError naming the offending keys when a tensor the
@@ -143,26 +165,34 @@ def convert_state_dict(state_dict: Mapping[str, Any], arch: str,
   """
   # {torch key: (Flax path, torch-layout shape)}, params first.
   targets = {}
-  for path, shape in sorted(_variable_shapes(arch, with_layer4).items(),
-                            key=lambda item: item[0][0] != "params"):
+  for path, shape in sorted(
+    _variable_shapes(arch, with_layer4).items(),
+    key=lambda item: item[0][0] != "params",
+  ):
     if path[-1] == "kernel":  # HWIO here, OIHW in torch.
       shape = (shape[3], shape[2], shape[0], shape[1])
     targets[_torch_key(path[1:])] = (path, shape)
   missing = [k for k in targets if k not in state_dict]
-  unexpected = [k for k in state_dict
-                if k not in targets and not _ignored(k, with_layer4)]
+  unexpected = [
+    k for k in state_dict if k not in targets and not _ignored(k, with_layer4)
+  ]
   if missing or unexpected:
     raise CheckpointError(
-        f"The state dict does not fit {arch} (with_layer4={with_layer4}): "
-        f"{len(missing)} missing key(s) {missing[:5]}, {len(unexpected)} "
-        f"unexpected key(s) {unexpected[:5]}.")
-  wrong = [f"{k} is {np.shape(state_dict[k])}, needs {shape}"
-           for k, (_, shape) in targets.items()
-           if np.shape(state_dict[k]) != shape]
+      f"The state dict does not fit {arch} (with_layer4={with_layer4}): "
+      f"{len(missing)} missing key(s) {missing[:5]}, {len(unexpected)} "
+      f"unexpected key(s) {unexpected[:5]}."
+    )
+  wrong = [
+    f"{k} is {np.shape(state_dict[k])}, needs {shape}"
+    for k, (_, shape) in targets.items()
+    if np.shape(state_dict[k]) != shape
+  ]
   if wrong:
     raise CheckpointError(
-        f"{len(wrong)} tensor(s) have the wrong shape for {arch}: "
-        + "; ".join(wrong[:5]) + ".")
+      f"{len(wrong)} tensor(s) have the wrong shape for {arch}: "
+      + "; ".join(wrong[:5])
+      + "."
+    )
   flat = {}
   for key, (path, _) in targets.items():
     value = np.asarray(state_dict[key])
@@ -180,8 +210,11 @@ def _torch_key(module_path) -> str:
 
 
 def _ignored(key: str, with_layer4: bool) -> bool:
-  return (key.endswith("num_batches_tracked") or key.startswith("fc.")
-          or (not with_layer4 and key.startswith("layer4.")))
+  return (
+    key.endswith("num_batches_tracked")
+    or key.startswith("fc.")
+    or (not with_layer4 and key.startswith("layer4."))
+  )
 
 
 @functools.lru_cache(maxsize=None)
@@ -190,5 +223,7 @@ def _variable_shapes(arch: str, with_layer4: bool):
   model = backbones.build(arch, with_layer4)
   images = jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
-  return {path: tuple(leaf.shape)
-          for path, leaf in traverse_util.flatten_dict(variables).items()}
+  return {
+    path: tuple(leaf.shape)
+    for path, leaf in traverse_util.flatten_dict(variables).items()
+  }

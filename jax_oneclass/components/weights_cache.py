@@ -49,18 +49,20 @@ class Weights:
 # is as recorded by a third-party project; the other two are checked by
 # their published prefix.
 WEIGHTS = {
-    "resnet18": Weights(
-        "resnet18-f37072fd.pth",
-        "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec"),
-    "resnet50": Weights("resnet50-0676ba61.pth", "0676ba61"),
-    "wide_resnet50_2": Weights("wide_resnet50_2-95faca4d.pth", "95faca4d"),
+  "resnet18": Weights(
+    "resnet18-f37072fd.pth",
+    "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec",
+  ),
+  "resnet50": Weights("resnet50-0676ba61.pth", "0676ba61"),
+  "wide_resnet50_2": Weights("wide_resnet50_2-95faca4d.pth", "95faca4d"),
 }
 
 
 def cache_dir() -> Path:
   """`$JAX_ONECLASS_CACHE`, or `~/.cache/jax_oneclass`."""
-  return Path(os.environ.get(CACHE_ENV)
-              or Path.home() / ".cache" / "jax_oneclass")
+  return Path(
+    os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jax_oneclass"
+  )
 
 
 def url_of(arch: str) -> str:
@@ -87,15 +89,17 @@ def fetch(arch: str, timeout: float = 60.0) -> Path:
   if target.is_file():
     if _matches(sha256_of(target), weights.sha256):
       return target
-    logging_utils.info(f"{target} does not match its sha256; downloading it "
-                       "again.")
+    logging_utils.info(
+      f"{target} does not match its sha256; downloading it again."
+    )
     target.unlink()
   try:
     directory.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise CheckpointError(
-        f"Cannot create the weights cache {directory} ({e}); set "
-        f"${CACHE_ENV} to a writable directory.") from e
+      f"Cannot create the weights cache {directory} ({e}); set "
+      f"${CACHE_ENV} to a writable directory."
+    ) from e
   url = url_of(arch)
   part = target.with_name(target.name + ".part")
   logging_utils.info(f"Downloading {url} to {target}.")
@@ -105,24 +109,32 @@ def fetch(arch: str, timeout: float = 60.0) -> Path:
       break
     except urllib.error.HTTPError as e:
       raise CheckpointError(
-          f"Downloading {url} failed: HTTP {e.code} {e.reason}. "
-          + _by_hand(url, weights, directory)) from e
+        f"Downloading {url} failed: HTTP {e.code} {e.reason}. "
+        + _by_hand(url, weights, directory)
+      ) from e
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
       if attempt == _ATTEMPTS or isinstance(e, urllib.error.URLError):
         reason = getattr(e, "reason", e)
-        kept = (f" {_size(part)} bytes are in {part}, which the next run "
-                "resumes." if _size(part) else "")
+        kept = (
+          f" {_size(part)} bytes are in {part}, which the next run resumes."
+          if _size(part)
+          else ""
+        )
         raise CheckpointError(
-            f"Cannot download {url} ({reason}).{kept} "
-            + _by_hand(url, weights, directory)) from e
+          f"Cannot download {url} ({reason}).{kept} "
+          + _by_hand(url, weights, directory)
+        ) from e
       logging_utils.info(f"Download interrupted ({e}); resuming.")
   digest = sha256_of(part)
   if not _matches(digest, weights.sha256):
     part.unlink()
     raise CheckpointError(
-        f"{url} has sha256 {digest}, expected {weights.sha256}; the download "
-        "was deleted. Check $" + BASE_URL_ENV + " or fetch it by hand. "
-        + _by_hand(url, weights, directory))
+      f"{url} has sha256 {digest}, expected {weights.sha256}; the download "
+      "was deleted. Check $"
+      + BASE_URL_ENV
+      + " or fetch it by hand. "
+      + _by_hand(url, weights, directory)
+    )
   os.replace(part, target)
   return target
 
@@ -130,8 +142,9 @@ def fetch(arch: str, timeout: float = 60.0) -> Path:
 def _weights(arch: str) -> Weights:
   if arch not in WEIGHTS:
     raise CheckpointError(
-        f"No ImageNet weights are known for {arch!r}; choose one of "
-        f"{sorted(WEIGHTS)} or pass a weights file as model.pretrained.")
+      f"No ImageNet weights are known for {arch!r}; choose one of "
+      f"{sorted(WEIGHTS)} or pass a weights file as model.pretrained."
+    )
   return WEIGHTS[arch]
 
 
@@ -144,10 +157,12 @@ def _size(path: Path) -> int:
 
 
 def _by_hand(url: str, weights: Weights, directory: Path) -> str:
-  return (f"Offline, download {url} elsewhere and put it at "
-          f"{directory / weights.file_name} (set ${CACHE_ENV} to use "
-          "another directory), or pass the file as "
-          "--config.model.pretrained=/path/to/" + weights.file_name + ".")
+  return (
+    f"Offline, download {url} elsewhere and put it at "
+    f"{directory / weights.file_name} (set ${CACHE_ENV} to use "
+    "another directory), or pass the file as "
+    "--config.model.pretrained=/path/to/" + weights.file_name + "."
+  )
 
 
 def _download(url: str, part: Path, timeout: float) -> None:
@@ -172,5 +187,6 @@ def _download(url: str, part: Path, timeout: float) -> None:
       for chunk in iter(lambda: response.read(_CHUNK), b""):
         f.write(chunk)
   if expected is not None and _size(part) < expected:
-    raise OSError(f"the connection closed after {_size(part)} of {expected} "
-                  "bytes")
+    raise OSError(
+      f"the connection closed after {_size(part)} of {expected} bytes"
+    )

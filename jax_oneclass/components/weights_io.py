@@ -26,9 +26,10 @@ import numpy as np
 from jax_oneclass.errors import CheckpointError
 
 _NPZ_HINT = (
-    "Convert it where torch is installed with: python -c \"import sys, numpy "
-    "as np, torch; np.savez(sys.argv[2], **{k: v.float().numpy() for k, v in "
-    "torch.load(sys.argv[1], map_location='cpu').items()})\" in.pth out.npz")
+  'Convert it where torch is installed with: python -c "import sys, numpy '
+  "as np, torch; np.savez(sys.argv[2], **{k: v.float().numpy() for k, v in "
+  "torch.load(sys.argv[1], map_location='cpu').items()})\" in.pth out.npz"
+)
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -58,15 +59,24 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         raise CheckpointError("unknown file format.")
   except CheckpointError as e:
     raise CheckpointError(f"Cannot read {path!r}: {e} {_NPZ_HINT}") from e
-  except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError,
-          struct.error) as e:
+  except (
+    OSError,
+    ValueError,
+    KeyError,
+    EOFError,
+    pickle.UnpicklingError,
+    struct.error,
+  ) as e:
     raise CheckpointError(
-        f"Cannot read {path!r} ({type(e).__name__}: {e}). {_NPZ_HINT}") from e
+      f"Cannot read {path!r} ({type(e).__name__}: {e}). {_NPZ_HINT}"
+    ) from e
   if not isinstance(state, dict) or not all(
-      isinstance(v, np.ndarray) for v in state.values()):
+    isinstance(v, np.ndarray) for v in state.values()
+  ):
     raise CheckpointError(
-        f"{path!r} does not hold a flat state dict of tensors; save "
-        "`model.state_dict()` itself.")
+      f"{path!r} does not hold a flat state dict of tensors; save "
+      "`model.state_dict()` itself."
+    )
   return state
 
 
@@ -76,11 +86,16 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 # because the legacy format stores the bytes after the pickle.
 
 _STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64,
-    "HalfStorage": np.float16, "BFloat16Storage": ml_dtypes.bfloat16,
-    "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8,
-    "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+  "FloatStorage": np.float32,
+  "DoubleStorage": np.float64,
+  "HalfStorage": np.float16,
+  "BFloat16Storage": ml_dtypes.bfloat16,
+  "LongStorage": np.int64,
+  "IntStorage": np.int32,
+  "ShortStorage": np.int16,
+  "CharStorage": np.int8,
+  "ByteStorage": np.uint8,
+  "BoolStorage": np.bool_,
 }
 
 _Storage = collections.namedtuple("_Storage", "key dtype numel offset")
@@ -99,10 +114,10 @@ class _TorchUnpickler(pickle.Unpickler):
   """Unpickles tensors, storages and ordered dicts, and nothing else."""
 
   _GLOBALS = {
-      ("collections", "OrderedDict"): collections.OrderedDict,
-      ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-      ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-      ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
   }
 
   def __init__(self, file):
@@ -135,27 +150,30 @@ def _build(tree, storage_bytes, byte_order):
   native = storage.dtype.newbyteorder("=")
   if 0 in tree.shape:
     return np.zeros(tree.shape, native)
-  flat = np.frombuffer(storage_bytes(storage.key),
-                       storage.dtype.newbyteorder(byte_order))
+  flat = np.frombuffer(
+    storage_bytes(storage.key), storage.dtype.newbyteorder(byte_order)
+  )
   start = storage.offset + tree.offset
   end = start + sum((n - 1) * s for n, s in zip(tree.shape, tree.strides))
   if start < 0 or end >= flat.size:
     raise CheckpointError(f"a tensor runs past its storage {storage.key}.")
   array = np.lib.stride_tricks.as_strided(
-      flat[start:], tree.shape, [s * flat.itemsize for s in tree.strides])
+    flat[start:], tree.shape, [s * flat.itemsize for s in tree.strides]
+  )
   return array.astype(native)
 
 
 def _read_torch_zip(archive):
   """torch >= 1.6: <prefix>/data.pkl, and <prefix>/data/<key> per storage."""
   pkl = min((n for n in archive.namelist() if n.endswith("data.pkl")), key=len)
-  prefix = pkl[:-len("data.pkl")]
+  prefix = pkl[: -len("data.pkl")]
   byte_order = "<"
   if prefix + "byteorder" in archive.namelist():
     byte_order = "<" if archive.read(prefix + "byteorder") == b"little" else ">"
   tree = _TorchUnpickler(io.BytesIO(archive.read(pkl))).load()
   storage_bytes = functools.lru_cache(maxsize=None)(
-      lambda key: archive.read(f"{prefix}data/{key}"))
+    lambda key: archive.read(f"{prefix}data/{key}")
+  )
   return _build(tree, storage_bytes, byte_order)
 
 
@@ -177,16 +195,24 @@ def _read_torch_legacy(path):
       storage = unpickler.storages[str(key)]
       (count,) = struct.unpack("<q", f.read(8))
       if count != storage.numel:
-        raise CheckpointError(f"storage {key} has {count} elements, not "
-                              f"{storage.numel}.")
+        raise CheckpointError(
+          f"storage {key} has {count} elements, not {storage.numel}."
+        )
       data[storage.key] = f.read(count * storage.dtype.itemsize)
   return _build(tree, data.__getitem__, "<")
 
 
 _SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
 }
 
 

@@ -12,14 +12,14 @@ from jax_oneclass.data.pipeline import train_batches
 from jax_oneclass.data.sources import SOURCE_NAMES
 
 __all__ = [
-    'DatasetInfo',
-    'SOURCE_NAMES',
-    'dataset_info',
-    'decode_filenames',
-    'eval_batches',
-    'examples_per_epoch',
-    'parse_augment',
-    'to_model_input',
-    'to_model_inputs',
-    'train_batches',
+  "DatasetInfo",
+  "SOURCE_NAMES",
+  "dataset_info",
+  "decode_filenames",
+  "eval_batches",
+  "examples_per_epoch",
+  "parse_augment",
+  "to_model_input",
+  "to_model_inputs",
+  "train_batches",
 ]

@@ -35,8 +35,9 @@ def _with_probability(p: float, image, seed, fn):
   return tf.cond(apply, lambda: fn(image, _fold(seed, 1)), lambda: image)
 
 
-def random_resized_crop(scale_min: float = 0.08,
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Op:
+def random_resized_crop(
+  scale_min: float = 0.08, ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> Op:
   """Crops a random area fraction in [scale_min, 1] and resizes it back."""
   log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
 
@@ -67,56 +68,76 @@ def _jitter(image, seed, brightness, contrast, saturation, hue):
     image = tf.clip_by_value(image * factor, 0.0, 1.0)
   if contrast:
     image = tf.image.stateless_random_contrast(
-        image, 1 - contrast, 1 + contrast, _fold(seed, 1))
+      image, 1 - contrast, 1 + contrast, _fold(seed, 1)
+    )
     image = tf.clip_by_value(image, 0.0, 1.0)
   if image.shape[-1] == 3:
     if saturation:
       image = tf.image.stateless_random_saturation(
-          image, 1 - saturation, 1 + saturation, _fold(seed, 2))
+        image, 1 - saturation, 1 + saturation, _fold(seed, 2)
+      )
       image = tf.clip_by_value(image, 0.0, 1.0)
     if hue:
       image = tf.image.stateless_random_hue(image, hue, _fold(seed, 3))
   return tf.clip_by_value(image, 0.0, 1.0)
 
 
-def _reference_jitter_ops(seed, brightness, contrast, saturation, hue,
-                          channels):
+def _reference_jitter_ops(
+  seed, brightness, contrast, saturation, hue, channels
+):
   """The reference's four jitter ops as fns of the image, unclipped.
 
   Op i draws from fold(seed, i), whatever its place in the order.
   """
   ops = []
   if brightness:  # tf.image.random_brightness: x + U(-b, b).
-    ops.append(lambda x: tf.image.stateless_random_brightness(
-        x, brightness, _fold(seed, 0)))
+    ops.append(
+      lambda x: tf.image.stateless_random_brightness(
+        x, brightness, _fold(seed, 0)
+      )
+    )
   if contrast:
-    ops.append(lambda x: tf.image.stateless_random_contrast(
-        x, 1 - contrast, 1 + contrast, _fold(seed, 1)))
+    ops.append(
+      lambda x: tf.image.stateless_random_contrast(
+        x, 1 - contrast, 1 + contrast, _fold(seed, 1)
+      )
+    )
   if channels == 3 and saturation:
-    ops.append(lambda x: tf.image.stateless_random_saturation(
-        x, 1 - saturation, 1 + saturation, _fold(seed, 2)))
+    ops.append(
+      lambda x: tf.image.stateless_random_saturation(
+        x, 1 - saturation, 1 + saturation, _fold(seed, 2)
+      )
+    )
   if channels == 3 and hue:  # The reference bounds the hue delta by 0.5.
-    ops.append(lambda x: tf.image.stateless_random_hue(
-        x, min(hue, 0.5), _fold(seed, 3)))
+    ops.append(
+      lambda x: tf.image.stateless_random_hue(x, min(hue, 0.5), _fold(seed, 3))
+    )
   return ops
 
 
 def _reference_jitter(image, seed, brightness, contrast, saturation, hue):
   """The ops of `_reference_jitter_ops` in a random order, no clipping."""
-  ops = _reference_jitter_ops(seed, brightness, contrast, saturation, hue,
-                              image.shape[-1])
+  ops = _reference_jitter_ops(
+    seed, brightness, contrast, saturation, hue, image.shape[-1]
+  )
   if len(ops) < 2:
     return ops[0](image) if ops else image
   order = tf.argsort(_uniform(_fold(seed, 4), shape=(len(ops),)))
   for position in range(len(ops)):
-    image = tf.switch_case(order[position],
-                           [functools.partial(op, image) for op in ops])
+    image = tf.switch_case(
+      order[position], [functools.partial(op, image) for op in ops]
+    )
   return image
 
 
-def color_jitter(brightness: float, contrast: float, saturation: float,
-                 hue: float, p: float = 0.8, form: str = 'multiplicative'
-                 ) -> Op:
+def color_jitter(
+  brightness: float,
+  contrast: float,
+  saturation: float,
+  hue: float,
+  p: float = 0.8,
+  form: str = "multiplicative",
+) -> Op:
   """Colour jitter applied with probability p.
 
   form 'multiplicative': brightness x * U(1 - b, 1 + b), then contrast,
@@ -127,16 +148,20 @@ def color_jitter(brightness: float, contrast: float, saturation: float,
   (the augment pipeline clips once at its end). Saturation and hue are
   skipped for 1-channel images in both forms.
   """
-  forms = {'multiplicative': _jitter, 'reference': _reference_jitter}
+  forms = {"multiplicative": _jitter, "reference": _reference_jitter}
   if form not in forms:
-    raise ConfigError(f'color_jitter: form must be one of {sorted(forms)}, '
-                      f'got {form!r}.')
+    raise ConfigError(
+      f"color_jitter: form must be one of {sorted(forms)}, got {form!r}."
+    )
   jitter = forms[form]
 
   def op(image, seed):
     return _with_probability(
-        p, image, seed,
-        lambda x, s: jitter(x, s, brightness, contrast, saturation, hue))
+      p,
+      image,
+      seed,
+      lambda x, s: jitter(x, s, brightness, contrast, saturation, hue),
+    )
 
   return op
 
@@ -156,20 +181,24 @@ def grayscale(p: float = 0.2) -> Op:
 def _gaussian_blur(image, sigma, kernel_size):
   radius = kernel_size // 2
   x = tf.range(-radius, radius + 1, dtype=tf.float32)
-  kernel = tf.exp(-x**2 / (2.0 * sigma**2))
+  kernel = tf.exp(-(x**2) / (2.0 * sigma**2))
   kernel /= tf.reduce_sum(kernel)
   channels = image.shape[-1]
   kx = tf.tile(kernel[None, :, None, None], [1, 1, channels, 1])
   ky = tf.tile(kernel[:, None, None, None], [1, 1, channels, 1])
-  padded = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius],
-                                [0, 0]], mode='REFLECT')
-  out = tf.nn.depthwise_conv2d(padded, kx, [1, 1, 1, 1], 'VALID')
-  out = tf.nn.depthwise_conv2d(out, ky, [1, 1, 1, 1], 'VALID')
+  padded = tf.pad(
+    image[None],
+    [[0, 0], [radius, radius], [radius, radius], [0, 0]],
+    mode="REFLECT",
+  )
+  out = tf.nn.depthwise_conv2d(padded, kx, [1, 1, 1, 1], "VALID")
+  out = tf.nn.depthwise_conv2d(out, ky, [1, 1, 1, 1], "VALID")
   return out[0]
 
 
 def blur(p: float = 0.5, sigma: tuple[float, float] = (0.1, 2.0)) -> Op:
   """Gaussian blur with probability p; kernel ~10% of the image side."""
+
   def fn(image, seed):
     side = image.shape[0]
     kernel_size = max(3, int(round(0.1 * side)) // 2 * 2 + 1)
@@ -182,6 +211,7 @@ def blur(p: float = 0.5, sigma: tuple[float, float] = (0.1, 2.0)) -> Op:
 
 def rotate90() -> Op:
   """Rotates by a random multiple of 90 degrees (square images)."""
+
   def op(image, seed):
     k = tf.random.stateless_uniform((), seed, 0, 4, dtype=tf.int32)
     return tf.image.rot90(image, k)
@@ -190,21 +220,21 @@ def rotate90() -> Op:
 
 
 OPS: dict[str, Callable[..., Op]] = {
-    'random_resized_crop': random_resized_crop,
-    'flip_lr': flip_lr,
-    'color_jitter': color_jitter,
-    'grayscale': grayscale,
-    'blur': blur,
-    'rotate90': rotate90,
+  "random_resized_crop": random_resized_crop,
+  "flip_lr": flip_lr,
+  "color_jitter": color_jitter,
+  "grayscale": grayscale,
+  "blur": blur,
+  "rotate90": rotate90,
 }
 
 
 def _parse_op(token: str) -> Op:
   """Parses one `name` or `name(args)` token into an op."""
   try:
-    call = ast.parse(token, mode='eval').body
+    call = ast.parse(token, mode="eval").body
   except SyntaxError as e:
-    raise ConfigError(f'Cannot parse augmentation op {token!r}: {e}.') from e
+    raise ConfigError(f"Cannot parse augmentation op {token!r}: {e}.") from e
   if isinstance(call, ast.Name):
     name, args, kwargs = call.id, [], {}
   elif isinstance(call, ast.Call) and isinstance(call.func, ast.Name):
@@ -213,26 +243,32 @@ def _parse_op(token: str) -> Op:
       args = [ast.literal_eval(a) for a in call.args]
       kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
     except ValueError as e:
-      raise ConfigError(f'Augmentation op {token!r}: arguments must be '
-                        'Python literals.') from e
+      raise ConfigError(
+        f"Augmentation op {token!r}: arguments must be Python literals."
+      ) from e
   else:
-    raise ConfigError(f'Cannot parse augmentation op {token!r}; expected '
-                      '`name` or `name(args)`.')
+    raise ConfigError(
+      f"Cannot parse augmentation op {token!r}; expected "
+      "`name` or `name(args)`."
+    )
   if name not in OPS:
-    raise ConfigError(f'Unknown augmentation op {name!r}; known ops: '
-                      f'{", ".join(sorted(OPS))}.')
+    raise ConfigError(
+      f"Unknown augmentation op {name!r}; known ops: {', '.join(sorted(OPS))}."
+    )
   factory = OPS[name]
   try:
     inspect.signature(factory).bind(*args, **kwargs)
   except TypeError as e:
-    raise ConfigError(f'Bad arguments for augmentation op {token!r}: {e}; '
-                      f'signature: {name}{inspect.signature(factory)}.') from e
+    raise ConfigError(
+      f"Bad arguments for augmentation op {token!r}: {e}; "
+      f"signature: {name}{inspect.signature(factory)}."
+    ) from e
   return factory(*args, **kwargs)
 
 
 def parse_augment(spec: str) -> Op:
   """Parses an augmentation spec into fn(image, seed) -> image in [0, 1]."""
-  tokens = [t.strip() for t in (spec or '').split('|') if t.strip()]
+  tokens = [t.strip() for t in (spec or "").split("|") if t.strip()]
   ops = [_parse_op(t) for t in tokens]
 
   def augment(image, seed):

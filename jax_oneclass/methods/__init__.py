@@ -11,13 +11,13 @@ from jax_oneclass import plugins
 from jax_oneclass.errors import ConfigError
 
 _MODULES = {
-    "rotnet": "jax_oneclass.methods.two_stage.rotnet",
-    "clr": "jax_oneclass.methods.two_stage.clr",
-    "disaug": "jax_oneclass.methods.two_stage.disaug",
-    "ganomaly": "jax_oneclass.methods.gan.ganomaly",
-    "dgad": "jax_oneclass.methods.gan.dgad",
-    "reverse_distillation": "jax_oneclass.methods.reverse_distillation.method",
-    "gradient_preference": "jax_oneclass.methods.gradient_preference.method",
+  "rotnet": "jax_oneclass.methods.two_stage.rotnet",
+  "clr": "jax_oneclass.methods.two_stage.clr",
+  "disaug": "jax_oneclass.methods.two_stage.disaug",
+  "ganomaly": "jax_oneclass.methods.gan.ganomaly",
+  "dgad": "jax_oneclass.methods.gan.dgad",
+  "reverse_distillation": "jax_oneclass.methods.reverse_distillation.method",
+  "gradient_preference": "jax_oneclass.methods.gradient_preference.method",
 }
 
 
@@ -31,12 +31,15 @@ def register(name: str, module_path: str, replace: bool = False) -> None:
   `Method`), imported when a run needs it. Registering a taken name is an
   error unless `replace`."""
   if not isinstance(name, str) or not name.isidentifier():
-    raise ConfigError(f"A method name must be an identifier (no dots, which "
-                      f"mean an import path), got {name!r}.")
+    raise ConfigError(
+      f"A method name must be an identifier (no dots, which "
+      f"mean an import path), got {name!r}."
+    )
   if name in _MODULES and not replace:
     raise ConfigError(
-        f"Method {name!r} is already registered (module "
-        f"{_MODULES[name]!r}); pass replace=True to replace it.")
+      f"Method {name!r} is already registered (module "
+      f"{_MODULES[name]!r}); pass replace=True to replace it."
+    )
   plugins.check_findable(module_path, f"method {name!r}", "registering it")
   _MODULES[name] = module_path
 
@@ -49,10 +52,11 @@ def _module_path(name: str) -> str:
   if isinstance(name, str) and "." in name:
     return name
   raise ConfigError(
-      f"Unknown method {name!r}. Available methods: "
-      f"{', '.join(available_methods())}; or an import path of a module "
-      "defining Method, or a name that a module in config.plugins registers "
-      "(docs/extending.md).")
+    f"Unknown method {name!r}. Available methods: "
+    f"{', '.join(available_methods())}; or an import path of a module "
+    "defining Method, or a name that a module in config.plugins registers "
+    "(docs/extending.md)."
+  )
 
 
 def family(name: str) -> str:
@@ -70,11 +74,13 @@ def method_module(name: str, needed_by: str = "the run"):
   path); `needed_by` says who needs it in the error for a missing one."""
   path = _module_path(name)
   module = plugins.import_module(
-      path, "config.method" if path == name else f"method {name!r}",
-      needed_by)
+    path, "config.method" if path == name else f"method {name!r}", needed_by
+  )
   if not hasattr(module, "Method"):
-    raise ConfigError(f"Module {path!r} (method {name!r}) defines no Method "
-                      "class; see jax_oneclass/methods/interface.py.")
+    raise ConfigError(
+      f"Module {path!r} (method {name!r}) defines no Method "
+      "class; see jax_oneclass/methods/interface.py."
+    )
   return module
 
 
@@ -85,5 +91,6 @@ def get_method(config, info):
   # Here, not at the top: configs/ import method defaults from this package
   # and must load without JAX (the CLI checks them before importing it).
   from jax_oneclass.components import conv  # pylint: disable=g-import-not-at-top
+
   conv.settings(config)  # Checked for every method, whether it convolves.
   return method_module(config.method).Method(config, info)

@@ -20,8 +20,11 @@ def knn_score(params, features):
   """Pure jnp, traced inside the method's jitted score: [M]. Array values
   are traced, shapes are not: k is the length of 'weights'."""
   bank, weights = params["bank"], params["weights"]
-  d2 = (jnp.sum(features**2, 1)[:, None] + jnp.sum(bank**2, 1)[None, :]
-        - 2.0 * features @ bank.T)
+  d2 = (
+    jnp.sum(features**2, 1)[:, None]
+    + jnp.sum(bank**2, 1)[None, :]
+    - 2.0 * features @ bank.T
+  )
   nearest = -jax.lax.top_k(-d2, weights.shape[0])[0]  # [M, k]
   return nearest @ weights
 

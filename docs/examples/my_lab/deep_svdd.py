@@ -54,19 +54,24 @@ class Method:
 
   def init_state(self, rng, image_shape):
     params = self.encoder.init(rng, jnp.zeros((1,) + tuple(image_shape)))
-    features = jax.eval_shape(self.encoder.apply, params,
-                              jnp.zeros((1,) + tuple(image_shape)))
-    return State(step=jnp.zeros((), jnp.int32), params=params,
-                 opt_state=self.tx.init(params),
-                 center=jnp.zeros(features.shape[1:], jnp.float32))
+    features = jax.eval_shape(
+      self.encoder.apply, params, jnp.zeros((1,) + tuple(image_shape))
+    )
+    return State(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=self.tx.init(params),
+      center=jnp.zeros(features.shape[1:], jnp.float32),
+    )
 
   prepare_batches = 1
 
   def prepare(self, state, batches):
     """The centre: the untrained network's mean feature on the first
     batch (run once, before the first step; saved with the state)."""
-    features = [self.encoder.apply(state.params, b["image"][:, 0])
-                for b in batches]
+    features = [
+      self.encoder.apply(state.params, b["image"][:, 0]) for b in batches
+    ]
     return state.replace(center=jnp.concatenate(features).mean(0))
 
   def train_step(self, state, batch, rng):
@@ -75,13 +80,15 @@ class Method:
 
     def loss_fn(params):
       features = self.encoder.apply(params, images)
-      return jnp.mean(jnp.sum((features - state.center)**2, axis=1))
+      return jnp.mean(jnp.sum((features - state.center) ** 2, axis=1))
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    params, opt_state = optim.apply_gradients(self.tx, state.params,
-                                              state.opt_state, grads)
-    return state.replace(step=state.step + 1, params=params,
-                         opt_state=opt_state), {"loss": loss}
+    params, opt_state = optim.apply_gradients(
+      self.tx, state.params, state.opt_state, grads
+    )
+    return state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state
+    ), {"loss": loss}
 
   def embed(self, state, batch):
     return {"features": self.encoder.apply(state.params, batch["image"])}
@@ -91,7 +98,8 @@ class Method:
 
   def score(self, state, fitted, batch):
     features = self.encoder.apply(state.params, batch["image"])
-    scores = {"svdd": jnp.sum((features - state.center)**2, axis=1)}
-    scores.update(oneclass.score_each(fitted, features,
-                                      self.classifier_hparams))
+    scores = {"svdd": jnp.sum((features - state.center) ** 2, axis=1)}
+    scores.update(
+      oneclass.score_each(fitted, features, self.classifier_hparams)
+    )
     return interface.Scores(scores)

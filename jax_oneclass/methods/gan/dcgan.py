@@ -30,8 +30,12 @@ def _bn_scale_init(key, shape, dtype=jnp.float32):
 
 def _batch_norm(train: bool):
   # PyTorch momentum 0.1 is Flax momentum 0.9.
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                      epsilon=1e-5, scale_init=_bn_scale_init)
+  return nn.BatchNorm(
+    use_running_average=not train,
+    momentum=0.9,
+    epsilon=1e-5,
+    scale_init=_bn_scale_init,
+  )
 
 
 # Padding modes, named as torch's Conv2d padding_mode, as jnp.pad modes.
@@ -42,26 +46,41 @@ def check_padding(padding: str) -> None:
   """Raises ConfigError unless `padding` is one of PADDING_MODES."""
   if padding not in PADDING_MODES:
     raise ConfigError(
-        f"Unknown padding mode {padding!r}; set config.model.padding to one "
-        f"of {', '.join(PADDING_MODES)}.")
+      f"Unknown padding mode {padding!r}; set config.model.padding to one "
+      f"of {', '.join(PADDING_MODES)}."
+    )
 
 
 def _pad(x, pad: int, padding: str):
   """Pads the two spatial sides of NHWC x by `pad` in the given mode."""
   if pad == 0:
     return x
-  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)),
-                 mode=PADDING_MODES[padding])
+  return jnp.pad(
+    x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=PADDING_MODES[padding]
+  )
 
 
-def _conv(features: int, kernel: int, stride: int, pad: int,
-          settings: conv_lib.ConvSettings, padding: str = "zeros", name=None):
+def _conv(
+  features: int,
+  kernel: int,
+  stride: int,
+  pad: int,
+  settings: conv_lib.ConvSettings,
+  padding: str = "zeros",
+  name=None,
+):
   """A bias-free conv computed as `settings` say; `pad` pixels each side in
   mode `padding` (zeros, reflect or circular), then a VALID window."""
-  conv = nn.Conv(features, (kernel, kernel), (stride, stride),
-                 padding="VALID", use_bias=False, kernel_init=_CONV_INIT,
-                 name=name,
-                 conv_general_dilated=settings.conv_general_dilated)
+  conv = nn.Conv(
+    features,
+    (kernel, kernel),
+    (stride, stride),
+    padding="VALID",
+    use_bias=False,
+    kernel_init=_CONV_INIT,
+    name=name,
+    conv_general_dilated=settings.conv_general_dilated,
+  )
   return lambda x: conv(_pad(x, pad, padding))
 
 
@@ -93,23 +112,26 @@ class UpConv(nn.Module):
     k = k[::-1, ::-1].transpose(0, 1, 3, 2)
     x = _pad(x, 1, self.padding)
     y = self.conv_settings.conv_general_dilated(
-        x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     return depth_to_space(y)[:, 1:-1, 1:-1]
 
 
 def _project_up(features: int):
   """ConvTranspose2d(k=4, s=1, p=0): a 1x1 code to a 4x4 map."""
-  return nn.ConvTranspose(features, (4, 4), padding="VALID", use_bias=False,
-                          kernel_init=_CONV_INIT)
+  return nn.ConvTranspose(
+    features, (4, 4), padding="VALID", use_bias=False, kernel_init=_CONV_INIT
+  )
 
 
 def check_image_size(image_size: int) -> None:
   """Raises ConfigError unless the side is a power of two >= 16."""
   if image_size < 16 or image_size & (image_size - 1):
     raise ConfigError(
-        f"DCGAN networks need a square power-of-two image side >= 16 (the "
-        f"pyramid halves it down to 4x4); got {image_size}. Set "
-        "config.data.image_size to 16, 32, 64, 128 or 256.")
+      f"DCGAN networks need a square power-of-two image side >= 16 (the "
+      f"pyramid halves it down to 4x4); got {image_size}. Set "
+      "config.data.image_size to 16, 32, 64, 128 or 256."
+    )
 
 
 def top_width(image_size: int, width: int) -> int:
@@ -140,8 +162,9 @@ class DCGANEncoder(nn.Module):
   def __call__(self, x, train: bool):
     check_image_size(x.shape[1])
     check_padding(self.padding)
-    conv = functools.partial(_conv, settings=self.conv_settings,
-                             padding=self.padding)
+    conv = functools.partial(
+      _conv, settings=self.conv_settings, padding=self.padding
+    )
     x = nn.leaky_relu(conv(self.width, 4, 2, 1)(x), 0.2)
     for _ in range(self.extra_layers):
       x = conv(x.shape[-1], 3, 1, 1)(x)
@@ -150,8 +173,9 @@ class DCGANEncoder(nn.Module):
       x = conv(2 * x.shape[-1], 4, 2, 1)(x)
       x = nn.leaky_relu(_batch_norm(train)(x), 0.2)
     features = x
-    code = _conv(self.out_features, 4, 1, 0, self.conv_settings,
-                 name="final_conv")(x)
+    code = _conv(
+      self.out_features, 4, 1, 0, self.conv_settings, name="final_conv"
+    )(x)
     return code.reshape((x.shape[0], self.out_features)), features
 
 
@@ -169,8 +193,9 @@ class DCGANDecoder(nn.Module):
   def __call__(self, z, train: bool):
     check_image_size(self.image_size)
     check_padding(self.padding)
-    up = functools.partial(UpConv, padding=self.padding,
-                           conv_settings=self.conv_settings)
+    up = functools.partial(
+      UpConv, padding=self.padding, conv_settings=self.conv_settings
+    )
     x = z.reshape((z.shape[0], 1, 1, z.shape[-1]))
     channels = top_width(self.image_size, self.width)
     x = nn.relu(_batch_norm(train)(_project_up(channels)(x)))
@@ -199,14 +224,23 @@ class GANomalyGenerator(nn.Module):
   def __call__(self, x, train: bool):
     size, channels = x.shape[1], x.shape[-1]
     settings = dict(conv_settings=self.conv_settings)
-    latent_in, _ = DCGANEncoder(self.latent_size, self.width,
-                                self.extra_layers, name="encoder",
-                                **settings)(x, train)
-    fake = DCGANDecoder(size, channels, self.width, self.extra_layers,
-                        name="decoder", **settings)(latent_in, train)
-    latent_out, _ = DCGANEncoder(self.latent_size, self.width,
-                                 self.extra_layers, name="reencoder",
-                                 **settings)(fake, train)
+    latent_in, _ = DCGANEncoder(
+      self.latent_size,
+      self.width,
+      self.extra_layers,
+      name="encoder",
+      **settings,
+    )(x, train)
+    fake = DCGANDecoder(
+      size, channels, self.width, self.extra_layers, name="decoder", **settings
+    )(latent_in, train)
+    latent_out, _ = DCGANEncoder(
+      self.latent_size,
+      self.width,
+      self.extra_layers,
+      name="reencoder",
+      **settings,
+    )(fake, train)
     return {"fake": fake, "latent_in": latent_in, "latent_out": latent_out}
 
 
@@ -223,9 +257,13 @@ class DCGANDiscriminator(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    logits, features = DCGANEncoder(1, self.width, self.extra_layers,
-                                    conv_settings=self.conv_settings,
-                                    name="trunk")(x, train)
+    logits, features = DCGANEncoder(
+      1,
+      self.width,
+      self.extra_layers,
+      conv_settings=self.conv_settings,
+      name="trunk",
+    )(x, train)
     return logits[:, 0], features
 
 
@@ -241,10 +279,21 @@ class EncoderDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    code, _ = DCGANEncoder(self.latent_size, self.width, self.extra_layers,
-                           self.padding, self.conv_settings,
-                           name="encoder")(x, train)
-    fake = DCGANDecoder(x.shape[1], x.shape[-1], self.width,
-                        self.extra_layers, self.padding, self.conv_settings,
-                        name="decoder")(code, train)
+    code, _ = DCGANEncoder(
+      self.latent_size,
+      self.width,
+      self.extra_layers,
+      self.padding,
+      self.conv_settings,
+      name="encoder",
+    )(x, train)
+    fake = DCGANDecoder(
+      x.shape[1],
+      x.shape[-1],
+      self.width,
+      self.extra_layers,
+      self.padding,
+      self.conv_settings,
+      name="decoder",
+    )(code, train)
     return {"fake": fake, "code": code}

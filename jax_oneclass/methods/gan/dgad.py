@@ -45,8 +45,12 @@ from jax_oneclass.components import oneclass
 from jax_oneclass.errors import ConfigError
 from jax_oneclass.methods import interface
 from jax_oneclass.methods.gan import family as gan
-from jax_oneclass.methods.gan.dcgan import (DCGANEncoder, EncoderDecoder,
-                                            check_image_size, check_padding)
+from jax_oneclass.methods.gan.dcgan import (
+  DCGANEncoder,
+  EncoderDecoder,
+  check_image_size,
+  check_padding,
+)
 
 TRANSFORMS = {"rotate": 4, "rotate_flip": 8}
 
@@ -78,25 +82,34 @@ class Method:
     self.config = config
     check_image_size(info.image_shape[0])
     if config.transforms not in TRANSFORMS:
-      raise ConfigError(f"Unknown transforms {config.transforms!r}; use one "
-                        f"of {', '.join(TRANSFORMS)}.")
+      raise ConfigError(
+        f"Unknown transforms {config.transforms!r}; use one "
+        f"of {', '.join(TRANSFORMS)}."
+      )
     self.num_transforms = TRANSFORMS[config.transforms]
     model = config.model
     padding = model.get("padding", "zeros")
     check_padding(padding)
     settings = conv_lib.settings(config)
-    self.generator = EncoderDecoder(model.latent_size, model.width,
-                                    model.extra_layers, padding, settings)
+    self.generator = EncoderDecoder(
+      model.latent_size, model.width, model.extra_layers, padding, settings
+    )
     # K pretext logits and, last, one real/fake logit.
-    self.discriminator = DCGANEncoder(self.num_transforms + 1, model.width,
-                                      model.extra_layers, padding, settings)
+    self.discriminator = DCGANEncoder(
+      self.num_transforms + 1,
+      model.width,
+      model.extra_layers,
+      padding,
+      settings,
+    )
     self.tx = optim.make_optimizer(config, info)
     self.classifier_hparams = oneclass.checked_hparams(config.classifiers)
 
   def init_state(self, rng, image_shape) -> gan.GANState:
     """Both networks' variables and optimiser states."""
-    return gan.init_gan_state(self.generator, self.discriminator, self.tx,
-                              rng, image_shape)
+    return gan.init_gan_state(
+      self.generator, self.discriminator, self.tx, rng, image_shape
+    )
 
   def _split(self, logits):
     """Discriminator output -> (pretext logits [N, K], real/fake logit [N])."""
@@ -119,31 +132,48 @@ class Method:
       pretext_logits, real_fake = self._split(d_fake[0])
       pretext, accuracy = pretext_loss(pretext_logits)
       adversarial = optax.sigmoid_binary_cross_entropy(
-          real_fake, jnp.ones_like(real_fake)).mean()
+        real_fake, jnp.ones_like(real_fake)
+      ).mean()
       return w_pretext * pretext + w_adv * adversarial, {
-          "generator_pretext": pretext, "generator_adversarial": adversarial,
-          "generated_pretext_accuracy": accuracy}
+        "generator_pretext": pretext,
+        "generator_adversarial": adversarial,
+        "generated_pretext_accuracy": accuracy,
+      }
 
     def discriminator_loss(d_real, d_fake):
       pretext_logits, logits_real = self._split(d_real[0])
       pretext, accuracy = pretext_loss(pretext_logits)
       adversarial = gan.real_fake_loss(logits_real, self._split(d_fake[0])[1])
       return pretext + w_adv * adversarial, {
-          "discriminator_pretext": pretext,
-          "discriminator_adversarial": adversarial,
-          "real_pretext_accuracy": accuracy}
+        "discriminator_pretext": pretext,
+        "discriminator_adversarial": adversarial,
+        "real_pretext_accuracy": accuracy,
+      }
 
     g_out, d_out = gan.gan_gradients(
-        self.generator, self.discriminator, state.generator,
-        state.discriminator, inputs, generator_loss, discriminator_loss)
+      self.generator,
+      self.discriminator,
+      state.generator,
+      state.discriminator,
+      inputs,
+      generator_loss,
+      discriminator_loss,
+    )
     new_state = state.replace(
-        step=state.step + 1,
-        generator=gan.apply_updates(self.tx, state.generator, g_out.grads,
-                                    g_out.batch_stats),
-        discriminator=gan.apply_updates(self.tx, state.discriminator,
-                                        d_out.grads, d_out.batch_stats))
-    metrics = {"loss": g_out.loss, "discriminator_loss": d_out.loss,
-               **g_out.metrics, **d_out.metrics}
+      step=state.step + 1,
+      generator=gan.apply_updates(
+        self.tx, state.generator, g_out.grads, g_out.batch_stats
+      ),
+      discriminator=gan.apply_updates(
+        self.tx, state.discriminator, d_out.grads, d_out.batch_stats
+      ),
+    )
+    metrics = {
+      "loss": g_out.loss,
+      "discriminator_loss": d_out.loss,
+      **g_out.metrics,
+      **d_out.metrics,
+    }
     return new_state, metrics
 
   def _generate(self, state, images):
@@ -163,14 +193,17 @@ class Method:
     images = gan.to_tanh_range(batch["image"])
     inputs, labels = all_transforms(images, self.num_transforms)
     generated = self._generate(state, inputs)["fake"]
-    discriminate = lambda x: self._split(gan.apply_eval(
-        self.discriminator, state.discriminator, x)[0])[0]
+    discriminate = lambda x: self._split(
+      gan.apply_eval(self.discriminator, state.discriminator, x)[0]
+    )[0]
     num = self.num_transforms
     scores = {
-        "pretext/generated": pretext_nll(discriminate(generated), labels, num),
-        "pretext/real": pretext_nll(discriminate(inputs), labels, num)}
+      "pretext/generated": pretext_nll(discriminate(generated), labels, num),
+      "pretext/real": pretext_nll(discriminate(inputs), labels, num),
+    }
     code = self._generate(state, images)["code"]
     for name, values in oneclass.score_each(
-        fitted, code, self.classifier_hparams).items():
+      fitted, code, self.classifier_hparams
+    ).items():
       scores[f"latent/{name}"] = values
     return interface.Scores(scores)

@@ -49,17 +49,18 @@ def mlp_apply(weights, x: jax.Array) -> jax.Array:
 
 def center_loss(weights, center: jax.Array, x: jax.Array) -> jax.Array:
   """Mean over points of ||f(x) - c||^2."""
-  return jnp.mean(jnp.sum((mlp_apply(weights, x) - center)**2, axis=-1))
+  return jnp.mean(jnp.sum((mlp_apply(weights, x) - center) ** 2, axis=-1))
 
 
-def per_point_gradient_norms(weights, center: jax.Array, x: jax.Array
-                             ) -> jax.Array:
+def per_point_gradient_norms(
+  weights, center: jax.Array, x: jax.Array
+) -> jax.Array:
   """[N] norm of the gradient of ||f(x_i) - c||^2 w.r.t. all weights."""
   out, inputs, pre_activations = _forward(weights, x)
   delta = 2.0 * (out - center)  # d loss_i / d (last pre-activation).
   squared = jnp.zeros(x.shape[0], x.dtype)
   for i in reversed(range(len(weights))):
-    squared += jnp.sum(delta**2, -1) * jnp.sum(inputs[i]**2, -1)
+    squared += jnp.sum(delta**2, -1) * jnp.sum(inputs[i] ** 2, -1)
     if i:
       delta = (delta @ weights[f"dense_{i}"].T) * (pre_activations[i - 1] > 0)
   return jnp.sqrt(squared)

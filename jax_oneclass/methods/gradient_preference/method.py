@@ -91,26 +91,32 @@ class Method:
   def __init__(self, config, info):
     self.config = config
     model = config.model
-    self.backbone = backbones.build(model.backbone,
-                                    conv_settings=conv_lib.settings(config))
+    self.backbone = backbones.build(
+      model.backbone, conv_settings=conv_lib.settings(config)
+    )
     self.layers = tuple(model.feature_layers)
     if not set(self.layers) <= {"layer1", "layer2", "layer3"}:
-      raise ConfigError(f"model.feature_layers must name layer1..layer3, "
-                        f"got {list(self.layers)}.")
+      raise ConfigError(
+        f"model.feature_layers must name layer1..layer3, "
+        f"got {list(self.layers)}."
+      )
     if info.image_shape[0] % 16:
       raise ConfigError(
-          "The backbone's layer3 is at 1/16 of the input: "
-          f"config.data.image_size must be a multiple of 16, got "
-          f"{info.image_shape[0]}.")
+        "The backbone's layer3 is at 1/16 of the input: "
+        f"config.data.image_size must be a multiple of 16, got "
+        f"{info.image_shape[0]}."
+      )
     if config.center_steps < 1:
       raise ConfigError(
-          "center_steps must be >= 1: the centre is the mean output over "
-          "those first batches (a zero centre lets the bias-free MLP "
-          "collapse by shrinking its weights).")
+        "center_steps must be >= 1: the centre is the mean output over "
+        "those first batches (a zero centre lets the bias-free MLP "
+        "collapse by shrinking its weights)."
+      )
     self.bank = repository.bank_settings(config.bank)
     self.tx = optim.make_optimizer(config, info)
     self.pretrained = pretrained.load_or_announce_random(
-        model.pretrained, model.backbone, "Backbone")
+      model.pretrained, model.backbone, "Backbone"
+    )
 
   def init_state(self, rng, image_shape) -> GPState:
     """Backbone variables, MLP weights; the centre is set while training."""
@@ -122,22 +128,29 @@ class Method:
     params = center_mlp.init_mlp(m_rng, in_dim, widths)
     scalar = lambda v, dtype=jnp.float32: jnp.asarray(v, dtype)
     return GPState(
-        step=scalar(0, jnp.int32), backbone=variables, params=params,
-        opt_state=self.tx.init(params),
-        center=jnp.zeros((widths[-1] if widths else in_dim,)),
-        loss_average=scalar(jnp.inf), best_loss_average=scalar(jnp.inf),
-        stale_steps=scalar(0, jnp.int32), stopped=scalar(0, jnp.int32))
+      step=scalar(0, jnp.int32),
+      backbone=variables,
+      params=params,
+      opt_state=self.tx.init(params),
+      center=jnp.zeros((widths[-1] if widths else in_dim,)),
+      loss_average=scalar(jnp.inf),
+      best_loss_average=scalar(jnp.inf),
+      stale_steps=scalar(0, jnp.int32),
+      stopped=scalar(0, jnp.int32),
+    )
 
   def _points(self, variables, images) -> jax.Array:
     """[B, h, w, D] multi-level patch features of the frozen backbone."""
     features = backbones.frozen_features(self.backbone, variables, images)
-    return backbones.patch_features(features, self.layers,
-                                    self.config.model.neighbourhood)
+    return backbones.patch_features(
+      features, self.layers, self.config.model.neighbourhood
+    )
 
   def _selected(self, variables, images) -> jax.Array:
     """[B, m, D] the repository points the selector keeps per image."""
-    return repository.select_points(self._points(variables, images),
-                                    self.bank, int(self.config.seed))
+    return repository.select_points(
+      self._points(variables, images), self.bank, int(self.config.seed)
+    )
 
   def train_step(self, state, batch, rng):
     """Centre estimation for `center_steps` steps, then centre-loss Adam
@@ -150,43 +163,59 @@ class Method:
     in_warmup = state.step < warmup
     outputs_mean = jnp.mean(center_mlp.mlp_apply(state.params, points), 0)
     center = jnp.where(
-        in_warmup,
-        state.center + (outputs_mean - state.center) / (state.step + 1),
-        state.center)
+      in_warmup,
+      state.center + (outputs_mean - state.center) / (state.step + 1),
+      state.center,
+    )
 
     loss, grads = jax.value_and_grad(center_mlp.center_loss)(
-        state.params, center, points)
-    params, opt_state = optim.apply_gradients(self.tx, state.params,
-                                            state.opt_state, grads)
+      state.params, center, points
+    )
+    params, opt_state = optim.apply_gradients(
+      self.tx, state.params, state.opt_state, grads
+    )
 
     # Early stopping on the moving average of the pre-update batch losses.
     stopping = self.config.early_stopping
     tracking = jnp.logical_and(~in_warmup, state.stopped == 0)
     average = jnp.where(
-        state.step == warmup, loss,
-        stopping.decay * state.loss_average + (1 - stopping.decay) * loss)
+      state.step == warmup,
+      loss,
+      stopping.decay * state.loss_average + (1 - stopping.decay) * loss,
+    )
     improved = jnp.logical_or(
-        jnp.isinf(state.best_loss_average),
-        average < state.best_loss_average * (1 - stopping.min_delta))
+      jnp.isinf(state.best_loss_average),
+      average < state.best_loss_average * (1 - stopping.min_delta),
+    )
     stale = jnp.where(improved, 0, state.stale_steps + 1)
     stopped = jnp.where(
-        tracking, (stopping.patience > 0) & (stale >= stopping.patience),
-        state.stopped > 0).astype(jnp.int32)
+      tracking,
+      (stopping.patience > 0) & (stale >= stopping.patience),
+      state.stopped > 0,
+    ).astype(jnp.int32)
     # The weights move only after the centre is set and before stopping;
     # the step that decides to stop does not apply its update.
     training = jnp.logical_and(~in_warmup, stopped == 0)
     pick = lambda cond, new, old: jax.tree.map(
-        lambda n, o: jnp.where(cond, n, o), new, old)
+      lambda n, o: jnp.where(cond, n, o), new, old
+    )
     new_state = state.replace(
-        step=state.step + 1, center=center, stopped=stopped,
-        params=pick(training, params, state.params),
-        opt_state=pick(training, opt_state, state.opt_state),
-        loss_average=pick(tracking, average, state.loss_average),
-        best_loss_average=pick(
-            tracking & improved, average, state.best_loss_average),
-        stale_steps=pick(tracking, stale, state.stale_steps))
-    return new_state, {"loss": loss, "grad_norm": optim.global_norm(grads),
-                       "stop_training": new_state.stopped.astype(jnp.float32)}
+      step=state.step + 1,
+      center=center,
+      stopped=stopped,
+      params=pick(training, params, state.params),
+      opt_state=pick(training, opt_state, state.opt_state),
+      loss_average=pick(tracking, average, state.loss_average),
+      best_loss_average=pick(
+        tracking & improved, average, state.best_loss_average
+      ),
+      stale_steps=pick(tracking, stale, state.stale_steps),
+    )
+    return new_state, {
+      "loss": loss,
+      "grad_norm": optim.global_norm(grads),
+      "stop_training": new_state.stopped.astype(jnp.float32),
+    }
 
   def _mapped(self, state, images) -> jax.Array:
     """[B, h, w, d] patch features in the MLP's space."""
@@ -196,22 +225,28 @@ class Method:
   def embed(self, state, batch):
     """Per training image: its repository points [m, d], mapped by the
     trained MLP."""
-    return {"features": center_mlp.mlp_apply(
-        state.params, self._selected(state.backbone, batch["image"]))}
+    return {
+      "features": center_mlp.mlp_apply(
+        state.params, self._selected(state.backbone, batch["image"])
+      )
+    }
 
   def fit(self, embeddings):
     """The mapped repository (capped at `bank.max_size`), laid out once for
     the chunked search."""
     features = np.asarray(embeddings["features"], np.float32)
     features = features.reshape(-1, features.shape[-1])
-    chosen = repository.cap(len(features), int(self.bank.max_size),
-                            int(self.config.seed))
+    chosen = repository.cap(
+      len(features), int(self.bank.max_size), int(self.config.seed)
+    )
     if len(chosen) < self.config.eval.k:
       raise ConfigError(
-          f"The repository holds {len(chosen)} points but eval.k is "
-          f"{self.config.eval.k}; raise bank.fraction or lower eval.k.")
-    bank = knn.build_bank(features[chosen],
-                          bank_chunk=self.config.eval.bank_chunk)
+        f"The repository holds {len(chosen)} points but eval.k is "
+        f"{self.config.eval.k}; raise bank.fraction or lower eval.k."
+      )
+    bank = knn.build_bank(
+      features[chosen], bank_chunk=self.config.eval.bank_chunk
+    )
     return {"bank": flax.serialization.to_state_dict(bank)}
 
   def score(self, state, fitted, batch) -> interface.Scores:
@@ -221,12 +256,18 @@ class Method:
     grid = mapped.shape[:3]
     flat = mapped.reshape(-1, mapped.shape[-1])
     distances = knn.nearest_distance(
-        knn.Bank(**fitted["bank"]), flat, k=self.config.eval.k,
-        query_chunk=self.config.eval.query_chunk).reshape(grid)
-    smoothed = anomaly_map.anomaly_map(distances, images.shape[1:3],
-                                       sigma=self.config.eval.map_sigma)
+      knn.Bank(**fitted["bank"]),
+      flat,
+      k=self.config.eval.k,
+      query_chunk=self.config.eval.query_chunk,
+    ).reshape(grid)
+    smoothed = anomaly_map.anomaly_map(
+      distances, images.shape[1:3], sigma=self.config.eval.map_sigma
+    )
     to_center = jnp.linalg.norm(mapped - state.center, axis=-1)
-    scores = {"nn_max": anomaly_map.image_scores(smoothed),
-              "nn_mean": jnp.mean(smoothed, axis=(1, 2)),
-              "center_max": jnp.max(to_center, axis=(1, 2))}
+    scores = {
+      "nn_max": anomaly_map.image_scores(smoothed),
+      "nn_mean": jnp.mean(smoothed, axis=(1, 2)),
+      "center_max": jnp.max(to_center, axis=(1, 2)),
+    }
     return interface.Scores(scores, {"anomaly_map": smoothed})

@@ -42,8 +42,12 @@ PREFER = ("largest", "smallest")
 
 
 # What a config written before the selector's own keys existed means.
-_DEFAULTS = {"criterion": "feature_gradient", "prefer": "largest",
-             "normalize": False, "max_size": 0}
+_DEFAULTS = {
+  "criterion": "feature_gradient",
+  "prefer": "largest",
+  "normalize": False,
+  "max_size": 0,
+}
 
 
 def bank_settings(bank) -> types.SimpleNamespace:
@@ -56,14 +60,17 @@ def bank_settings(bank) -> types.SimpleNamespace:
 def check_bank(bank) -> None:
   """Refuses a bank config the selector cannot use, in one line."""
   if not (0 < bank.fraction <= 1 and 0 <= bank.preferred_fraction <= 1):
-    raise ConfigError("bank.fraction must be in (0, 1] and "
-                      "bank.preferred_fraction in [0, 1].")
+    raise ConfigError(
+      "bank.fraction must be in (0, 1] and bank.preferred_fraction in [0, 1]."
+    )
   if bank.criterion not in CRITERIA:
-    raise ConfigError(f"bank.criterion={bank.criterion!r} is not one of "
-                      f"{', '.join(CRITERIA)}.")
+    raise ConfigError(
+      f"bank.criterion={bank.criterion!r} is not one of {', '.join(CRITERIA)}."
+    )
   if bank.prefer not in PREFER:
-    raise ConfigError(f"bank.prefer={bank.prefer!r} must be 'largest' or "
-                      "'smallest'.")
+    raise ConfigError(
+      f"bank.prefer={bank.prefer!r} must be 'largest' or 'smallest'."
+    )
 
 
 def feature_gradient(points: jax.Array, normalize: bool) -> jax.Array:
@@ -86,8 +93,9 @@ def selection_scores(points: jax.Array, bank, seed: int) -> jax.Array:
   """[B, h, w, D] -> [B, h*w], higher = preferred first."""
   batch, height, width = points.shape[:3]
   if bank.criterion == "random":
-    scores = jnp.broadcast_to(_position_noise(height * width, seed + 1),
-                              (batch, height * width))
+    scores = jnp.broadcast_to(
+      _position_noise(height * width, seed + 1), (batch, height * width)
+    )
   else:
     scores = feature_gradient(points, bank.normalize).reshape(batch, -1)
   return scores if bank.prefer == "largest" else -scores
@@ -105,8 +113,11 @@ def select_indices(points: jax.Array, bank, seed: int) -> jax.Array:
   kept, preferred = sizes(grid_size, bank)
   scores = selection_scores(points, bank, seed)
   first = jax.lax.top_k(scores, preferred)[1]
-  taken = jnp.zeros(scores.shape, bool).at[
-      jnp.arange(scores.shape[0])[:, None], first].set(True)
+  taken = (
+    jnp.zeros(scores.shape, bool)
+    .at[jnp.arange(scores.shape[0])[:, None], first]
+    .set(True)
+  )
   noise = jnp.broadcast_to(_position_noise(grid_size, seed), scores.shape)
   rest = jax.lax.top_k(jnp.where(taken, -1.0, noise), kept - preferred)[1]
   return jnp.concatenate([first, rest], axis=1)

@@ -48,20 +48,25 @@ class Method(interface.NoFittedStage):
     self.config = config
     model = config.model
     self.teacher, self.ocbe, self.decoder = rd.build(
-        model.backbone, model.get("ocbe_width_per_group") or None,
-        conv_lib.settings(config))
+      model.backbone,
+      model.get("ocbe_width_per_group") or None,
+      conv_lib.settings(config),
+    )
     if config.loss_mode not in rd.LOSS_MODES:
-      raise ConfigError(f"loss_mode must be one of {rd.LOSS_MODES}, got "
-                        f"{config.loss_mode!r}.")
+      raise ConfigError(
+        f"loss_mode must be one of {rd.LOSS_MODES}, got {config.loss_mode!r}."
+      )
     if info.image_shape[0] % 32:
       raise ConfigError(
-          "Reverse distillation halves the image 5 times (teacher layer3 at "
-          "1/16, the bottleneck at 1/32): config.data.image_size must be a "
-          f"multiple of 32, got {info.image_shape[0]}.")
+        "Reverse distillation halves the image 5 times (teacher layer3 at "
+        "1/16, the bottleneck at 1/32): config.data.image_size must be a "
+        f"multiple of 32, got {info.image_shape[0]}."
+      )
     self.map_fusion = anomaly_map.map_fusion(model.get("map_fusion", "sum"))
     self.tx = optim.make_optimizer(config, info)
     self.pretrained = pretrained.load_or_announce_random(
-        model.pretrained, model.backbone, "Teacher")
+      model.pretrained, model.backbone, "Teacher"
+    )
 
   def init_state(self, rng, image_shape) -> RDState:
     """Teacher variables (pretrained or random) and the student's state."""
@@ -74,29 +79,41 @@ class Method(interface.NoFittedStage):
     decoder = self.decoder.init(d_rng, code)
     params = {"ocbe": ocbe["params"], "decoder": decoder["params"]}
     return RDState(
-        step=jnp.zeros((), jnp.int32), teacher=teacher, params=params,
-        batch_stats={"ocbe": ocbe["batch_stats"],
-                     "decoder": decoder["batch_stats"]},
-        opt_state=self.tx.init(params))
+      step=jnp.zeros((), jnp.int32),
+      teacher=teacher,
+      params=params,
+      batch_stats={
+        "ocbe": ocbe["batch_stats"],
+        "decoder": decoder["batch_stats"],
+      },
+      opt_state=self.tx.init(params),
+    )
 
   def _teacher_maps(self, state, images):
-    return rd.teacher_maps(backbones.frozen_features(
-        self.teacher, state.teacher, images))
+    return rd.teacher_maps(
+      backbones.frozen_features(self.teacher, state.teacher, images)
+    )
 
   def _student_maps(self, params, batch_stats, maps, train: bool):
     mutable = ["batch_stats"] if train else False
     ocbe_vars = {"params": params["ocbe"], "batch_stats": batch_stats["ocbe"]}
-    dec_vars = {"params": params["decoder"],
-                "batch_stats": batch_stats["decoder"]}
+    dec_vars = {
+      "params": params["decoder"],
+      "batch_stats": batch_stats["decoder"],
+    }
     if not train:
       code = self.ocbe.apply(ocbe_vars, maps)
       return self.decoder.apply(dec_vars, code), batch_stats
-    code, ocbe_upd = self.ocbe.apply(ocbe_vars, maps, train=True,
-                                     mutable=mutable)
-    student, dec_upd = self.decoder.apply(dec_vars, code, train=True,
-                                          mutable=mutable)
-    return student, {"ocbe": ocbe_upd["batch_stats"],
-                     "decoder": dec_upd["batch_stats"]}
+    code, ocbe_upd = self.ocbe.apply(
+      ocbe_vars, maps, train=True, mutable=mutable
+    )
+    student, dec_upd = self.decoder.apply(
+      dec_vars, code, train=True, mutable=mutable
+    )
+    return student, {
+      "ocbe": ocbe_upd["batch_stats"],
+      "decoder": dec_upd["batch_stats"],
+    }
 
   def train_step(self, state, batch, rng):
     """One Adam step of OCBE + decoder; the teacher never changes."""
@@ -104,19 +121,22 @@ class Method(interface.NoFittedStage):
     teacher = self._teacher_maps(state, batch["image"][:, 0])
 
     def objective(params):
-      student, stats = self._student_maps(params, state.batch_stats, teacher,
-                                          train=True)
-      return rd.reverse_distillation_loss(teacher, student,
-                                          self.config.loss_mode), stats
+      student, stats = self._student_maps(
+        params, state.batch_stats, teacher, train=True
+      )
+      return rd.reverse_distillation_loss(
+        teacher, student, self.config.loss_mode
+      ), stats
 
     (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(
-        state.params)
-    params, opt_state = optim.apply_gradients(self.tx, state.params,
-                                            state.opt_state, grads)
-    return state.replace(step=state.step + 1, params=params,
-                         batch_stats=stats, opt_state=opt_state), {
-                             "loss": loss,
-                             "grad_norm": optim.global_norm(grads)}
+      state.params
+    )
+    params, opt_state = optim.apply_gradients(
+      self.tx, state.params, state.opt_state, grads
+    )
+    return state.replace(
+      step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state
+    ), {"loss": loss, "grad_norm": optim.global_norm(grads)}
 
   def score(self, state, fitted, batch) -> interface.Scores:
     """Image scores and {'anomaly_map': [B, H, W]}, the upsampled, fused
@@ -125,11 +145,17 @@ class Method(interface.NoFittedStage):
     del fitted
     images = batch["image"]
     teacher = self._teacher_maps(state, images)
-    student, _ = self._student_maps(state.params, state.batch_stats, teacher,
-                                    train=False)
+    student, _ = self._student_maps(
+      state.params, state.batch_stats, teacher, train=False
+    )
     smoothed = anomaly_map.anomaly_map(
-        rd.cosine_distance_maps(teacher, student), images.shape[1:3],
-        sigma=self.config.eval.map_sigma, fusion=self.map_fusion)
-    scores = {"map_max": anomaly_map.image_scores(smoothed),
-              "map_mean": jnp.mean(smoothed, axis=(1, 2))}
+      rd.cosine_distance_maps(teacher, student),
+      images.shape[1:3],
+      sigma=self.config.eval.map_sigma,
+      fusion=self.map_fusion,
+    )
+    scores = {
+      "map_max": anomaly_map.image_scores(smoothed),
+      "map_mean": jnp.mean(smoothed, axis=(1, 2)),
+    }
     return interface.Scores(scores, {"anomaly_map": smoothed})

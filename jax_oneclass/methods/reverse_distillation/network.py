@@ -35,7 +35,8 @@ from jax_oneclass.errors import ConfigError
 # Flax's fan_out of a [2, 2, C_in, C_out] kernel is 4 * C_out, so this is
 # U(-1/sqrt(4 C_out), 1/sqrt(4 C_out)): torch's kaiming_uniform_(a=sqrt(5)).
 _CONV_TRANSPOSE_INIT = nn.initializers.variance_scaling(
-    1.0 / 3.0, "fan_out", "uniform")
+  1.0 / 3.0, "fan_out", "uniform"
+)
 _COSINE_EPS = 1e-8  # torch.nn.CosineSimilarity's default.
 LOSS_MODES = ("flattened", "per_pixel")
 
@@ -56,14 +57,14 @@ class ConvTranspose2x2(nn.Module):
   @nn.compact
   def __call__(self, x):
     c_in = x.shape[-1]
-    kernel = self.param("kernel", _CONV_TRANSPOSE_INIT,
-                        (2, 2, c_in, self.features))
+    kernel = self.param(
+      "kernel", _CONV_TRANSPOSE_INIT, (2, 2, c_in, self.features)
+    )
     kernel = kernel.transpose(2, 0, 1, 3).reshape(c_in, 4 * self.features)
     return layers.depth_to_space(self.conv_settings.matmul(x, kernel))
 
 
-def _upsample(x, features: int, train: bool,
-              settings: conv_lib.ConvSettings):
+def _upsample(x, features: int, train: bool, settings: conv_lib.ConvSettings):
   """The decoder's shortcut: ConvTranspose2x2 + BN (torch `upsample`)."""
   x = ConvTranspose2x2(features, settings, name="upsample_0")(x)
   return layers.batch_norm(train, "upsample_1")(x)
@@ -128,8 +129,7 @@ class DecoderBottleneck(nn.Module):
 
 def _check_block(block: str, width_per_group: int) -> None:
   if block not in ("basic", "bottleneck"):
-    raise ConfigError(
-        f"block must be 'basic' or 'bottleneck', got {block!r}.")
+    raise ConfigError(f"block must be 'basic' or 'bottleneck', got {block!r}.")
   if block == "basic" and width_per_group != 64:
     raise ConfigError("Basic blocks need width_per_group=64.")
 
@@ -179,14 +179,17 @@ class OCBE(nn.Module):
     for i in range(self.num_blocks):
       stride = 2 if i == 0 else 1
       if self.block == "basic":
-        layer = backbones.BasicBlock(8 * self.base_width, stride,
-                                     self.conv_settings,
-                                     name=f"bn_layer_{i}")
+        layer = backbones.BasicBlock(
+          8 * self.base_width, stride, self.conv_settings, name=f"bn_layer_{i}"
+        )
       else:
-        layer = backbones.Bottleneck(8 * self.base_width, stride,
-                                     self.width_per_group,
-                                     self.conv_settings,
-                                     name=f"bn_layer_{i}")
+        layer = backbones.Bottleneck(
+          8 * self.base_width,
+          stride,
+          self.width_per_group,
+          self.conv_settings,
+          name=f"bn_layer_{i}",
+        )
       x = layer(x, train)
     return x
 
@@ -225,11 +228,13 @@ class StudentDecoder(nn.Module):
       for i in range(self.stage_sizes[stage]):
         name = f"layer{stage + 1}_{i}"
         if self.block == "basic":
-          layer = DecoderBasicBlock(planes, i == 0, self.conv_settings,
-                                    name=name)
+          layer = DecoderBasicBlock(
+            planes, i == 0, self.conv_settings, name=name
+          )
         else:
-          layer = DecoderBottleneck(planes, i == 0, self.width_per_group,
-                                    self.conv_settings, name=name)
+          layer = DecoderBottleneck(
+            planes, i == 0, self.width_per_group, self.conv_settings, name=name
+          )
         x = layer(x, train)
       outputs.append(x)
     return outputs[::-1]
@@ -237,16 +242,18 @@ class StudentDecoder(nn.Module):
 
 # arch: (block, OCE blocks, decoder stage sizes, width_per_group).
 _ARCHS = {
-    "resnet18": ("basic", 2, (2, 2, 2), 64),
-    "resnet50": ("bottleneck", 3, (3, 4, 6), 64),
-    "wide_resnet50_2": ("bottleneck", 3, (3, 4, 6), 128),
-    "resnet_tiny": ("basic", 1, (1, 1, 1), 64),
+  "resnet18": ("basic", 2, (2, 2, 2), 64),
+  "resnet50": ("bottleneck", 3, (3, 4, 6), 64),
+  "wide_resnet50_2": ("bottleneck", 3, (3, 4, 6), 128),
+  "resnet_tiny": ("basic", 1, (1, 1, 1), 64),
 }
 
 
-def build(arch: str, ocbe_width_per_group: int | None = None,
-          conv_settings: conv_lib.ConvSettings = conv_lib.ConvSettings()
-          ) -> tuple[backbones.TorchResNet, OCBE, StudentDecoder]:
+def build(
+  arch: str,
+  ocbe_width_per_group: int | None = None,
+  conv_settings: conv_lib.ConvSettings = conv_lib.ConvSettings(),
+) -> tuple[backbones.TorchResNet, OCBE, StudentDecoder]:
   """(teacher, OCBE, decoder) as the official code pairs them for `arch`,
   their convolutions computed as `conv_settings` say.
 
@@ -255,17 +262,22 @@ def build(arch: str, ocbe_width_per_group: int | None = None,
   """
   if arch not in _ARCHS:
     raise ConfigError(
-        f"Unknown reverse distillation backbone {arch!r}; choose one of "
-        f"{sorted(_ARCHS)}.")
+      f"Unknown reverse distillation backbone {arch!r}; choose one of "
+      f"{sorted(_ARCHS)}."
+    )
   block, oce_blocks, stage_sizes, width_per_group = _ARCHS[arch]
   if ocbe_width_per_group is None:
     ocbe_width_per_group = width_per_group
   teacher = backbones.build(arch, conv_settings=conv_settings)
-  return (teacher,
-          OCBE(block, oce_blocks, ocbe_width_per_group, teacher.base_width,
-               conv_settings),
-          StudentDecoder(block, stage_sizes, width_per_group,
-                         teacher.base_width, conv_settings))
+  return (
+    teacher,
+    OCBE(
+      block, oce_blocks, ocbe_width_per_group, teacher.base_width, conv_settings
+    ),
+    StudentDecoder(
+      block, stage_sizes, width_per_group, teacher.base_width, conv_settings
+    ),
+  )
 
 
 def teacher_maps(features: dict[str, jax.Array]) -> list[jax.Array]:
@@ -281,20 +293,24 @@ def _cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.sum(a * b, axis=-1) / (norm_a * norm_b)
 
 
-def cosine_distance_maps(teacher_maps: Sequence[jax.Array],
-                         student_maps: Sequence[jax.Array]
-                         ) -> list[jax.Array]:
+def cosine_distance_maps(
+  teacher_maps: Sequence[jax.Array], student_maps: Sequence[jax.Array]
+) -> list[jax.Array]:
   """Per scale, 1 - cosine similarity over channels: [B, H, W], in [0, 2].
 
   These are RD4AD's anomaly maps before upsampling and smoothing.
   """
-  return [1.0 - _cosine_similarity(t, s)
-          for t, s in zip(teacher_maps, student_maps, strict=True)]
+  return [
+    1.0 - _cosine_similarity(t, s)
+    for t, s in zip(teacher_maps, student_maps, strict=True)
+  ]
 
 
-def reverse_distillation_loss(teacher_maps: Sequence[jax.Array],
-                              student_maps: Sequence[jax.Array],
-                              mode: str = "flattened") -> jax.Array:
+def reverse_distillation_loss(
+  teacher_maps: Sequence[jax.Array],
+  student_maps: Sequence[jax.Array],
+  mode: str = "flattened",
+) -> jax.Array:
   """Cosine distillation loss, summed over scales.
 
   'flattened' (official code, trains markedly better): per scale, the batch
@@ -305,10 +321,16 @@ def reverse_distillation_loss(teacher_maps: Sequence[jax.Array],
   """
   if mode == "flattened":
     return sum(
-        jnp.mean(1.0 - _cosine_similarity(t.reshape(t.shape[0], -1),
-                                          s.reshape(s.shape[0], -1)))
-        for t, s in zip(teacher_maps, student_maps, strict=True))
+      jnp.mean(
+        1.0
+        - _cosine_similarity(
+          t.reshape(t.shape[0], -1), s.reshape(s.shape[0], -1)
+        )
+      )
+      for t, s in zip(teacher_maps, student_maps, strict=True)
+    )
   if mode == "per_pixel":
-    return sum(jnp.mean(m)
-               for m in cosine_distance_maps(teacher_maps, student_maps))
+    return sum(
+      jnp.mean(m) for m in cosine_distance_maps(teacher_maps, student_maps)
+    )
   raise ConfigError(f"mode must be one of {LOSS_MODES}, got {mode!r}.")

@@ -71,12 +71,15 @@ class Method(family.TwoStageMethod):
 
   def __init__(self, config, info):
     if config.data.num_views != 2:
-      raise ConfigError("Contrastive learning needs config.data.num_views=2 "
-                        f"(got {config.data.num_views}).")
+      raise ConfigError(
+        "Contrastive learning needs config.data.num_views=2 "
+        f"(got {config.data.num_views})."
+      )
     if config.contrastive_loss not in CONTRASTIVE_LOSSES:
       raise ConfigError(
-          f"Unknown contrastive_loss {config.contrastive_loss!r}; use one of "
-          f"{sorted(CONTRASTIVE_LOSSES)}.")
+        f"Unknown contrastive_loss {config.contrastive_loss!r}; use one of "
+        f"{sorted(CONTRASTIVE_LOSSES)}."
+      )
     super().__init__(config, info)
     self.contrastive_loss = CONTRASTIVE_LOSSES[config.contrastive_loss]
 
@@ -85,7 +88,8 @@ class Method(family.TwoStageMethod):
     del rng  # Augmentation happens in the input pipeline.
     views = batch["image"]  # [B, 2, H, W, C]
     outputs, batch_stats = self.apply_train(
-        params, batch_stats, merge_views(views))
+      params, batch_stats, merge_views(views)
+    )
     z1, z2 = jnp.split(oneclass.l2_normalize(outputs["embed"]), 2)
     loss, accuracy = self.contrastive_loss(z1, z2, self.config.temperature)
     return loss, (batch_stats, {"contrastive_accuracy": accuracy})

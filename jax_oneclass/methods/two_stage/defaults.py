@@ -16,9 +16,11 @@ def two_stage_config(method: str) -> ml_collections.ConfigDict:
   # in random order, unclipped until the pipeline's end; the library's other
   # form, 'multiplicative', scales brightness and clips after every op). Its
   # blur op is a no-op in training, so it is left out.
-  c.data.augment = ("random_resized_crop(0.25,ratio=(1.0,1.0))|flip_lr|"
-                    "color_jitter(0.4,0.4,0.4,0.4,p=1.0,form='reference')|"
-                    "grayscale(p=0.2)")
+  c.data.augment = (
+    "random_resized_crop(0.25,ratio=(1.0,1.0))|flip_lr|"
+    "color_jitter(0.4,0.4,0.4,0.4,p=1.0,form='reference')|"
+    "grayscale(p=0.2)"
+  )
   c.data.num_views = 2
 
   c.model.stage_sizes = (2, 2, 2, 2)  # ResNet-18.
@@ -46,9 +48,15 @@ def two_stage_config(method: str) -> ml_collections.ConfigDict:
   # reference: GDE with Ledoit-Wolf shrinkage, for banks with fewer images
   # than feature dimensions (e.g. ~120 digits, 128-d features).
   c.classifiers = ml_collections.ConfigDict(
-      {"kde": {}, "gde": {}, "ocsvm": {},
-       "locsvm": {"classifier": "ocsvm", "kernel": "linear"}, "nn": {},
-       "gde_lw": {"classifier": "gde", "shrinkage": "ledoit_wolf"}})
+    {
+      "kde": {},
+      "gde": {},
+      "ocsvm": {},
+      "locsvm": {"classifier": "ocsvm", "kernel": "linear"},
+      "nn": {},
+      "gde_lw": {"classifier": "gde", "shrinkage": "ledoit_wolf"},
+    }
+  )
   c.eval.rotation_averaging = True
   return c
 
@@ -56,7 +64,8 @@ def two_stage_config(method: str) -> ml_collections.ConfigDict:
 def small_run(config: ml_collections.ConfigDict) -> None:
   """Two-stage family on digits: small head, short warm-up, mild crops."""
   config.model.head_dims = tuple(
-      min(d, 128) for d in config.model.head_dims[-3:])
+    min(d, 128) for d in config.model.head_dims[-3:]
+  )
   # 128 network inputs per step for every method: 64 x 2 views, 32 x 4.
   config.batch_size = 128 // config.data.num_views
   config.optimizer.learning_rate = 0.05

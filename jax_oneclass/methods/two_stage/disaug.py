@@ -19,6 +19,7 @@ class Method(clr.Method):
   def __init__(self, config, info):
     if not config.data.get("rotation_distaug"):
       raise ConfigError(
-          "DisAug CLR trains on rotated copies as extra distributions: set "
-          "config.data.rotation_distaug=True (or use method 'clr').")
+        "DisAug CLR trains on rotated copies as extra distributions: set "
+        "config.data.rotation_distaug=True (or use method 'clr')."
+      )
     super().__init__(config, info)

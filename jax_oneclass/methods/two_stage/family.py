@@ -43,26 +43,29 @@ class TwoStageMethod:
     model_cfg = config.model
     if model_cfg.arch not in ("cifar", *backbones.ARCHS):
       raise ConfigError(
-          f"Unknown model.arch {model_cfg.arch!r}; choose 'cifar' (the "
-          f"paper's ResNet) or one of {sorted(backbones.ARCHS)}.")
+        f"Unknown model.arch {model_cfg.arch!r}; choose 'cifar' (the "
+        f"paper's ResNet) or one of {sorted(backbones.ARCHS)}."
+      )
     self.model = SelfSupervisedNet(
-        stage_sizes=tuple(model_cfg.stage_sizes),
-        width=model_cfg.width,
-        head_dims=tuple(model_cfg.head_dims),
-        num_rotations=self.num_rotation_classes,
-        arch=model_cfg.arch,
-        conv_settings=conv_lib.settings(config))
+      stage_sizes=tuple(model_cfg.stage_sizes),
+      width=model_cfg.width,
+      head_dims=tuple(model_cfg.head_dims),
+      num_rotations=self.num_rotation_classes,
+      arch=model_cfg.arch,
+      conv_settings=conv_lib.settings(config),
+    )
     self.pretrained = None
     if model_cfg.get("pretrained"):
       if model_cfg.arch == "cifar":
         raise ConfigError(
-            f"model.pretrained={model_cfg.pretrained!r} initialises a "
-            "torchvision backbone, but model.arch is 'cifar' (the paper's "
-            "ResNet, which has no ImageNet weights): add "
-            "--config.model.arch=resnet18 (or resnet50, wide_resnet50_2).")
+          f"model.pretrained={model_cfg.pretrained!r} initialises a "
+          "torchvision backbone, but model.arch is 'cifar' (the paper's "
+          "ResNet, which has no ImageNet weights): add "
+          "--config.model.arch=resnet18 (or resnet50, wide_resnet50_2)."
+        )
       self.pretrained = pretrained.load_or_announce_random(
-          model_cfg.pretrained, model_cfg.arch, "Backbone init",
-          with_layer4=True)
+        model_cfg.pretrained, model_cfg.arch, "Backbone init", with_layer4=True
+      )
     self.tx = optim.make_optimizer(config, info)
     self.classifier_hparams = oneclass.checked_hparams(config.classifiers)
 
@@ -77,14 +80,20 @@ class TwoStageMethod:
       params = {**params, "backbone": backbone["params"]}
       batch_stats = {**batch_stats, "backbone": backbone["batch_stats"]}
     return interface.TrainState(
-        step=jnp.zeros((), jnp.int32), params=params,
-        batch_stats=batch_stats, opt_state=self.tx.init(params))
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=self.tx.init(params),
+    )
 
   def apply_train(self, params, batch_stats, images):
     """Forward pass in train mode; returns (outputs, new batch_stats)."""
     outputs, updates = self.model.apply(
-        {"params": params, "batch_stats": batch_stats}, images, train=True,
-        mutable=["batch_stats"])
+      {"params": params, "batch_stats": batch_stats},
+      images,
+      train=True,
+      mutable=["batch_stats"],
+    )
     return outputs, updates["batch_stats"]
 
   def loss(self, params, batch_stats, batch, rng):
@@ -96,13 +105,23 @@ class TwoStageMethod:
     rng = interface.step_key(rng, state.step)
     grad_fn = jax.value_and_grad(self.loss, has_aux=True)
     (loss, (batch_stats, metrics)), grads = grad_fn(
-        state.params, state.batch_stats, batch, rng)
-    params, opt_state = optim.apply_gradients(self.tx, state.params,
-                                            state.opt_state, grads)
-    metrics = dict(metrics, loss=loss, grad_norm=optim.global_norm(grads),
-                   param_norm=optim.global_norm(params))
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=batch_stats, opt_state=opt_state)
+      state.params, state.batch_stats, batch, rng
+    )
+    params, opt_state = optim.apply_gradients(
+      self.tx, state.params, state.opt_state, grads
+    )
+    metrics = dict(
+      metrics,
+      loss=loss,
+      grad_norm=optim.global_norm(grads),
+      param_norm=optim.global_norm(params),
+    )
+    new_state = state.replace(
+      step=state.step + 1,
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+    )
     return new_state, metrics
 
   # --- stage two -----------------------------------------------------------
@@ -115,8 +134,10 @@ class TwoStageMethod:
   def apply_eval(self, state, images):
     """Forward pass in eval mode (BatchNorm running statistics)."""
     return self.model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats}, images,
-        train=False)
+      {"params": state.params, "batch_stats": state.batch_stats},
+      images,
+      train=False,
+    )
 
   def embed(self, state, batch):
     """Features of each rotation: {'<feature>/rot<k>': [B, D]}."""
@@ -129,8 +150,10 @@ class TwoStageMethod:
 
   def fit(self, embeddings):
     """Fits every configured classifier on each feature and rotation."""
-    return {key: oneclass.fit_each(features, self.classifier_hparams)
-            for key, features in embeddings.items()}
+    return {
+      key: oneclass.fit_each(features, self.classifier_hparams)
+      for key, features in embeddings.items()
+    }
 
   def score(self, state, fitted, batch) -> interface.Scores:
     """Classifier scores per feature, with and without rotation averaging."""
@@ -139,17 +162,23 @@ class TwoStageMethod:
   def classifier_scores(self, state, fitted, batch) -> dict:
     """{'<feature>/<classifier>[/rot_avg]': [B]}."""
     rotations = self._rotations()
-    outputs = {k: self.apply_eval(state, rotate(batch["image"], k))
-               for k in rotations}
+    outputs = {
+      k: self.apply_eval(state, rotate(batch["image"], k)) for k in rotations
+    }
     scores = {}
     for feature in FEATURES:
       per_rotation = [
-          oneclass.score_each(fitted[f"{feature}/rot{k}"],
-                                 outputs[k][feature], self.classifier_hparams)
-          for k in rotations]
+        oneclass.score_each(
+          fitted[f"{feature}/rot{k}"],
+          outputs[k][feature],
+          self.classifier_hparams,
+        )
+        for k in rotations
+      ]
       for name in self.classifier_hparams:
         scores[f"{feature}/{name}"] = per_rotation[0][name]
         if len(rotations) > 1:
           scores[f"{feature}/{name}/rot_avg"] = jnp.mean(
-              jnp.stack([s[name] for s in per_rotation]), axis=0)
+            jnp.stack([s[name] for s in per_rotation]), axis=0
+          )
     return scores

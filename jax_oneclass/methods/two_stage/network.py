@@ -24,11 +24,11 @@ _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 def _batch_norm(train: bool, zero_init: bool = False, name=None):
   return nn.BatchNorm(
-      use_running_average=not train,
-      momentum=_BN_MOMENTUM,
-      epsilon=_BN_EPSILON,
-      scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
-      name=name,
+    use_running_average=not train,
+    momentum=_BN_MOMENTUM,
+    epsilon=_BN_EPSILON,
+    scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
+    name=name,
   )
 
 
@@ -52,9 +52,15 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     conv = lambda f, k, s, name: nn.Conv(
-        f, (k, k), (s, s), padding=_symmetric_padding(k), use_bias=False,
-        name=name, kernel_init=_CONV_INIT,
-        conv_general_dilated=self.conv_settings.conv_general_dilated)
+      f,
+      (k, k),
+      (s, s),
+      padding=_symmetric_padding(k),
+      use_bias=False,
+      name=name,
+      kernel_init=_CONV_INIT,
+      conv_general_dilated=self.conv_settings.conv_general_dilated,
+    )
     y = conv(self.features, 3, self.strides, "conv1")(x)
     y = nn.relu(_batch_norm(train, name="bn1")(y))
     y = conv(self.features, 3, 1, "conv2")(y)
@@ -75,17 +81,25 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool):
     x = 2.0 * images - 1.0  # Inputs arrive in [0, 1].
-    x = nn.Conv(self.width, (3, 3), padding=_symmetric_padding(3),
-                use_bias=False,
-                kernel_init=_CONV_INIT, name="stem_conv",
-                conv_general_dilated=self.conv_settings.conv_general_dilated
-                )(x)
+    x = nn.Conv(
+      self.width,
+      (3, 3),
+      padding=_symmetric_padding(3),
+      use_bias=False,
+      kernel_init=_CONV_INIT,
+      name="stem_conv",
+      conv_general_dilated=self.conv_settings.conv_general_dilated,
+    )(x)
     x = nn.relu(_batch_norm(train, name="stem_bn")(x))
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(self.width * 2**stage, strides, self.conv_settings,
-                       name=f"stage{stage + 1}_block{block + 1}")(x, train)
+        x = BasicBlock(
+          self.width * 2**stage,
+          strides,
+          self.conv_settings,
+          name=f"stage{stage + 1}_block{block + 1}",
+        )(x, train)
     return jnp.mean(x, axis=(1, 2))
 
 
@@ -105,8 +119,9 @@ class MLPHead(nn.Module):
     for i, dim in enumerate(self.dims[:-1]):
       x = nn.Dense(dim, use_bias=False, name=f"dense{i + 1}")(x)
       x = nn.relu(_batch_norm(train, name=f"bn{i + 1}")(x))
-    return nn.Dense(self.dims[-1], use_bias=self.last_bias,
-                    name=f"dense{len(self.dims)}")(x)
+    return nn.Dense(
+      self.dims[-1], use_bias=self.last_bias, name=f"dense{len(self.dims)}"
+    )(x)
 
 
 class SelfSupervisedNet(nn.Module):
@@ -136,17 +151,22 @@ class SelfSupervisedNet(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False):
     if self.arch == "cifar":
-      pool = ResNet(self.stage_sizes, self.width, self.conv_settings,
-                    name="backbone")(images, train)
+      pool = ResNet(
+        self.stage_sizes, self.width, self.conv_settings, name="backbone"
+      )(images, train)
     else:  # The inputs the localisation methods give it (frozen_features).
-      backbone = backbones.build(self.arch, with_layer4=True,
-                                 conv_settings=self.conv_settings)
+      backbone = backbones.build(
+        self.arch, with_layer4=True, conv_settings=self.conv_settings
+      )
       pool = backbone.clone(parent=self, name="backbone")(
-          backbones.torchvision_inputs(images), train)["pool"]
-    embed = MLPHead(self.head_dims, last_bias=self.num_rotations > 0,
-                    name="head")(pool, train)
+        backbones.torchvision_inputs(images), train
+      )["pool"]
+    embed = MLPHead(
+      self.head_dims, last_bias=self.num_rotations > 0, name="head"
+    )(pool, train)
     outputs = {"pool": pool, "embed": embed}
     if self.num_rotations:
       outputs["rotation_logits"] = nn.Dense(
-          self.num_rotations, name="rotation_classifier")(embed)
+        self.num_rotations, name="rotation_classifier"
+      )(embed)
     return outputs

@@ -26,9 +26,10 @@ class Method(family.TwoStageMethod):
   def __init__(self, config, info):
     if config.data.num_views != family.NUM_ROTATIONS:
       raise ConfigError(
-          "RotNet rotates view k of each image by k * 90 degrees, so it needs "
-          f"config.data.num_views={family.NUM_ROTATIONS} (got "
-          f"{config.data.num_views}).")
+        "RotNet rotates view k of each image by k * 90 degrees, so it needs "
+        f"config.data.num_views={family.NUM_ROTATIONS} (got "
+        f"{config.data.num_views})."
+      )
     super().__init__(config, info)
 
   def loss(self, params, batch_stats, batch, rng):
@@ -36,12 +37,14 @@ class Method(family.TwoStageMethod):
     del rng  # Augmentation happens in the input pipeline.
     views = batch["image"]  # [B, 4, H, W, C]
     images = jnp.concatenate(
-        [family.rotate(views[:, k], k) for k in range(views.shape[1])])
+      [family.rotate(views[:, k], k) for k in range(views.shape[1])]
+    )
     labels = jnp.repeat(jnp.arange(views.shape[1]), views.shape[0])
     outputs, batch_stats = self.apply_train(params, batch_stats, images)
     logits = outputs["rotation_logits"]
     loss = optax.softmax_cross_entropy_with_integer_labels(
-        logits, labels).mean()
+      logits, labels
+    ).mean()
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return loss, (batch_stats, {"rotation_accuracy": accuracy})
 
@@ -49,9 +52,13 @@ class Method(family.TwoStageMethod):
     """Classifier scores plus the rotation head's own scores."""
     scores = self.classifier_scores(state, fitted, batch)
     log_probs = [
-        jax.nn.log_softmax(self.apply_eval(
-            state, family.rotate(batch["image"], k))["rotation_logits"])[:, k]
-        for k in range(family.NUM_ROTATIONS)]
+      jax.nn.log_softmax(
+        self.apply_eval(state, family.rotate(batch["image"], k))[
+          "rotation_logits"
+        ]
+      )[:, k]
+      for k in range(family.NUM_ROTATIONS)
+    ]
     scores["rotation_head"] = 1.0 - jnp.exp(log_probs[0])
     scores["rotation_head/rot_avg"] = -jnp.sum(jnp.stack(log_probs), axis=0)
     return interface.Scores(scores)
