@@ -22,6 +22,7 @@ category folder, e.g. 'test/scratch/000.png').
 
 import collections
 import hashlib
+import io
 import os
 
 import numpy as np
@@ -332,10 +333,21 @@ def _image_files(directory: str, skipped=None) -> list[str]:
   return [f for f in names if f.lower().endswith(_IMAGE_EXTENSIONS)]
 
 
+def read_bytes(path: str) -> bytes:
+  """A file's bytes: local paths through Python, others (gs://...) through
+  tf.io.gfile. PIL reads from these bytes, not from a GFile: its seeks on
+  a GFile can fail with 'reached end of file'."""
+  if "://" not in str(path):
+    with open(path, "rb") as f:
+      return f.read()
+  with tf.io.gfile.GFile(path, "rb") as f:
+    return f.read()
+
+
 def unreadable_image(path: str) -> str | None:
   """Why PIL cannot decode the image at `path`, or None."""
   try:
-    with tf.io.gfile.GFile(path, "rb") as f, Image.open(f) as image:
+    with Image.open(io.BytesIO(read_bytes(path))) as image:
       image.load()
   except Exception as e:  # pylint: disable=broad-except
     # PIL raises several types for bad files, GFile tf.errors.
@@ -345,7 +357,7 @@ def unreadable_image(path: str) -> str | None:
 
 def _image_size(path: str) -> tuple[int, int]:
   """(width, height) from the file header, without decoding the pixels."""
-  with tf.io.gfile.GFile(path, "rb") as f, Image.open(f) as image:
+  with Image.open(io.BytesIO(read_bytes(path))) as image:
     return image.size
 
 
@@ -514,7 +526,7 @@ def _encode_example(item: dict) -> dict:
 
 def _load_image(path: str):
   """(path or RGB PIL image, (width, height)); RGB files are kept as stored."""
-  with tf.io.gfile.GFile(path, "rb") as f, Image.open(f) as image:
+  with Image.open(io.BytesIO(read_bytes(path))) as image:
     if image.mode == "RGB" and image.format in ("PNG", "JPEG"):
       return path, image.size
     return np.asarray(image.convert("RGB")), image.size
@@ -524,7 +536,7 @@ def _load_mask(path: str | None, size: tuple[int, int]):
   """Path of a 0/255 mask file, or the mask as uint8 [H, W, 1] in {0, 255}."""
   if path is None:
     return np.zeros((size[1], size[0], 1), np.uint8)
-  with tf.io.gfile.GFile(path, "rb") as f, Image.open(f) as mask:
+  with Image.open(io.BytesIO(read_bytes(path))) as mask:
     mode = mask.mode
     values = np.asarray(mask.convert("L") if mode != "L" else mask)
   if mode == "L" and np.isin(values, (0, 255)).all():
