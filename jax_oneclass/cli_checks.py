@@ -145,6 +145,20 @@ def num_classes(config) -> int:
   return NUM_CLASSES[config.data.name]
 
 
+def image_shape(config) -> tuple[int, int, int]:
+  """(size, size, channels) of the model input; DataError if the config's
+  `data.image_size` or `data.channels` cannot be one."""
+  size, channels = config.data.image_size, config.data.channels
+  if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+    raise DataError(
+      f"config.data.image_size={size!r} must be a positive int "
+      "(the square side in pixels); set it e.g. to 32."
+    )
+  if channels not in (1, 3):
+    raise DataError(f"config.data.channels={channels!r} must be 1 or 3.")
+  return (size, size, channels)
+
+
 def check_data(config) -> None:
   """The data set exists (its folder too), has data.normal_class, and its
   image size and channels are valid."""
@@ -162,14 +176,7 @@ def check_data(config) -> None:
       config.data.get("category", ""),
       config.data.get("data_dir"),
     )
-  size, channels = config.data.image_size, config.data.channels
-  if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-    raise DataError(
-      f"config.data.image_size={size!r} must be a positive int "
-      "(the square side in pixels); set it e.g. to 32."
-    )
-  if channels not in (1, 3):
-    raise DataError(f"config.data.channels={channels!r} must be 1 or 3.")
+  image_shape(config)
   c, n = config.data.normal_class, num_classes(config)
   if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < n:
     raise ConfigError(

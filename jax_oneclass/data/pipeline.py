@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from jax_oneclass import cli_checks
 from jax_oneclass.data import augment as augment_lib
 from jax_oneclass.data import sources
 from jax_oneclass.errors import ConfigError, DataError
@@ -77,15 +78,7 @@ def _check_class(config, source: sources.Source) -> int:
 
 
 def _image_shape(config) -> tuple[int, int, int]:
-  size, channels = config.data.image_size, config.data.channels
-  if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-    raise DataError(
-      f"config.data.image_size={size!r} must be a positive int "
-      "(the square side in pixels); set it e.g. to 32."
-    )
-  if channels not in (1, 3):
-    raise DataError(f"config.data.channels={channels!r} must be 1 or 3.")
-  return (size, size, channels)
+  return cli_checks.image_shape(config)
 
 
 def holdout_fraction(config) -> float:
