@@ -97,17 +97,23 @@ def _run_two_processes(flags: list[str], returncode: int = 0) -> list[str]:
   return [out + err for out, err in outputs]
 
 
+# A tiny CLR run on digits, as command-line flags.
+_TINY_CLR = (
+  "--config.num_train_steps=3",
+  "--config.batch_size=16",
+  "--config.data.image_size=8",
+  "--config.model.stage_sizes=(1,1)",
+  "--config.model.width=4",
+  "--config.model.head_dims=(16,8)",
+)
+
+
 def test_two_processes_train_and_evaluate(tmp_path):
   outputs = _run_two_processes(
     [
       "--config=configs/clr.py:digits",
       f"--workdir={tmp_path}",
-      "--config.num_train_steps=3",
-      "--config.batch_size=16",
-      "--config.data.image_size=8",
-      "--config.model.stage_sizes=(1,1)",
-      "--config.model.width=4",
-      "--config.model.head_dims=(16,8)",
+      *_TINY_CLR,
       "--config.eval.batch_size=64",
       "--config.checkpoint_every_steps=2",
     ]
@@ -136,12 +142,7 @@ def test_two_processes_both_stop_on_a_held_workdir_lock(tmp_path):
       [
         "--config=configs/clr.py:digits",
         f"--workdir={tmp_path}",
-        "--config.num_train_steps=3",
-        "--config.batch_size=16",
-        "--config.data.image_size=8",
-        "--config.model.stage_sizes=(1,1)",
-        "--config.model.width=4",
-        "--config.model.head_dims=(16,8)",
+        *_TINY_CLR,
       ],
       returncode=2,
     )
