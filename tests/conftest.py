@@ -72,6 +72,10 @@ def tiny_config(method: str, steps: int = 4, arg: str = "digits"):
   config.checkpoint_every_steps = 2
   config.progress_bar = False
   config.optimizer.warmup_steps = 0
+  # Pictures cost more than the tiny run itself; the tests of plots and
+  # overlays use the CLI runs of tests/trained.py, which draw them.
+  config.eval.plots = False
+  config.eval.num_overlays = 0
   return config
 
 
@@ -85,3 +89,30 @@ def trained_run(tmp_path_factory):
   if os.environ.get("PYTEST_XDIST_WORKER"):
     base = base.parent  # Shared by the workers of this session only.
   return lambda method: trained.train_once(method, base / "trained_runs")
+
+
+_CPU_LOG = os.environ.get("JAX_ONECLASS_TEST_CPU_LOG")
+if _CPU_LOG:
+  import resource  # pylint: disable=g-import-not-at-top
+
+  def _cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return sum((u.ru_utime + u.ru_stime) for u in (own, children))
+
+  @pytest.hookimpl(hookwrapper=True)
+  def pytest_runtest_protocol(item, nextitem):
+    """With JAX_ONECLASS_TEST_CPU_LOG=FILE, appends each test's CPU seconds
+    (this process and the subprocesses it waited for) and wall seconds to
+    FILE: on a busy machine CPU time still says where the suite's time
+    goes."""
+    del nextitem
+    import time  # pylint: disable=g-import-not-at-top
+
+    cpu, wall = _cpu_seconds(), time.perf_counter()
+    yield
+    with open(_CPU_LOG, "a") as log:
+      log.write(
+        f"{_cpu_seconds() - cpu:.2f}\t{time.perf_counter() - wall:.2f}\t"
+        f"{item.nodeid}\n"
+      )

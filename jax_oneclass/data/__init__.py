@@ -1,5 +1,17 @@
 """Input pipelines: sources, augmentations and one-class batch iterators."""
 
+import os
+
+from jax_oneclass import logging_utils
+
+# TensorFlow's C++ start-up lines (oneDNN, absl) reach a Python API user too
+# unless it is first imported here, quietly; JAX_ONECLASS_VERBOSE=1 keeps
+# them (the CLI's --verbose imports it earlier, loudly).
+logging_utils.import_tensorflow(
+  quiet=os.environ.get("JAX_ONECLASS_VERBOSE", "") in ("", "0")
+)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from jax_oneclass.data.augment import parse_augment
 from jax_oneclass.data.pipeline import DatasetInfo
 from jax_oneclass.data.pipeline import decode_filenames
