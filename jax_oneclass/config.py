@@ -84,11 +84,10 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   # Compute dtype of convolutions: 'float32' or 'bfloat16' (parameters,
   # BatchNorm statistics and losses stay float32; components/precision.py).
   c.dtype = "float32"
-  # How convolution weight gradients are computed: 'im2col_cpu' (one GEMM
-  # on the CPU, XLA's elsewhere; faster whole CPU steps in RESULTS.md),
-  # 'xla', 'auto' (timed per shape on the CPU), 'taps' or 'im2col'; see
-  # components/conv.py.
-  c.conv_weight_grad = "im2col_cpu"
+  # How convolutions are computed: 'auto' (on the CPU, per shape, the
+  # path measured fastest, XLA's unless clearly beaten; XLA's elsewhere),
+  # 'xla', 'taps', 'im2col' or 'im2col_cpu'; see components/conv.py.
+  c.conv_weight_grad = "auto"
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"

@@ -1,5 +1,7 @@
 """The convolution with a custom weight gradient, and the bf16 policy."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,7 +24,7 @@ def _reference(x, w, strides, padding):
 
 
 @pytest.mark.parametrize(
-  "mode,strides,padding,kernel",
+  "path,strides,padding,kernel",
   [
     ("taps", (1, 1), "SAME", 3),
     ("im2col", (2, 2), "SAME", 3),
@@ -31,30 +33,44 @@ def _reference(x, w, strides, padding):
     ("taps", (2, 1), ((0, 2), (1, 0)), 3),
     ("im2col", (2, 2), "VALID", 1),
     ("im2col", (1, 2), ((0, 2), (1, 0)), 3),
+    ("xla", (2, 1), ((0, 2), (1, 0)), 3),
   ],
 )
-def test_custom_vjp_matches_xla(mode, strides, padding, kernel):
+def test_every_path_matches_xla(path, strides, padding, kernel):
   x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
   w = jax.random.normal(jax.random.key(1), (kernel, kernel, 3, 5))
+  pads = conv._explicit_pads(x, w, strides, padding)  # pylint: disable=protected-access
+  _check_against_xla(x, w, strides, pads, path, tol=1e-4)
+
+
+def _check_against_xla(x, w, strides, pads, path, tol):
+  """Forward value, input and weight gradients of `path` (all three
+  operations) against lax's, through the custom VJP."""
   probe = jax.random.normal(
-    jax.random.key(2), _reference(x, w, strides, padding).shape
+    jax.random.key(2), _reference(x, w, strides, pads).shape, x.dtype
   )
 
   def loss(fn):
-    return lambda x, w: jnp.sum(fn(x, w, strides, padding) * probe)
+    return lambda x, w: jnp.sum(fn(x, w) * probe)
 
-  def ours(x, w, strides, padding):
-    return conv.conv_general_dilated(
-      x, w, strides, padding, dimension_numbers=_DN, weight_grad=mode
-    )
-
+  ours = lambda x, w: conv._conv(x, w, strides, pads, (path,) * 3)  # pylint: disable=protected-access
   got = jax.jit(jax.value_and_grad(loss(ours), (0, 1)))(x, w)
-  jaxpr = str(jax.make_jaxpr(jax.grad(loss(ours), 1))(x, w))
-  want = jax.value_and_grad(loss(_reference), (0, 1))(x, w)
-  assert "custom_vjp" in jaxpr  # The custom path really ran.
-  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
-  for g, r in zip(got[1], want[1]):
-    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+  want = jax.value_and_grad(
+    loss(lambda x, w: _reference(x, w, strides, pads)), (0, 1)
+  )(x, w)
+  assert "custom_vjp" in str(jax.make_jaxpr(jax.grad(loss(ours), 1))(x, w))
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert g.dtype == r.dtype == x.dtype
+    np.testing.assert_allclose(g, r, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("path", ["taps", "im2col"])
+def test_custom_paths_keep_float64_under_x64(path):
+  # float32 accumulation would miss by ~1e-6 here.
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3), jnp.float64)
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 5), jnp.float64)
+    _check_against_xla(x, w, (2, 1), ((1, 1), (0, 2)), path, tol=1e-12)
 
 
 def test_xla_mode_and_unsupported_convs_take_lax_path():
@@ -80,47 +96,133 @@ def test_xla_mode_and_unsupported_convs_take_lax_path():
     assert "custom_vjp" not in str(jaxpr)
 
 
-def test_default_mode_is_im2col_on_the_cpu_and_xla_for_symbolic_shapes():
-  assert config_lib.base_config("rotnet").conv_weight_grad == "im2col_cpu"
-  w = jnp.ones((3, 3, 2, 4))
-  grad_jaxpr = lambda x: str(
+def _grad_jaxpr(x, w, mode="auto"):
+  return str(
     jax.make_jaxpr(
       jax.grad(
         lambda w: conv.conv_general_dilated(
-          x, w, (1, 1), "SAME", dimension_numbers=_DN
+          x, w, (1, 1), "SAME", dimension_numbers=_DN, weight_grad=mode
         ).sum()
       )
     )(w)
   )
-  assert conv.ConvSettings().weight_grad == "im2col_cpu"
-  assert ("custom_vjp" in grad_jaxpr(jnp.ones((2, 5, 5, 2)))) == (
-    jax.default_backend() == "cpu"
-  )
+
+
+def test_auto_is_the_default_and_xla_where_it_cannot_measure(monkeypatch):
+  assert config_lib.base_config("rotnet").conv_weight_grad == "auto"
+  assert conv.ConvSettings().weight_grad == "auto"
+  x, w = jnp.ones((2, 5, 5, 2)), jnp.ones((3, 3, 2, 4))
+  pads = ((1, 1), (1, 1))
+  # Small: below AUTO_MIN_FLOPS nothing is timed.
+  assert "custom_vjp" not in _grad_jaxpr(x, w)
+  assert conv.plan("auto", x, w, (1, 1), pads) == ("xla",) * 3
+  monkeypatch.setattr(conv, "AUTO_MIN_FLOPS", 0.0)
+  monkeypatch.setattr(conv, "measure", _no_measure)
   symbolic = jax.ShapeDtypeStruct(
     jax.export.symbolic_shape("b, 5, 5, 2"), jnp.float32
   )
-  pads = ((1, 1), (1, 1))
-  assert conv._resolve("im2col_cpu", symbolic, w, (1, 1), pads) == "xla"  # pylint: disable=protected-access
+  for mode in ("auto", "im2col_cpu"):
+    assert conv.plan(mode, symbolic, w, (1, 1), pads) == ("xla",) * 3
+  monkeypatch.setattr(conv.jax, "default_backend", lambda: "gpu")
+  for mode in ("auto", "im2col_cpu"):
+    assert conv.plan(mode, x, w, (1, 1), pads) == ("xla",) * 3
+  assert conv.plan("taps", x, w, (1, 1), pads) == ("xla", "xla", "taps")
 
 
-def test_auto_is_xla_for_small_convs_and_tunes_large_ones(monkeypatch):
-  small = jax.make_jaxpr(
-    lambda w: conv.conv_general_dilated(
-      jnp.ones((2, 8, 8, 4)),
-      w,
-      (1, 1),
-      "SAME",
-      dimension_numbers=_DN,
-      weight_grad="auto",
-    )
+def _no_measure(*args, **kwargs):
+  raise AssertionError("measured a convolution the cache holds")
+
+
+def _fake_measure(winner):
+  calls = []
+
+  def measure(op, *key):
+    calls.append(op)
+    return {p: [1.0 if p == winner else 2.0] * 3 for p in conv.PATHS}
+
+  return measure, calls
+
+
+def test_pick_replaces_xla_only_by_a_margin_in_every_round():
+  assert conv.pick({"xla": [1.0, 1.0], "taps": [0.8, 0.8]}) == "taps"
+  assert conv.pick({"xla": [1.0, 1.0], "taps": [0.8, 0.95]}) == "xla"
+  assert (
+    conv.pick({"xla": [1.0] * 2, "taps": [0.5] * 2, "im2col": [0.4] * 2})
+    == "im2col"
   )
-  assert "custom_vjp" not in str(small(jnp.ones((3, 3, 4, 4))))
+  assert conv.pick({"xla": [1.0], "im2col": [0.95]}, margin=0.1) == "xla"
+
+
+def test_choices_are_cached_per_machine_and_logged_once(
+  tmp_path, monkeypatch, caplog
+):
+  monkeypatch.setattr(conv, "_chosen", {})
+  path = tmp_path / "conv_paths.json"
+  key = ((2, 5, 5, 2), (3, 3, 2, 4), "float32", (1, 1), ((1, 1), (1, 1)))
+  measure, calls = _fake_measure("im2col")
+  with caplog.at_level("INFO", logger=conv.__name__):
+    assert conv.choose("weight_grad", key, path, measure) == "im2col"
+    assert conv.choose("weight_grad", key, path, measure) == "im2col"
+  assert calls == ["weight_grad"]
+  assert len(caplog.records) == 1 and "im2col" in caplog.text
+  saved = conv.load_choices(path)
+  assert list(saved) == [conv.machine_key()]
+  entry = conv.entry_name("weight_grad", key)
+  assert saved[conv.machine_key()][entry]["path"] == "im2col"
+  # A later process reads the file and does not measure.
+  monkeypatch.setattr(conv, "_chosen", {})
+  assert conv.choose("weight_grad", key, path, _no_measure) == "im2col"
+  # Another jaxlib, CPU or XLA_FLAGS is another machine: measured again.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+  assert conv.choose("weight_grad", key, path, measure) == "im2col"
+  assert calls == ["weight_grad"] * 2 and len(conv.load_choices(path)) == 2
+  assert "float32" in entry and "weight_grad" in entry
+
+
+def _cache_all(tmp_path, monkeypatch, key, paths):
+  monkeypatch.setenv("JAX_ONECLASS_CACHE", str(tmp_path))
+  monkeypatch.setattr(conv, "_chosen", {})
   monkeypatch.setattr(conv, "AUTO_MIN_FLOPS", 0.0)
-  timing = conv.tune(
-    (2, 8, 8, 4), (3, 3, 4, 4), "float32", (1, 1), ((1, 1), (1, 1)), repeats=1
+  monkeypatch.setattr(conv, "measure", _no_measure)
+  for op, path in zip(conv.OPS, paths, strict=True):
+    conv.save_choice(
+      conv.cache_path(),
+      conv.machine_key(),
+      conv.entry_name(op, key),
+      {"path": path},
+    )
+
+
+def test_a_cached_xla_choice_takes_the_lax_path(tmp_path, monkeypatch):
+  x, w = jnp.ones((2, 5, 5, 2)), jnp.ones((3, 3, 2, 4))
+  key = conv.shape_key(x, w, (1, 1), ((1, 1), (1, 1)))
+  _cache_all(tmp_path, monkeypatch, key, ("xla",) * 3)
+  assert "custom_vjp" not in _grad_jaxpr(x, w)
+  _cache_all(tmp_path, monkeypatch, key, ("xla", "taps", "im2col"))
+  assert "custom_vjp" in _grad_jaxpr(x, w)
+  assert set(conv.chosen_paths().values()) == {"xla", "taps", "im2col"}
+
+
+def test_auto_measures_in_the_trace_and_caches(tmp_path, monkeypatch):
+  monkeypatch.setenv("JAX_ONECLASS_CACHE", str(tmp_path))
+  monkeypatch.setattr(conv, "_chosen", {})
+  monkeypatch.setattr(conv, "AUTO_MIN_FLOPS", 0.0)
+  monkeypatch.setattr(
+    conv, "measure", functools.partial(conv.measure, rounds=1)
   )
-  assert set(timing["seconds"]) == {"xla", "taps", "im2col"}
-  assert timing["best"] == min(timing["seconds"], key=timing["seconds"].get)
+  x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
+  jax.jit(
+    jax.grad(
+      lambda w: conv.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=_DN
+      ).sum()
+    )
+  )(w)
+  entries = conv.load_choices(conv.cache_path())[conv.machine_key()]
+  assert sorted(e.split()[0] for e in entries) == sorted(conv.OPS)
+  for record in entries.values():
+    assert record["path"] == conv.pick(record["seconds"])
+    assert set(record["seconds"]) == set(conv.PATHS)
 
 
 def test_settings_come_from_the_config_and_are_checked():
@@ -195,7 +297,7 @@ def test_runs_saved_without_the_new_keys_are_unchanged():
   saved = ml_collections.ConfigDict(saved)
   # They ran with XLA's weight gradient; the new default differs only in a
   # key a resumed run may change freely (run._FREE_KEYS).
-  moved = {"conv_weight_grad": ("xla", "im2col_cpu")}
+  moved = {"conv_weight_grad": ("xla", "auto")}
   assert run_lib.config_changes(saved, config) == moved
   assert "conv_weight_grad" in run_lib._FREE_KEYS  # pylint: disable=protected-access
   config.dtype = "bfloat16"
