@@ -36,8 +36,9 @@ Parts:
               each in a fresh process, alternating; `inference_sweep` gives
               our score's per-image cost at several batch sizes.
 
-The convolution weight-gradient mode and the dtype are config keys
-(`--conv_weight_grad`, `--dtype`). With `--json=PATH` a part writes its raw
+The convolution mode and the dtype are config keys (`--conv_weight_grad`,
+`--dtype`); under the default mode 'auto', `steps` prints per row and
+process how many convolutions of each operation took each path. With `--json=PATH` a part writes its raw
 figures there only; without, to experiments/results/ and its RESULTS.md
 section.
 """
@@ -187,6 +188,7 @@ def ours_step(args) -> dict:
   """Our jitted train step of one row, timed in this process."""
   # pylint: disable=g-import-not-at-top
   from jax_oneclass import data, methods
+  from jax_oneclass.components import conv
 
   # pylint: enable=g-import-not-at-top
   common = _common()
@@ -206,8 +208,19 @@ def ours_step(args) -> dict:
     **result,
     "images_per_step": config.batch_size * views,
     "conv_weight_grad": config.conv_weight_grad,
+    "conv_paths": conv.chosen_paths(),
     "dtype": config.dtype,
   }
+
+
+def conv_path_counts(paths: dict) -> dict:
+  """{operation: {path: convolutions}} of `conv.chosen_paths()`'s entries
+  (what 'auto' chose; empty for the other modes)."""
+  counts = {}
+  for entry, path in sorted(paths.items()):
+    by_path = counts.setdefault(entry.split()[0], {})
+    by_path[path] = by_path.get(path, 0) + 1
+  return counts
 
 
 def _torch_command(row: str, args, python: str) -> list[str]:
@@ -368,6 +381,7 @@ def part_steps(args) -> dict:
               "torch_version",
               "threads",
               "conv_weight_grad",
+              "conv_paths",
             )
             if k in r
           }
@@ -381,6 +395,10 @@ def part_steps(args) -> dict:
       json.dumps({k: v for k, v in out["rows"][row].items() if k != "runs"}),
       flush=True,
     )
+    for i, run in enumerate(runs["ours"]):
+      if run.get("conv_paths"):
+        counts = conv_path_counts(run["conv_paths"])
+        print(f"{row} process {i}: 'auto' chose {counts}", flush=True)
   return out
 
 

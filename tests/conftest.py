@@ -11,6 +11,11 @@ os.environ.setdefault(
   tempfile.mkdtemp(prefix="jax_oneclass_test_compile_cache_"),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# What the session caches (convolution paths 'auto' measured) stays out of
+# the user's ~/.cache/jax_oneclass.
+os.environ.setdefault(
+  "JAX_ONECLASS_CACHE", tempfile.mkdtemp(prefix="jax_oneclass_test_cache_")
+)
 
 from pathlib import Path  # pylint: disable=g-import-not-at-top
 

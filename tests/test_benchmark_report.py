@@ -198,3 +198,15 @@ def test_speed_names_where_a_merged_script_lives_now():
   assert speed._was_run_as("python experiments/speed.py device") == (
     "`python experiments/speed.py device`"
   )
+
+
+def test_steps_counts_the_paths_auto_chose():
+  paths = {
+    "forward lhs=(8, 8, 8, 4) rhs=(3, 3, 4, 4) float32": "xla",
+    "forward lhs=(8, 4, 4, 8) rhs=(3, 3, 8, 8) float32": "im2col",
+    "weight_grad lhs=(8, 8, 8, 4) rhs=(3, 3, 4, 4) float32": "xla",
+  }
+  assert speed.conv_path_counts(paths) == {
+    "forward": {"im2col": 1, "xla": 1},
+    "weight_grad": {"xla": 1},
+  }
