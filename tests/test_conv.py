@@ -179,6 +179,16 @@ def test_choices_are_cached_per_machine_and_logged_once(
   assert "float32" in entry and "weight_grad" in entry
 
 
+def test_an_unwritable_cache_still_chooses(tmp_path, monkeypatch, caplog):
+  monkeypatch.setattr(conv, "_chosen", {})
+  (tmp_path / "file").write_text("")
+  path = tmp_path / "file" / "conv_paths.json"  # Its folder is a file.
+  key = ((2, 5, 5, 2), (3, 3, 2, 4), "float32", (1, 1), ((1, 1), (1, 1)))
+  with caplog.at_level("WARNING", logger=conv.__name__):
+    assert conv.choose("forward", key, path, _fake_measure("taps")[0]) == "taps"
+  assert "Cannot write the convolution cache" in caplog.text
+
+
 def _cache_all(tmp_path, monkeypatch, key, paths):
   monkeypatch.setenv("JAX_ONECLASS_CACHE", str(tmp_path))
   monkeypatch.setattr(conv, "_chosen", {})
