@@ -18,5 +18,5 @@ def get_config(arg=None):
   config.temperature = 0.2
   config.contrastive_loss = "cross_view"
   config.eval.scorer = "pool/gde/rot_avg"  # Fixed a priori.
-  config_lib.apply_arg(config, arg, defaults.small_run)
+  config_lib.apply_arg(config, arg, defaults.small_run, defaults.PRESETS)
   return config

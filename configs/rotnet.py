@@ -16,5 +16,5 @@ def get_config(arg=None):
   # 8 layers of 512; the last one ('embed', with bias) feeds the 4 logits.
   config.model.head_dims = (512,) * 8
   config.eval.scorer = "pool/gde/rot_avg"  # Fixed a priori.
-  config_lib.apply_arg(config, arg, defaults.small_run)
+  config_lib.apply_arg(config, arg, defaults.small_run, defaults.PRESETS)
   return config
