@@ -82,10 +82,10 @@ class TwoStageMethod:
       self.pretrained = pretrained.load_or_announce_random(
         model_cfg.pretrained, model_cfg.arch, "Backbone init", with_layer4=True
       )
-    self.tx = optim.make_optimizer(config, info)
     self.classifier_hparams = oneclass.checked_hparams(config.classifiers)
     self.patch, self.stride = cli_checks.patch_geometry(config)
     self.map_names = self._checked_patch_scorers() if self.patch else ()
+    self.tx = optim.make_optimizer(config, info)
 
   def scorer_names(self) -> tuple[str, ...]:
     """The names `image_scores` returns, known before any data is seen."""
