@@ -3,6 +3,8 @@ script/run_rotation.sh).
 
   python -m jax_oneclass.main --config=configs/rotnet.py:digits --workdir=/tmp/rotnet
   python -m jax_oneclass.main --config=configs/rotnet.py:cifar10,normal_class=3 --workdir=...
+  # Localisation on MVTec AD (patch mode, docs/two_stage.md#patch-mode):
+  python -m jax_oneclass.main --config=configs/rotnet.py:mvtec_patch,folder=/data/mvtec_anomaly_detection,category=bottle --workdir=...
 """
 
 from jax_oneclass import config as config_lib
