@@ -55,6 +55,16 @@ def test_map_is_the_mean_of_the_covering_patch_scores(
   )
 
 
+def test_resize_equals_jax_image_resize():
+  images = np.random.default_rng(0).random((2, 16, 12, 3), np.float32)
+  np.testing.assert_allclose(
+    patches.resize(images, 8),
+    jax.image.resize(images, (2, 8, 8, 3), "linear"),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+
+
 def test_patch_geometry_is_checked_before_jax():
   config = load_config("disaug", "mvtec_patch")
   assert cli_checks.patch_geometry(config) == (32, 16)

@@ -205,12 +205,12 @@ class TwoStageMethod:
     """The dense patches of images [B, H, W, C] as one batch [B * P, p, p,
     C], image-major."""
     x = patches_lib.extract(images, self.patch, self.stride)
-    return x.reshape((-1,) + x.shape[3:])
+    b, rows, cols = x.shape[:3]
+    return x.reshape((b * rows * cols,) + x.shape[3:])
 
   def _whole(self, images):
     """Images [B, H, W, C] resized to the patch side the network learned."""
-    shape = (images.shape[0], self.patch, self.patch, images.shape[-1])
-    return jax.image.resize(images, shape, "linear")
+    return patches_lib.resize(images, self.patch)
 
   def embed(self, state, batch):
     """Features of each rotation: {'<feature>/rot<k>': [B, D]}; in patch

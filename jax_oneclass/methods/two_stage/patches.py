@@ -13,6 +13,8 @@ Everything here is shape-static (positions are NumPy), so `extract` and
 `score_map` jit into one computation over all patches of a batch.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,3 +81,25 @@ def score_map(
   )
   count = np.outer(cover_y.sum(1), cover_x.sum(1))
   return total / count
+
+
+@functools.lru_cache(maxsize=None)
+def _resize_matrix(size: int, out: int) -> np.ndarray:
+  """[out, size]: `jax.image.resize`'s antialiased linear weights along one
+  axis (resizing is separable)."""
+  with jax.ensure_compile_time_eval():
+    return np.asarray(jax.image.resize(jnp.eye(size), (out, size), "linear"))
+
+
+def resize(images: jax.Array, out: int) -> jax.Array:
+  """Images [B, H, W, C] resized to [B, out, out, C] as `jax.image.resize`
+  ('linear') does, written as two products with constant matrices so that
+  the batch size may stay symbolic (ONNX export)."""
+  _, height, width, _ = images.shape
+  return jnp.einsum(
+    "yh,bhwc,xw->byxc",
+    _resize_matrix(height, out),
+    images,
+    _resize_matrix(width, out),
+    precision=jax.lax.Precision.HIGHEST,
+  )
