@@ -17,5 +17,5 @@ def get_config(arg=None):
   # SimCLR's symmetric NT-Xent.
   config.contrastive_loss = "cross_view"
   config.eval.scorer = "pool/gde/rot_avg"  # Fixed a priori.
-  config_lib.apply_arg(config, arg, defaults.small_run)
+  config_lib.apply_arg(config, arg, defaults.small_run, defaults.PRESETS)
   return config

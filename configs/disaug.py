@@ -4,6 +4,8 @@ script/run_contrastive_da.sh, distaug_type=rot).
 
   python -m jax_oneclass.main --config=configs/disaug.py:digits --workdir=/tmp/disaug
   python -m jax_oneclass.main --config=configs/disaug.py:cifar10,normal_class=3 --workdir=...
+  # Localisation on MVTec AD (patch mode, docs/two_stage.md#patch-mode):
+  python -m jax_oneclass.main --config=configs/disaug.py:mvtec_patch,folder=/data/mvtec_anomaly_detection,category=bottle --workdir=...
 """
 
 from jax_oneclass import config as config_lib
@@ -18,5 +20,5 @@ def get_config(arg=None):
   config.temperature = 0.2
   config.contrastive_loss = "cross_view"
   config.eval.scorer = "pool/gde/rot_avg"  # Fixed a priori.
-  config_lib.apply_arg(config, arg, defaults.small_run)
+  config_lib.apply_arg(config, arg, defaults.small_run, defaults.PRESETS)
   return config

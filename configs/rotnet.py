@@ -3,6 +3,8 @@ script/run_rotation.sh).
 
   python -m jax_oneclass.main --config=configs/rotnet.py:digits --workdir=/tmp/rotnet
   python -m jax_oneclass.main --config=configs/rotnet.py:cifar10,normal_class=3 --workdir=...
+  # Localisation on MVTec AD (patch mode, docs/two_stage.md#patch-mode):
+  python -m jax_oneclass.main --config=configs/rotnet.py:mvtec_patch,folder=/data/mvtec_anomaly_detection,category=bottle --workdir=...
 """
 
 from jax_oneclass import config as config_lib
@@ -16,5 +18,5 @@ def get_config(arg=None):
   # 8 layers of 512; the last one ('embed', with bias) feeds the 4 logits.
   config.model.head_dims = (512,) * 8
   config.eval.scorer = "pool/gde/rot_avg"  # Fixed a priori.
-  config_lib.apply_arg(config, arg, defaults.small_run)
+  config_lib.apply_arg(config, arg, defaults.small_run, defaults.PRESETS)
   return config

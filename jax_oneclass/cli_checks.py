@@ -159,6 +159,40 @@ def image_shape(config) -> tuple[int, int, int]:
   return (size, size, channels)
 
 
+def patch_geometry(config) -> tuple[int, int]:
+  """(patch side, stride) of the two-stage patch mode, (0, 0) when off
+  (`data.patch_size` 0 or absent); ConfigError when they cannot tile
+  the image. `eval.patch_stride` 0 means half the patch side."""
+  patch = config.data.get("patch_size", 0)
+  if not patch:
+    return 0, 0
+  size = image_shape(config)[0]
+  if isinstance(patch, bool) or not isinstance(patch, int) or patch < 0:
+    raise ConfigError(
+      f"config.data.patch_size={patch!r} must be an int >= 0 (0: whole "
+      "images; e.g. 32 to train and score 32x32 patches)."
+    )
+  if patch > size:
+    raise ConfigError(
+      f"config.data.patch_size={patch} exceeds config.data.image_size="
+      f"{size}: patches are cut from the {size}x{size} images."
+    )
+  stride = config.eval.get("patch_stride", 0)
+  if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
+    raise ConfigError(
+      f"config.eval.patch_stride={stride!r} must be an int >= 0 (0: half "
+      "the patch side)."
+    )
+  stride = stride or max(patch // 2, 1)
+  if stride > patch:
+    raise ConfigError(
+      f"config.eval.patch_stride={stride} exceeds config.data.patch_size="
+      f"{patch}: pixels between patches would get no score; set a stride "
+      f"<= {patch}."
+    )
+  return patch, stride
+
+
 def check_data(config) -> None:
   """The data set exists (its folder too), has data.normal_class, and its
   image size and channels are valid."""
@@ -177,6 +211,7 @@ def check_data(config) -> None:
       config.data.get("data_dir"),
     )
   image_shape(config)
+  patch_geometry(config)
   c, n = config.data.normal_class, num_classes(config)
   if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < n:
     raise ConfigError(

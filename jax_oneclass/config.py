@@ -178,11 +178,15 @@ def apply_arg(
   config: ml_collections.ConfigDict,
   arg,
   small_run: Callable[[ml_collections.ConfigDict], None] | None = None,
+  presets: Mapping[str, Callable[[ml_collections.ConfigDict], None]]
+  | None = None,
 ) -> None:
   """Applies `name,key=value,...` from `--config=file.py:<arg>` in place.
 
   `small_run(config)` is the config file's preset for the tiny `digits` set
   (a run of a few CPU minutes); it runs after the common digits preset.
+  `presets` are the config file's own words (e.g. 'mvtec_patch'), applied
+  where they stand among the data set words.
   """
   if not arg:
     return
@@ -190,7 +194,10 @@ def apply_arg(
   # Data set words first: their presets must not undo explicit key=values.
   for token in tokens:
     if "=" not in token:
-      set_dataset(config, token, small_run)
+      if presets and token in presets:
+        presets[token](config)
+      else:
+        set_dataset(config, token, small_run)
   values = {}
   for token in tokens:
     if "=" in token:

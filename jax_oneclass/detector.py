@@ -28,6 +28,7 @@ from jax_oneclass import visualize
 from jax_oneclass import run as run_lib
 from jax_oneclass.cli_checks import IMAGE_SUFFIXES, list_images
 from jax_oneclass.errors import CheckpointError, ConfigError, DataError
+from jax_oneclass.methods import interface
 
 _TF_DECODES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
@@ -327,7 +328,8 @@ def predict_folder(
       "scores": {k: float(v[i]) for k, v in sorted(out.scores.items())},
     }
     for map_name, values in out.maps.items():
-      suffix = "" if len(out.maps) == 1 else "_" + map_name
+      # Map names may hold '/' (the two-stage patch mode's scorers).
+      suffix = "" if len(out.maps) == 1 else "_" + map_name.replace("/", "_")
       map_path = output / "maps" / f"{stem}{suffix}.npy"
       mask_path = output / "masks" / f"{stem}{suffix}.png"
       map_path.parent.mkdir(exist_ok=True)
@@ -345,7 +347,7 @@ def predict_folder(
     records.append(record)
   if visualize_images:
     model_inputs = [data.to_model_input(im, det.image_shape) for im in images]
-    map_name = sorted(out.maps)[0] if out.maps else None
+    map_name = interface.headline_map(out.scorer, out.maps)
     visualize.save_panels(
       output / "visualizations",
       model_inputs,

@@ -28,6 +28,7 @@ from jax_oneclass import checkpointing, data, logging_utils, metrics
 from jax_oneclass import parallel, thresholds, visualize, workdir_lock
 from jax_oneclass import run as run_lib
 from jax_oneclass.errors import CheckpointError, ConfigError
+from jax_oneclass.methods import interface
 
 _LABEL_KEYS = ("mask", "is_anomaly", "label", "pixel_mask", "filename")
 
@@ -555,7 +556,7 @@ def _draw(
       if "filename" in labels
       else [f"test image {i}" for i in range(count)]
     )
-    map_name = sorted(scores.maps)[0] if scores.maps else None
+    map_name = interface.headline_map(headline, scores.maps)
     visualize.save_panels(
       out / "visualizations",
       labels["image"],

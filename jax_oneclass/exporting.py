@@ -25,6 +25,7 @@ import numpy as np
 
 from jax_oneclass.cli_checks import EXPORT_FORMATS as FORMATS
 from jax_oneclass.errors import ConfigError, OneClassError
+from jax_oneclass.methods import interface
 
 
 class ExportError(OneClassError):
@@ -46,7 +47,7 @@ def inference_fn(detector):
   calib = detector.stage.calibration
   scorer = detector.scorer
   image_stats = calib["image"][scorer]
-  map_name = sorted(calib["maps"])[0] if calib["maps"] else None
+  map_name = interface.headline_map(scorer, calib["maps"])
 
   def fn(images):
     scores = method.score(

@@ -294,7 +294,10 @@ def train_batches(
 
   Each batch: 'image' float32 [b, V, H, W, C] in [0, 1], 'label' int32 [b],
   'is_anomaly' int32 [b] (all 0), 'rotation' int32 [b] (90-degree turns
-  applied by distribution augmentation, 0 without it).
+  applied by distribution augmentation, 0 without it). With
+  `config.data.patch_size` = p > 0 each example is one random p x p patch
+  of its image (H = W = p), cut before the views are augmented, so all
+  views show the same patch.
   """
   source = sources.get_source(config)
   info = dataset_info(config, source)
@@ -306,6 +309,7 @@ def train_batches(
   distaug = bool(config.data.get("rotation_distaug", False))
   c, protocol = _check_class(config, source), _protocol(config)
   seed = int(config.seed)
+  patch, _ = cli_checks.patch_geometry(config)
 
   records = _one_class_records(config, source, "train")
   if source.cache_records:
@@ -346,6 +350,13 @@ def train_batches(
     image = _to_float(source.decode(ex["image"]), info.image_shape, source.name)
     image = tf.image.rot90(image, ex["rotation"])
     example_seed = tf.random.experimental.stateless_fold_in(base_seed, position)
+    if patch:
+      image = tf.image.stateless_random_crop(
+        image,
+        (patch, patch, info.image_shape[2]),
+        # Views fold in 0..V-1; the crop takes its own key.
+        tf.random.experimental.stateless_fold_in(example_seed, -1),
+      )
     views = [
       augment(image, tf.random.experimental.stateless_fold_in(example_seed, v))
       for v in range(num_views)

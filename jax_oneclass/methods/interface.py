@@ -35,6 +35,17 @@ class Scores:
   maps: dict[str, jax.Array] = flax.struct.field(default_factory=dict)
 
 
+def headline_map(scorer: str, map_names) -> str | None:
+  """The map drawn and exported beside image scorer `scorer`: the map
+  whose name is `scorer` or a '/'-prefix of it (the longest), else the
+  first by name; None without maps."""
+  names = sorted(map_names)
+  own = [m for m in names if scorer == m or scorer.startswith(m + "/")]
+  if own:
+    return max(own, key=len)
+  return names[0] if names else None
+
+
 class Method(Protocol):
   """What the trainer and evaluator call."""
 

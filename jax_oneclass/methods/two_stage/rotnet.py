@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import optax
 
 from jax_oneclass.errors import ConfigError
-from jax_oneclass.methods import interface
 from jax_oneclass.methods.two_stage import family
 
 
@@ -22,6 +21,7 @@ class Method(family.TwoStageMethod):
   """RotNet representation + one-class classifiers."""
 
   num_rotation_classes = family.NUM_ROTATIONS
+  extra_scorers = ("rotation_head", "rotation_head/rot_avg")
 
   def __init__(self, config, info):
     if config.data.num_views != family.NUM_ROTATIONS:
@@ -48,17 +48,15 @@ class Method(family.TwoStageMethod):
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return loss, (batch_stats, {"rotation_accuracy": accuracy})
 
-  def score(self, state, fitted, batch) -> interface.Scores:
+  def image_scores(self, state, fitted, images) -> dict:
     """Classifier scores plus the rotation head's own scores."""
-    scores = self.classifier_scores(state, fitted, batch)
+    scores = self.classifier_scores(state, fitted, images)
     log_probs = [
       jax.nn.log_softmax(
-        self.apply_eval(state, family.rotate(batch["image"], k))[
-          "rotation_logits"
-        ]
+        self.apply_eval(state, family.rotate(images, k))["rotation_logits"]
       )[:, k]
       for k in range(family.NUM_ROTATIONS)
     ]
     scores["rotation_head"] = 1.0 - jnp.exp(log_probs[0])
     scores["rotation_head/rot_avg"] = -jnp.sum(jnp.stack(log_probs), axis=0)
-    return interface.Scores(scores)
+    return scores
