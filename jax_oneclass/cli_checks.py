@@ -40,6 +40,8 @@ NUM_CLASSES = {
 }
 DATA_SETS = tuple(sorted([*NUM_CLASSES, "folder"]))
 EXPORT_FORMATS = ("jax", "savedmodel", "onnx")
+EXPLANATIONS = ("integrated_gradients", "gradcam")  # jax_oneclass.explain
+IG_BASELINES = ("mean", "black")  # Mean normal training image, or zeros.
 IMAGE_SUFFIXES = (
   ".png",
   ".jpg",
@@ -341,3 +343,20 @@ def check_input_path(source) -> None:
       f"None of the {len(paths)} files of --input {source!r} "
       "can be read (no permission)."
     )
+
+
+def explanations(names: str, steps: int = 64) -> tuple[str, ...]:
+  """The explanations a comma-separated --explain names (checked, in
+  order, without repeats), and a usable --explain_steps."""
+  chosen = tuple(
+    dict.fromkeys(n.strip() for n in names.split(",") if n.strip())
+  )
+  unknown = [n for n in chosen if n not in EXPLANATIONS]
+  if unknown:
+    raise ConfigError(
+      f"Unknown explanation {unknown[0]!r} in --explain; choose from "
+      f"{', '.join(EXPLANATIONS)} (comma-separated)."
+    )
+  if chosen and steps < 1:
+    raise ConfigError(f"--explain_steps must be >= 1, got {steps}.")
+  return chosen

@@ -24,9 +24,10 @@ import numpy as np
 from PIL import Image
 
 from jax_oneclass import data, evaluate, logging_utils, parallel, thresholds
+from jax_oneclass import explain as explain_lib
 from jax_oneclass import visualize
 from jax_oneclass import run as run_lib
-from jax_oneclass.cli_checks import IMAGE_SUFFIXES, list_images
+from jax_oneclass.cli_checks import IG_BASELINES, IMAGE_SUFFIXES, list_images
 from jax_oneclass.errors import CheckpointError, ConfigError, DataError
 from jax_oneclass.methods import interface
 
@@ -105,6 +106,7 @@ class Detector:
     self.scorer = evaluate.headline_scorer(
       run.config, stage.calibration["image"]
     )
+    self._mean_image = None
 
   @classmethod
   def load(
@@ -206,21 +208,7 @@ class Detector:
     `images`: uint8 [N, H, W(, C)] or a list of uint8 arrays of any sizes,
     or of image file paths.
     """
-    if isinstance(images, np.ndarray):
-      images = list(images)
-    images = list(images)
-    if not images:
-      raise DataError("No images to predict.")
-    if isinstance(images[0], (str, os.PathLike)):
-      paths = images
-      images, names, skipped = load_images(paths)
-      if skipped:
-        raise DataError(f"Cannot read {skipped[0]}.")
-    names = (
-      list(names)
-      if names is not None
-      else [f"image {i}" for i in range(len(images))]
-    )
+    images, names = _images_and_names(images, names)
     raw = self.score_images(images, progress)
     scorer = self.scorer
     calib = self.stage.calibration
@@ -241,6 +229,83 @@ class Detector:
       normalized_maps=normalized_maps,
       masks={k: v > 0.5 for k, v in normalized_maps.items()},
     )
+
+  def mean_image(self) -> np.ndarray:
+    """The mean normal training image [H, W, C] (read once, then kept)."""
+    if self._mean_image is None:
+      self._mean_image = evaluate.mean_train_image(self.run)
+    return self._mean_image
+
+  def explain(
+    self,
+    images,
+    method: str = "integrated_gradients",
+    names: Sequence[str] | None = None,
+    scorer: str | None = None,
+    baseline: str = "mean",
+    steps: int = 64,
+    chunk: int = 16,
+    layer: str | None = None,
+  ) -> explain_lib.Explanation:
+    """Attribution maps of a scorer's score (default: the headline's) to
+    the pixels; see `jax_oneclass.explain`.
+
+    `images` as for `predict`. `method`: 'integrated_gradients' (from
+    `baseline` 'mean', the mean normal training image, or 'black', in
+    `steps` points, `chunk` at a time) or 'gradcam' (at module path `layer`,
+    default the method's `gradcam_layer`).
+    """
+    images, names = _images_and_names(images, names)
+    scorer = scorer or self.scorer
+    scorers = self.stage.calibration["image"]
+    if scorer not in scorers:
+      raise ConfigError(
+        f"{scorer!r} is not a scorer of {self.config.method}; choose one of "
+        f"{', '.join(sorted(scorers))}."
+      )
+    base = None
+    if method == "integrated_gradients":
+      if baseline not in IG_BASELINES:
+        raise ConfigError(
+          f"Unknown baseline {baseline!r}; choose {' or '.join(IG_BASELINES)}."
+        )
+      base = (
+        self.mean_image()
+        if baseline == "mean"
+        else np.zeros(self.image_shape, np.float32)
+      )
+    out = explain_lib.explain_images(
+      self.run.method,
+      self.state,
+      self.stage.fitted,
+      data.to_model_inputs(images, self.image_shape),
+      method,
+      scorer,
+      self.config.method,
+      baseline=base,
+      steps=steps,
+      chunk=chunk,
+      layer=layer,
+    )
+    return explain_lib.Explanation(
+      names=names, method=method, scorer=scorer, **out
+    )
+
+
+def _images_and_names(images, names) -> tuple[list, list[str]]:
+  """uint8 images (read when given as paths) and their names."""
+  if isinstance(images, np.ndarray):
+    images = list(images)
+  images = list(images)
+  if not images:
+    raise DataError("No images to predict.")
+  if isinstance(images[0], (str, os.PathLike)):
+    images, names, skipped = load_images(images)
+    if skipped:
+      raise DataError(f"Cannot read {skipped[0]}.")
+  if names is None:
+    names = [f"image {i}" for i in range(len(images))]
+  return images, list(names)
 
 
 def padded_size(count: int, batch_size: int, num_devices: int = 1) -> int:
@@ -282,6 +347,8 @@ def predict_folder(
   refit: bool = False,
   visualize_images: bool = True,
   progress: bool = True,
+  explain: Sequence[str] = (),
+  explain_options: dict | None = None,
 ) -> list[dict]:
   """Predicts every image of `source` (file, folder or glob) into `output`.
 
@@ -289,8 +356,10 @@ def predict_folder(
   normalised score, label at the run's threshold), for localising methods
   maps/<name>.npy (the raw map at the model's resolution) and
   masks/<name>.png (the predicted mask at the image's own size), and with
-  `visualize_images` a panel per image in visualizations/. Unreadable files
-  are named and skipped. Returns the per-image records.
+  `visualize_images` a panel per image in visualizations/. `explain` names
+  explanations (see `Detector.explain`, which takes `explain_options`)
+  written to explanations/. Unreadable files are named and skipped.
+  Returns the per-image records.
   """
   if not source or not output:
     raise DataError(
@@ -360,6 +429,10 @@ def predict_folder(
         None if map_name is None else det.stage.calibration["maps"][map_name]
       ),
     )
+  if explain:
+    _write_explanations(
+      output, det, images, names, records, explain, explain_options or {}
+    )
   with open(output / "predictions.csv", "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["file", "score", "normalized_score", "label"])
@@ -393,3 +466,37 @@ def predict_folder(
     f"results in {output}."
   )
   return records
+
+
+def _write_explanations(
+  output: Path, det: Detector, images, names, records, kinds, options: dict
+) -> None:
+  """explanations/<stem>_<kind>.npy (the map [H, W] at the model's
+  resolution) per image and explanation, and a panel <stem>.png per image;
+  each record gets their paths."""
+  folder = output / "explanations"
+  folder.mkdir(exist_ok=True)
+  explained = [det.explain(images, kind, names, **options) for kind in kinds]
+  scorer = explained[0].scorer
+  calibration = det.stage.calibration["image"][scorer]
+  for i, name in enumerate(names):
+    stem = _stem(i, name)
+    paths = {}
+    for result in explained:
+      path = folder / f"{stem}_{result.method}.npy"
+      np.save(path, result.maps[i])
+      paths[result.method] = str(path.relative_to(output))
+    picture = visualize.explanation_panel(
+      data.to_model_input(images[i], det.image_shape),
+      name,
+      float(explained[0].score[i]),
+      calibration,
+      scorer,
+      {r.method: explain_lib.display_map(r.maps[i]) for r in explained},
+    )
+    picture.save(folder / f"{stem}.png")
+    records[i]["explanations"] = {
+      "scorer": scorer,
+      **paths,
+      "panel": str((folder / f"{stem}.png").relative_to(output)),
+    }

@@ -299,6 +299,12 @@ PIXEL_BASELINE = (
 )
 
 
+def mean_train_image(run: run_lib.Run) -> np.ndarray:
+  """The mean of the first `eval.max_fit_examples` normal training images
+  [H, W, C], as the model takes them."""
+  return _train_pass(run, None, embed=False, pixel_mean=True)[1]
+
+
 def pixel_distance_fn(run: run_lib.Run):
   """`(mean, batch) -> [B]` squared distances of the batch's images to the
   mean image (replicated over the run's mesh), jitted, outputs replicated."""
@@ -315,8 +321,7 @@ def pixel_baseline(run: run_lib.Run) -> np.ndarray:
   image: a detector with nothing learned, to compare the scorers with.
   (`evaluate_run` computes it within its own passes.)"""
   config = run.config
-  _, mean = _train_pass(run, None, embed=False, pixel_mean=True)
-  mean = parallel.replicate(run.mesh, jnp.asarray(mean))
+  mean = parallel.replicate(run.mesh, jnp.asarray(mean_train_image(run)))
   scores, _ = _collect(
     pixel_distance_fn(run),
     (mean,),

@@ -79,6 +79,33 @@ _FORMAT = flags.DEFINE_enum(
 _VISUALIZE = flags.DEFINE_bool(
   "visualize", True, "--mode=predict: write a picture per image."
 )
+_EXPLAIN = flags.DEFINE_string(
+  "explain",
+  "",
+  "--mode=predict: explanations to write to <output>/explanations/, "
+  "comma-separated: integrated_gradients, gradcam.",
+)
+_EXPLAIN_SCORER = flags.DEFINE_string(
+  "explain_scorer",
+  "",
+  "--explain: the scorer explained (default: eval.scorer).",
+)
+_EXPLAIN_BASELINE = flags.DEFINE_enum(
+  "explain_baseline",
+  "mean",
+  list(cli_checks.IG_BASELINES),
+  "--explain=integrated_gradients: the baseline image, the mean normal "
+  "training image or black.",
+)
+_EXPLAIN_STEPS = flags.DEFINE_integer(
+  "explain_steps", 64, "--explain=integrated_gradients: points on the path."
+)
+_GRADCAM_LAYER = flags.DEFINE_string(
+  "gradcam_layer",
+  "",
+  "--explain=gradcam: module path of the layer (default: the method's, "
+  "see docs/explanations.md).",
+)
 _COORDINATOR = flags.DEFINE_string(
   "coordinator_address", None, "host:port of process 0, multi-process runs."
 )
@@ -302,6 +329,7 @@ def checked_config():
     cli_checks.check_method_of(used, f"the run in {workdir}")
   if mode == "predict":
     cli_checks.check_input_path(_INPUT.value)
+    cli_checks.explanations(_EXPLAIN.value, _EXPLAIN_STEPS.value)
   cli_checks.check_output_dir(_OUTPUT.value)
   return config
 
@@ -368,6 +396,8 @@ def _run_mode(config):
         config=config,
         refit=_REFIT.value,
         visualize_images=_VISUALIZE.value,
+        explain=cli_checks.explanations(_EXPLAIN.value),
+        explain_options=_explain_options(),
       )
       return
     else:
@@ -419,6 +449,19 @@ def _run_mode(config):
     if results:
       folder = _RESULTS_PATH.value or _WORKDIR.value
       print(f"Results: {os.path.join(folder, 'results.json')}")
+
+
+def _explain_options() -> dict:
+  """`Detector.explain`'s options from the --explain_* flags."""
+  options = {
+    "baseline": _EXPLAIN_BASELINE.value,
+    "steps": _EXPLAIN_STEPS.value,
+  }
+  if _EXPLAIN_SCORER.value:
+    options["scorer"] = _EXPLAIN_SCORER.value
+  if _GRADCAM_LAYER.value:
+    options["layer"] = _GRADCAM_LAYER.value
+  return options
 
 
 def run(extra_args=()):

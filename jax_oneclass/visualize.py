@@ -99,6 +99,52 @@ def panel(
     if mask is not None:
       _outline(heat, mask, factor, TRUTH_COLOR)
     tiles.append(heat)
+  truth = (
+    ""
+    if is_anomaly is None
+    else f"   (truth: {'anomalous' if is_anomaly else 'normal'})"
+  )
+  legend = "image"
+  if anomaly_map is not None:
+    legend += " | heat map (blue low, red high); outlines: red = predicted"
+    legend += ", green = ground truth" if mask is not None else ""
+  return _compose(tiles, name, score, calibration, scorer, legend, truth)
+
+
+def explanation_panel(
+  image,
+  name: str,
+  score: float,
+  calibration: dict,
+  scorer: str,
+  maps: dict,
+) -> Image.Image:
+  """One image's explanations: the image, then per explanation its heat
+  map and its overlay on the image (`maps`: {name: [H, W] in [0, 1]})."""
+  pixels = _rgb(image)
+  factor = max(1, -(-_MIN_SIDE // max(pixels.shape[:2])))
+  tiles = [_enlarge(pixels, factor)]
+  for values in maps.values():
+    heat = np.round(jet_colormap(np.asarray(values)) * 255.0).astype(np.uint8)
+    tiles.append(_enlarge(heat, factor))
+    tiles.append(_enlarge(overlay(image, values), factor))
+  legend = "image | " + " | ".join(f"{k}: heat map, overlay" for k in maps)
+  return _compose(
+    tiles, name, score, calibration, scorer, legend + " (blue low, red high)"
+  )
+
+
+def _compose(
+  tiles: list,
+  name: str,
+  score: float,
+  calibration: dict,
+  scorer: str,
+  legend: str,
+  truth: str = "",
+) -> Image.Image:
+  """Tiles side by side under a title (name, score, threshold, verdict)
+  and above a legend."""
   height, width = tiles[0].shape[:2]
   gap, title_height = 8, 62
   tiles_width = len(tiles) * (width + gap) + gap
@@ -114,11 +160,6 @@ def panel(
   draw = ImageDraw.Draw(canvas)
   flagged = score > calibration["threshold"]
   verdict = "ANOMALOUS" if flagged else "normal"
-  truth = (
-    ""
-    if is_anomaly is None
-    else f"   (truth: {'anomalous' if is_anomaly else 'normal'})"
-  )
   normalized_score = float(thresholds.normalize(score, calibration))
   draw.text((gap, 4), name[-64:], fill=(235, 235, 235), font=_font(15))
   draw.text(
@@ -134,10 +175,6 @@ def panel(
     fill=(255, 90, 90) if flagged else (120, 220, 120),
     font=_font(13),
   )
-  legend = "image"
-  if anomaly_map is not None:
-    legend += " | heat map (blue low, red high); outlines: red = predicted"
-    legend += ", green = ground truth" if mask is not None else ""
   draw.text(
     (gap, title_height + height + 4),
     legend,

@@ -56,9 +56,10 @@ def frozen_features(
   backbone: nn.Module, variables, images: jax.Array
 ) -> dict[str, jax.Array]:
   """Eval-mode features of images in [0, 1] (see `torchvision_inputs`),
-  with no gradient flowing back."""
-  features = backbone.apply(variables, torchvision_inputs(images))
-  return jax.tree.map(jax.lax.stop_gradient, features)
+  with no gradient flowing back to the backbone's variables (it still
+  reaches the images, for `jax_oneclass.explain`)."""
+  variables = jax.tree.map(jax.lax.stop_gradient, variables)
+  return backbone.apply(variables, torchvision_inputs(images))
 
 
 def local_mean(x: jax.Array, size: int) -> jax.Array:

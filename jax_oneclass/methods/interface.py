@@ -78,6 +78,12 @@ class Method(Protocol):
 
   # Optional: a method may also define
   #
+  #   gradcam_layer: str
+  #
+  # the module path GradCAM explains by default (`jax_oneclass.explain`):
+  # a layer whose output is a feature map [B, h, w, C], or a module within
+  # which the last such map is taken. And
+  #
   #   prepare_batches: int = 1
   #   def prepare(self, state, batches) -> state
   #

@@ -78,6 +78,8 @@ def pretext_nll(logits: jax.Array, labels: jax.Array, num: int) -> jax.Array:
 class Method:
   """Generator trained through a discriminator's pretext task."""
 
+  gradcam_layer = "encoder"  # The generator encoder's last 4x4 feature map.
+
   def __init__(self, config, info):
     self.config = config
     check_image_size(info.image_shape[0])

@@ -66,6 +66,8 @@ def latent_scores(images, outputs) -> dict:
 class Method(interface.NoFittedStage):
   """GANomaly: trains generator and discriminator; scores latent distance."""
 
+  gradcam_layer = "encoder"  # The first encoder's last 4x4 feature map.
+
   def __init__(self, config, info):
     self.config = config
     check_image_size(info.image_shape[0])

@@ -118,6 +118,12 @@ class Method:
       model.pretrained, model.backbone, "Backbone"
     )
 
+  @property
+  def gradcam_layer(self) -> str:
+    """The last block of the deepest feature layer (layer3 by default)."""
+    stage = int(max(self.layers)[-1])
+    return f"{max(self.layers)}_{self.backbone.stage_sizes[stage - 1] - 1}"
+
   def init_state(self, rng, image_shape) -> GPState:
     """Backbone variables, MLP weights; the centre is set while training."""
     b_rng, m_rng = jax.random.split(rng)

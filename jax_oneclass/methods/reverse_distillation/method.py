@@ -68,6 +68,12 @@ class Method(interface.NoFittedStage):
       model.pretrained, model.backbone, "Teacher"
     )
 
+  @property
+  def gradcam_layer(self) -> str:
+    """The teacher's last layer3 block (the student decoder's blocks share
+    the name; the teacher's is called first)."""
+    return f"layer3_{self.teacher.stage_sizes[2] - 1}"
+
   def init_state(self, rng, image_shape) -> RDState:
     """Teacher variables (pretrained or random) and the student's state."""
     t_rng, o_rng, d_rng = jax.random.split(rng, 3)

@@ -53,6 +53,7 @@ class TwoStageMethod:
 
   num_rotation_classes = 0  # RotNet sets 4: the network gets a rotation head.
   extra_scorers = ()  # Scorers beyond the classifiers' (RotNet's head).
+  gradcam_layer = "backbone"  # Its last residual block's feature map.
 
   def __init__(self, config, info):
     self.config = config
