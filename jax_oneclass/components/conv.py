@@ -58,6 +58,7 @@ from jax import lax
 
 from jax_oneclass.components import precision as precision_lib
 from jax_oneclass.components import weights_cache
+from jax_oneclass.components import transposed_conv as transposed_conv_lib
 from jax_oneclass.errors import ConfigError
 
 MODES = ("auto", "xla", "taps", "im2col", "im2col_cpu")
@@ -90,15 +91,19 @@ def check_mode(mode: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class ConvSettings:
   """How a network's convolutions compute: `dtype` ('float32' or
-  'bfloat16', see `components.precision`) and the `weight_grad` mode (one
-  of MODES). Hashable, so a Flax module can hold it as an attribute."""
+  'bfloat16', see `components.precision`), the `weight_grad` mode (one
+  of MODES) and how transposed convolutions run (`transposed_conv`, see
+  `components.transposed_conv`). Hashable, so a Flax module can hold it as
+  an attribute."""
 
   dtype: str = "float32"
   weight_grad: str = "auto"
+  transposed_conv: str = "subpixel"
 
   def __post_init__(self):
     precision_lib.parse_dtype(self.dtype)
     check_mode(self.weight_grad)
+    transposed_conv_lib.check_method(self.transposed_conv)
 
   @property
   def compute_dtype(self):
@@ -118,11 +123,24 @@ class ConvSettings:
     """`matmul` in these settings' compute dtype."""
     return matmul(x, kernel, self.compute_dtype)
 
+  def conv_transpose(self, x, kernel, strides, padding):
+    """`lax.conv_transpose` (NHWC, HWIO, kernel not flipped), computed by
+    these settings' `transposed_conv` method and convolution."""
+    method = transposed_conv_lib.resolve(
+      self.transposed_conv, jax.default_backend()
+    )
+    return transposed_conv_lib.conv_transpose(
+      x, kernel, strides, padding, method=method, conv=self.conv_general_dilated
+    )
+
 
 def settings(config) -> ConvSettings:
-  """The ConvSettings of a run's config (`dtype`, `conv_weight_grad`)."""
+  """The ConvSettings of a run's config (`dtype`, `conv_weight_grad`,
+  `transposed_conv`)."""
   return ConvSettings(
-    config.get("dtype", "float32"), config.get("conv_weight_grad", "auto")
+    config.get("dtype", "float32"),
+    config.get("conv_weight_grad", "auto"),
+    config.get("transposed_conv", "subpixel"),
   )
 
 

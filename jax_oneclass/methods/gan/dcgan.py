@@ -6,8 +6,9 @@ convolutions without bias, a first layer without
 BatchNorm, a pyramid that halves the side and doubles the width down to 4x4,
 and a final 4x4 valid convolution to a 1x1 code. The decoder mirrors it with
 transposed convolutions and ends in tanh, so images live in [-1, 1].
-Stride-2 transposed convolutions use a sub-pixel form (`UpConv`) that XLA
-runs far faster on CPU. Images are NHWC; side must be a power of two >= 16.
+Stride-2 transposed convolutions (`UpConv`) run as `conv_settings`'
+`transposed_conv` says (the sub-pixel form by default). Images are NHWC;
+side must be a power of two >= 16.
 """
 
 import functools
@@ -17,7 +18,6 @@ import jax
 import jax.numpy as jnp
 
 from jax_oneclass.components import conv as conv_lib
-from jax_oneclass.components.layers import depth_to_space
 from jax_oneclass.errors import ConfigError
 
 _CONV_INIT = nn.initializers.normal(0.02)  # weights_init: N(0, 0.02).
@@ -85,14 +85,13 @@ def _conv(
 
 
 class UpConv(nn.Module):
-  """PyTorch's ConvTranspose2d(k=4, s=2, p=1, bias=False), sub-pixel form.
+  """PyTorch's ConvTranspose2d(k=4, s=2, p=1, bias=False).
 
   The kernel [4, 4, C_in, C_out] means what torch's weight[c_in, c_out, h,
-  w] means. XLA on CPU runs a stride-2 transposed convolution as a
-  convolution over a zero-dilated input, about 9x slower (forward and
-  backward) than the equivalent used here: a 2x2 convolution to 4 * C_out
-  channels, depth-to-space, and a one-pixel crop. The two agree to float
-  precision (tests/test_gan.py).
+  w] means. Computed as `conv_settings.transposed_conv` says; its default,
+  the sub-pixel form (a 2x2 convolution to 4 * C_out channels,
+  depth-to-space and a one-pixel crop), avoids the dilated-input
+  convolution XLA:CPU runs far slower, forward and backward.
   """
 
   features: int
@@ -105,16 +104,11 @@ class UpConv(nn.Module):
   def __call__(self, x):
     c_in = x.shape[-1]
     kernel = self.param("kernel", _CONV_INIT, (4, 4, c_in, self.features))
-    # Taps (2a + p, 2b + q) of the kernel serve output phase (p, q) from
-    # input offset (a, b); flipped because this is the adjoint of a conv.
-    k = kernel.reshape(2, 2, 2, 2, c_in, self.features)
-    k = k.transpose(0, 2, 1, 3, 5, 4).reshape(2, 2, 4 * self.features, c_in)
-    k = k[::-1, ::-1].transpose(0, 1, 3, 2)
-    x = _pad(x, 1, self.padding)
-    y = self.conv_settings.conv_general_dilated(
-      x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    # torch's p=1 on the padded input is lax's zero padding; the flip makes
+    # lax's correlation torch's adjoint of a convolution.
+    return self.conv_settings.conv_transpose(
+      _pad(x, 1, self.padding), kernel[::-1, ::-1], (2, 2), ((0, 0), (0, 0))
     )
-    return depth_to_space(y)[:, 1:-1, 1:-1]
 
 
 def _project_up(features: int):

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jax_oneclass.components import backbones, layers
+from jax_oneclass.components import backbones, layers, transposed_conv
 from jax_oneclass.components import conv as conv_lib
 from jax_oneclass.errors import ConfigError
 
@@ -42,13 +42,14 @@ LOSS_MODES = ("flattened", "per_pixel")
 
 
 class ConvTranspose2x2(nn.Module):
-  """PyTorch's ConvTranspose2d(k=2, s=2, p=0, bias=False), sub-pixel form.
+  """PyTorch's ConvTranspose2d(k=2, s=2, p=0, bias=False).
 
   `kernel[h, w, i, o]` holds torch's `weight[i, o, h, w]` (no flip). With
   kernel 2 and stride 2 the output patches do not overlap: output pixel
-  (2i + p, 2j + q) is x[i, j] @ kernel[p, q]. So one 1x1 convolution to
-  4 * C_out channels and a depth-to-space give the result exactly, and far
-  faster on CPU than XLA's dilated-input transposed convolution.
+  (2i + p, 2j + q) is x[i, j] @ kernel[p, q]. So the sub-pixel form (the
+  default `conv_settings.transposed_conv`, and 'auto' on the CPU) is one
+  product to 4 * C_out channels and a depth-to-space; the other methods go
+  through `ConvSettings.conv_transpose`.
   """
 
   features: int
@@ -60,8 +61,17 @@ class ConvTranspose2x2(nn.Module):
     kernel = self.param(
       "kernel", _CONV_TRANSPOSE_INIT, (2, 2, c_in, self.features)
     )
+    settings = self.conv_settings
+    method = transposed_conv.resolve(
+      settings.transposed_conv, jax.default_backend()
+    )
+    if method != "subpixel":
+      # torch's p=0 is lax's k - 1 = 1; the flip as in dcgan.UpConv.
+      return settings.conv_transpose(
+        x, kernel[::-1, ::-1], (2, 2), ((1, 1), (1, 1))
+      )
     kernel = kernel.transpose(2, 0, 1, 3).reshape(c_in, 4 * self.features)
-    return layers.depth_to_space(self.conv_settings.matmul(x, kernel))
+    return layers.depth_to_space(settings.matmul(x, kernel))
 
 
 def _upsample(x, features: int, train: bool, settings: conv_lib.ConvSettings):
