@@ -88,6 +88,11 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   # path measured fastest, XLA's unless clearly beaten; XLA's elsewhere),
   # 'xla', 'taps', 'im2col' or 'im2col_cpu'; see components/conv.py.
   c.conv_weight_grad = "auto"
+  # How transposed convolutions (the GAN and reverse distillation decoders)
+  # run: 'subpixel' (stride-1 convolutions and depth-to-space), 'zeros'
+  # (zero insertion), 'xla' (lhs_dilation) or 'auto' ('subpixel' on the
+  # CPU, 'xla' elsewhere); see components/transposed_conv.py.
+  c.transposed_conv = "subpixel"
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"

@@ -70,12 +70,14 @@ _FREE_KEYS = (
   "data.data_dir",
   "data.folder",
   "conv_weight_grad",
+  "transposed_conv",
 )
 # Keys added after runs were saved, with the value those runs implicitly
 # had: a saved config without them is not a change.
 _ADDED_KEYS = {
   "dtype": "float32",
   "conv_weight_grad": "xla",
+  "transposed_conv": "subpixel",
   "plugins": [],
   "model.map_fusion": "sum",
 }
