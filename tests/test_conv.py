@@ -326,3 +326,61 @@ def test_get_method_checks_the_conv_settings_of_every_method():
   config.dtype, config.conv_weight_grad = "float32", "fast"
   with pytest.raises(ConfigError, match="conv_weight_grad"):
     methods.get_method(config, info)
+
+
+def _products(jaxpr):
+  """Every conv_general_dilated / dot_general equation, sub-jaxprs too."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+      yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _products(inner)
+
+
+@pytest.mark.parametrize("method_name", ["ganomaly", "reverse_distillation"])
+def test_bf16_products_accumulate_in_float32(method_name):
+  """Under dtype=bfloat16 every bfloat16 convolution and product of a whole
+  train step (forward and backward) asks for float32 accumulation."""
+  config = tiny_config(method_name)
+  config.dtype = "bfloat16"
+  info = data.dataset_info(config)
+  method = methods.get_method(config, info)
+  state = jax.eval_shape(
+    lambda: method.init_state(jax.random.key(0), info.image_shape)
+  )
+  batch = jax.eval_shape(lambda: next(data.train_batches(config)))
+  jaxpr = jax.make_jaxpr(method.train_step)(state, batch, jax.random.key(1))
+  low = [
+    eqn
+    for eqn in _products(jaxpr.jaxpr)
+    if any(v.aval.dtype == jnp.bfloat16 for v in eqn.invars)
+  ]
+  assert low  # The dtype reached the network.
+  for eqn in low:
+    assert eqn.params["preferred_element_type"] == jnp.float32, eqn
+
+
+def test_bf16_matmul_and_conv_stay_close_to_float32():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 16, 8)) / 12.0
+  m = jax.random.normal(jax.random.key(2), (8, 32)) / 3.0
+
+  def loss(x, w, m, settings):
+    y = settings.conv_general_dilated(
+      x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=_DN
+    )
+    return (settings.matmul(y, m).astype(jnp.float32) ** 2).mean()
+
+  f32, bf16 = conv.ConvSettings(), conv.ConvSettings("bfloat16")
+  results = jax.jit(
+    lambda x, w, m: [
+      jax.value_and_grad(loss, (0, 1, 2))(x, w, m, s) for s in (f32, bf16)
+    ]
+  )(x, w, m)
+  # bfloat16 keeps 8 significant bits: a 2% relative bound, leaf by leaf.
+  for want, got in zip(*(jax.tree.leaves(r) for r in results)):
+    scale = float(jnp.abs(want).max())
+    np.testing.assert_allclose(got, want, atol=0.02 * scale, rtol=0)

@@ -182,22 +182,62 @@ def conv_general_dilated(
   strides = tuple(int(s) for s in window_strides)
   pads = _explicit_pads(lhs, rhs, strides, padding)
   paths = plan(check_mode(weight_grad), lhs, rhs, strides, pads)
-  if paths == _XLA_PLAN:
+  # On the CPU, bfloat16 takes the custom VJP even on XLA's paths, whose
+  # gradients there accumulate in float32 too (see `input_grad`).
+  low_cpu = _accumulation(dtype) and jax.default_backend() == "cpu"
+  if paths == _XLA_PLAN and not low_cpu:
     return plain()
   return _conv(lhs, rhs, strides, pads, paths)
 
 
 def matmul(x, kernel, compute_dtype=None):
   """x @ kernel (a 1x1 convolution written as a product), floating inputs
-  cast to `compute_dtype` (None: as the inputs)."""
+  cast to `compute_dtype` (None: as the inputs); bfloat16 products
+  accumulate in float32, forward and backward."""
   dtype = _compute_dtype(x, kernel, compute_dtype)
-  return jnp.dot(x.astype(dtype), kernel.astype(dtype))
+  x, kernel = x.astype(dtype), kernel.astype(dtype)
+  if _accumulation(dtype):
+    return _accumulating_matmul(x, kernel)
+  return jnp.dot(x, kernel)
 
 
 def _compute_dtype(lhs, rhs, compute_dtype):
   if compute_dtype is None or not jnp.issubdtype(lhs.dtype, jnp.floating):
     return jnp.result_type(lhs, rhs)
   return compute_dtype
+
+
+def _accumulation(dtype) -> dict:
+  """The `preferred_element_type` keyword that makes a bfloat16 product
+  accumulate in float32 (the fast path of AVX512-BF16 and AMX); {} for
+  other dtypes."""
+  if jnp.dtype(dtype) == jnp.bfloat16:
+    return {"preferred_element_type": jnp.float32}
+  return {}
+
+
+# JAX's own gradient of a product with preferred_element_type casts the
+# bfloat16 operands up and multiplies in float32; this one stays bfloat16.
+@jax.custom_vjp
+def _accumulating_matmul(x, kernel):
+  return jnp.dot(x, kernel, **_accumulation(x.dtype)).astype(x.dtype)
+
+
+def _accumulating_matmul_fwd(x, kernel):
+  return _accumulating_matmul(x, kernel), (x, kernel)
+
+
+def _accumulating_matmul_bwd(residuals, dy):
+  x, kernel = residuals
+  acc = _accumulation(x.dtype)
+  dx = jnp.dot(dy.astype(x.dtype), kernel.T, **acc).astype(x.dtype)
+  flat_x = x.reshape(-1, x.shape[-1])
+  flat_dy = dy.astype(x.dtype).reshape(-1, dy.shape[-1])
+  dkernel = jnp.dot(flat_x.T, flat_dy, **acc).astype(kernel.dtype)
+  return dx, dkernel
+
+
+_accumulating_matmul.defvjp(_accumulating_matmul_fwd, _accumulating_matmul_bwd)
 
 
 def _supported(lhs, rhs, padding, kwargs) -> bool:
@@ -277,8 +317,13 @@ def forward(lhs, rhs, strides, pads, path: str):
   `path` (one of PATHS)."""
   if path == "xla":
     return lax.conv_general_dilated(
-      lhs, rhs, strides, pads, dimension_numbers=_NHWC
-    )
+      lhs,
+      rhs,
+      strides,
+      pads,
+      dimension_numbers=_NHWC,
+      **_accumulation(lhs.dtype),
+    ).astype(lhs.dtype)
   kh, kw, c_in, c_out = rhs.shape
   out_hw = _out_size(lhs.shape, rhs.shape, strides, pads)
   views = _tap_views(lhs, (kh, kw), out_hw, strides, pads)
@@ -303,6 +348,15 @@ def forward(lhs, rhs, strides, pads, path: str):
 def input_grad(rhs, dy, lhs_shape, strides, pads, path: str):
   """The gradient of sum(conv(x, rhs) * dy) with respect to x [N, H, W, I]:
   the transpose of `forward` by `path`."""
+  if path == "xla" and _accumulation(dy.dtype):
+    # XLA's own, written out: JAX's transpose of a convolution with
+    # preferred_element_type would multiply in float32.
+    conv = functools.partial(
+      lax.conv_general_dilated, **_accumulation(dy.dtype)
+    )
+    return transposed_conv_lib.input_grad(
+      dy, rhs, lhs_shape[1:3], strides, pads, method="xla", conv=conv
+    ).astype(dy.dtype)
   zeros = jnp.zeros(lhs_shape, dy.dtype)
   _, vjp = jax.vjp(lambda x: forward(x, rhs, strides, pads, path), zeros)
   return vjp(dy)[0]
