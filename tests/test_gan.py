@@ -291,3 +291,18 @@ def test_unknown_padding_mode_is_a_config_error():
   config.model.padding = "replicate"
   with pytest.raises(ConfigError, match="padding"):
     methods.get_method(config, data.dataset_info(config))
+
+
+def test_bf16_generator_scores_are_float32():
+  """Under dtype=bfloat16 the codes leave the network in bfloat16; the
+  scores must be float32 (scikit-learn cannot read bfloat16)."""
+  config = tiny_config("ganomaly")
+  config.dtype = "bfloat16"
+  method = methods.get_method(config, data.dataset_info(config))
+  state = jax.eval_shape(
+    lambda: method.init_state(jax.random.key(0), (16, 16, 1))
+  )
+  batch = {"image": jax.ShapeDtypeStruct((2, 16, 16, 1), jnp.uint8)}
+  scores = jax.eval_shape(method.score, state, None, batch)
+  dtypes = {v.dtype for v in jax.tree.leaves(scores)}
+  assert dtypes == {jnp.dtype(jnp.float32)}, dtypes

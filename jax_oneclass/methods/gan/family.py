@@ -77,6 +77,18 @@ def apply_train(module: nn.Module, params, batch_stats, images):
   return outputs, updates["batch_stats"]
 
 
+def _float32(outputs):
+  """Floating outputs as float32: under dtype=bfloat16 the codes leave the
+  network in bfloat16, and scores are float32 (NumPy and scikit-learn
+  cannot read bfloat16)."""
+  return jax.tree.map(
+    lambda v: (
+      v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v
+    ),
+    outputs,
+  )
+
+
 def apply_eval(
   module: nn.Module, network: Network, images, batch_norm: str = "running"
 ):
@@ -89,12 +101,12 @@ def apply_eval(
   """
   variables = {"params": network.params, "batch_stats": network.batch_stats}
   if batch_norm == "running":
-    return module.apply(variables, images, train=False)
+    return _float32(module.apply(variables, images, train=False))
   if batch_norm == "batch":
     outputs, _ = module.apply(
       variables, images, train=True, mutable=["batch_stats"]
     )
-    return outputs
+    return _float32(outputs)
   raise ValueError(
     f"batch_norm must be 'running' or 'batch', got {batch_norm!r}."
   )
