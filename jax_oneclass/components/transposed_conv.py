@@ -124,6 +124,18 @@ def _phases(size, k, s, lo, hi):
   return taps, a, -(-(out + c) // s), c, out
 
 
+def _pad_or_crop(x, pads):
+  """x [N, H, W, C] with zeros added (positive) or rows and columns cut
+  (negative) on each spatial side; no pad where none is positive
+  (jax2onnx's pad cannot take a symbolic batch)."""
+  (top, bottom), (left, right) = [(max(-lo, 0), max(-hi, 0)) for lo, hi in pads]
+  x = x[:, top : x.shape[1] - bottom, left : x.shape[2] - right]
+  grow = [(max(lo, 0), max(hi, 0)) for lo, hi in pads]
+  if any(lo or hi for lo, hi in grow):
+    x = jnp.pad(x, ((0, 0), *grow, (0, 0)))
+  return x
+
+
 def _subpixel(x, kernel, strides, pads, conv):
   n, h, w, _ = x.shape
   kh, kw, c_in, c_out = kernel.shape
@@ -142,8 +154,7 @@ def _subpixel(x, kernel, strides, pads, conv):
   )
   hi_h = m_h + taps_h.shape[0] - 1 - h + a_h
   hi_w = m_w + taps_w.shape[0] - 1 - w + a_w
-  zero = jnp.zeros((), x.dtype)
-  x = lax.pad(x, zero, ((0, 0, 0), (-a_h, hi_h, 0), (-a_w, hi_w, 0), (0, 0, 0)))
+  x = _pad_or_crop(x, ((-a_h, hi_h), (-a_w, hi_w)))
   y = conv(x, sub, (1, 1), "VALID", dimension_numbers=_NHWC)
   sh, sw = strides
   y = y.reshape(n, m_h, m_w, sh, sw, c_out).transpose(0, 1, 3, 2, 4, 5)
