@@ -108,6 +108,11 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.eval.scorer = ""  # The score that labels images; each config sets it.
   c.eval.fpr = 0.01  # Image threshold: this FPR on held-out normal images.
   c.eval.pixel_fpr = 0.01  # Pixel threshold, likewise (localising methods).
+  # Which normal scores set the thresholds: 'holdout' (the held-out images)
+  # or 'cross_fit' (also every training image, scored by the fitted stage
+  # fitted without its fold of `calibration_folds`); see docs/detector.md.
+  c.eval.calibration = "holdout"
+  c.eval.calibration_folds = 5
   c.eval.num_overlays = 16  # Test images drawn to visualizations/.
   c.eval.plots = True  # ROC curve and score histogram per scorer.
 
