@@ -179,6 +179,10 @@ def override(
   return config
 
 
+# The word of every config file's preset of its smallest networks (tests).
+TEST_PRESET = "test"
+
+
 def apply_arg(
   config: ml_collections.ConfigDict,
   arg,

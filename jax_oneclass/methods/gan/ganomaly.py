@@ -66,6 +66,11 @@ def latent_scores(images, outputs) -> dict:
 class Method(interface.NoFittedStage):
   """GANomaly: trains generator and discriminator; scores latent distance."""
 
+  @staticmethod
+  def scorer_names(config) -> tuple[str, ...]:
+    del config
+    return ("latent_l1", "latent_mse", "reconstruction_l1")
+
   def __init__(self, config, info):
     self.config = config
     check_image_size(info.image_shape[0])
