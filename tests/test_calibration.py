@@ -1,5 +1,6 @@
 """Calibration: cross-fitting the fitted stage, and the normalised score."""
 
+import shutil
 import types
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 
 import jax_oneclass
 from jax_oneclass import data, evaluate, parallel, thresholds
+from jax_oneclass import run as run_lib
 from jax_oneclass.components import oneclass
 from jax_oneclass.errors import ConfigError, DataError
 from tests.conftest import load_config
@@ -88,17 +90,23 @@ def test_normalized_scores_keep_the_order():
 
 
 @pytest.mark.parametrize("method", by_method(["rotnet"]))
-def test_cross_fit_calibrates_on_every_normal_image(method, trained_run):
-  det = jax_oneclass.Detector.load(trained_run(method).workdir)
-  run, state = det.run, det.state
-  run.config.eval.calibration = "cross_fit"
-  run.config.eval.calibration_folds = 3
+def test_cross_fit_calibrates_on_every_normal_image(
+  method, trained_run, tmp_path
+):
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_run(method).workdir, workdir)
+  config = run_lib.saved_config(workdir)
+  # One classifier keeps the k extra fits and the k + 1 scorings cheap.
+  config.classifiers = {"gde": {}}
+  config.eval.calibration = "cross_fit"
+  config.eval.calibration_folds = 3
+  det = jax_oneclass.Detector.load(workdir, config=config, refit=True)
+  run, state, calib = det.run, det.state, det.stage.calibration
   embeddings, _ = evaluate._train_pass(run, state, True, False)  # pylint: disable=protected-access
-  calib = evaluate.calibrate(run, state, det.stage.fitted, embeddings)
   num_train = len(next(iter(embeddings.values())))
   assert calib["kind"] == "cross_fit"
   assert calib["num_images"] == num_train + run.info.num_holdout
-  assert set(calib["image"]) == set(det.stage.calibration["image"])
+  assert set(calib["image"]) == set(run.method.scorer_names(config))
   # The pass picked each image's score from the stage fitted without its
   # fold: fold 0's images, scored by that stage alone, agree.
   stages, fold = evaluate.cross_fit_stages(run.method.fit, embeddings, 3)
