@@ -83,9 +83,9 @@ def command(method: str, root: Path) -> list[str]:
   if localises(method):
     args = _localising_args(method, root)
   else:
+    arg = f"digits,test,normal_class={DIGITS_NORMAL_CLASS}"
     args = [
-      f"--config=configs/{method}.py:digits,test,"
-      f"normal_class={DIGITS_NORMAL_CLASS}",
+      f"--config=configs/{method}.py:{arg}",
       *tiny_flags(),
       f"--config.eval.num_overlays={NUM_OVERLAYS}",
     ]
