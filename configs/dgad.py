@@ -47,10 +47,18 @@ def get_config(arg=None):
   # which has no bandwidth to pick. 'pretext/generated' and 'pretext/real'
   # are still reported.
   config.eval.scorer = "latent/gde"
-  config_lib.apply_arg(config, arg, _small_run)
+  config_lib.apply_arg(
+    config, arg, _small_run, {config_lib.TEST_PRESET: _test_run}
+  )
   return config
 
 
 def _small_run(config):
   """Digits (16x16): narrow networks and a small code."""
   config.model.latent_size = 32
+
+
+def _test_run(config):
+  """The `test` preset: width 4, an 8-dimensional code."""
+  config.model.width = 4
+  config.model.latent_size = 8

@@ -37,10 +37,18 @@ def get_config(arg=None):
   config.eval.batch_norm = "running"
   config.eval.batch_size = 64
   config.eval.scorer = "latent_mse"  # The official code's score.
-  config_lib.apply_arg(config, arg, _small_run)
+  config_lib.apply_arg(
+    config, arg, _small_run, {config_lib.TEST_PRESET: _test_run}
+  )
   return config
 
 
 def _small_run(config):
   """Digits (16x16): narrow networks, a small code, 400 steps."""
   config.model.latent_size = 32
+
+
+def _test_run(config):
+  """The `test` preset: width 4, an 8-dimensional code."""
+  config.model.width = 4
+  config.model.latent_size = 8

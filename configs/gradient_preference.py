@@ -64,7 +64,9 @@ def get_config(arg=None):
   # Every training image's points may enter the repository.
   config.eval.max_fit_examples = 100_000
   config.eval.scorer = "nn_max"  # The anomaly map's maximum.
-  config_lib.apply_arg(config, arg, _small_run)
+  config_lib.apply_arg(
+    config, arg, _small_run, {config_lib.TEST_PRESET: _test_run}
+  )
   return config
 
 
@@ -77,3 +79,10 @@ def _small_run(config):
   config.num_train_steps = 150
   config.early_stopping.patience = 10
   config.bank.fraction = 0.5
+
+
+def _test_run(config):
+  """The `test` preset: `resnet_tiny` and a (16, 8) MLP."""
+  config.model.width = 4
+  config.model.backbone = "resnet_tiny"
+  config.model.mlp_widths = (16, 8)

@@ -42,7 +42,9 @@ def get_config(arg=None):
   config.eval.map_sigma = 4.0  # test.py: gaussian_filter(sigma=4).
   config.eval.num_overlays = 8  # Test images drawn to visualizations/.
   config.eval.scorer = "map_max"  # RD4AD: the anomaly map's maximum.
-  config_lib.apply_arg(config, arg, _small_run)
+  config_lib.apply_arg(
+    config, arg, _small_run, {config_lib.TEST_PRESET: _test_run}
+  )
   return config
 
 
@@ -51,3 +53,9 @@ def _small_run(config):
   config.data.image_size = 32
   config.model.backbone = "resnet18"
   config.batch_size = 32
+
+
+def _test_run(config):
+  """The `test` preset: `resnet_tiny`, ResNet-18 at 1/8 of its widths."""
+  config.model.width = 4
+  config.model.backbone = "resnet_tiny"

@@ -113,6 +113,11 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.eval.scorer = ""  # The score that labels images; each config sets it.
   c.eval.fpr = 0.01  # Image threshold: this FPR on held-out normal images.
   c.eval.pixel_fpr = 0.01  # Pixel threshold, likewise (localising methods).
+  # Which normal scores set the thresholds: 'holdout' (the held-out images)
+  # or 'cross_fit' (also every training image, scored by the fitted stage
+  # fitted without its fold of `calibration_folds`); see docs/detector.md.
+  c.eval.calibration = "holdout"
+  c.eval.calibration_folds = 5
   c.eval.num_overlays = 16  # Test images drawn to visualizations/.
   c.eval.plots = True  # ROC curve and score histogram per scorer.
 
@@ -177,6 +182,10 @@ def override(
     parsed[key] = value
   config.update_from_flattened_dict(parsed)
   return config
+
+
+# The word of every config file's preset of its smallest networks (tests).
+TEST_PRESET = "test"
 
 
 def apply_arg(

@@ -227,7 +227,7 @@ class Detector:
       scores=raw.image,
       maps=raw.maps,
       normalized_maps=normalized_maps,
-      masks={k: v > 0.5 for k, v in normalized_maps.items()},
+      masks={k: v > calib["maps"][k]["threshold"] for k, v in raw.maps.items()},
     )
 
   def mean_image(self) -> np.ndarray:

@@ -19,6 +19,7 @@ import csv
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -164,20 +165,23 @@ def score_fn(run: run_lib.Run):
   return jax.jit(run.method.score, out_shardings=parallel.replicated(run.mesh))
 
 
-def calibrate(run: run_lib.Run, state, fitted) -> dict:
-  """Thresholds and normalisation statistics from normal images.
+CALIBRATIONS = ("holdout", "cross_fit")
 
-  Scores the held-out normal images (the training ones when none are held
-  out) and returns {'split', 'num_images', 'image': {scorer: stats},
-  'maps': {name: stats}} with `thresholds.calibrate`'s stats.
-  """
-  config = run.config
-  split = "holdout" if run.info.num_holdout else "train"
-  batches = data.eval_batches(config, split, config.eval.batch_size)
-  scores, _ = _collect(score_fn(run), (state, fitted), batches, run.mesh)
+
+def calibration_kind(config) -> str:
+  """The checked `config.eval.calibration` ('holdout' by default)."""
+  kind = config.eval.get("calibration", "holdout")
+  if kind not in CALIBRATIONS:
+    raise ConfigError(
+      f"config.eval.calibration={kind!r}: choose one of "
+      f"{', '.join(CALIBRATIONS)}."
+    )
+  return kind
+
+
+def _stats(config, scores) -> dict:
+  """Per-scorer and per-map `thresholds.calibrate` stats of `scores`."""
   return {
-    "split": split,
-    "num_images": int(len(next(iter(scores.image.values())))),
     "image": {
       k: thresholds.calibrate(v, config.eval.fpr)
       for k, v in scores.image.items()
@@ -186,6 +190,97 @@ def calibrate(run: run_lib.Run, state, fitted) -> dict:
       k: thresholds.calibrate(v, config.eval.pixel_fpr)
       for k, v in scores.maps.items()
     },
+  }
+
+
+def _count(scores) -> int:
+  return int(len(next(iter(scores.image.values()))))
+
+
+def cross_fit_stages(fit, embeddings: dict, folds: int) -> tuple[list, Any]:
+  """(the stage fitted without each fold, each example's fold): `fit`
+  (a method's `fit`) on the embeddings of the other folds, on the host."""
+  num = len(next(iter(embeddings.values())))
+  fold = thresholds.fold_ids(num, folds)
+  stages = [
+    jax.device_get(fit({k: v[fold != j] for k, v in embeddings.items()}))
+    for j in range(folds)
+  ]
+  return stages, fold
+
+
+def pick_folds(per_stage: list, fold) -> Any:
+  """Each example's output from the stage its `fold` indexes: `per_stage`
+  holds one pytree of [B, ...] arrays per stage."""
+  rows = np.arange(len(fold))
+  return jax.tree.map(lambda *s: np.stack(s)[fold, rows], *per_stage)
+
+
+def _cross_fit_scores(run: run_lib.Run, state, fitted, embeddings):
+  """Scores of the normal training images, each from the stage fitted
+  without its fold; images past `eval.max_fit_examples` (never fitted on)
+  from the full stage `fitted`."""
+  config = run.config
+  stages, fold = cross_fit_stages(
+    run.method.fit, embeddings, config.eval.calibration_folds
+  )
+  stages = parallel.replicate(run.mesh, stages + [jax.device_get(fitted)])
+  fn = jax.jit(
+    lambda state, stages, batch: [
+      run.method.score(state, s, batch) for s in stages
+    ],
+    out_shardings=parallel.replicated(run.mesh),
+  )
+  batches = data.eval_batches(config, "train", config.eval.batch_size)
+  parts, seen = [], 0
+  for per_stage, _ in _host_batches(fn, (state, stages), batches, run.mesh):
+    index = np.arange(seen, seen + _count(per_stage[0]))
+    seen += len(index)
+    full = np.full(len(index), len(stages) - 1)
+    inside = index < len(fold)
+    full[inside] = fold[index[inside]]
+    parts.append(pick_folds(per_stage, full))
+  return _concat(parts)
+
+
+def calibrate(run: run_lib.Run, state, fitted, embeddings=None) -> dict:
+  """Thresholds and normalisation statistics from normal images.
+
+  'holdout' (`eval.calibration`) scores the held-out normal images (the
+  training ones when none are held out). 'cross_fit' pools those with
+  every normal training image scored by the stage fitted without its fold
+  (`eval.calibration_folds`), which needs `embeddings` (what `fit` was
+  fitted on) and a method with a fitted stage. Returns {'split',
+  'num_images', 'image': {scorer: stats}, 'maps': {name: stats}} with
+  `thresholds.calibrate`'s stats.
+  """
+  config = run.config
+  kind = calibration_kind(config)
+  split = "holdout" if run.info.num_holdout else "train"
+  if kind == "cross_fit":
+    if not embeddings:
+      raise ConfigError(
+        f"config.eval.calibration='cross_fit': {config.method} has no "
+        "fitted stage to cross-fit; use 'holdout' (data.holdout_fraction)."
+      )
+    scores = _cross_fit_scores(run, state, fitted, embeddings)
+    if run.info.num_holdout:
+      batches = data.eval_batches(config, "holdout", config.eval.batch_size)
+      held, _ = _collect(score_fn(run), (state, fitted), batches, run.mesh)
+      scores = _concat([scores, held])
+    split = (
+      "train (cross-fit) + holdout"
+      if run.info.num_holdout
+      else ("train (cross-fit)")
+    )
+  else:
+    batches = data.eval_batches(config, split, config.eval.batch_size)
+    scores, _ = _collect(score_fn(run), (state, fitted), batches, run.mesh)
+  return {
+    "split": split,
+    "kind": kind,
+    "num_images": _count(scores),
+    **_stats(config, scores),
   }
 
 
@@ -246,6 +341,17 @@ def load_or_fit(
   mean = None
   try:
     saved = None if refit else _saved_stage(run, store, step, repair)
+    if (
+      saved is not None
+      and repair
+      and saved[1].get("kind", "holdout") != (calibration_kind(run.config))
+    ):
+      logging_utils.info(
+        f"The stage saved for step {step} was calibrated by "
+        f"{saved[1].get('kind', 'holdout')!r}, not eval.calibration="
+        f"{calibration_kind(run.config)!r}: fitting it anew."
+      )
+      saved = None
     if saved is not None:
       fitted, calibration, meta = saved
       logging_utils.info(f"Using the fitted stage saved for step {step}.")
@@ -264,7 +370,9 @@ def load_or_fit(
       )
       fitted, num_fit = _fit_embeddings(run, embeddings)
       fitted = jax.device_get(fitted)
-      calibration = calibrate(run, state, parallel.replicate(run.mesh, fitted))
+      calibration = calibrate(
+        run, state, parallel.replicate(run.mesh, fitted), embeddings
+      )
       if logging_utils.writable(store.directory.parent):
         store.save(
           step,
@@ -362,7 +470,8 @@ def calibration_summary(config, calib: dict) -> dict:
       f"{summary['min_fpr']:.4g}, the smallest false-positive rate "
       f"{num_images} {calib['split']} images resolve: the thresholds sit "
       "at the highest normal score. Hold out more normal images "
-      "(data.holdout_fraction) or raise eval.fpr."
+      "(data.holdout_fraction), calibrate on all of them "
+      "(eval.calibration='cross_fit') or raise eval.fpr."
     )
   return summary
 

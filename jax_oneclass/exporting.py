@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_oneclass import thresholds
 from jax_oneclass.cli_checks import EXPORT_FORMATS as FORMATS
 from jax_oneclass.errors import ConfigError, OneClassError
 from jax_oneclass.methods import interface
@@ -30,12 +31,6 @@ from jax_oneclass.methods import interface
 
 class ExportError(OneClassError):
   """A detector cannot be written in the asked format."""
-
-
-def _normalize(x, stats):
-  span = stats["max"] - stats["min"]
-  span = span if span > 0 else 1.0
-  return jnp.clip((x - stats["threshold"]) / span + 0.5, 0.0, 1.0)
 
 
 def inference_fn(detector):
@@ -54,7 +49,7 @@ def inference_fn(detector):
       state, fitted, {"image": images.astype(jnp.float32) / 255.0}
     )
     score = scores.image[scorer]
-    normalized = _normalize(score, image_stats)
+    normalized = thresholds.normalize(score, image_stats, xp=jnp)
     out = {
       "score": score,
       "normalized_score": normalized,
@@ -62,11 +57,11 @@ def inference_fn(detector):
     }
     if map_name is not None:
       anomaly_map = scores.maps[map_name]
-      normalized_map = _normalize(anomaly_map, calib["maps"][map_name])
+      map_stats = calib["maps"][map_name]
       out.update(
         anomaly_map=anomaly_map,
-        normalized_map=normalized_map,
-        mask=normalized_map > 0.5,
+        normalized_map=thresholds.normalize(anomaly_map, map_stats, xp=jnp),
+        mask=anomaly_map > map_stats["threshold"],
       )
     return out
 

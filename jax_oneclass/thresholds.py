@@ -2,11 +2,10 @@
 
 An image (or pixel) is predicted anomalous when its score is strictly above
 the threshold. Thresholds are calibrated on normal images held out from
-training: the threshold at a target false-positive rate is the smallest
-held-out score that at most `fpr` of the held-out scores exceed. The
-normalised score maps the threshold to 0.5, as anomalib does:
-clip((s - threshold) / (max - min) + 0.5, 0, 1), with min and max over the
-held-out scores.
+training (or, with cross-fitting, scored by a stage fitted without them):
+the threshold at a target false-positive rate is the smallest such score
+that at most `fpr` of them exceed. The normalised score maps the threshold
+to 0.5 and keeps the order of scores (see `normalize`).
 """
 
 from typing import Any
@@ -88,9 +87,31 @@ def calibrate(normal_scores: Any, fpr: float) -> dict:
   }
 
 
-def normalize(scores: Any, calibration: dict) -> np.ndarray:
-  """Scores mapped so the threshold sits at 0.5, clipped to [0, 1]."""
+def normalize(scores: Any, calibration: dict, xp=np):
+  """Scores mapped into (0, 1), the threshold at 0.5, order kept.
+
+  0.5 + 0.5 z / (1 + |z|) with z = 2 (s - threshold) / (max - min) over
+  the calibration scores: strictly increasing, so distinct scores stay
+  distinct (up to float resolution), with the slope of anomalib's clipped
+  line (s - threshold) / (max - min) + 0.5 at the threshold. Its tails
+  decay as 1/|z|, not exponentially, so float32 separates scores up to
+  about 10^6 spans from the threshold. `xp`: np, or jnp inside a jitted
+  export.
+  """
   span = calibration["max"] - calibration["min"]
   span = span if span > 0 else 1.0
-  scores = np.asarray(scores, np.float64)
-  return np.clip((scores - calibration["threshold"]) / span + 0.5, 0.0, 1.0)
+  scores = xp.asarray(scores, np.float64 if xp is np else None)
+  z = 2.0 * (scores - calibration["threshold"]) / span
+  return 0.5 + 0.5 * z / (1.0 + xp.abs(z))
+
+
+def fold_ids(num: int, folds: int) -> np.ndarray:
+  """[num] cross-fitting fold of each example: i mod `folds`, so folds
+  differ in size by at most one and need no shuffling of an unordered
+  training set."""
+  if folds < 2 or folds > num:
+    raise DataError(
+      f"Cross-fitting needs 2 <= eval.calibration_folds <= {num} (the "
+      f"normal images fitted on), got {folds}."
+    )
+  return np.arange(num) % folds

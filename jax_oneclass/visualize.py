@@ -95,7 +95,8 @@ def panel(
   if anomaly_map is not None:
     normalized = thresholds.normalize(anomaly_map, map_calibration)
     heat = _enlarge(overlay(image, normalized), factor)
-    _outline(heat, normalized > 0.5, factor, PREDICTED_COLOR)
+    predicted = anomaly_map > map_calibration["threshold"]
+    _outline(heat, predicted, factor, PREDICTED_COLOR)
     if mask is not None:
       _outline(heat, mask, factor, TRUTH_COLOR)
     tiles.append(heat)

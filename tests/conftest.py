@@ -23,20 +23,9 @@ import pytest  # pylint: disable=g-import-not-at-top
 
 from jax_oneclass import config as config_lib  # pylint: disable=g-import-not-at-top
 from jax_oneclass import methods  # pylint: disable=g-import-not-at-top
-from jax_oneclass.errors import ConfigError  # pylint: disable=g-import-not-at-top
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = methods.available_methods()
-
-# Smallest networks, by config key; a method takes those its config has.
-_TINY_MODEL = {
-  "model.width": 4,
-  "model.stage_sizes": (1, 1),
-  "model.head_dims": (16, 8),
-  "model.latent_size": 8,
-  "model.backbone": "resnet_tiny",
-  "model.mlp_widths": (16, 8),
-}
 
 
 def load_config(method: str, arg: str | None = "digits"):
@@ -49,26 +38,10 @@ def localises(method: str) -> bool:
   return load_config(method, None).data.name == "mvtec"
 
 
-def has_key(config, key: str) -> bool:
-  try:
-    config_lib.current_value(config, key)
-    return True
-  except ConfigError:
-    return False
-
-
-def tiny_overrides(config) -> dict:
-  """Dotted-key overrides that make `config`'s run tiny."""
-  overrides = {k: v for k, v in _TINY_MODEL.items() if has_key(config, k)}
-  if "model.head_dims" in overrides:  # The CIFAR ResNet takes any side.
-    overrides["data.image_size"] = 8
-  return overrides
-
-
 def tiny_config(method: str, steps: int = 4, arg: str = "digits"):
-  """A very small network and run on the digits data."""
-  config = load_config(method, arg)
-  config_lib.override(config, tiny_overrides(config))
+  """The config file's `test` preset (its smallest networks) on `arg`'s
+  data, in a very short run."""
+  config = load_config(method, f"{arg},{config_lib.TEST_PRESET}")
   config.num_train_steps = steps
   config.batch_size = 16
   config.data.shuffle_buffer = 64

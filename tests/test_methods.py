@@ -176,3 +176,17 @@ def test_config_arg_parsing():
     load_config("clr", "digits,model.depth=3")
   with pytest.raises(ConfigError, match="boolean"):
     config_lib.apply_arg(load_config("clr"), "data.rotation_distaug=maybe")
+
+
+@pytest.mark.parametrize("method_name", METHODS)
+def test_each_config_offers_a_test_preset_and_its_headline_scorer(method_name):
+  config = load_config(method_name, "digits,test")
+  assert config.model.width == 4  # Networks shrink; the rest is digits'.
+  assert config.data.name == "digits"
+  names = methods.method_module(method_name).Method.scorer_names(config)
+  assert list(names) == sorted(set(names)) and config.eval.scorer in names
+
+
+def test_the_test_word_needs_a_preset():
+  with pytest.raises(ConfigError, match="Unknown data set 'test'"):
+    config_lib.apply_arg(config_lib.base_config("clr"), "test")

@@ -14,6 +14,8 @@ tf.config.set_visible_devices([], "GPU")
 
 from jax_oneclass.data import mvtec  # pylint: disable=g-import-not-at-top
 from jax_oneclass.errors import ConfigError, DataError  # pylint: disable=g-import-not-at-top
+from tests.conftest import METHODS, localises  # pylint: disable=g-import-not-at-top
+from tests.test_cli import scorer_names  # pylint: disable=g-import-not-at-top
 from tests.trained import NUM_OVERLAYS, by_method  # pylint: disable=g-import-not-at-top
 
 _SIZE = 16
@@ -222,25 +224,16 @@ def test_an_mvtec_category_trains_and_evaluates_from_a_config(widget, tmp_path):
   assert 0.0 <= results["auroc"]["latent_mse"] <= 1.0
 
 
-# Per localising method: the image scorers it reports.
-_LOCALISING = {
-  "reverse_distillation": {"map_max", "map_mean"},
-  "gradient_preference": {"nn_max", "nn_mean", "center_max"},
-}
+LOCALISING = [m for m in METHODS if localises(m)]
 
 
-def test_every_localising_method_is_checked_here():
-  from tests.conftest import METHODS, localises  # pylint: disable=g-import-not-at-top
-
-  assert sorted(_LOCALISING) == [m for m in METHODS if localises(m)]
-
-
-@pytest.mark.parametrize("method", by_method(sorted(_LOCALISING)))
+@pytest.mark.parametrize("method", by_method(LOCALISING))
 def test_localising_methods_run_from_the_command_line(trained_run, method):
   run = trained_run(method)
   workdir, results = run.workdir, run.results
   assert "RANDOM weights" in run.stdout + run.stderr
-  assert set(results["auroc"]) == _LOCALISING[method]
+  scorers = scorer_names(workdir)
+  assert set(results["auroc"]) == scorers
   if method == "gradient_preference":
     assert "Early stopping at step 4 of 40" in run.stdout + run.stderr
     assert results["step"] == 4
@@ -250,7 +243,7 @@ def test_localising_methods_run_from_the_command_line(trained_run, method):
   assert len(panels) == NUM_OVERLAYS == 3
   with Image.open(panels[0]) as panel:  # Image and heat map, enlarged.
     assert panel.size[0] > 2 * 224 and panel.size[1] > 224
-  assert (workdir / "plots" / f"{sorted(_LOCALISING[method])[0]}.png").is_file()
+  assert (workdir / "plots" / f"{sorted(scorers)[0]}.png").is_file()
 
 
 def test_bad_files_are_skipped_and_named(tmp_path, capsys):

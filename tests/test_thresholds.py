@@ -70,11 +70,11 @@ def test_binary_metrics_hand_computed():
 def test_normalize_puts_the_threshold_at_one_half():
   stats = thresholds.calibrate(np.array([1.0, 2.0, 3.0, 5.0]), fpr=0.25)
   assert stats["threshold"] == 3.0 and stats["count"] == 4
+  # z = 2 (s - 3) / 4; 0.5 + 0.5 z / (1 + |z|).
   np.testing.assert_allclose(
-    thresholds.normalize(np.array([3.0, 5.0, 1.0, 100.0, -100.0]), stats),
-    [0.5, 1.0, 0.0, 1.0, 0.0],
+    thresholds.normalize(np.array([3.0, 5.0, 1.0, 7.0, -1.0]), stats),
+    [0.5, 0.75, 0.25, 5 / 6, 1 / 6],
   )
-  np.testing.assert_allclose(thresholds.normalize(4.0, stats), 0.75)
 
 
 def test_bad_inputs_are_refused():

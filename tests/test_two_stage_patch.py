@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from jax_oneclass import cli_checks
+from jax_oneclass import cli_checks, methods
 from jax_oneclass.errors import ConfigError
 from jax_oneclass.methods.two_stage import patches
 from tests.conftest import load_config, tiny_config
@@ -130,6 +130,8 @@ def test_patch_run_reports_maps_and_both_image_scores(patch_run):
   assert "pool/gde/map_max" in results["auroc"]
   assert "whole/pool/gde" in results["auroc"]
   assert "pool/gde" not in results["auroc"]
+  method = methods.method_module(config.method).Method
+  assert set(results["auroc"]) == set(method.scorer_names(config))
   assert len(list((workdir / "visualizations").glob("*.png"))) == 2
 
 

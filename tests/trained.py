@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, load_config, localises, tiny_overrides
+from tests.conftest import REPO, localises
 
 DIGITS_NORMAL_CLASS = 2
 # Per localising method: flags beyond the shared ones. Gradient preference:
@@ -45,13 +45,10 @@ class TrainedRun:
   results: dict
 
 
-def tiny_flags(method: str) -> list[str]:
-  """Command-line flags of `tests.conftest.tiny_config`'s digits run."""
-  overrides = tiny_overrides(load_config(method, "digits"))
-  model = [
-    f"--config.{k}={str(v).replace(' ', '')}" for k, v in overrides.items()
-  ]
-  return model + [
+def tiny_flags() -> list[str]:
+  """Command-line flags of `tests.conftest.tiny_config`'s run length (the
+  networks come from the config file's `test` preset)."""
+  return [
     "--config.num_train_steps=4",
     "--config.batch_size=16",
     "--config.eval.batch_size=128",
@@ -77,7 +74,7 @@ def _localising_args(method: str, root: Path) -> list[str]:
     f"--config.eval.num_overlays={NUM_OVERLAYS}",
     "--config.checkpoint_every_steps=2",
     "--config.data.holdout_fraction=0.25",  # 1 of the 4 good images.
-    *_LOCALISING_FLAGS[method],
+    *_LOCALISING_FLAGS.get(method, []),
   ]
 
 
@@ -86,9 +83,10 @@ def command(method: str, root: Path) -> list[str]:
   if localises(method):
     args = _localising_args(method, root)
   else:
+    arg = f"digits,test,normal_class={DIGITS_NORMAL_CLASS}"
     args = [
-      f"--config=configs/{method}.py:digits,normal_class={DIGITS_NORMAL_CLASS}",
-      *tiny_flags(method),
+      f"--config=configs/{method}.py:{arg}",
+      *tiny_flags(),
       f"--config.eval.num_overlays={NUM_OVERLAYS}",
     ]
   return [

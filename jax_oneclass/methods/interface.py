@@ -76,6 +76,11 @@ class Method(Protocol):
     jit-able, in eval mode, so an image's scores never depend on its
     batch."""
 
+  @staticmethod
+  def scorer_names(config) -> tuple[str, ...]:
+    """The keys of `Scores.image` that `score` returns for `config`, sorted,
+    known without building networks (tests and checks ask for them)."""
+
   # Optional: a method may also define
   #
   #   gradcam_layer: str

@@ -190,6 +190,12 @@ class Method:
     """One-class classifiers on the normal training images' codes."""
     return oneclass.fit_each(embeddings["code"], self.classifier_hparams)
 
+  @staticmethod
+  def scorer_names(config) -> tuple[str, ...]:
+    """Two pretext scores and one per classifier on the codes."""
+    latent = tuple(f"latent/{name}" for name in config.classifiers)
+    return tuple(sorted(("pretext/generated", "pretext/real") + latent))
+
   def score(self, state, fitted, batch) -> interface.Scores:
     """Pretext scores through the generator and directly, and latent ones."""
     images = gan.to_tanh_range(batch["image"])

@@ -68,6 +68,11 @@ class Method(interface.NoFittedStage):
 
   gradcam_layer = "encoder"  # The first encoder's last 4x4 feature map.
 
+  @staticmethod
+  def scorer_names(config) -> tuple[str, ...]:
+    del config
+    return ("latent_l1", "latent_mse", "reconstruction_l1")
+
   def __init__(self, config, info):
     self.config = config
     check_image_size(info.image_shape[0])

@@ -255,6 +255,11 @@ class Method:
     )
     return {"bank": flax.serialization.to_state_dict(bank)}
 
+  @staticmethod
+  def scorer_names(config) -> tuple[str, ...]:
+    del config
+    return ("center_max", "nn_max", "nn_mean")
+
   def score(self, state, fitted, batch) -> interface.Scores:
     """Image scores and {'anomaly_map': [B, H, W]} from one pass."""
     images = batch["image"]

@@ -144,6 +144,11 @@ class Method(interface.NoFittedStage):
       step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state
     ), {"loss": loss, "grad_norm": optim.global_norm(grads)}
 
+  @staticmethod
+  def scorer_names(config) -> tuple[str, ...]:
+    del config
+    return ("map_max", "map_mean")
+
   def score(self, state, fitted, batch) -> interface.Scores:
     """Image scores and {'anomaly_map': [B, H, W]}, the upsampled, fused
     (`model.map_fusion`, summed by default) and smoothed distances, from

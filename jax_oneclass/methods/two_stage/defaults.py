@@ -83,7 +83,15 @@ def mvtec_patch(config: ml_collections.ConfigDict) -> None:
   config.eval.scorer = "pool/gde/rot_avg/map_max"
 
 
-PRESETS = {"mvtec_patch": mvtec_patch}
+def test_run(config: ml_collections.ConfigDict) -> None:
+  """The `test` preset: a one-block-per-stage ResNet of width 4 on 8x8."""
+  config.model.width = 4
+  config.model.stage_sizes = (1, 1)
+  config.model.head_dims = (16, 8)
+  config.data.image_size = 8  # The CIFAR ResNet takes any side.
+
+
+PRESETS = {"mvtec_patch": mvtec_patch, config_lib.TEST_PRESET: test_run}
 
 
 def small_run(config: ml_collections.ConfigDict) -> None:

@@ -88,20 +88,34 @@ class TwoStageMethod:
     self.map_names = self._checked_patch_scorers() if self.patch else ()
     self.tx = optim.make_optimizer(config, info)
 
-  def scorer_names(self) -> tuple[str, ...]:
+  @classmethod
+  def image_scorer_names(cls, config) -> tuple[str, ...]:
     """The names `image_scores` returns, known before any data is seen."""
-    suffixes = [""] + (["/rot_avg"] if len(self._rotations()) > 1 else [])
+    suffixes = [""] + (["/rot_avg"] if config.eval.rotation_averaging else [])
     return tuple(
       f"{feature}/{name}{suffix}"
       for feature in FEATURES
-      for name in self.classifier_hparams
+      for name in config.classifiers
       for suffix in suffixes
-    ) + tuple(self.extra_scorers)
+    ) + tuple(cls.extra_scorers)
+
+  @classmethod
+  def scorer_names(cls, config) -> tuple[str, ...]:
+    """`score`'s image scorers: `image_scorer_names`, or in patch mode the
+    maps' maxima and the whole-image scorers."""
+    names = cls.image_scorer_names(config)
+    if not cli_checks.patch_geometry(config)[0]:
+      return tuple(sorted(names))
+    maps = tuple(config.eval.get("patch_maps", ()) or names)
+    image = [m + MAP_MAX for m in maps]
+    if config.eval.get("whole_image_scores", True):
+      image += [WHOLE + n for n in names]
+    return tuple(sorted(image))
 
   def _checked_patch_scorers(self) -> tuple[str, ...]:
     """The scorers that get maps (`eval.patch_maps`, all when empty),
     checked with `eval.scorer` before any training."""
-    names = self.scorer_names()
+    names = self.image_scorer_names(self.config)
     maps = tuple(self.config.eval.get("patch_maps", ()) or names)
     unknown = [m for m in maps if m not in names]
     if unknown:
