@@ -20,7 +20,10 @@ def _env(num_devices: int) -> dict:
     TF_CPP_MIN_LOG_LEVEL="3",
     JAX_PLATFORMS="cpu",
   )
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "")
+    + f" --xla_force_host_platform_device_count={num_devices}"
+  ).strip()
   return env
 
 
