@@ -63,6 +63,26 @@ TORCH_DIR = ROOT / "experiments" / "torch"
 DEFAULT_ROWS = "disaug,rotnet,rd_resnet18,rd_wide_resnet50_2,ganomaly"
 # anomalib's OCBE has width_per_group 64 for every backbone; ours matches.
 OCBE_WIDTH = 64
+# The MLP heads of configs/disaug.py and configs/rotnet.py, for the torch twin.
+HEAD_DIMS = {"disaug": (512,) * 8 + (128,), "rotnet": (512,) * 8}
+# Each process's figures kept in a `steps` row's "runs".
+RUN_KEYS = (
+  "step_s_each",
+  "step_cpu_s_each",
+  "warmup_s_incl_compile",
+  "cpu_steal_pct",
+  "images_per_step",
+  "step_matmul_gflop",
+  "peak_rss_mb",
+  "import_rss_mb",
+  "kernel_rates",
+  "load_before",
+  "torch_version",
+  "threads",
+  "conv_weight_grad",
+  "conv_paths",
+  "profile",
+)
 # Dense peak TFLOP/s by device_kind substring: (float32, bfloat16). float32
 # is the plain (non-tensor-core) rate; XLA runs float32 matmuls at
 # 'default' precision, which on NVIDIA GPUs may use TF32 tensor cores, so
@@ -238,6 +258,7 @@ def _torch_command(row: str, args, python: str) -> list[str]:
       f"--batch_size={args.two_stage_batch}",
       "--image_size=32",
       "--width=64",
+      "--head_dims=" + ",".join(str(d) for d in HEAD_DIMS[row]),
       *timed,
     ]
   if row.startswith("rd_"):
@@ -281,10 +302,36 @@ def _run(command: list[str], env=None) -> dict:
 
 
 def _side(runs: list[dict]) -> dict:
-  """Per-step medians over every timed step of a side's processes."""
+  """Per-step medians over every timed step of a side's processes, and the
+  highest peak RSS of them (None without processes)."""
+  if not runs:
+    return {"cpu_s": None, "wall_s": None, "peak_rss_mb": None}
   wall = [t for r in runs for t in r["step_s_each"]]
   cpu = [t for r in runs for t in r["step_cpu_s_each"]]
-  return {"cpu_s": measure.median(cpu), "wall_s": measure.median(wall)}
+  return {
+    "cpu_s": measure.median(cpu),
+    "wall_s": measure.median(wall),
+    "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+  }
+
+
+def steps_row(runs: dict) -> dict:
+  """A `steps` row of {"ours": [process figures], "torch": [...]}."""
+  sides = {side: _side(found) for side, found in runs.items()}
+  row = {
+    f"{side}_{key}": sides[side][key]
+    for key in ("cpu_s", "wall_s", "peak_rss_mb")
+    for side in ("ours", "torch")
+  }
+  loads = [r["load_before"] for found in runs.values() for r in found]
+  return {
+    **row,
+    "load_1min": measure.median(loads),
+    "runs": {
+      side: [{k: r[k] for k in RUN_KEYS if k in r} for r in found]
+      for side, found in runs.items()
+    },
+  }
 
 
 def part_steps(args) -> dict:
@@ -353,43 +400,7 @@ def part_steps(args) -> dict:
             {"OMP_WAIT_POLICY": "PASSIVE"},
           )
         )
-    ours = _side(runs["ours"])
-    torch = (
-      _side(runs["torch"]) if runs["torch"] else {"cpu_s": None, "wall_s": None}
-    )
-    loads = [r["load_before"] for found in runs.values() for r in found]
-    out["rows"][row] = {
-      "ours_cpu_s": ours["cpu_s"],
-      "torch_cpu_s": torch["cpu_s"],
-      "ours_wall_s": ours["wall_s"],
-      "torch_wall_s": torch["wall_s"],
-      "load_1min": measure.median(loads),
-      "runs": {
-        side: [
-          {
-            k: r[k]
-            for k in (
-              "step_s_each",
-              "step_cpu_s_each",
-              "warmup_s_incl_compile",
-              "cpu_steal_pct",
-              "images_per_step",
-              "step_matmul_gflop",
-              "peak_rss_mb",
-              "kernel_rates",
-              "load_before",
-              "torch_version",
-              "threads",
-              "conv_weight_grad",
-              "conv_paths",
-            )
-            if k in r
-          }
-          for r in found
-        ]
-        for side, found in runs.items()
-      },
-    }
+    out["rows"][row] = steps_row(runs)
     print(
       row,
       json.dumps({k: v for k, v in out["rows"][row].items() if k != "runs"}),
@@ -720,12 +731,13 @@ def _steps_table(steps: dict) -> list[str]:
     f"{steps['cores']} cores, jaxlib {steps['jaxlib']} (uptime: "
     f"{steps['uptime']}). Medians over every timed step of each "
     "side's fresh processes: CPU ms (all threads) and wall ms; "
-    "torch with OMP_WAIT_POLICY=PASSIVE; load = median 1-min load "
-    "before the processes.",
+    "torch with OMP_WAIT_POLICY=PASSIVE; peak RSS = the highest of a "
+    "side's processes (VmHWM, imports included); load = median 1-min "
+    "load before the processes.",
     "",
     "| row | ours CPU ms | torch CPU ms | ours wall ms | torch wall "
-    "ms | wall: torch / ours | load |",
-    "|---|---|---|---|---|---|---|",
+    "ms | wall: torch / ours | ours peak MiB | torch peak MiB | load |",
+    "|---|---|---|---|---|---|---|---|---|",
   ]
   for row, r in steps["rows"].items():
     ratio = (
@@ -737,7 +749,8 @@ def _steps_table(steps: dict) -> list[str]:
       f"| {row} | {cell(r['ours_cpu_s'])} | "
       f"{cell(r['torch_cpu_s'])} | {cell(r['ours_wall_s'])} | "
       f"{cell(r['torch_wall_s'])} | {ratio} | "
-      f"{r['load_1min']:.1f} |"
+      f"{cell(r.get('ours_peak_rss_mb'), 1)} | "
+      f"{cell(r.get('torch_peak_rss_mb'), 1)} | {r['load_1min']:.1f} |"
     )
   return lines + [""]
 

@@ -156,10 +156,15 @@ def test_speed_results_saved_before_merge_read_as_one_command(
 
 def test_speed_steps_take_per_step_medians_and_render_without_torch():
   runs = [
-    {"step_s_each": [0.3, 0.1], "step_cpu_s_each": [0.5, 0.2]},
-    {"step_s_each": [0.2], "step_cpu_s_each": [0.9]},
+    {
+      "step_s_each": [0.3, 0.1],
+      "step_cpu_s_each": [0.5, 0.2],
+      "peak_rss_mb": 9,
+    },
+    {"step_s_each": [0.2], "step_cpu_s_each": [0.9], "peak_rss_mb": 7},
   ]
-  assert speed._side(runs) == {"cpu_s": 0.5, "wall_s": 0.2}
+  assert speed._side(runs) == {"cpu_s": 0.5, "wall_s": 0.2, "peak_rss_mb": 9}
+  assert speed._side([])["cpu_s"] is None
   steps = {
     "command": "python experiments/speed.py steps --rows=disaug",
     "cpu_model": "c",
@@ -180,12 +185,16 @@ def test_speed_steps_take_per_step_medians_and_render_without_torch():
         "ours_wall_s": 0.05,
         "torch_wall_s": 0.1,
         "load_1min": 2.0,
+        "ours_peak_rss_mb": 800.4,
+        "torch_peak_rss_mb": 1200.0,
       },
     },
   }
   text = "\n".join(speed._steps_table(steps))
-  assert "| disaug | 500 | - | 200 | - | - | 1.0 |" in text
-  assert "| ganomaly | 100 | 400 | 50 | 100 | 2.00x | 2.0 |" in text
+  assert "| disaug | 500 | - | 200 | - | - | - | - | 1.0 |" in text
+  assert (
+    "| ganomaly | 100 | 400 | 50 | 100 | 2.00x | 800 | 1200 | 2.0 |" in text
+  )
 
 
 def test_speed_names_where_a_merged_script_lives_now():
@@ -210,3 +219,80 @@ def test_steps_counts_the_paths_auto_chose():
     "forward": {"im2col": 1, "xla": 1},
     "weight_grad": {"xla": 1},
   }
+
+
+def _fake_run(calls):
+  """speed._run's stand-in: fixed per-step figures by side, no process."""
+
+  def run(command, env=None):
+    ours = "_ours_step" in command
+    calls.append(("ours" if ours else "torch", env))
+    step = 0.1 if ours else 0.3
+    return {
+      "step_s_each": [step, step + 0.1, step + 0.2],
+      "step_cpu_s_each": [2 * step] * 3,
+      "peak_rss_mb": 500.0 + len(calls) if ours else 900.0,
+      "load_before": float(len(calls)),
+    }
+
+  return run
+
+
+def test_speed_steps_alternate_fresh_processes_and_write_the_json(
+  tmp_path, monkeypatch
+):
+  calls = []
+  monkeypatch.setattr(speed, "_run", _fake_run(calls))
+  monkeypatch.setattr(
+    speed.measure,
+    "machine",
+    lambda: {
+      "cpu": "Fake CPU",
+      "cores": 2,
+      "uptime": "up",
+      "load_average": [1],
+    },
+  )
+  torch_python = tmp_path / "python"
+  torch_python.touch()
+  out = tmp_path / "steps.json"
+  args = speed._parser().parse_args(
+    [
+      "steps",
+      "--rows=rotnet,ganomaly",
+      "--rounds=2",
+      f"--torch_python={torch_python}",
+      f"--json={out}",
+    ]
+  )
+  assert not speed._save(args, "unused", speed.part_steps(args))
+  sides = [side for side, _ in calls]
+  assert sides == ["ours", "torch"] * 4
+  assert all(
+    env == {"OMP_WAIT_POLICY": "PASSIVE"} for s, env in calls if s == "torch"
+  )
+  result = json.loads(out.read_text())
+  assert result["cpu_model"] == "Fake CPU"
+  assert result["jaxlib"]
+  assert set(result["rows"]) == {"rotnet", "ganomaly"}
+  row = result["rows"]["rotnet"]
+  assert {k: v for k, v in row.items() if k != "runs"} == {
+    "ours_cpu_s": 0.2,
+    "torch_cpu_s": 0.6,
+    "ours_wall_s": 0.2,
+    "torch_wall_s": 0.4,
+    "ours_peak_rss_mb": 503.0,
+    "torch_peak_rss_mb": 900.0,
+    "load_1min": 3.0,
+  }
+  assert [len(r["step_s_each"]) for r in row["runs"]["torch"]] == [3, 3]
+
+
+def test_speed_torch_twin_has_our_heads():
+  for method, dims in speed.HEAD_DIMS.items():
+    config = common.config_with(method, "cifar10")
+    assert tuple(config.model.head_dims) == dims
+  command = speed._torch_command(
+    "rotnet", speed._parser().parse_args(["steps"]), "python"
+  )
+  assert "--head_dims=" + ",".join(["512"] * 8) in command

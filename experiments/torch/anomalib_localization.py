@@ -106,6 +106,8 @@ def cmd_rd_throughput(args):
   timing = measure.time_steps(
     step, args.steps, args.warmup, args.batch_size, "images"
   )
+  # Before the FLOP count and kernel rates allocate.
+  peak_rss = measure.rss_mb()
   count = lambda params: sum(p.numel() for p in params)
   measure.emit(
     {
@@ -114,7 +116,7 @@ def cmd_rd_throughput(args):
       "step_matmul_gflop": measure.torch_step_flops(step) / 1e9,
       "kernel_rates": measure.torch_kernel_rates(),
       "final_loss": losses[-1],
-      "peak_rss_mb": measure.rss_mb(),
+      "peak_rss_mb": peak_rss,
       "import_rss_mb": import_rss,
       "backbone": args.backbone,
       "image_size": args.image_size,
