@@ -118,14 +118,21 @@ def matmul_flops(fn, *args) -> float:
 
 
 def time_train_step(
-  method, info, batch_size: int, steps: int, warmup: int, views: int = 1
+  method,
+  info,
+  batch_size: int,
+  steps: int,
+  warmup: int,
+  views: int = 1,
+  profile_calls: int = 0,
 ) -> tuple[dict, object]:
   """Times `method`'s jitted train step on one fixed batch of random images
   ([batch_size, views, H, W, C]; no input pipeline) in this process.
 
   Returns (`measure.time_steps`'s figures plus the step's conv + matmul
-  GFLOP, the machine's float32 kernel rates, the last step's scalar metrics
-  and the peak RSS; the final state).
+  GFLOP, the machine's float32 kernel rates, the last step's scalar metrics,
+  the peak RSS and, with `profile_calls`, `op_profile.profile` of that many
+  calls; the final state).
   """
   # pylint: disable=g-import-not-at-top
   from experiments import measure
@@ -147,9 +154,17 @@ def time_train_step(
     jax.block_until_ready(box["metrics"])
 
   timing = measure.time_steps(step, steps, warmup, batch_size * views, "images")
+  peak_rss = measure.rss_mb()  # Before the kernel rates and the profile.
+  profile = {}
+  if profile_calls:
+    from experiments import op_profile  # pylint: disable=g-import-not-at-top
+
+    text = step_fn.lower(box["state"], batch, rng).compile().as_text()
+    profile = {"profile": op_profile.profile(step, text, profile_calls)}
   return {
     **timing,
-    "peak_rss_mb": measure.rss_mb(),
+    **profile,
+    "peak_rss_mb": peak_rss,
     "step_matmul_gflop": flops / 1e9,
     "kernel_rates": measure.jax_kernel_rates(),
     "final_metrics": {

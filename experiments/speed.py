@@ -1,7 +1,7 @@
 """Training and inference speed: ours, and ours against PyTorch/anomalib.
 
   python experiments/speed.py steps --rows=disaug,rotnet,ganomaly,rd_resnet18 \\
-      --torch_python=/work/torch_venv/bin/python --json=/tmp/steps.json
+      --torch_python=$TORCH_PYTHON --json=/tmp/steps.json
   python experiments/speed.py device            # every method, real sizes
   python experiments/speed.py device --tiny     # a CPU smoke run
   python experiments/speed.py end_to_end --checkouts=/work/main,$PWD
@@ -16,7 +16,10 @@ Parts:
               per side the medians over every timed step of CPU seconds
               (time.process_time, all threads) and wall seconds. The torch
               side runs with OMP_WAIT_POLICY=PASSIVE; without a torch
-              Python, ours alone. Rows:
+              Python, ours alone. Each row also has each side's peak RSS
+              (the highest of its processes). With `--profile=N` our
+              processes trace N more steps and record XLA:CPU's operation
+              seconds per step by kind (experiments/op_profile.py). Rows:
                 disaug, rotnet  CIFAR ResNet-18 (width 64, 32 px) + head;
                                 torch side torch/torch_two_stage.py
                 rd_resnet18, rd_wide_resnet50_2  reverse distillation;
@@ -222,7 +225,13 @@ def ours_step(args) -> dict:
   )
   method = methods.get_method(config, info)
   result, _ = common.time_train_step(
-    method, info, config.batch_size, args.steps, args.warmup, views
+    method,
+    info,
+    config.batch_size,
+    args.steps,
+    args.warmup,
+    views,
+    profile_calls=args.profile,
   )
   return {
     **result,
@@ -360,6 +369,7 @@ def part_steps(args) -> dict:
     "gan_batch",
     "dtype",
     "conv_weight_grad",
+    "profile",
   ]
   out = {
     "command": " ".join(
@@ -367,7 +377,7 @@ def part_steps(args) -> dict:
       + [
         f"--{k}={getattr(args, k)}"
         for k in settings
-        if getattr(args, k) not in ("", None)
+        if getattr(args, k) not in ("", None, 0)
       ]
     ),
     "cpu_model": host["cpu"],
@@ -387,7 +397,7 @@ def part_steps(args) -> dict:
       *(
         f"--{k}={getattr(args, k)}"
         for k in settings
-        if k != "rounds" and getattr(args, k) not in ("", None)
+        if k != "rounds" and getattr(args, k) not in ("", None, 0)
       ),
     ]
     runs = {"ours": [], "torch": []}
@@ -410,6 +420,8 @@ def part_steps(args) -> dict:
       if run.get("conv_paths"):
         counts = conv_path_counts(run["conv_paths"])
         print(f"{row} process {i}: 'auto' chose {counts}", flush=True)
+      if run.get("profile"):
+        print(f"{row} process {i}: seconds per step {run['profile']}")
   return out
 
 
@@ -1261,6 +1273,7 @@ def _parser() -> argparse.ArgumentParser:
   steps = dict(
     steps=8,
     warmup=3,
+    profile=0,
     two_stage_batch=32,
     rd_image_size=128,
     rd_batch=8,
