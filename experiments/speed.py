@@ -421,7 +421,8 @@ def part_steps(args) -> dict:
         counts = conv_path_counts(run["conv_paths"])
         print(f"{row} process {i}: 'auto' chose {counts}", flush=True)
       if run.get("profile"):
-        print(f"{row} process {i}: seconds per step {run['profile']}")
+        ranked = sorted(run["profile"].items(), key=lambda kv: -kv[1])
+        print(f"{row} process {i}: operation s/step {dict(ranked)}")
   return out
 
 
