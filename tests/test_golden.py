@@ -81,24 +81,37 @@ def _torch_layout(state, module, *args):
   return traverse_util.unflatten_dict(flat), unused
 
 
-def test_reverse_distillation_against_anomalib():
-  golden = _load("reverse_distillation")
+def _rd_variables(golden, dtype=np.float32):
+  """Teacher maps of the fixture's images, and our OCBE's and decoder's
+  variables, from reverse_distillation.npz, in `dtype`."""
   teacher, ocbe, decoder = rd.build("resnet18")
-  teacher_vars = pretrained.convert_state_dict(
-    seeded.unpack_state("teacher", golden), "resnet18"
+  cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
+  teacher_vars = cast(
+    pretrained.convert_state_dict(
+      seeded.unpack_state("teacher", golden), "resnet18"
+    )
   )
-  images = jnp.asarray(golden["images"])
+  images = jnp.asarray(golden["images"], dtype)
   maps = rd.teacher_maps(teacher.apply(teacher_vars, images))
   ocbe_vars, unused = _torch_layout(
     seeded.unpack_state("bottleneck", golden), ocbe, maps
   )
   # The official OCBE's conv4/bn4 are never used in its forward pass.
   assert {k.split(".")[0] for k in unused} == {"conv4", "bn4"}
+  ocbe_vars = cast(ocbe_vars)
   code = ocbe.apply(ocbe_vars, maps)
   decoder_vars, unused = _torch_layout(
     seeded.unpack_state("decoder", golden), decoder, code
   )
   assert not unused
+  return maps, ocbe_vars, cast(decoder_vars)
+
+
+def test_reverse_distillation_against_anomalib():
+  golden = _load("reverse_distillation")
+  _, ocbe, decoder = rd.build("resnet18")
+  maps, ocbe_vars, decoder_vars = _rd_variables(golden)
+  code = ocbe.apply(ocbe_vars, maps)
   student = decoder.apply(decoder_vars, code)
   close = lambda got, want, tol: np.testing.assert_allclose(
     got, want, atol=tol * max(1.0, float(np.abs(want).max())), rtol=0
@@ -119,6 +132,70 @@ def test_reverse_distillation_against_anomalib():
   )
   loss = rd.reverse_distillation_loss(maps, student, "flattened")
   assert float(loss) == pytest.approx(float(golden["train_loss"]), rel=1e-5)
+
+
+def _torch_kernel(kernel):
+  """Our [kh, kw, in, out] kernel in torch's layout: [in, out, 2, 2] for
+  the 2x2 transposed convolutions, [out, in, kh, kw] otherwise."""
+  kernel = np.asarray(kernel, np.float64)
+  if kernel.shape[:2] == (2, 2):
+    return kernel.transpose(2, 3, 0, 1)
+  return kernel.transpose(3, 2, 0, 1)
+
+
+def test_reverse_distillation_gradients_against_anomalib():
+  """d loss / d (OCBE, decoder) through the method's own loss path, in
+  float64 as recorded (float32 rounding, amplified by train-mode BatchNorm
+  over a few pixels, moves some gradients by 1%; float64 agrees to 2e-12
+  of each tensor's largest value): 1-D tensors whole; per kernel its norm,
+  its sum and a corner block."""
+  from tests.conftest import load_config  # pylint: disable=g-import-not-at-top
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from jax_oneclass import data  # pylint: disable=g-import-not-at-top
+  from jax_oneclass.methods.reverse_distillation import method as rd_method  # pylint: disable=g-import-not-at-top
+
+  golden = _load("reverse_distillation_gradients")
+  config = load_config("reverse_distillation")
+  info = dataclasses.replace(data.dataset_info(config), image_shape=(64, 64, 3))
+  method = rd_method.Method(config, info)
+  with jax.enable_x64(True):
+    maps, ocbe_vars, decoder_vars = _rd_variables(
+      _load("reverse_distillation"), np.float64
+    )
+    state = rd_method.RDState(
+      step=jnp.zeros((), jnp.int32),
+      teacher=None,
+      params={"ocbe": ocbe_vars["params"], "decoder": decoder_vars["params"]},
+      batch_stats={
+        "ocbe": ocbe_vars["batch_stats"],
+        "decoder": decoder_vars["batch_stats"],
+      },
+      opt_state=None,
+    )
+    (loss, _), grads = jax.jit(method.gradients)(state, maps)
+  assert float(loss) == pytest.approx(float(golden["train_loss"]), rel=1e-12)
+  tol = 1e-9
+  seen = set()
+  for ours, theirs in (("ocbe", "bottleneck"), ("decoder", "decoder")):
+    for path, grad in traverse_util.flatten_dict(grads[ours]).items():
+      key = f"grad/{theirs}/{pretrained._torch_key(path)}"  # pylint: disable=protected-access
+      if grad.ndim == 1:
+        parts = {"": (grad, golden[key])}
+      else:
+        grad = _torch_kernel(grad)
+        corner = golden[key + ".corner"]
+        parts = {
+          ".norm": (np.linalg.norm(grad), golden[key + ".norm"]),
+          ".sum": (grad.sum(), golden[key + ".sum"]),
+          ".corner": (grad[: corner.shape[0], : corner.shape[1]], corner),
+        }
+      scale = np.abs(golden.get(key + ".norm", golden.get(key))).max()
+      for suffix, (got, want) in parts.items():
+        seen.add(key + suffix)
+        np.testing.assert_allclose(
+          got, want, atol=tol * scale, rtol=0, err_msg=key + suffix
+        )
+  assert seen == set(golden) - {"train_loss"}
 
 
 # torch sub-network -> our sub-module, for GANomaly's two networks.

@@ -20,8 +20,9 @@ Fixtures (images are NHWC; torch tensors keep their own layout):
   and the train-mode loss (anomalib's ReverseDistillationLoss).
 - reverse_distillation_gradients.npz: at that model and those images,
   the loss's gradients with respect to the bottleneck's and decoder's
-  parameters (teacher frozen): every 1-D tensor's whole, and per kernel
-  its norm, sum and [:4, :4] corner (torch layout), as 60 MB would not fit.
+  parameters (teacher frozen), in float64: every 1-D tensor's whole, and
+  per kernel its norm, sum and [:4, :4] corner (torch layout), as 60 MB
+  would not fit.
 - ganomaly.npz: the official GANomaly networks (anomalib's modules, with
   the first convolution's padding set back to the official 1) at 32x32x3,
   width 4, code 8, and one official training step (samet-akcay/ganomaly
@@ -167,9 +168,11 @@ def reverse_distillation_gradient_golden(seed, corner=4):
   are every 1-D tensor's, and per kernel its norm, its sum and its
   [:corner, :corner] block (torch layout: leading two axes)."""
   model, _, x = _reverse_distillation_model(seed)
+  model = model.double()  # float32 noise would hide small errors.
   for p in model.encoder.parameters():
     p.requires_grad_(False)
-  loss = _train_loss(model, torch.from_numpy(x.transpose(0, 3, 1, 2)))
+  loss = _train_loss(model, torch.from_numpy(x.transpose(0, 3, 1, 2))
+                     .double())
   loss.backward()
   arrays = {"train_loss": np.array(loss.item())}
   for name, module in (("bottleneck", model.bottleneck),
@@ -177,14 +180,14 @@ def reverse_distillation_gradient_golden(seed, corner=4):
     for key, value in module.named_parameters():
       if value.grad is None:  # The official OCBE never uses conv4 / bn4.
         continue
-      grad = value.grad.double().numpy()
+      grad = value.grad.numpy()
       prefix = f"grad/{name}/{key}"
       if grad.ndim == 1:
-        arrays[prefix] = grad.astype(np.float32)
+        arrays[prefix] = grad
         continue
       arrays[prefix + ".norm"] = np.array(np.linalg.norm(grad))
       arrays[prefix + ".sum"] = np.array(grad.sum())
-      arrays[prefix + ".corner"] = grad[:corner, :corner].astype(np.float32)
+      arrays[prefix + ".corner"] = grad[:corner, :corner]
   return arrays
 
 

@@ -121,22 +121,25 @@ class Method(interface.NoFittedStage):
       "decoder": dec_upd["batch_stats"],
     }
 
+  def gradients(self, state, teacher_maps):
+    """((loss, new batch_stats), gradients) of the train-mode loss with
+    respect to OCBE + decoder, for the frozen teacher's maps."""
+
+    def objective(params):
+      student, stats = self._student_maps(
+        params, state.batch_stats, teacher_maps, train=True
+      )
+      return rd.reverse_distillation_loss(
+        teacher_maps, student, self.config.loss_mode
+      ), stats
+
+    return jax.value_and_grad(objective, has_aux=True)(state.params)
+
   def train_step(self, state, batch, rng):
     """One Adam step of OCBE + decoder; the teacher never changes."""
     del rng  # Augmentation happens in the input pipeline.
     teacher = self._teacher_maps(state, batch["image"][:, 0])
-
-    def objective(params):
-      student, stats = self._student_maps(
-        params, state.batch_stats, teacher, train=True
-      )
-      return rd.reverse_distillation_loss(
-        teacher, student, self.config.loss_mode
-      ), stats
-
-    (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(
-      state.params
-    )
+    (loss, stats), grads = self.gradients(state, teacher)
     params, opt_state = optim.apply_gradients(
       self.tx, state.params, state.opt_state, grads
     )
