@@ -143,6 +143,15 @@ def test_the_detector_loads_in_a_fresh_process(trained_run):
     )
 
 
+def _assert_symbolic_batch(model):
+  """Every ONNX graph output declares the input's symbolic batch."""
+  import onnx  # pylint: disable=g-import-not-at-top
+
+  for output in onnx.load(str(model)).graph.output:
+    batch = output.type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.dim_value, (output.name, batch)
+
+
 @pytest.mark.parametrize("method", by_method(METHODS))
 def test_every_export_format_reloads_and_matches(method, trained_run, tmp_path):
   workdir, _ = trained(method, trained_run)
@@ -180,6 +189,8 @@ def test_every_export_format_reloads_and_matches(method, trained_run, tmp_path):
       )
     assert len(got["score"]) == len(images)  # Any batch size: 3 works too.
     assert len(export.load(path)(images[:3])["score"]) == 3
+    if fmt == "onnx":
+      _assert_symbolic_batch(path / "model.onnx")
 
 
 def _write_inputs(folder):
