@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_oneclass import main as main_lib
 from jax_oneclass import methods, sweep, train
 from jax_oneclass import run as run_lib
 from jax_oneclass.errors import ConfigError
@@ -377,7 +378,7 @@ def test_shards_train_their_own_members_and_the_last_writes_the_table(tmp_path):
   }
 
 
-def test_command_line_sweep_and_eval_of_a_member(tmp_path):
+def test_command_line_sweep_and_eval_of_a_member(tmp_path, monkeypatch):
   config_file = tmp_path / "tiny.py"
   config_file.write_text(
     "from tests.conftest import tiny_config\n"
@@ -397,22 +398,20 @@ def test_command_line_sweep_and_eval_of_a_member(tmp_path):
   rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
   assert len(rows) == 4  # Header, classes 0 and 3, overall.
   member = tmp_path / "w" / "class_3" / "seed_1"
-  evaluated = subprocess.run(
+  # `--mode=eval` of the member, through main's entry point in this process.
+  monkeypatch.setattr(
+    sys,
+    "argv",
     [
-      sys.executable,
-      "-m",
       "jax_oneclass.main",
       f"--workdir={member}",
       "--mode=eval",
       f"--results_path={tmp_path / 'eval'}",
     ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=400,
-    check=False,
   )
-  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  with pytest.raises(SystemExit) as evaluated:
+    main_lib.run()
+  assert evaluated.value.code in (0, None)
   again = json.loads((tmp_path / "eval" / "results.json").read_text())
   saved = json.loads((member / "results.json").read_text())
   assert again["auroc"] == saved["auroc"] and again["step"] == 2
@@ -528,12 +527,12 @@ def test_sigterm_saves_every_member_and_the_rerun_finishes_alike(tmp_path):
       tmp_path / "w" / f"class_{c}" / "seed_0" / "checkpoints" / str(stopped)
     ).is_dir()
 
-  rerun = subprocess.run(
-    command, cwd=REPO, capture_output=True, text=True, timeout=400, check=False
-  )
-  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  # The same sweep again (in this process) continues from the checkpoints.
   config = _sweep_config("rotnet")
   config.update_from_flattened_dict(keys)
+  sweep.run_sweep(
+    config, tmp_path / "w", classes="0,3", seeds="0", combine="unrolled"
+  )
   sweep.run_sweep(
     config, tmp_path / "straight", classes="0,3", seeds="0", combine="unrolled"
   )
