@@ -69,11 +69,16 @@ from typing import Any, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 if __name__ == "__main__":
-  # The command checks its input before JAX and TensorFlow load, then
-  # imports this module as jax_oneclass.sweep (sweep_cli.run exits).
+  # The command checks its input before JAX and TensorFlow load; then this
+  # file, imported as jax_oneclass.sweep, runs it (sweep_cli.run exits).
   from jax_oneclass import sweep_cli  # pylint: disable=g-import-not-at-top
 
-  sweep_cli.run()
+  def _run_checked(*args):
+    from jax_oneclass import sweep  # pylint: disable=g-import-not-at-top
+
+    sweep.run_checked(*args)
+
+  sweep_cli.run(_run_checked)
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top

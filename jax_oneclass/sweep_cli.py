@@ -1,12 +1,13 @@
 """The sweep's command line: its flags and input checks, without JAX.
 
 `python -m jax_oneclass.sweep` hands over to `run()` before importing JAX
-or TensorFlow, so that bad input (an unknown class or grid key, a bad
+or TensorFlow (this module never imports them, nor jax_oneclass.sweep), so that bad input (an unknown class or grid key, a bad
 --seeds, --classes or --shard, a missing or broken config file) fails in
 about a second as one 'error:' line with exit code 2, like
 `jax_oneclass.main`. Only then does `jax_oneclass.sweep` (and JAX) load.
 """
 
+import functools
 import json
 import re
 import sys
@@ -273,9 +274,10 @@ def _fail(error, debug: bool):
   sys.exit(2)
 
 
-def _main(argv):
+def _main(argv, then):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   from jax_oneclass.errors import OneClassError  # pylint: disable=g-import-not-at-top
 
   main_cli = _define_flags()
@@ -287,14 +289,16 @@ def _main(argv):
     )
   except OneClassError as e:
     _fail(e, values.debug)
-  from jax_oneclass import sweep  # pylint: disable=g-import-not-at-top
-
-  sweep.run_checked(values, config, classes, shard)
+  then(values, config, classes, shard)
 
 
-def run():
-  """`python -m jax_oneclass.sweep`: checks, then the sweep."""
+def run(then):
+  """The command line: parses and checks it, then calls
+  `then(flag values, config, classes, shard)` (sweep.run_checked, which
+  imports JAX)."""
   from absl import app  # pylint: disable=g-import-not-at-top
 
   main_cli = _define_flags()
-  app.run(_main, flags_parser=main_cli.parse_flags)
+  app.run(
+    functools.partial(_main, then=then), flags_parser=main_cli.parse_flags
+  )

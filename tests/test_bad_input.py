@@ -27,7 +27,7 @@ for path in sorted(glob.glob("configs/*.py")):
 sys.argv = ["sweep", "--config=configs/rotnet.py:digits", "--workdir=/tmp/x",
             "--classes=12"]
 try:  # A refused sweep imports neither.
-  jax_oneclass.sweep_cli.run()
+  jax_oneclass.sweep_cli.run(None)
 except SystemExit as e:
   assert e.code == 2, e.code
 heavy = [m for m in ("jax", "tensorflow") if m in sys.modules]
@@ -63,11 +63,15 @@ def test_the_checks_know_the_methods_and_class_counts():
   assert counts == cli_checks.NUM_CLASSES
 
 
+def _never(*args):
+  raise AssertionError(f"bad input passed the checks: {args[1:]}")
+
+
 _ENTRIES = {
   "main": main_lib.run,
   "predict": predict.main,
   "export": export.main,
-  "sweep": sweep_cli.run,
+  "sweep": lambda: sweep_cli.run(_never),
 }
 
 
