@@ -231,6 +231,7 @@ def _run_methods(part, methods, args, extra=None):
       stack=args.stack,
     )
     run["steps"] = steps
+    saved = _load(part)  # Another job may have added a method meanwhile.
     saved.setdefault("runs", {})[method_name] = run
     saved["budget_cpu_s"] = args.budget_cpu_s
     saved["seeds"] = args.seeds
@@ -238,8 +239,10 @@ def _run_methods(part, methods, args, extra=None):
     saved["test_per_class"] = args.test_per_class
     saved["machine"] = _machine()
     common.save_part(f"paper_{part}", saved)
-  if extra:
-    extra(saved, args)
+  added = extra(saved, args) if extra else None
+  if added:
+    saved = _load(part)
+    saved.update(added)
     common.save_part(f"paper_{part}", saved)
   common.write_section("paper_comparisons", render())
 
@@ -247,7 +250,7 @@ def _run_methods(part, methods, args, extra=None):
 def _padding_runs(saved, args):
   """DGAD's other padding modes, one seed, on --padding_classes."""
   if "run" in saved.get("padding", {}) and not args.rerun:
-    return
+    return None
   modes = ["zeros", "reflect"]
   steps = steps_for("dgad", args.budget_cpu_s)
   overrides = {
@@ -266,12 +269,14 @@ def _padding_runs(saved, args):
     grid=[f"model.padding={','.join(modes)}"],
   )
   run["steps"] = steps
-  saved["padding"] = {
-    "run": run,
-    "command": f"{SCRIPT} gan --budget_cpu_s={args.budget_cpu_s:g} "
-    f"--padding_classes={args.padding_classes} "
-    f"--padding_seeds={args.padding_seeds} "
-    f"--test_per_class={args.test_per_class}",
+  return {
+    "padding": {
+      "run": run,
+      "command": f"{SCRIPT} gan --budget_cpu_s={args.budget_cpu_s:g} "
+      f"--padding_classes={args.padding_classes} "
+      f"--padding_seeds={args.padding_seeds} "
+      f"--test_per_class={args.test_per_class}",
+    }
   }
 
 
@@ -300,6 +305,7 @@ def part_dgad_grid(args):
     grid=[args.grid],
   )
   run["steps"] = steps
+  saved = _load("gan")  # Other jobs may have written meanwhile.
   run["script_command"] = (
     f"{SCRIPT} dgad_grid --grid={args.grid} --budget_cpu_s="
     f"{args.budget_cpu_s:g} --padding_classes={args.padding_classes} "
@@ -312,11 +318,13 @@ def part_dgad_grid(args):
 
 
 def part_gan(args):
-  _run_methods("gan", ("dgad", "ganomaly"), args, _padding_runs)
+  methods = args.only.split(",") if args.only else ("dgad", "ganomaly")
+  _run_methods("gan", methods, args, None if args.only else _padding_runs)
 
 
 def part_two_stage(args):
-  _run_methods("two_stage", ("disaug", "clr", "rotnet"), args)
+  methods = args.only.split(",") if args.only else ("disaug", "clr", "rotnet")
+  _run_methods("two_stage", methods, args)
 
 
 # --- Few-shot localisation (Xu et al.'s claim) ---------------------------------
@@ -811,6 +819,9 @@ def main():
   parser.add_argument("--budget_cpu_s", type=float, default=25.0)
   parser.add_argument("--seeds", default="0,1")
   parser.add_argument("--classes", default="all")
+  parser.add_argument(
+    "--only", default="", help="gan, two_stage: these methods only"
+  )
   parser.add_argument("--grid", default="", help="dgad_grid: key=v1,v2")
   parser.add_argument("--padding_classes", default="all")
   parser.add_argument("--padding_seeds", default="0")
