@@ -9,7 +9,9 @@ re-renders the section of RESULTS.md from them):
              every method gets the same CPU budget per member.
   gan        DGAD (default padding) vs GANomaly, every CIFAR-10 class x
              --seeds, one `python -m jax_oneclass.sweep` per method; then
-             DGAD's other padding modes (--padding_classes, one seed).
+             DGAD's other padding modes (--padding_classes, one seed;
+             also alone as the part `padding`).
+  dgad_grid  DGAD with other values of one key (--grid=key=v1,v2).
   two_stage  DisAug vs CLR vs RotNet, every CIFAR-10 class x --seeds.
   few_shot   gradient preference vs reverse distillation vs a plain
              nearest-neighbour repository on the MVTec-shaped set, K shots,
@@ -278,6 +280,16 @@ def _padding_runs(saved, args):
       f"--test_per_class={args.test_per_class}",
     }
   }
+
+
+def part_padding(args):
+  """Only DGAD's other padding modes (see `gan`)."""
+  added = _padding_runs(_load("gan"), args)
+  if added:
+    saved = _load("gan")
+    saved.update(added)
+    common.save_part("paper_gan", saved)
+  common.write_section("paper_comparisons", render())
 
 
 def part_dgad_grid(args):
@@ -806,6 +818,7 @@ PARTS = {
   "two_stage": part_two_stage,
   "few_shot": part_few_shot,
   "dgad_grid": part_dgad_grid,
+  "padding": part_padding,
   "report": part_report,
 }
 
