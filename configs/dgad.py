@@ -20,12 +20,16 @@ def get_config(arg=None):
   config.model.width = 64  # DCGAN width of both networks.
   config.model.latent_size = 100  # The generator's code.
   config.model.extra_layers = 0
-  # Padding of every padded conv of both networks: "zeros" (GANomaly's, the
-  # default), "reflect" or "circular". The paper's ablation says absolute
-  # position information, which zero padding leaks, hurts the generator on
-  # geometric-transformation pretext tasks; its text at hand (the abstract)
-  # does not name the mode it used, so the default stays GANomaly's.
-  config.model.padding = "zeros"
+  # Padding of every padded conv of both networks: "circular" (default),
+  # "reflect" or "zeros" (GANomaly's). The paper's ablation finds that
+  # absolute position information hurts the generator on
+  # geometric-transformation pretext tasks. Zero padding leaks it: the
+  # border is visible to every layer, so a rotation can be told apart by
+  # where the zeros are, without any content. Reflect padding still marks
+  # the border (a mirror line); circular padding is the only mode with no
+  # border, which makes the convolutions shift-equivariant on the torus,
+  # so it is the default the argument implies (set before any DGAD run).
+  config.model.padding = "circular"
 
   config.optimizer.name = "adam"
   config.optimizer.learning_rate = 2e-4

@@ -68,6 +68,18 @@ from typing import Any, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+if __name__ == "__main__":
+  # The command checks its input before JAX and TensorFlow load; then this
+  # file, imported as jax_oneclass.sweep, runs it (sweep_cli.run exits).
+  from jax_oneclass import sweep_cli  # pylint: disable=g-import-not-at-top
+
+  def _run_checked(*args):
+    from jax_oneclass import sweep  # pylint: disable=g-import-not-at-top
+
+    sweep.run_checked(*args)
+
+  sweep_cli.run(_run_checked)
+
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import ml_collections  # pylint: disable=g-import-not-at-top
@@ -75,13 +87,17 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
 from jax_oneclass import checkpointing, data, evaluate, logging_utils  # pylint: disable=g-import-not-at-top
-from jax_oneclass import config as config_lib  # pylint: disable=g-import-not-at-top
 from jax_oneclass import parallel, train, workdir_lock  # pylint: disable=g-import-not-at-top
 from jax_oneclass import run as run_lib  # pylint: disable=g-import-not-at-top
+from jax_oneclass import sweep_cli  # pylint: disable=g-import-not-at-top
+from jax_oneclass.sweep_cli import (  # pylint: disable=g-import-not-at-top
+  COMBINES,
+  parse_grid,
+  resolve_classes,
+)
 from jax_oneclass.errors import ConfigError, Interrupted, NonFiniteLossError  # pylint: disable=g-import-not-at-top
 
 MEMBER_AXIS = "member"
-COMBINES = ("auto", "vmap", "unrolled")
 # 'auto' takes vmap only when one vmapped step's state is this close to the
 # unrolled one's: vmap sums in another order, and Adam turns rounding in
 # near-zero gradients into steps of the learning rate. Measured on tiny
@@ -95,8 +111,6 @@ RESULTS_FILE = "sweep_results.json"
 TABLE_FILE = "sweep_table.md"
 PLOT_FILE = "sweep_auroc.png"
 REFERENCE_FILE = Path(__file__).with_name("reference_results.json")
-# Keys that name a member; a grid may not set them.
-_MEMBER_KEYS = ("data.normal_class", "seed")
 
 
 # --- Members -----------------------------------------------------------------
@@ -123,125 +137,11 @@ class Member:
     )
 
 
-def parse_ints(text: str, what: str) -> list[int]:
-  """'0,3,5' -> [0, 3, 5]; ConfigError naming `what` otherwise."""
-  parts = [p.strip() for p in str(text).split(",") if p.strip()]
-  if not parts or not all(re.fullmatch(r"-?\d+", p) for p in parts):
-    raise ConfigError(
-      f"--{what}={text!r} must be integers separated by "
-      "commas, e.g. --{what}=0,1,2.".replace("{what}", what)
-    )
-  values = [int(p) for p in parts]
-  if len(set(values)) != len(values):
-    raise ConfigError(f"--{what}={text!r} names a value twice.")
-  return values
-
-
-def _split_values(text: str) -> list[str]:
-  """'1e-3,(16, 8),x' -> ['1e-3', '(16, 8)', 'x']: commas inside brackets
-  belong to the value."""
-  values, depth, current = [], 0, ""
-  for char in text:
-    if char in "([{":
-      depth += 1
-    elif char in ")]}":
-      depth -= 1
-    if char == "," and depth == 0:
-      values.append(current.strip())
-      current = ""
-    else:
-      current += char
-  values.append(current.strip())
-  return [v for v in values if v]
-
-
-def parse_grid(specs: Sequence[str], config) -> list[tuple[str, list]]:
-  """--grid flags ('key=v1,v2') -> [(key, [typed values])], checked against
-  `config`: the key exists, is not a member key, has values, none twice."""
-  grid, seen = [], set()
-  for spec in specs:
-    key, sep, text = spec.partition("=")
-    key = key.strip()
-    if not sep or not key:
-      raise ConfigError(
-        f"--grid={spec!r} must be key=value1,value2,... "
-        "e.g. --grid=optimizer.learning_rate=1e-3,3e-4."
-      )
-    if key in _MEMBER_KEYS:
-      raise ConfigError(
-        f"--grid={spec!r}: sweep {key} with --classes / --seeds instead."
-      )
-    if key in seen:
-      raise ConfigError(
-        f"--grid names {key!r} twice; give its values in one --grid flag."
-      )
-    seen.add(key)
-    config_lib.current_value(config, key)  # Unknown keys fail here.
-    texts = _split_values(text)
-    if not texts:
-      raise ConfigError(
-        f"--grid={spec!r} gives {key} no values; list "
-        "them: --grid={key}=v1,v2.".replace("{key}", key)
-      )
-    values = []
-    for value_text in texts:
-      probe = ml_collections.ConfigDict(config.to_dict())
-      try:
-        config_lib.override(probe, {key: value_text})
-      except (ConfigError, TypeError, ValueError) as e:
-        raise ConfigError(
-          f"--grid={spec!r}: {key} cannot take {value_text!r} ({e})."
-        ) from e
-      values.append(config_lib.current_value(probe, key))
-    if len({json.dumps(v, default=str) for v in values}) != len(values):
-      raise ConfigError(f"--grid={spec!r} names a value twice.")
-    grid.append((key, values))
-  return grid
-
-
-def parse_shard(text: str | None) -> tuple[int, int]:
-  """'i/n' -> (i, n) with 0 <= i < n; None -> (0, 1)."""
-  if not text:
-    return 0, 1
-  match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-  if not match or not 0 <= int(match[1]) < int(match[2]):
-    raise ConfigError(
-      f"--shard={text!r} must be i/n with 0 <= i < n, e.g. "
-      "--shard=0/4 for the first of 4 jobs."
-    )
-  return int(match[1]), int(match[2])
-
-
 def class_names(config) -> tuple[str, ...]:
   """The configured data set's class names (label = index)."""
   from jax_oneclass.data import sources  # pylint: disable=g-import-not-at-top
 
   return tuple(sources.get_source(config).class_names)
-
-
-def resolve_classes(config, classes) -> list[int]:
-  """'all', a list of ints, '0,3,5' or None (the config's class) ->
-  checked class indices."""
-  names = class_names(config)
-  if classes is None:
-    return [config.data.normal_class]
-  if isinstance(classes, str):
-    if classes.strip() == "all":
-      if config.data.name == "mvtec":
-        raise ConfigError(
-          "--classes=all: MVTec's classes are good / defect; sweep the "
-          "categories with --grid=data.category=bottle,cable,... instead."
-        )
-      return list(range(len(names)))
-    classes = parse_ints(classes, "classes")
-  unknown = [c for c in classes if not 0 <= c < len(names)]
-  if unknown:
-    listed = ", ".join(f"{i}={n}" for i, n in enumerate(names))
-    raise ConfigError(
-      f"--classes: {unknown[0]} is not a class of "
-      f"{config.data.name} ({listed})."
-    )
-  return list(classes)
 
 
 def _folder_value(value) -> str:
@@ -294,7 +194,7 @@ def shard_members(members: list[Member], index: int, count: int) -> list:
 def static_key(config) -> str:
   """The config without the keys members may differ in within a program."""
   flat = run_lib._flat(json.loads(json.dumps(config.to_dict())))  # pylint: disable=protected-access
-  for key in _MEMBER_KEYS:
+  for key in sweep_cli.MEMBER_KEYS:
     flat.pop(key, None)
   return json.dumps(flat, sort_keys=True, default=str)
 
@@ -904,10 +804,7 @@ def _remaining_work(members: list[Member]) -> int:
 
 def plan(config, workdir, classes, seeds, grid, stack_limit, shard):
   """Checked members of this job (its shard) and the stack bound."""
-  if stack_limit is not None and stack_limit < 1:
-    raise ConfigError(
-      f"--stack={stack_limit} must be at least 1 (members per program)."
-    )
+  sweep_cli.check_stack(stack_limit)
   members = members_for_report(config, workdir, classes, seeds, grid)
   index, count = shard
   return shard_members(members, index, count), stack_limit
@@ -917,11 +814,7 @@ def members_for_report(config, workdir, classes, seeds, grid) -> list:
   """Every member of the sweep (all shards)."""
   if grid and isinstance(grid[0], str):
     grid = parse_grid(grid, config)
-  if isinstance(seeds, str):
-    seeds = parse_ints(seeds, "seeds")
-  seeds = [config.seed] if seeds is None else list(seeds)
-  if not seeds:
-    raise ConfigError("--seeds lists no seed.")
+  seeds = sweep_cli.resolve_seeds(config, seeds)
   return make_members(
     config, workdir, resolve_classes(config, classes), seeds, grid
   )
@@ -1177,68 +1070,14 @@ def plot_report(report: dict, path: Path) -> None:
   plt.close(fig)
 
 
-# --- Command line -------------------------------------------------------------
+# --- Command line (flags and checks: sweep_cli) -------------------------------
 
 
-def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from jax_oneclass import main as main_cli  # pylint: disable=g-import-not-at-top
-
-  if "classes" in flags.FLAGS:
-    return main_cli
-  flags.DEFINE_string(
-    "classes",
-    None,
-    "Normal classes: 'all' or '0,3,5' "
-    "(default: all; MVTec: the config's, sweep its "
-    "categories with --grid=data.category=...).",
-  )
-  flags.DEFINE_string(
-    "seeds", None, "Seeds, e.g. 0,1,2 (default: the config's seed)."
-  )
-  flags.DEFINE_multi_string(
-    "grid", [], "key=v1,v2: also sweep this config key (repeatable)."
-  )
-  flags.DEFINE_integer(
-    "stack", None, "At most this many members per program (default: no bound)."
-  )
-  flags.DEFINE_enum(
-    "combine",
-    "auto",
-    list(COMBINES),
-    "How a program combines its members (see the module docstring).",
-  )
-  flags.DEFINE_string(
-    "shard",
-    None,
-    "i/n: run every n-th member from the i-th (independent jobs).",
-  )
-  flags.DEFINE_bool(
-    "report_only",
-    False,
-    "Only redraw the sweep tables from the members' results.json.",
-  )
-  return main_cli
-
-
-# Flags of jax_oneclass.main that mean nothing to a sweep.
-_SINGLE_RUN_FLAGS = (
-  "mode",
-  "refit",
-  "results_path",
-  "input",
-  "output",
-  "visualize",
-)
-
-
-def _main(argv):
-  del argv
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+def run_checked(values, config, classes, shard) -> None:
+  """The sweep of the command line, once sweep_cli checked its input."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
   from jax_oneclass.errors import OneClassError  # pylint: disable=g-import-not-at-top
 
-  main_cli = _define_flags()
-  values = flags.FLAGS
   if not values.verbose:
     logging.set_verbosity(logging.WARNING)
     logging_utils.quiet_libraries()
@@ -1246,33 +1085,15 @@ def _main(argv):
 
   tf.config.set_visible_devices([], "GPU")
   try:
-    given = [f for f in _SINGLE_RUN_FLAGS if values[f].present]
-    if given:
-      raise ConfigError(
-        f"--{given[0]} is not a sweep flag; after the sweep "
-        "run jax_oneclass.main on a member folder, e.g. "
-        "--workdir=W/class_0/seed_0."
-      )
-    config = main_cli._CONFIG.value  # pylint: disable=protected-access
-    if config is None:
-      raise ConfigError(
-        "A sweep needs --config, e.g. --config=configs/disaug.py:digits."
-      )
     parallel.initialize_distributed(
       values.coordinator_address, values.num_processes, values.process_id
     )
-    config = ml_collections.ConfigDict(config.to_dict())
-    classes = values.classes
-    if classes is None and config.data.name != "mvtec":
-      classes = "all"
-    shard = parse_shard(values.shard)
     args = (config, values.workdir, classes, values.seeds, list(values.grid))
     if values.report_only:
       report = write_report(
         config, values.workdir, members_for_report(*args), {}
       )
     else:
-      plan(*args, values.stack, shard)  # Bad input fails before training.
       report = run_sweep(
         *args,
         stack_limit=values.stack,
@@ -1302,14 +1123,3 @@ def _main(argv):
       return
     print(format_table(report))
     print(f"Results: {Path(values.workdir) / RESULTS_FILE}")
-
-
-def run_cli():
-  from absl import app  # pylint: disable=g-import-not-at-top
-
-  main_cli = _define_flags()
-  app.run(_main, flags_parser=main_cli.parse_flags)
-
-
-if __name__ == "__main__":
-  run_cli()

@@ -11,19 +11,25 @@ import sys
 
 import pytest
 
-from jax_oneclass import cli_checks, export, predict
+from jax_oneclass import cli_checks, export, predict, sweep_cli
 from jax_oneclass import main as main_lib
 from tests.conftest import REPO, load_config
 
 _LIGHT_IMPORTS = """\
 import glob, importlib.util, sys
 import jax_oneclass.cli_checks, jax_oneclass.logging_utils, jax_oneclass.main
-import jax_oneclass.export, jax_oneclass.predict
+import jax_oneclass.export, jax_oneclass.predict, jax_oneclass.sweep_cli
 for path in sorted(glob.glob("configs/*.py")):
   spec = importlib.util.spec_from_file_location("c", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   module.get_config("digits")
+sys.argv = ["sweep", "--config=configs/rotnet.py:digits", "--workdir=/tmp/x",
+            "--classes=12"]
+try:  # A refused sweep imports neither.
+  jax_oneclass.sweep_cli.run(None)
+except SystemExit as e:
+  assert e.code == 2, e.code
 heavy = [m for m in ("jax", "tensorflow") if m in sys.modules]
 assert not heavy, heavy
 """
@@ -57,10 +63,15 @@ def test_the_checks_know_the_methods_and_class_counts():
   assert counts == cli_checks.NUM_CLASSES
 
 
+def _never(*args):
+  raise AssertionError(f"bad input passed the checks: {args[1:]}")
+
+
 _ENTRIES = {
   "main": main_lib.run,
   "predict": predict.main,
   "export": export.main,
+  "sweep": lambda: sweep_cli.run(_never),
 }
 
 
@@ -77,6 +88,8 @@ def _inputs(tmp_path):
   folder = tmp_path / "images"
   for name in ("cat", "dog"):
     (folder / "train" / name).mkdir(parents=True)
+    (tmp_path / "classes" / "test" / name).mkdir(parents=True)
+    (tmp_path / "classes" / "train" / name).mkdir(parents=True)
   (tmp_path / "empty").mkdir()
   (tmp_path / "a_file").write_text("")
   syntax = tmp_path / "syntax_error.py"
@@ -85,6 +98,7 @@ def _inputs(tmp_path):
   raises.write_text("def get_config(arg=None):\n  del arg\n  return 1 / 0\n")
   return {
     "folder": folder,
+    "classes": tmp_path / "classes",
     "empty": tmp_path / "empty",
     "file": tmp_path / "a_file",
     "syntax": syntax,
@@ -285,6 +299,94 @@ _CASES = {
     "export",
     ["--workdir={run}", "--output={new}", "--format=tflite"],
     "value should be one of",
+  ),
+  "sweep, unknown class": (
+    "sweep",
+    ["--config=configs/rotnet.py:digits", "--classes=0,12", _WORKDIR],
+    "--classes: 12 is not a class of digits (classes 0..9).",
+  ),
+  "sweep, unknown folder class": (
+    "sweep",
+    [
+      "--config=configs/clr.py:folder,folder={classes}",
+      "--classes=2",
+      _WORKDIR,
+    ],
+    "--classes: 2 is not a class of folder (0=cat, 1=dog).",
+  ),
+  "sweep, bad classes": (
+    "sweep",
+    ["--config=configs/rotnet.py:digits", "--classes=0-3", _WORKDIR],
+    "--classes='0-3' must be integers separated by commas",
+  ),
+  "sweep, bad seeds": (
+    "sweep",
+    ["--config=configs/rotnet.py:digits", "--seeds=0,0", _WORKDIR],
+    "--seeds='0,0' names a value twice.",
+  ),
+  "sweep, no seeds": (
+    "sweep",
+    ["--config=configs/rotnet.py:digits", "--seeds=", _WORKDIR],
+    "--seeds='' must be integers",
+  ),
+  "sweep, empty grid": (
+    "sweep",
+    ["--config=configs/rotnet.py:digits", "--grid=", _WORKDIR],
+    "--grid='' must be key=value1,value2",
+  ),
+  "sweep, grid without values": (
+    "sweep",
+    [
+      "--config=configs/rotnet.py:digits",
+      "--grid=optimizer.learning_rate=",
+      _WORKDIR,
+    ],
+    "gives optimizer.learning_rate no values",
+  ),
+  "sweep, unknown grid key": (
+    "sweep",
+    [
+      "--config=configs/rotnet.py:digits",
+      "--grid=optimizer.nope=1,2",
+      _WORKDIR,
+    ],
+    "Unknown config key 'optimizer.nope'",
+  ),
+  "sweep, grid of a member key": (
+    "sweep",
+    ["--config=configs/rotnet.py:digits", "--grid=seed=1,2", _WORKDIR],
+    "sweep seed with --classes / --seeds instead",
+  ),
+  "sweep, bad shard": (
+    "sweep",
+    ["--config=configs/rotnet.py:digits", "--shard=4/4", _WORKDIR],
+    "--shard='4/4' must be i/n with 0 <= i < n",
+  ),
+  "sweep, stack 0": (
+    "sweep",
+    ["--config=configs/rotnet.py:digits", "--stack=0", _WORKDIR],
+    "--stack=0 must be at least 1",
+  ),
+  "sweep, single-run flag": (
+    "sweep",
+    ["--config=configs/rotnet.py:digits", "--mode=eval", _WORKDIR],
+    "--mode is not a sweep flag",
+  ),
+  "sweep, no config": ("sweep", [_WORKDIR], "A sweep needs --config"),
+  "sweep, no config file": (
+    "sweep",
+    ["--config=configs/nope.py", _WORKDIR],
+    "no config file 'configs/nope.py' (from --config)",
+  ),
+  "sweep, config syntax error": (
+    "sweep",
+    ["--config={syntax}", _WORKDIR],
+    "{syntax}:1: SyntaxError: ",
+  ),
+  "sweep, unknown method": (
+    "sweep",
+    ["--config=configs/rotnet.py:digits", "--config.method=gan", _WORKDIR],
+    "Unknown method 'gan'",
   ),
 }
 

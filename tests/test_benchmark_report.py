@@ -2,7 +2,7 @@
 
 import json
 
-from experiments import common, dgad_speed, speed
+from experiments import common, dgad_speed, paper_comparisons, speed
 from experiments import two_stage_benchmark as bench
 
 
@@ -221,6 +221,7 @@ def test_steps_counts_the_paths_auto_chose():
   }
 
 
+<<<<<<< HEAD
 def _fake_run(calls):
   """speed._run's stand-in: fixed per-step figures by side, no process."""
 
@@ -296,3 +297,42 @@ def test_speed_torch_twin_has_our_heads():
     "rotnet", speed._parser().parse_args(["steps"]), "python"
   )
   assert "--head_dims=" + ",".join(["512"] * 8) in command
+=======
+def _sweep_run(aurocs, scorer="latent/gde", grid=None):
+  """A saved sweep: {class: {seed: AUROC}} as its members."""
+  return {
+    "results": {
+      "headline_scorer": scorer,
+      "members": [
+        {
+          "class": c,
+          "seed": s,
+          "grid": grid or {},
+          "scorer": scorer,
+          "auroc": {scorer: a},
+        }
+        for c, per_seed in aurocs.items()
+        for s, a in per_seed.items()
+      ],
+    }
+  }
+
+
+def test_paper_tables_average_seeds_per_class_and_spread_over_seeds():
+  run = _sweep_run({0: {0: 0.6, 1: 0.8}, 1: {0: 0.4, 1: 0.4}})
+  per_class = paper_comparisons._aurocs(run)  # pylint: disable=protected-access
+  mean, std = paper_comparisons.overall(per_class)
+  # Class means 0.7 and 0.4; seed means 0.5 and 0.6.
+  assert (round(mean, 6), round(std, 6)) == (0.55, round(0.1 / 2**0.5, 6))
+  lines = paper_comparisons.class_table({"A": per_class}, ("x", "y"))
+  assert lines[2:] == [
+    "| 0 (x) | 70.0 |",
+    "| 1 (y) | 40.0 |",
+    "| **mean** | **55.0 ± 7.1** |",
+  ]
+  grid = _sweep_run({0: {0: 0.9}}, grid={"model.padding": "zeros"})
+  saved = {"runs": {"dgad": run}, "padding": {"run": grid}}
+  table = "\n".join(paper_comparisons.variant_table(saved))
+  assert "| DGAD, model.padding=zeros | 90.0 | **90.0** |" in table
+  assert "| DGAD (default: circular, adversarial_weight 1) | 60.0 |" in table
+>>>>>>> papers

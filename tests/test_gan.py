@@ -286,6 +286,12 @@ def test_circular_padding_makes_the_encoder_shift_equivariant():
   assert gaps["circular"] < 1e-5 < 1e-2 < gaps["zeros"]
 
 
+def test_dgad_pads_circularly_and_ganomaly_with_zeros_by_default():
+  # DGAD: the seed's argument against absolute position (configs/dgad.py).
+  assert tiny_config("dgad").model.padding == "circular"
+  assert tiny_config("ganomaly").model.get("padding", "zeros") == "zeros"
+
+
 def test_unknown_padding_mode_is_a_config_error():
   config = tiny_config("dgad", steps=1)
   config.model.padding = "replicate"

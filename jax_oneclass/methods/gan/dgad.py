@@ -26,12 +26,12 @@ choice (each can be changed by config):
    same on T_k(x) (the discriminator alone); 'latent/<classifier>',
    one-class classifiers on the generator's L2-normalised codes of the
    untransformed normal training images.
-7. Padding (`model.padding`): zeros (GANomaly's), reflect or circular for
-   every padded convolution of both networks. Zero padding lets a network
-   read absolute position from the border, which can tell rotations apart
-   without any content; the paper's ablation reportedly finds that such
-   position information hurts the generator on geometric-transformation
-   tasks (only its abstract was at hand here, which does not say).
+7. Padding (`model.padding`): circular (the config's default), reflect or
+   zeros (GANomaly's) for every padded convolution of both networks. Zero
+   padding lets a network read absolute position from the border, which
+   can tell rotations apart without any content; the paper's ablation finds
+   that such position information hurts the generator on
+   geometric-transformation tasks, and circular padding has no border.
 Both networks use BatchNorm running statistics at test time.
 """
 
