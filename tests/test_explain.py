@@ -22,10 +22,14 @@ from tests.trained import by_method
 
 NUM_IMAGES = 2
 STEPS = 64
+# Reverse distillation's map maximum has more kinks along the path: 10-12%
+# at 64 steps, so it takes more.
+STEPS_OF = {"reverse_distillation": 160}
 # Completeness: |sum(attributions) - (score(x) - score(baseline))|, over the
 # images, within this fraction of the largest |score(x) - score(baseline)|.
-# Measured at 64 steps on the tiny runs: 8.8% for reverse distillation's
-# map maximum, at most 3% for the other methods (docs/explanations.md).
+# Measured on the tiny runs at 64 steps: at most 3% for most methods,
+# 8.8-12% for reverse distillation's map maximum (5.5% at 128 steps; see
+# docs/explanations.md).
 COMPLETENESS = 0.1
 
 
@@ -49,7 +53,8 @@ def test_explanations_of_every_method(method, trained_run):
   images = _test_images(det.run.workdir)
   height, width = det.image_shape[:2]
 
-  ig = det.explain(images, "integrated_gradients", steps=STEPS)
+  steps = STEPS_OF.get(method, STEPS)
+  ig = det.explain(images, "integrated_gradients", steps=steps)
   assert ig.maps.shape == (NUM_IMAGES, height, width)
   with open(det.run.workdir / "test_scores.csv") as f:  # From evaluation.
     rows = list(csv.DictReader(f))[:NUM_IMAGES]
@@ -75,7 +80,7 @@ def test_explanations_of_every_method(method, trained_run):
     "integrated_gradients",
     ig.scorer,
     baseline=det.mean_image(),
-    steps=STEPS,
+    steps=steps,
   )
   assert _correlation(ig.maps, random["maps"]) < 0.9
 

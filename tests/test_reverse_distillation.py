@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_oneclass.components import conv as conv_lib
 from jax_oneclass.errors import ConfigError
 from jax_oneclass.methods.reverse_distillation import network as rd
 
@@ -20,7 +21,9 @@ def _shapes(maps):
 
 def _abstract_init(arch, side, **kwargs):
   """eval_shape of (teacher maps, code, student maps, OCBE vars, decoder
-  vars) for one image; nothing is computed."""
+  vars) for one image; nothing is computed (XLA's convolutions: 'auto'
+  would time the full-size ones while tracing)."""
+  kwargs.setdefault("conv_settings", conv_lib.ConvSettings(weight_grad="xla"))
   teacher, ocbe, decoder = rd.build(arch, **kwargs)
 
   def init(images):
