@@ -198,24 +198,35 @@ def test_an_out_of_tree_method_and_classifier_train_and_are_read_again(
       check=False,
     )
 
-  train = run(
-    main
-    + [
-      f"--config={lab / 'deep_svdd_config.py'}:digits",
-      "--config.num_train_steps=3",
-      "--config.batch_size=16",
-      "--config.model.width=4",
-      "--config.eval.batch_size=128",
-      "--config.checkpoint_every_steps=3",
-      "--config.log_every_steps=1",
-      "--config.progress_bar=False",
-      "--config.eval.num_overlays=0",
-      "--config.eval.plots=False",
-    ]
-  )
+  tiny = [
+    f"--config={lab / 'deep_svdd_config.py'}:digits",
+    "--config.num_train_steps=3",
+    "--config.batch_size=16",
+    "--config.model.width=4",
+    "--config.eval.batch_size=128",
+    "--config.checkpoint_every_steps=3",
+    "--config.log_every_steps=1",
+    "--config.progress_bar=False",
+    "--config.eval.num_overlays=0",
+    "--config.eval.plots=False",
+  ]
+  train = run(main + tiny)
   assert train.returncode == 0, train.stderr[-3000:]
   results = json.loads((workdir / "results.json").read_text())
   assert sorted(results["auroc"]) == ["gde", "knn", "svdd"]
+
+  sweep_dir = tmp_path / "sweep"
+  swept = run(
+    [sys.executable, "-m", "jax_oneclass.sweep", "--classes=0,3", "--seeds=0"]
+    + tiny
+    + [f"--workdir={sweep_dir}"]
+  )
+  assert swept.returncode == 0, swept.stderr[-3000:]
+  assert "**overall**" in (sweep_dir / "sweep_table.md").read_text()
+  for normal_class in (0, 3):
+    member = sweep_dir / f"class_{normal_class}" / "seed_0"
+    member_results = json.loads((member / "results.json").read_text())
+    assert sorted(member_results["auroc"]) == ["gde", "knn", "svdd"]
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["method"] == "my_lab.deep_svdd"
   assert saved["plugins"] == ["my_lab.classifiers"]
