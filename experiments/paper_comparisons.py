@@ -47,6 +47,9 @@ from experiments import common, measure
 SCRIPT = "python experiments/paper_comparisons.py"
 DATA = common.ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 WORK = Path(os.environ.get("PAPERS_WORKDIR", "/tmp/paper_comparisons"))
+# The sweeps' --combine ('vmap' in the first runs; vmapped GAN steps proved
+# far slower than the single step on XLA:CPU, so 'auto' times both).
+COMBINE = os.environ.get("PAPERS_COMBINE", "auto")
 # Where the CIFAR-10 tarball is extracted (outside the repository).
 CACHE = Path(os.environ.get("JAX_ONECLASS_DATA", "/tmp/jax_oneclass_data"))
 # Every run: no pictures, one checkpoint at the end.
@@ -188,7 +191,7 @@ def sweep(
     f"--workdir={workdir}",
     f"--classes={classes}",
     f"--seeds={seeds}",
-    "--combine=vmap",
+    f"--combine={COMBINE}",
     *([f"--stack={stack}"] if stack else []),
     *(f"--grid={g}" for g in grid),
     *(f"--config.{k}={_flag_value(v)}" for k, v in overrides.items()),
@@ -678,7 +681,7 @@ def render_gan(saved: dict) -> list[str]:
     f"{SCRIPT} gan --budget_cpu_s={saved['budget_cpu_s']:g} "
     f"--seeds={saved['seeds']} --test_per_class={saved['test_per_class']}`"
     f" (each method one `python -m jax_oneclass.sweep` over every class x "
-    f"seed, `--combine=vmap`). Both: DCGAN width 16, latent 100, batch 64 "
+    f"seed). Both: DCGAN width 16, latent 100, batch 64 "
     f"images, Adam 2e-4; the same {saved['budget_cpu_s']:g} CPU-s of train "
     "steps per member (steps = budget / calibrated CPU-s per step); last "
     "step, no selection on the test split. Headline scorers fixed a "
