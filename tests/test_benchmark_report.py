@@ -221,7 +221,6 @@ def test_steps_counts_the_paths_auto_chose():
   }
 
 
-<<<<<<< HEAD
 def _fake_run(calls):
   """speed._run's stand-in: fixed per-step figures by side, no process."""
 
@@ -297,7 +296,8 @@ def test_speed_torch_twin_has_our_heads():
     "rotnet", speed._parser().parse_args(["steps"]), "python"
   )
   assert "--head_dims=" + ",".join(["512"] * 8) in command
-=======
+
+
 def _sweep_run(aurocs, scorer="latent/gde", grid=None):
   """A saved sweep: {class: {seed: AUROC}} as its members."""
   return {
@@ -335,4 +335,3 @@ def test_paper_tables_average_seeds_per_class_and_spread_over_seeds():
   table = "\n".join(paper_comparisons.variant_table(saved))
   assert "| DGAD, model.padding=zeros | 90.0 | **90.0** |" in table
   assert "| DGAD (default: circular, adversarial_weight 1) | 60.0 |" in table
->>>>>>> papers
