@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from absl import flags
 
 from jax_oneclass import cli_checks, export, predict, sweep_cli
 from jax_oneclass import main as main_lib
@@ -396,6 +397,10 @@ def _run_in_process(entry, args, monkeypatch, capfd):
   monkeypatch.setattr(sys, "argv", [f"jax_oneclass.{entry}", *args])
   with pytest.raises(SystemExit) as done:
     _ENTRIES[entry]()
+  # A command that stops inside the config's parsing leaves its override
+  # flags defined; the next command in this process defines them again.
+  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+    delattr(flags.FLAGS, name)
   return done.value.code, capfd.readouterr().err
 
 
