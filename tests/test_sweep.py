@@ -342,11 +342,11 @@ def test_an_early_stopping_member_freezes_while_the_others_go_on(
   assert (by_class[3]["status"], by_class[3]["step"]) == ("stopped_early", 4)
   single = _single_run_config("rotnet", 3, 0)
   single.num_train_steps = 6
-  results = train.train_and_evaluate(single, tmp_path / "single")
-  assert results["step"] == 4
+  single.halt_after_step = 5  # Train only: the states are compared.
+  train.train_and_evaluate(single, tmp_path / "single")
   swept, step = _state(tmp_path / "sweep" / "class_3" / "seed_0", single)
-  alone, _ = _state(tmp_path / "single", single)
-  assert step == 4 and int(swept.step) == 4
+  alone, step_alone = _state(tmp_path / "single", single)
+  assert step == step_alone == 4 and int(swept.step) == 4
   _assert_close(swept, alone)
   # Finished: a rerun neither trains nor evaluates it again.
   again = sweep.run_sweep(config, tmp_path / "sweep", classes="0,3", seeds="0")
