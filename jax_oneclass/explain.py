@@ -12,8 +12,8 @@ the pixels.
   score(x) - score(x') up to the rule's error, from the kinks of ReLUs and
   maxima along the path: measured at 64 steps on every method's tiny test
   run (tests/test_explain.py), within 3% of the largest |score(x) -
-  score(x')| of four test images, 8.8% for reverse distillation's map
-  maximum; the test allows 10%.
+  score(x')| of four test images, 8.8-12% for reverse distillation's map
+  maximum (5.5% at 128 steps, so its test takes 160); the test allows 10%.
 - GradCAM (Selvaraju et al. 2017): relu(sum_c mean_hw(dS/dA_c) A_c) of the
   feature map A [h, w, C] of a named layer (`Method.gradcam_layer` by
   default), resized bilinearly to the image.
