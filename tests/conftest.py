@@ -67,6 +67,26 @@ def tiny_config(method: str, steps: int = 4, arg: str = "digits"):
   return config
 
 
+def sigterm_once_saved(command, checkpoint, timeout_s: float = 300):
+  """Starts `command` in the repository root, sends it SIGTERM as soon as
+  the folder `checkpoint` appears (or the process ends) and returns its
+  (exit code, stderr)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
+  process = subprocess.Popen(
+    command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
+  deadline = time.monotonic() + timeout_s
+  while not Path(checkpoint).is_dir() and process.poll() is None:
+    assert time.monotonic() < deadline
+    time.sleep(0.02)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=timeout_s)
+  return process.returncode, stderr
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
   """`trained_run(method)`: that method's run, trained once per session

@@ -3,11 +3,9 @@ and a full disk each end with one clear line, and a rerun continues."""
 
 import errno
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import numpy as np
@@ -16,7 +14,7 @@ import pytest
 from jax_oneclass import checkpointing, train
 from jax_oneclass import run as run_lib
 from jax_oneclass.errors import CheckpointError
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, sigterm_once_saved, tiny_config
 
 
 def _config_file(tmp_path, steps: int, **keys) -> str:
@@ -79,17 +77,10 @@ def test_sigterm_saves_and_the_rerun_is_bit_identical(tmp_path):
   }
   config_arg = _config_file(tmp_path, 81, **keys)
   command = _command(config_arg, tmp_path / "run")
-  process = subprocess.Popen(
-    command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  code, stderr = sigterm_once_saved(
+    command, tmp_path / "run" / "checkpoints" / "10"
   )
-  first = tmp_path / "run" / "checkpoints" / "10"
-  deadline = time.monotonic() + 300
-  while not first.is_dir() and process.poll() is None:
-    assert time.monotonic() < deadline
-    time.sleep(0.02)
-  process.send_signal(signal.SIGTERM)
-  _, stderr = process.communicate(timeout=300)
-  assert process.returncode == 2, stderr[-3000:]
+  assert code == 2, stderr[-3000:]
   line = _last_line(stderr)
   assert "Stopped by SIGTERM at step" in line
   assert "Run the same command again" in line and "Traceback" not in stderr

@@ -13,7 +13,7 @@ from jax_oneclass import main as main_lib
 from jax_oneclass import methods, sweep, sweep_cli, train
 from jax_oneclass import run as run_lib
 from jax_oneclass.errors import ConfigError
-from tests.conftest import METHODS, REPO, tiny_config
+from tests.conftest import METHODS, REPO, sigterm_once_saved, tiny_config
 
 # One method per family is also compared with its single runs.
 _FAMILY_CHECKED = {}
@@ -472,9 +472,6 @@ def test_a_grid_point_is_a_folder_and_a_table_section(tmp_path):
 
 
 def test_sigterm_saves_every_member_and_the_rerun_finishes_alike(tmp_path):
-  import signal  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
-
   keys = {
     "num_train_steps": 40,
     "checkpoint_every_steps": 4,
@@ -500,17 +497,10 @@ def test_sigterm_saves_every_member_and_the_rerun_finishes_alike(tmp_path):
     "--combine=unrolled",
     f"--workdir={tmp_path / 'w'}",
   ]
-  process = subprocess.Popen(
-    command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  code, stderr = sigterm_once_saved(
+    command, tmp_path / "w" / "class_3" / "seed_0" / "checkpoints" / "4"
   )
-  first = tmp_path / "w" / "class_3" / "seed_0" / "checkpoints" / "4"
-  deadline = time.monotonic() + 300
-  while not first.is_dir() and process.poll() is None:
-    assert time.monotonic() < deadline
-    time.sleep(0.05)
-  process.send_signal(signal.SIGTERM)
-  _, stderr = process.communicate(timeout=300)
-  assert process.returncode == 2, stderr[-3000:]
+  assert code == 2, stderr[-3000:]
   last = [line for line in stderr.splitlines() if line.strip()][-1]
   assert "Stopped by SIGTERM at step" in last and "Traceback" not in stderr
   stopped = int(last.split("at step ")[1].split()[0])
