@@ -56,6 +56,7 @@ reference_results.json has one) and W/sweep_auroc.png.
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -249,13 +250,22 @@ def sweep_mesh(num_members: int, batch_size: int) -> Mesh:
   return Mesh(devices.reshape(shape), (MEMBER_AXIS, parallel.DATA_AXIS))
 
 
+# Jitted, so that stacking or slicing a whole state outside a traced step
+# is one compiled program, not one small compilation per leaf shape.
+@jax.jit
 def stack(trees: Sequence[Any]):
   """Pytrees -> one pytree with a leading member axis."""
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def unstack(tree, index: int):
   """Member `index` of a stacked pytree."""
+  return jax.tree.map(lambda x: x[index], tree)
+
+
+def _host_slice(tree, index: int):
+  """Member `index` of a stacked pytree of host (NumPy) arrays."""
   return jax.tree.map(lambda x: x[index], tree)
 
 
@@ -346,12 +356,17 @@ def _timed_step(fn, state, batch, rngs, active):
 
 def max_difference(a, b) -> float:
   """The largest |a - b| over the floating-point leaves of two pytrees."""
-  diffs = [
-    float(jnp.max(jnp.abs(x - y)))
+  pairs = [
+    (x, y)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
     if jnp.issubdtype(x.dtype, jnp.floating) and x.size
   ]
-  return max(diffs, default=0.0)
+  return float(_max_abs_difference(pairs)) if pairs else 0.0
+
+
+@jax.jit
+def _max_abs_difference(pairs):
+  return jnp.max(jnp.stack([jnp.max(jnp.abs(x - y)) for x, y in pairs]))
 
 
 # --- Training -----------------------------------------------------------------
@@ -603,7 +618,7 @@ def train_program(
           for i, slot in enumerate(slots):
             if not active[i]:
               continue
-            summary = train.mean_metrics([unstack(m, i) for m in fetched])
+            summary = train.mean_metrics([_host_slice(m, i) for m in fetched])
             try:
               train.check_finite(
                 summary, step - len(pending) + 1, step, slot.run.checkpointer
