@@ -111,16 +111,17 @@ if _CPU_LOG:
   @pytest.hookimpl(hookwrapper=True)
   def pytest_runtest_protocol(item, nextitem):
     """With JAX_ONECLASS_TEST_CPU_LOG=FILE, appends each test's CPU seconds
-    (this process and the subprocesses it waited for) and wall seconds to
-    FILE: on a busy machine CPU time still says where the suite's time
-    goes."""
+    (this process and the subprocesses it waited for), wall seconds, id,
+    xdist worker and start time to FILE: on a busy machine CPU time still
+    says where the suite's time goes."""
     del nextitem
     import time  # pylint: disable=g-import-not-at-top
 
-    cpu, wall = _cpu_seconds(), time.perf_counter()
+    cpu, wall, start = _cpu_seconds(), time.perf_counter(), time.time()
     yield
     with open(_CPU_LOG, "a") as log:
       log.write(
         f"{_cpu_seconds() - cpu:.2f}\t{time.perf_counter() - wall:.2f}\t"
-        f"{item.nodeid}\n"
+        f"{item.nodeid}\t{os.environ.get('PYTEST_XDIST_WORKER', '-')}\t"
+        f"{start:.1f}\n"
       )
