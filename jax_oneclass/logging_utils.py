@@ -64,6 +64,8 @@ def quiet_libraries() -> None:
     absl_logger.addFilter(_DropLibraryNoise())
   for name in ("jax", "orbax", "tensorflow"):
     logging.getLogger(name).setLevel(logging.WARNING)
+  # ONNX serialisation warns about every untyped intermediate it skips.
+  logging.getLogger("onnx_ir").setLevel(logging.ERROR)
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
