@@ -64,9 +64,7 @@ def resize_bilinear_align_corners(maps: jax.Array, size) -> jax.Array:
   rows = jnp.asarray(_align_corners_matrix(maps.shape[-2], height), maps.dtype)
   cols = jnp.asarray(_align_corners_matrix(maps.shape[-1], width), maps.dtype)
   # HIGHEST keeps the weights exact on accelerators that default to TF32.
-  return jnp.einsum(
-    "Hh,...hw,Ww->...HW", rows, maps, cols, precision=jax.lax.Precision.HIGHEST
-  )
+  return _rows_and_columns(rows, maps, cols)
 
 
 def gaussian_kernel(sigma: float, truncate: float = 4.0) -> np.ndarray:
@@ -140,9 +138,20 @@ def gaussian_blur(
   rows = jnp.asarray(blur_matrix(maps.shape[-2], kernel, mode), maps.dtype)
   cols = jnp.asarray(blur_matrix(maps.shape[-1], kernel, mode), maps.dtype)
   # Two small matmuls; HIGHEST keeps them float32-exact on accelerators
-  # that default to TF32 (and ONNX converters read einsums well).
-  return jnp.einsum(
-    "Hh,...hw,Ww->...HW", rows, maps, cols, precision=jax.lax.Precision.HIGHEST
+  # that default to TF32.
+  return _rows_and_columns(rows, maps, cols)
+
+
+def _rows_and_columns(rows, maps, cols):
+  """rows [H, h] @ maps [..., h, w] @ cols[W, w].T -> [..., H, W].
+
+  Two broadcasting matmuls rather than one three-operand einsum: ONNX
+  converters pad the einsum's constant operands to a batch of 1, and
+  onnxruntime then infers (and warns about) a batch of 1 for every map.
+  """
+  highest = jax.lax.Precision.HIGHEST
+  return jnp.matmul(
+    jnp.matmul(rows, maps, precision=highest), cols.T, precision=highest
   )
 
 
