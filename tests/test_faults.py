@@ -1,8 +1,13 @@
 """Faults injected through the command line: SIGTERM, corrupt checkpoints
-and a full disk each end with one clear line, and a rerun continues."""
+and a full disk each end with one clear line, and a rerun continues.
+
+Each fault hits a real `python -m jax_oneclass.main` process; the runs
+before it and the reruns after it go through main's entry point in this
+process (a fresh interpreter costs seconds of imports)."""
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,15 +15,25 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from absl import flags
 
 from jax_oneclass import checkpointing, train
+from jax_oneclass import main as main_lib
 from jax_oneclass import run as run_lib
 from jax_oneclass.errors import CheckpointError
 from tests.conftest import REPO, sigterm_once_saved, tiny_config
 
 
+def _config(steps: int, **keys):
+  """`tiny_config('clr', steps)` with `keys` set: what `_config_file`
+  gives the command line."""
+  config = tiny_config("clr", steps=steps)
+  config.update_from_flattened_dict(keys)
+  return config
+
+
 def _config_file(tmp_path, steps: int, **keys) -> str:
-  """A config file giving `tiny_config('clr', steps)` with `keys` set."""
+  """The --config flag of a file giving `_config(steps, **keys)`."""
   path = tmp_path / "tiny_clr.py"
   path.write_text(
     textwrap.dedent(f"""\
@@ -32,15 +47,8 @@ def _config_file(tmp_path, steps: int, **keys) -> str:
   return f"--config={path}"
 
 
-def _command(config_arg, workdir, *extra):
-  return [
-    sys.executable,
-    "-m",
-    "jax_oneclass.main",
-    config_arg,
-    f"--workdir={workdir}",
-    *extra,
-  ]
+def _command(*args) -> list[str]:
+  return [sys.executable, "-m", "jax_oneclass.main", *args]
 
 
 def _run(command, **kwargs):
@@ -53,6 +61,19 @@ def _run(command, **kwargs):
     check=False,
     **kwargs,
   )
+
+
+def _main_in_process(args, monkeypatch, capfd) -> tuple[int, str, str]:
+  """(exit code, stdout, stderr) of `python -m jax_oneclass.main *args`,
+  run through its entry point in this process."""
+  monkeypatch.setattr(sys, "argv", ["jax_oneclass.main", *args])
+  with pytest.raises(SystemExit) as done:
+    main_lib.run()
+  # The config's override flags stay defined; the next command defines them.
+  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+    delattr(flags.FLAGS, name)
+  out, err = capfd.readouterr()
+  return done.value.code or 0, out, err
 
 
 def _last_line(text: str) -> str:
@@ -68,17 +89,18 @@ def _final_params(workdir, config):
   return jax.device_get(state.params), meta["step"]
 
 
-def test_sigterm_saves_and_the_rerun_is_bit_identical(tmp_path):
+def test_sigterm_saves_and_the_rerun_is_bit_identical(
+  tmp_path, monkeypatch, capfd
+):
   # Halting one step before the end skips evaluation: training is tested.
   keys = {
     "checkpoint_every_steps": 10,
     "log_every_steps": 5,
     "halt_after_step": 80,
   }
-  config_arg = _config_file(tmp_path, 81, **keys)
-  command = _command(config_arg, tmp_path / "run")
+  args = [_config_file(tmp_path, 81, **keys), f"--workdir={tmp_path / 'run'}"]
   code, stderr = sigterm_once_saved(
-    command, tmp_path / "run" / "checkpoints" / "10"
+    _command(*args), tmp_path / "run" / "checkpoints" / "10"
   )
   assert code == 2, stderr[-3000:]
   line = _last_line(stderr)
@@ -89,11 +111,10 @@ def test_sigterm_saves_and_the_rerun_is_bit_identical(tmp_path):
   assert (tmp_path / "run" / "checkpoints" / str(stopped)).is_dir()
   assert not (tmp_path / "run" / ".lock").exists()  # Released on the way out.
 
-  done = _run(command)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert f"Resumed from the checkpoint at step {stopped}" in done.stdout
-  config = tiny_config("clr", steps=81)
-  config.update_from_flattened_dict(keys)
+  code, stdout, stderr = _main_in_process(args, monkeypatch, capfd)
+  assert code == 0, stderr[-3000:]
+  assert f"Resumed from the checkpoint at step {stopped}" in stdout
+  config = _config(81, **keys)
   train.train(config, tmp_path / "straight")
   resumed, step = _final_params(tmp_path / "run", config)
   straight, _ = _final_params(tmp_path / "straight", config)
@@ -111,11 +132,10 @@ def _data_files(step_dir):
 
 
 def test_flipped_and_truncated_checkpoints_fall_back(tmp_path):
-  config_arg = _config_file(
-    tmp_path, 6, **{"eval.plots": False, "eval.num_overlays": 0}
-  )
+  # Halted at the last checkpoint, one step before the end: no evaluation.
+  keys = {"halt_after_step": 6}
   workdir = tmp_path / "run"
-  train.train(tiny_config("clr", steps=6), workdir)
+  train.train(_config(7, **keys), workdir)
   checkpoints = workdir / "checkpoints"
   flipped = _data_files(checkpoints / "6")[0]
   data = bytearray(flipped.read_bytes())
@@ -127,7 +147,9 @@ def test_flipped_and_truncated_checkpoints_fall_back(tmp_path):
     "fails its checksums"
   )
 
-  done = _run(_command(config_arg, workdir))
+  done = _run(
+    _command(_config_file(tmp_path, 7, **keys), f"--workdir={workdir}")
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   for step in (6, 4):
     assert (
@@ -145,17 +167,18 @@ def test_flipped_and_truncated_checkpoints_fall_back(tmp_path):
   assert checkpointing.Checkpointer(checkpoints).latest_step() == 6
 
 
-def test_unverified_unreadable_checkpoint_is_skipped(tmp_path):
+@pytest.mark.xdist_group("run_clr")
+def test_unverified_unreadable_checkpoint_is_skipped(tmp_path, trained_run):
   """A checkpoint from before checksums (none written) that cannot be read
   is skipped as well."""
   workdir = tmp_path / "run"
-  train.train(tiny_config("clr", steps=4), workdir)
+  shutil.copytree(trained_run("clr").workdir, workdir)  # 4 steps.
   step_dir = workdir / "checkpoints" / "4"
   (step_dir / checkpointing.CHECKSUMS).unlink()
   for path in (step_dir / "state").rglob("*"):
     if path.is_file():
       path.write_bytes(b"garbage")
-  run, _ = train.train(tiny_config("clr", steps=4), workdir)
+  run, _ = train.train(run_lib.saved_config(workdir), workdir)
   assert run.checkpointer.latest_step() == 4
   assert len(list((workdir / checkpointing.CORRUPT_DIR).iterdir())) == 1
 
@@ -176,28 +199,26 @@ def _can_mount_tmpfs(tmp_path) -> bool:
   return probe.returncode == 0
 
 
-def test_disk_full_during_save_then_a_clean_rerun(tmp_path):
+def test_disk_full_during_save_then_a_clean_rerun(tmp_path, monkeypatch, capfd):
   if not _can_mount_tmpfs(tmp_path):
     pytest.skip("No mount namespaces here for a small tmpfs.")
-  config_arg = _config_file(
-    tmp_path, 4, **{"eval.plots": False, "eval.num_overlays": 0}
-  )
+  # Halted at step 4, one step before the end: no evaluation.
+  keys = {"halt_after_step": 4}
+  train.train(_config(5, **{**keys, "halt_after_step": 2}), tmp_path / "at_2")
   disk = tmp_path / "disk"
-  main = " ".join(_command(config_arg, disk / "run"))
-  # Train to step 2 (halted), fill the disk but for 40 KiB (less than one
-  # checkpoint), train on, then free the space and rerun.
+  args = [_config_file(tmp_path, 5, **keys), f"--workdir={disk / 'run'}"]
+  main = " ".join(_command(*args))
+  # The run halted at step 2 on a small disk filled but for 40 KiB (less
+  # than one checkpoint) trains on; what it leaves is copied out.
   script = textwrap.dedent(f"""\
       mkdir -p {disk} && mount -t tmpfs -o size=4m tmpfs {disk} || exit 90
-      {main} --config.halt_after_step=2 >/dev/null 2>&1 || exit 91
+      cp -a {tmp_path / "at_2"} {disk / "run"} || exit 91
       free=$(df -k --output=avail {disk} | tail -1)
       fallocate -l $(( (free - 40) * 1024 )) {disk}/filler || exit 92
       {main} > {tmp_path}/full.out 2> {tmp_path}/full.err
       echo $? > {tmp_path}/full.rc
       ls -a {disk}/run/checkpoints > {tmp_path}/left.txt
-      rm {disk}/filler
-      {main} > {tmp_path}/rerun.out 2> {tmp_path}/rerun.err
-      echo $? > {tmp_path}/rerun.rc
-      ls {disk}/run/checkpoints > {tmp_path}/final.txt
+      cp -a {disk / "run"} {tmp_path / "left"} || exit 93
       """)
   done = subprocess.run(
     ["unshare", "-m", "sh", "-c", script],
@@ -216,13 +237,12 @@ def test_disk_full_during_save_then_a_clean_rerun(tmp_path):
   assert "continue from step 2" in line
   assert "Traceback" not in stderr and "RESOURCE_EXHAUSTED" not in stderr
   assert "tmp" not in (tmp_path / "left.txt").read_text()  # No partial left.
-  rerun = (tmp_path / "rerun.err").read_text()
-  assert (tmp_path / "rerun.rc").read_text().strip() == "0", rerun[-3000:]
-  assert (
-    "Resumed from the checkpoint at step 2"
-    in (tmp_path / "rerun.out").read_text()
-  )
-  assert (tmp_path / "final.txt").read_text().split() == ["2", "4"]
+  # The same command on what it left, with room to spare.
+  args[1] = f"--workdir={tmp_path / 'left'}"
+  code, stdout, rerun = _main_in_process(args, monkeypatch, capfd)
+  assert code == 0, rerun[-3000:]
+  assert "Resumed from the checkpoint at step 2" in stdout
+  assert sorted(os.listdir(tmp_path / "left" / "checkpoints")) == ["2", "4"]
 
 
 def test_disk_full_reported_by_the_writer(tmp_path, monkeypatch):
@@ -273,15 +293,47 @@ def test_a_batch_larger_than_the_training_set_warns(capsys):
   )
 
 
-def test_make_mvtec_like_without_its_source(tmp_path):
-  done = _run(
+def test_make_mvtec_like_without_its_source(tmp_path, monkeypatch, capsys):
+  from experiments import make_mvtec_like  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(
+    sys,
+    "argv",
     [
-      sys.executable,
-      "experiments/make_mvtec_like.py",
+      "make_mvtec_like.py",
       f"--out={tmp_path}",
       f"--source={tmp_path / 'none.tar.gz'}",
-    ]
+    ],
   )
+  with pytest.raises(SystemExit) as done:  # Not any other exception.
+    make_mvtec_like.main()
+  assert done.value.code == 2
+  stderr = capsys.readouterr().err
+  assert "is missing. Pass --source=" in _last_line(stderr)
+  assert "Traceback" not in stderr
+
+
+def test_debug_shows_the_traceback_of_an_error(tmp_path):
+  """Bad input is one line; with --debug the same error comes with its
+  traceback (checked before JAX loads: each run takes a fraction of a
+  second)."""
+  message = (
+    "config.data.normal_class=42 is out of range for 'digits': valid range "
+    "0..9 (10 classes)."
+  )
+  command = _command(
+    "--config=configs/disaug.py:digits",
+    "--config.data.normal_class=42",
+    f"--workdir={tmp_path / 'run'}",
+  )
+  done = _run(command)
   assert done.returncode == 2
-  assert "is missing. Pass --source=" in _last_line(done.stderr)
-  assert "Traceback" not in done.stderr
+  assert done.stderr.splitlines() == [f"error: {message}"]
+  done = _run([*command, "--debug"])
+  assert done.returncode == 1  # Python's, for an uncaught exception.
+  assert done.stderr.startswith("Traceback (most recent call last):")
+  assert "in check_data" in done.stderr  # Where it was raised.
+  assert _last_line(done.stderr) == (
+    f"jax_oneclass.errors.ConfigError: {message}"
+  )
+  assert not (tmp_path / "run").exists()
