@@ -20,6 +20,15 @@ def _work(trained_run, tmp_path):
   return tmp_path / "run", shared
 
 
+def _config(workdir):
+  """The run's saved config, evaluated without pictures (the shared run
+  has drawn them; they cost more than the scoring)."""
+  config = run_lib.saved_config(workdir)
+  config.eval.plots = False
+  config.eval.num_overlays = 0
+  return config
+
+
 def _stage_dir(workdir):
   return workdir / "fitted" / str(STEP)
 
@@ -59,7 +68,7 @@ def test_eval_refits_a_damaged_stage_with_a_warning(work, capsys, how):
   workdir, shared = work
   _damage(workdir, how)
   assert "fails its checksums (changed: fitted/" in _problem(workdir)
-  results = evaluate.evaluate(run_lib.saved_config(workdir), workdir)
+  results = evaluate.evaluate(_config(workdir), workdir)
   err = capsys.readouterr().err
   assert (
     f"warning: The fitted stage at {_stage_dir(workdir)} fails its "
@@ -88,7 +97,7 @@ def test_detector_refuses_a_damaged_stage_and_writes_nothing(work):
 def test_a_stage_of_a_replaced_checkpoint_is_not_reused(work, capsys):
   workdir, _ = work
   shutil.move(workdir / "checkpoints", workdir.parent / "aside")
-  config = run_lib.saved_config(workdir)
+  config = _config(workdir)
   config.seed += 1  # Another model at the same step.
   train.train(config, workdir)
   assert "was fitted on another checkpoint" in _problem(workdir)
@@ -112,7 +121,7 @@ def test_a_stage_saved_before_checksums(work, capsys):
     "has no checksums (saved by an older version): using it unverified" in err
   )
   assert _problem(workdir) == checkpointing.UNVERIFIED  # Nothing written.
-  evaluate.evaluate(run_lib.saved_config(workdir), workdir)
+  evaluate.evaluate(_config(workdir), workdir)
   assert (
     "has no checksums (saved by an older version): fitting it anew."
     in capsys.readouterr().err

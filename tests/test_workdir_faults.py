@@ -10,14 +10,20 @@ import pytest
 from jax_oneclass import evaluate, logging_utils, train
 from jax_oneclass import run as run_lib
 from jax_oneclass.errors import ConfigError
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO
 
 
-def test_resuming_with_a_changed_config_is_refused_then_recorded(tmp_path):
-  halted = tiny_config("clr", steps=4)
-  halted.halt_after_step = 2
-  train.train(halted, tmp_path)
-  changed = tiny_config("clr", steps=6)
+@pytest.fixture(name="clr_run")
+def _clr_run(trained_run, tmp_path):
+  """A copy of the shared clr run's workdir (4 steps, finished)."""
+  shutil.copytree(trained_run("clr").workdir, tmp_path / "run")
+  return tmp_path / "run"
+
+
+@pytest.mark.xdist_group("run_clr")
+def test_resuming_with_a_changed_config_is_refused_then_recorded(clr_run):
+  changed = run_lib.saved_config(clr_run)
+  changed.num_train_steps = 6
   changed.optimizer.learning_rate = 0.5
   with pytest.raises(
     ConfigError,
@@ -25,28 +31,28 @@ def test_resuming_with_a_changed_config_is_refused_then_recorded(tmp_path):
     r"(num_train_steps: 4 -> 6|optimizer.learning_rate).*"
     r"--allow_config_change",
   ):
-    train.train(changed, tmp_path)
+    train.train(changed, clr_run)
   assert (
-    json.loads((tmp_path / "config.json").read_text())["num_train_steps"] == 4
+    json.loads((clr_run / "config.json").read_text())["num_train_steps"] == 4
   )  # Nothing was overwritten.
-  run, _ = train.train(changed, tmp_path, allow_config_change=True)
+  run, _ = train.train(changed, clr_run, allow_config_change=True)
   assert run.checkpointer.latest_step() == 6
-  history = sorted(p.name for p in (tmp_path / "config_history").iterdir())
-  assert history == ["step_000000000.json", "step_000000002.json"]
+  history = sorted(p.name for p in (clr_run / "config_history").iterdir())
+  assert history == ["step_000000000.json", "step_000000004.json"]
   assert (
-    json.loads((tmp_path / "config_history" / history[1]).read_text())[
+    json.loads((clr_run / "config_history" / history[1]).read_text())[
       "optimizer"
     ]["learning_rate"]
     == 0.5
   )
 
 
-def test_another_run_in_the_workdir_is_refused_even_when_allowed(tmp_path):
-  train.train(tiny_config("clr", steps=2), tmp_path)
-  other = tiny_config("clr", steps=2)
+@pytest.mark.xdist_group("run_clr")
+def test_another_run_in_the_workdir_is_refused_even_when_allowed(clr_run):
+  other = run_lib.saved_config(clr_run)
   other.data.normal_class = 3
-  with pytest.raises(ConfigError, match="data.normal_class: 1 -> 3"):
-    train.train(other, tmp_path, allow_config_change=True)
+  with pytest.raises(ConfigError, match="data.normal_class: 2 -> 3"):
+    train.train(other, clr_run, allow_config_change=True)
 
 
 @pytest.mark.xdist_group("run_ganomaly")
@@ -55,6 +61,8 @@ def test_eval_of_an_unwritable_workdir_still_scores(
 ):
   shutil.copytree(trained_run("ganomaly").workdir, tmp_path / "run")
   config = run_lib.saved_config(tmp_path / "run")
+  config.eval.plots = False  # Pictures: not what is tested here.
+  config.eval.num_overlays = 0
   shutil.rmtree(tmp_path / "run" / "fitted")  # As trained, not evaluated.
   (tmp_path / "run" / "results.json").unlink()
   real = logging_utils.writable
