@@ -202,11 +202,13 @@ def _can_mount_tmpfs(tmp_path) -> bool:
 def test_disk_full_during_save_then_a_clean_rerun(tmp_path, monkeypatch, capfd):
   if not _can_mount_tmpfs(tmp_path):
     pytest.skip("No mount namespaces here for a small tmpfs.")
-  # Halted at step 4, one step before the end: no evaluation.
-  keys = {"halt_after_step": 4}
-  train.train(_config(5, **{**keys, "halt_after_step": 2}), tmp_path / "at_2")
+  # The command halts at step 4, one step before the end: no evaluation.
+  train.train(_config(5, halt_after_step=2), tmp_path / "at_2")
   disk = tmp_path / "disk"
-  args = [_config_file(tmp_path, 5, **keys), f"--workdir={disk / 'run'}"]
+  args = [
+    _config_file(tmp_path, 5, halt_after_step=4),
+    f"--workdir={disk / 'run'}",
+  ]
   main = " ".join(_command(*args))
   # The run halted at step 2 on a small disk filled but for 40 KiB (less
   # than one checkpoint) trains on; what it leaves is copied out.
