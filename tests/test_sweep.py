@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
 
+from jax_oneclass import evaluate, methods, sweep, sweep_cli, train
 from jax_oneclass import main as main_lib
-from jax_oneclass import methods, sweep, sweep_cli, train
 from jax_oneclass import run as run_lib
 from jax_oneclass.errors import ConfigError
 from tests.conftest import METHODS, REPO, sigterm_once_saved, tiny_config
@@ -210,6 +211,20 @@ def _single_run_config(method, normal_class, seed):
   return config
 
 
+def _single_run(config, workdir, evaluated: bool):
+  """A single run, trained as `train.train_and_evaluate` trains it: (its
+  final state on the host, its newest checkpoint's step, its results when
+  `evaluated`, else None)."""
+  run = run_lib.setup(config, workdir)
+  try:
+    state = train.train_run(run)
+    step = run.checkpointer.latest_step()
+    results = evaluate.evaluate_run(run, state, step) if evaluated else None
+    return jax.device_get(state), step, results
+  finally:
+    run.checkpointer.close()
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_sweeps_and_members_equal_single_runs(
   tmp_path, method, capsys
@@ -236,14 +251,19 @@ def test_every_method_sweeps_and_members_equal_single_runs(
   assert saved["headline_scorer"] == members[0]["scorer"]
   if _FAMILY_CHECKED[methods.family(method)] != method and method != "rotnet":
     return  # RotNet: vmap against its single runs too.
+  # Every member's state equals its single run's. The sweep evaluates each
+  # member as a single run does (evaluate.evaluate_run of its state), so
+  # the first member's results stand for the evaluation.
   for member in members:
     single = _single_run_config(method, member["class"], member["seed"])
-    alone_dir = tmp_path / f"single_{member['class']}"
-    results = train.train_and_evaluate(single, alone_dir)
-    for scorer, auroc in results["auroc"].items():
-      assert member["auroc"][scorer] == pytest.approx(auroc, abs=5e-4), scorer
+    evaluated = member is members[0]
+    alone, step_alone, results = _single_run(
+      single, tmp_path / f"single_{member['class']}", evaluated
+    )
+    if evaluated:
+      for scorer, auroc in results["auroc"].items():
+        assert member["auroc"][scorer] == pytest.approx(auroc, abs=5e-4), scorer
     swept, step = _state(tmp_path / "sweep" / member["workdir"], single)
-    alone, step_alone = _state(alone_dir, single)
     assert step == step_alone == 4
     _assert_close(swept, alone, _ATOL_ADAM_DRIFT.get(method, _ATOL))
 
@@ -251,31 +271,56 @@ def test_every_method_sweeps_and_members_equal_single_runs(
 # --- Faults -------------------------------------------------------------------
 
 
-def test_halted_sweep_resumes_to_the_same_table_and_skips_finished(tmp_path):
-  # One combine mode throughout: 'auto' may time differently per call.
-  run = lambda config, workdir: sweep.run_sweep(
-    config, tmp_path / workdir, classes="0,3", seeds="0", combine="unrolled"
-  )
+# The interrupted sweeps (SIGTERM, halt_after_step) run long enough for a
+# SIGTERM to land mid-run and share one uninterrupted reference.
+_LONG_KEYS = {
+  "num_train_steps": 40,
+  "checkpoint_every_steps": 4,
+  "log_every_steps": 2,
+  "eval.plots": False,
+  "eval.num_overlays": 0,
+}
+# One combine mode throughout: 'auto' may time differently per call.
+_LONG_SWEEP = {"classes": "0,3", "seeds": "0", "combine": "unrolled"}
+_STRAIGHT = pytest.mark.xdist_group("sweep_straight")
+
+
+def _long_config():
   config = _sweep_config("rotnet")
-  straight = run(config, "straight")
-  halted = _sweep_config("rotnet")
+  config.update_from_flattened_dict(_LONG_KEYS)
+  return config
+
+
+@pytest.fixture(scope="module")
+def straight_sweep(tmp_path_factory):
+  """(workdir, report) of the uninterrupted 40-step sweep of classes 0, 3."""
+  workdir = tmp_path_factory.mktemp("straight")
+  return workdir, sweep.run_sweep(_long_config(), workdir, **_LONG_SWEEP)
+
+
+@_STRAIGHT
+def test_halted_sweep_resumes_to_the_same_table_and_skips_finished(
+  tmp_path, straight_sweep
+):
+  straight_dir, straight = straight_sweep
+  config = _long_config()
+  halted = _long_config()
   halted.halt_after_step = 2
-  assert run(halted, "resumed") == {}
+  assert sweep.run_sweep(halted, tmp_path, **_LONG_SWEEP) == {}
   status = json.loads(
-    (
-      tmp_path / "resumed" / "class_3" / "seed_0" / sweep.STATUS_FILE
-    ).read_text()
+    (tmp_path / "class_3" / "seed_0" / sweep.STATUS_FILE).read_text()
   )
   assert status["status"] == "halted" and status["step"] == 2
-  resumed = run(config, "resumed")
-  table = lambda w: (tmp_path / w / sweep.TABLE_FILE).read_text()
-  assert table("resumed") == table("straight")
+  resumed = sweep.run_sweep(config, tmp_path, **_LONG_SWEEP)
+  assert (tmp_path / sweep.TABLE_FILE).read_text() == (
+    straight_dir / sweep.TABLE_FILE
+  ).read_text()
   for a, b in zip(resumed["members"], straight["members"]):
     assert a["auroc"] == pytest.approx(b["auroc"], abs=1e-6)
 
-  results = tmp_path / "resumed" / "class_0" / "seed_0" / "results.json"
+  results = tmp_path / "class_0" / "seed_0" / "results.json"
   before = results.stat().st_mtime_ns
-  again = run(config, "resumed")
+  again = sweep.run_sweep(config, tmp_path, **_LONG_SWEEP)
   assert results.stat().st_mtime_ns == before  # Skipped: not evaluated.
   assert again["summary"] == resumed["summary"]
 
@@ -292,7 +337,9 @@ def test_a_non_finite_member_stops_alone(tmp_path, monkeypatch):
 
   monkeypatch.setattr(sweep.data, "train_batches", poisoned)
   config = _sweep_config("rotnet", steps=6)
-  report = sweep.run_sweep(config, tmp_path, classes="0,3", seeds="0")
+  report = sweep.run_sweep(
+    config, tmp_path, classes="0,3", seeds="0", combine="vmap"
+  )
   by_class = {m["class"]: m for m in report["members"]}
   assert by_class[0]["status"] == "finished" and by_class[0]["step"] == 6
   assert by_class[3]["status"] == "non_finite"
@@ -342,10 +389,8 @@ def test_an_early_stopping_member_freezes_while_the_others_go_on(
   assert (by_class[3]["status"], by_class[3]["step"]) == ("stopped_early", 4)
   single = _single_run_config("rotnet", 3, 0)
   single.num_train_steps = 6
-  single.halt_after_step = 5  # Train only: the states are compared.
-  train.train_and_evaluate(single, tmp_path / "single")
+  alone, step_alone, _ = _single_run(single, tmp_path / "single", False)
   swept, step = _state(tmp_path / "sweep" / "class_3" / "seed_0", single)
-  alone, step_alone = _state(tmp_path / "single", single)
   assert step == step_alone == 4 and int(swept.step) == 4
   _assert_close(swept, alone)
   # Finished: a rerun neither trains nor evaluates it again.
@@ -371,40 +416,55 @@ def test_shards_train_their_own_members_and_the_last_writes_the_table(tmp_path):
   }
 
 
-def test_command_line_sweep_and_eval_of_a_member(tmp_path, monkeypatch):
+def _in_process(entry, args, monkeypatch):
+  """Runs a command line (`entry()` under `args`) in this process; returns
+  its exit code. The real `python -m jax_oneclass.sweep` runs in
+  test_sigterm_saves_every_member_and_the_rerun_finishes_alike."""
+  monkeypatch.setattr(sys, "argv", ["jax_oneclass", *args])
+  with pytest.raises(SystemExit) as done:
+    entry()
+  # Commands define their config override flags again (see test_bad_input).
+  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+    delattr(flags.FLAGS, name)
+  return done.value.code
+
+
+def test_command_line_sweep_and_eval_of_a_member(tmp_path, monkeypatch, capsys):
   config_file = tmp_path / "tiny.py"
   config_file.write_text(
     "from tests.conftest import tiny_config\n"
     "def get_config(arg=None):\n"
     "  return tiny_config('rotnet', steps=2)\n"
   )
-  out = _cli(
-    f"--config={config_file}",
-    "--classes=0,3",
-    "--seeds=0,1",
-    "--stack=2",
-    "--config.eval.plots=False",
-    f"--workdir={tmp_path / 'w'}",
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "**overall**" in out.stdout
-  rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
-  assert len(rows) == 4  # Header, classes 0 and 3, overall.
-  member = tmp_path / "w" / "class_3" / "seed_1"
-  # `--mode=eval` of the member, through main's entry point in this process.
-  monkeypatch.setattr(
-    sys,
-    "argv",
+  code = _in_process(
+    lambda: sweep_cli.run(sweep.run_checked),
     [
-      "jax_oneclass.main",
+      f"--config={config_file}",
+      "--classes=0,3",
+      "--seeds=0",
+      "--stack=1",
+      "--config.eval.plots=False",
+      f"--workdir={tmp_path / 'w'}",
+    ],
+    monkeypatch,
+  )
+  out = capsys.readouterr()
+  assert code in (0, None), out.err[-3000:]
+  assert "**overall**" in out.out
+  rows = [line for line in out.out.splitlines() if line.startswith("| ")]
+  assert len(rows) == 4  # Header, classes 0 and 3, overall.
+  member = tmp_path / "w" / "class_3" / "seed_0"
+  # `--mode=eval` of the member, through main's entry point.
+  code = _in_process(
+    main_lib.run,
+    [
       f"--workdir={member}",
       "--mode=eval",
       f"--results_path={tmp_path / 'eval'}",
     ],
+    monkeypatch,
   )
-  with pytest.raises(SystemExit) as evaluated:
-    main_lib.run()
-  assert evaluated.value.code in (0, None)
+  assert code in (0, None)
   again = json.loads((tmp_path / "eval" / "results.json").read_text())
   saved = json.loads((member / "results.json").read_text())
   assert again["auroc"] == saved["auroc"] and again["step"] == 2
@@ -471,20 +531,16 @@ def test_a_grid_point_is_a_folder_and_a_table_section(tmp_path):
   assert "## optimizer.learning_rate=0.01" in table
 
 
-def test_sigterm_saves_every_member_and_the_rerun_finishes_alike(tmp_path):
-  keys = {
-    "num_train_steps": 40,
-    "checkpoint_every_steps": 4,
-    "log_every_steps": 2,
-    "eval.plots": False,
-    "eval.num_overlays": 0,
-  }
+@_STRAIGHT
+def test_sigterm_saves_every_member_and_the_rerun_finishes_alike(
+  tmp_path, straight_sweep
+):
   config_file = tmp_path / "tiny.py"
   config_file.write_text(
     "from tests.conftest import tiny_config\n"
     "def get_config(arg=None):\n"
     "  config = tiny_config('rotnet')\n"
-    f"  config.update_from_flattened_dict({keys!r})\n"
+    f"  config.update_from_flattened_dict({_LONG_KEYS!r})\n"
     "  return config\n"
   )
   command = [
@@ -492,9 +548,9 @@ def test_sigterm_saves_every_member_and_the_rerun_finishes_alike(tmp_path):
     "-m",
     "jax_oneclass.sweep",
     f"--config={config_file}",
-    "--classes=0,3",
-    "--seeds=0",
-    "--combine=unrolled",
+    f"--classes={_LONG_SWEEP['classes']}",
+    f"--seeds={_LONG_SWEEP['seeds']}",
+    f"--combine={_LONG_SWEEP['combine']}",
     f"--workdir={tmp_path / 'w'}",
   ]
   code, stderr = sigterm_once_saved(
@@ -510,15 +566,10 @@ def test_sigterm_saves_every_member_and_the_rerun_finishes_alike(tmp_path):
       tmp_path / "w" / f"class_{c}" / "seed_0" / "checkpoints" / str(stopped)
     ).is_dir()
 
-  # The same sweep again (in this process) continues from the checkpoints.
-  config = _sweep_config("rotnet")
-  config.update_from_flattened_dict(keys)
-  sweep.run_sweep(
-    config, tmp_path / "w", classes="0,3", seeds="0", combine="unrolled"
-  )
-  sweep.run_sweep(
-    config, tmp_path / "straight", classes="0,3", seeds="0", combine="unrolled"
-  )
+  # The same sweep again (in this process) continues from the checkpoints
+  # and ends as the uninterrupted one did.
+  sweep.run_sweep(_long_config(), tmp_path / "w", **_LONG_SWEEP)
+  straight_dir, _ = straight_sweep
   assert (tmp_path / "w" / sweep.TABLE_FILE).read_text() == (
-    tmp_path / "straight" / sweep.TABLE_FILE
+    straight_dir / sweep.TABLE_FILE
   ).read_text()
