@@ -56,7 +56,6 @@ reference_results.json has one) and W/sweep_auroc.png.
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import itertools
 import json
@@ -258,9 +257,10 @@ def stack(trees: Sequence[Any]):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def unstack(tree, index: int):
-  """Member `index` of a stacked pytree."""
+@jax.jit
+def unstack(tree, index):
+  """Member `index` of a stacked pytree. The index is traced: one program
+  serves every member."""
   return jax.tree.map(lambda x: x[index], tree)
 
 
