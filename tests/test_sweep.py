@@ -325,39 +325,24 @@ def test_halted_sweep_resumes_to_the_same_table_and_skips_finished(
   assert again["summary"] == resumed["summary"]
 
 
-def test_a_non_finite_member_stops_alone(tmp_path, monkeypatch):
-  real = sweep.data.train_batches
+def _poison_class_3(train_batches):
+  """A `data.train_batches` whose batches of normal class 3 are NaN from
+  the third step on."""
 
   def poisoned(config, start_step=0):
-    """Class 3's batches from its third step on are NaN."""
-    for index, batch in enumerate(real(config, start_step), start_step):
+    for index, batch in enumerate(
+      train_batches(config, start_step), start_step
+    ):
       if config.data.normal_class == 3 and index >= 2:
         batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
       yield batch
 
-  monkeypatch.setattr(sweep.data, "train_batches", poisoned)
-  config = _sweep_config("rotnet", steps=6)
-  report = sweep.run_sweep(
-    config, tmp_path, classes="0,3", seeds="0", combine="vmap"
-  )
-  by_class = {m["class"]: m for m in report["members"]}
-  assert by_class[0]["status"] == "finished" and by_class[0]["step"] == 6
-  assert by_class[3]["status"] == "non_finite"
-  assert by_class[3]["error"].startswith("Non-finite")
-  assert "last good checkpoint is step 2" in by_class[3]["error"]
-  assert not (tmp_path / "class_3" / "seed_0" / "results.json").exists()
-  table = (tmp_path / sweep.TABLE_FILE).read_text()
-  assert "class_3/seed_0: non_finite" in table
-  state, step = _state(
-    tmp_path / "class_3" / "seed_0", _single_run_config("rotnet", 3, 0)
-  )
-  assert step == 2
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+  return poisoned
 
 
-def _stop_class_3(get_method):
+def _stop_class_5(get_method):
   """A `methods.get_method` whose methods report stop_training from the
-  third step on for normal class 3 (its batches' labels), freezing there."""
+  third step on for normal class 5 (its batches' labels), freezing there."""
 
   def wrapped(*args, **kwargs):
     method = get_method(*args, **kwargs)
@@ -365,7 +350,7 @@ def _stop_class_3(get_method):
 
     def train_step(state, batch, rng):
       new, metrics = step_fn(state, batch, rng)
-      stop = (batch["label"][0] == 3) & (state.step >= 2)
+      stop = (batch["label"][0] == 5) & (state.step >= 2)
       return new, {**metrics, "stop_training": stop.astype(jnp.float32)}
 
     method.train_step = train_step
@@ -374,46 +359,50 @@ def _stop_class_3(get_method):
   return wrapped
 
 
-def test_an_early_stopping_member_freezes_while_the_others_go_on(
+def test_non_finite_and_early_stopping_members_stop_alone(
   tmp_path, monkeypatch
 ):
+  # One sweep: class 3 goes non-finite, class 5 stops early, class 0 goes on.
   monkeypatch.setattr(
-    run_lib.methods, "get_method", _stop_class_3(run_lib.methods.get_method)
+    sweep.data, "train_batches", _poison_class_3(sweep.data.train_batches)
+  )
+  monkeypatch.setattr(
+    run_lib.methods, "get_method", _stop_class_5(run_lib.methods.get_method)
   )
   config = _sweep_config("rotnet", steps=6)
+  workdir = tmp_path / "sweep"
   report = sweep.run_sweep(
-    config, tmp_path / "sweep", classes="0,3", seeds="0", combine="vmap"
+    config, workdir, classes="0,3,5", seeds="0", combine="vmap"
   )
   by_class = {m["class"]: m for m in report["members"]}
   assert (by_class[0]["status"], by_class[0]["step"]) == ("finished", 6)
-  assert (by_class[3]["status"], by_class[3]["step"]) == ("stopped_early", 4)
-  single = _single_run_config("rotnet", 3, 0)
+
+  # The non-finite member is named, keeps its last good checkpoint and has
+  # no results.
+  assert by_class[3]["status"] == "non_finite"
+  assert by_class[3]["error"].startswith("Non-finite")
+  assert "last good checkpoint is step 2" in by_class[3]["error"]
+  assert not (workdir / "class_3" / "seed_0" / "results.json").exists()
+  table = (workdir / sweep.TABLE_FILE).read_text()
+  assert "class_3/seed_0: non_finite" in table
+  state, step = _state(
+    workdir / "class_3" / "seed_0", _single_run_config("rotnet", 3, 0)
+  )
+  assert step == 2
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+  # The early-stopping member froze where its single run stops.
+  assert (by_class[5]["status"], by_class[5]["step"]) == ("stopped_early", 4)
+  single = _single_run_config("rotnet", 5, 0)
   single.num_train_steps = 6
   alone, step_alone, _ = _single_run(single, tmp_path / "single", False)
-  swept, step = _state(tmp_path / "sweep" / "class_3" / "seed_0", single)
+  swept, step = _state(workdir / "class_5" / "seed_0", single)
   assert step == step_alone == 4 and int(swept.step) == 4
   _assert_close(swept, alone)
-  # Finished: a rerun neither trains nor evaluates it again.
-  again = sweep.run_sweep(config, tmp_path / "sweep", classes="0,3", seeds="0")
+  # Finished and stopped early: a rerun of those two neither trains nor
+  # evaluates them again (the non-finite member would train again).
+  again = sweep.run_sweep(config, workdir, classes="0,5", seeds="0")
   assert again["summary"] == report["summary"]
-
-
-def test_shards_train_their_own_members_and_the_last_writes_the_table(tmp_path):
-  config = _sweep_config("rotnet", steps=2)
-  first = sweep.run_sweep(
-    config, tmp_path, classes="0,3", seeds="0", shard=(0, 2)
-  )
-  assert (tmp_path / "class_0" / "seed_0" / "results.json").exists()
-  assert not (tmp_path / "class_3").exists()
-  assert [m["status"] for m in first["members"]] == ["finished", "missing"]
-  second = sweep.run_sweep(
-    config, tmp_path, classes="0,3", seeds="0", shard=(1, 2)
-  )
-  assert [m["status"] for m in second["members"]] == ["finished", "finished"]
-  assert set(second["summary"][""][second["headline_scorer"]]["rows"]) == {
-    "0",
-    "3",
-  }
 
 
 def _in_process(entry, args, monkeypatch):
@@ -429,31 +418,53 @@ def _in_process(entry, args, monkeypatch):
   return done.value.code
 
 
-def test_command_line_sweep_and_eval_of_a_member(tmp_path, monkeypatch, capsys):
+def test_command_line_sweeps_in_shards_and_evaluates_a_member(
+  tmp_path, monkeypatch, capsys
+):
   config_file = tmp_path / "tiny.py"
   config_file.write_text(
     "from tests.conftest import tiny_config\n"
     "def get_config(arg=None):\n"
     "  return tiny_config('rotnet', steps=2)\n"
   )
-  code = _in_process(
-    lambda: sweep_cli.run(sweep.run_checked),
-    [
-      f"--config={config_file}",
-      "--classes=0,3",
-      "--seeds=0",
-      "--stack=1",
-      "--config.eval.plots=False",
-      f"--workdir={tmp_path / 'w'}",
-    ],
-    monkeypatch,
-  )
-  out = capsys.readouterr()
-  assert code in (0, None), out.err[-3000:]
-  assert "**overall**" in out.out
-  rows = [line for line in out.out.splitlines() if line.startswith("| ")]
+  workdir = tmp_path / "w"
+
+  def sweep_shard(shard):
+    """(exit code, sweep_results.json, stdout) of one shard's command."""
+    code = _in_process(
+      lambda: sweep_cli.run(sweep.run_checked),
+      [
+        f"--config={config_file}",
+        "--classes=0,3",
+        "--seeds=0",
+        "--stack=1",
+        "--config.eval.plots=False",
+        f"--shard={shard}",
+        f"--workdir={workdir}",
+      ],
+      monkeypatch,
+    )
+    out = capsys.readouterr()
+    assert code in (0, None), out.err[-3000:]
+    saved = json.loads((workdir / sweep.RESULTS_FILE).read_text())
+    return saved, out.out
+
+  # Each shard trains its own members; the last one's table has them all.
+  first, _ = sweep_shard("0/2")
+  assert (workdir / "class_0" / "seed_0" / "results.json").exists()
+  assert not (workdir / "class_3").exists()
+  assert [m["status"] for m in first["members"]] == ["finished", "missing"]
+  second, out = sweep_shard("1/2")
+  assert [m["status"] for m in second["members"]] == ["finished", "finished"]
+  assert set(second["summary"][""][second["headline_scorer"]]["rows"]) == {
+    "0",
+    "3",
+  }
+  assert "**overall**" in out
+  rows = [line for line in out.splitlines() if line.startswith("| ")]
   assert len(rows) == 4  # Header, classes 0 and 3, overall.
-  member = tmp_path / "w" / "class_3" / "seed_0"
+
+  member = workdir / "class_3" / "seed_0"
   # `--mode=eval` of the member, through main's entry point.
   code = _in_process(
     main_lib.run,
