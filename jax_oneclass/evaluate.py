@@ -17,6 +17,7 @@ second pass, with the stage fitted in the first.)
 import contextlib
 import csv
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,13 @@ class FittedStage:
   pixel_mean: np.ndarray | None = None
 
 
+@functools.lru_cache(maxsize=8)
+def _gather_fn(mesh):
+  """Labels and masks are split over hosts; an identity jit replicates
+  them (one per mesh: a new one per pass would trace again)."""
+  return jax.jit(lambda b: b, out_shardings=parallel.replicated(mesh))
+
+
 def _host_batches(fn, args, batches, mesh, num_images: int = 0, bar=None):
   """Runs `fn(*args, batch)` over batches; yields host arrays per batch,
   padding removed.
@@ -55,8 +63,7 @@ def _host_batches(fn, args, batches, mesh, num_images: int = 0, bar=None):
   'image' until `num_images` images have been yielded. `bar` (a progress
   bar over images) advances per batch.
   """
-  # Labels and masks are split over hosts; an identity jit replicates them.
-  gather = jax.jit(lambda b: b, out_shardings=parallel.replicated(mesh))
+  gather = _gather_fn(mesh)
   seen = 0
   for local in batches:
     batch = parallel.shard_batch(mesh, local)
@@ -161,8 +168,13 @@ def fit(run: run_lib.Run, state):
 
 
 def score_fn(run: run_lib.Run):
-  """`method.score` jitted over the run's mesh, outputs replicated."""
-  return jax.jit(run.method.score, out_shardings=parallel.replicated(run.mesh))
+  """`method.score` jitted over the run's mesh, outputs replicated (one
+  jitted function per run: calibration and evaluation trace it once)."""
+  if "score" not in run.jitted:
+    run.jitted["score"] = jax.jit(
+      run.method.score, out_shardings=parallel.replicated(run.mesh)
+    )
+  return run.jitted["score"]
 
 
 CALIBRATIONS = ("holdout", "cross_fit")

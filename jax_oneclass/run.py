@@ -33,6 +33,9 @@ class Run:
   method: interface.Method
   mesh: jax.sharding.Mesh
   checkpointer: checkpointing.Checkpointer
+  # Jitted functions of this run's method and mesh, built once (each new
+  # jax.jit wrapper would trace the networks again).
+  jitted: dict = dataclasses.field(default_factory=dict, repr=False)
 
 
 def resolve_duration(config, info) -> ml_collections.ConfigDict:
