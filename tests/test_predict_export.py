@@ -19,7 +19,7 @@ import jax_oneclass
 from jax_oneclass import data, export, train
 from jax_oneclass import run as run_lib
 from tests.conftest import METHODS, REPO
-from tests.trained import NUM_OVERLAYS, by_method
+from tests.trained import NUM_OVERLAYS, by_method, main_in_process
 
 NUM_IMAGES = 12
 
@@ -167,7 +167,8 @@ def test_every_export_format_reloads_and_matches(method, trained_run, tmp_path):
     path = export.export(det, fmt, tmp_path / fmt)
     signature = json.loads((path / "signature.json").read_text())
     assert signature["scorer"] == want.scorer
-    got = export.load(path)(images)
+    reloaded = export.load(path)
+    got = reloaded(images)
     np.testing.assert_allclose(
       got["score"], want.score, rtol=2e-4, atol=2e-4, err_msg=f"{method} {fmt}"
     )
@@ -188,7 +189,7 @@ def test_every_export_format_reloads_and_matches(method, trained_run, tmp_path):
         err_msg=f"{method} {fmt} map",
       )
     assert len(got["score"]) == len(images)  # Any batch size: 3 works too.
-    assert len(export.load(path)(images[:3])["score"]) == 3
+    assert len(reloaded(images[:3])["score"]) == 3
     if fmt == "onnx":
       _assert_symbolic_batch(path / "model.onnx")
 
@@ -280,34 +281,21 @@ def test_predict_refuses_inputs_with_nothing_to_score(
 
 
 @pytest.mark.xdist_group("run_dgad")
-def test_eval_without_config_reuses_and_refits_the_stage(trained_run, tmp_path):
+def test_eval_without_config_reuses_and_refits_the_stage(
+  trained_run, tmp_path, monkeypatch, capsys
+):
   shared, results = trained("dgad", trained_run)
   workdir = tmp_path / "run"  # Other tests read the shared run meanwhile.
   shutil.copytree(shared, workdir)
-  main = [
-    sys.executable,
-    "-m",
-    "jax_oneclass.main",
-    f"--workdir={workdir}",
-    "--mode=eval",
-  ]
-  again = subprocess.run(
-    main, cwd=REPO, capture_output=True, text=True, timeout=400, check=False
-  )
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert "Using the fitted stage saved for step 4" in again.stdout
+  args = [f"--workdir={workdir}", "--mode=eval"]
+  code, out, err = main_in_process(args, monkeypatch, capsys)
+  assert code == 0, err[-3000:]
+  assert "Using the fitted stage saved for step 4" in out
   rerun = json.loads((workdir / "results.json").read_text())
   assert rerun["auroc"] == pytest.approx(results["auroc"], abs=1e-6)
-  refit = subprocess.run(
-    main + ["--refit"],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=400,
-    check=False,
-  )
-  assert refit.returncode == 0, refit.stderr[-3000:]
-  assert "Using the fitted stage" not in refit.stdout
+  code, out, err = main_in_process(args + ["--refit"], monkeypatch, capsys)
+  assert code == 0, err[-3000:]
+  assert "Using the fitted stage" not in out
 
 
 def test_onnx_export_holds_the_network_once(tmp_path):
