@@ -336,6 +336,30 @@ def test_onnx_export_holds_the_network_once(tmp_path):
   )
 
 
+def test_onnx_export_leaves_out_what_no_output_needs(tmp_path):
+  """A method's `score` computes every scorer; the graph holds only what
+  the exported outputs need (here: one of two convolutions)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import onnx  # pylint: disable=g-import-not-at-top
+
+  def conv(x, scale):
+    kernel = jnp.full((3, 3, 3, 2), scale, jnp.float32)
+    return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+  def fn(images):
+    x = images.astype(jnp.float32) / 255.0
+    scores = {"used": conv(x, 1.0).mean((1, 2, 3)), "other": conv(x, 2.0)}
+    return {"score": scores["used"]}
+
+  assert export._write_onnx(fn, (8, 8, 3), tmp_path) == ["score"]  # pylint: disable=protected-access
+  graph = onnx.load(str(tmp_path / "model.onnx")).graph
+  ops = [node.op_type for node in graph.node]
+  assert ops.count("Conv") == 1, ops
+
+
 def test_loading_an_onnx_export_prints_nothing(tmp_path, capfd):
   """onnxruntime warns about every unused initializer of a loop body
   (a scan's constants) unless its log level is raised."""
