@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src.interpreters import partial_eval as pe
 
 from jax_oneclass import thresholds
 from jax_oneclass.cli_checks import EXPORT_FORMATS as FORMATS
@@ -143,6 +144,25 @@ def _unsupported_op(error: NotImplementedError) -> str:
   return text
 
 
+def _live_only(fn):
+  """`fn` computing only what its outputs need. A method's `score` computes
+  every scorer and the export keeps the headline's: jit drops the rest by
+  itself, but jax2onnx converts every equation of the trace (six times the
+  graph for the two-stage methods, and its conversion time grows faster
+  than the graph)."""
+
+  def live(*args):
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    jaxpr, used = pe.dce_jaxpr(
+      closed.jaxpr, [True] * len(closed.jaxpr.outvars), instantiate=True
+    )
+    kept = [a for a, u in zip(jax.tree.leaves(args), used) if u]
+    outs = jax.core.eval_jaxpr(jaxpr, closed.consts, *kept)
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+  return live
+
+
 def _write_onnx(fn, shape, output: Path) -> list[str]:
   """model.onnx; returns the output names in the graph's order."""
   try:
@@ -159,7 +179,8 @@ def _write_onnx(fn, shape, output: Path) -> list[str]:
 
   def as_list(images):
     with _keyword_pooling():  # Inside jax2onnx's own patches.
-      out = fn(images)  # One trace: the graph holds the network once.
+      # One trace: the graph holds the network once.
+      out = _live_only(fn)(images)
     return [out[k] for k in keys]
 
   # jax2onnx 0.17's graph optimiser drops transposes a ResNet's residual

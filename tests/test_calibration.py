@@ -89,9 +89,26 @@ def test_normalized_scores_keep_the_order():
   assert np.all(np.diff(thresholds.normalize(far, stats).astype(np.float32)))
 
 
+def _record(monkeypatch, module, names) -> dict:
+  """{name: what module.name last returned}, filled as the module calls
+  its own functions `names`."""
+  seen = {}
+
+  def recording(name, fn):
+    def call(*args, **kwargs):
+      seen[name] = fn(*args, **kwargs)
+      return seen[name]
+
+    return call
+
+  for name in names:
+    monkeypatch.setattr(module, name, recording(name, getattr(module, name)))
+  return seen
+
+
 @pytest.mark.parametrize("method", by_method(["rotnet"]))
 def test_cross_fit_calibrates_on_every_normal_image(
-  method, trained_run, tmp_path
+  method, trained_run, tmp_path, monkeypatch
 ):
   workdir = tmp_path / "run"
   shutil.copytree(trained_run(method).workdir, workdir)
@@ -100,17 +117,25 @@ def test_cross_fit_calibrates_on_every_normal_image(
   config.classifiers = {"gde": {}}
   config.eval.calibration = "cross_fit"
   config.eval.calibration_folds = 3
+  # What the refit computes on the way (the training images' embeddings,
+  # the stages without each fold, the pooled scores) is kept to check.
+  seen = _record(
+    monkeypatch,
+    evaluate,
+    ["_train_pass", "cross_fit_stages", "_cross_fit_scores"],
+  )
   det = jax_oneclass.Detector.load(workdir, config=config, refit=True)
   run, state, calib = det.run, det.state, det.stage.calibration
-  embeddings, _ = evaluate._train_pass(run, state, True, False)  # pylint: disable=protected-access
+  embeddings, _ = seen["_train_pass"]
   num_train = len(next(iter(embeddings.values())))
   assert calib["kind"] == "cross_fit"
   assert calib["num_images"] == num_train + run.info.num_holdout
   assert set(calib["image"]) == set(run.method.scorer_names(config))
   # The pass picked each image's score from the stage fitted without its
   # fold: fold 0's images, scored by that stage alone, agree.
-  stages, fold = evaluate.cross_fit_stages(run.method.fit, embeddings, 3)
-  pooled = evaluate._cross_fit_scores(run, state, det.stage.fitted, embeddings)  # pylint: disable=protected-access
+  stages, fold = seen["cross_fit_stages"]
+  assert len(stages) == 3 and len(fold) == num_train
+  pooled = seen["_cross_fit_scores"]
   alone, _ = evaluate._collect(  # pylint: disable=protected-access
     evaluate.score_fn(run),
     (state, parallel.replicate(run.mesh, stages[0])),

@@ -2,15 +2,13 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from jax_oneclass import methods
 from jax_oneclass import run as run_lib
-from tests.conftest import METHODS, REPO, localises
-from tests.trained import by_method, command
+from tests.conftest import METHODS, localises
+from tests.trained import by_method, command, main_in_process
 
 DIGITS_METHODS = [m for m in METHODS if not localises(m)]
 
@@ -21,20 +19,9 @@ def scorer_names(workdir) -> set[str]:
   return set(methods.method_module(config.method).Method.scorer_names(config))
 
 
-def _main(*args):
-  return subprocess.run(
-    [sys.executable, "-m", "jax_oneclass.main", *args],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=400,
-    check=False,
-  )
-
-
 @pytest.mark.parametrize("method", by_method(DIGITS_METHODS))
 def test_each_method_trains_and_evaluates_from_the_command_line(
-  method, trained_run, tmp_path
+  method, trained_run, tmp_path, monkeypatch, capsys
 ):
   run = trained_run(method)
   workdir, results = run.workdir, run.results
@@ -50,12 +37,16 @@ def test_each_method_trains_and_evaluates_from_the_command_line(
   assert sorted(
     p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()
   ) == ["2", "4"]
-  if method in ("disaug", "dgad"):  # --mode=eval gives the same numbers.
+  # --mode=eval gives the same numbers; through main's entry point in this
+  # process (tests/test_extending.py runs it as a command of its own).
+  if method in ("disaug", "dgad"):
     copy = tmp_path / "run"  # Other tests read the shared run meanwhile.
     shutil.copytree(workdir, copy)
     flags = command(method, workdir.parent)[3:-1]  # Without --workdir.
-    again = _main(*flags, f"--workdir={copy}", "--mode=eval")
-    assert again.returncode == 0, again.stderr[-3000:]
+    code, _, err = main_in_process(
+      [*flags, f"--workdir={copy}", "--mode=eval"], monkeypatch, capsys
+    )
+    assert code == 0, err[-3000:]
     assert json.loads((copy / "results.json").read_text())["auroc"] == (
       pytest.approx(results["auroc"], abs=1e-6)
     )

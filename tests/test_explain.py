@@ -70,8 +70,12 @@ def test_explanations_of_every_method(method, trained_run):
   assert cam.layer and cam.maps.shape == (NUM_IMAGES, height, width)
   assert np.all(cam.maps >= 0) and np.any(cam.maps > 0)
 
-  # Randomised weights (Adebayo et al. 2018): the maps must change.
-  fresh = det.run.method.init_state(jax.random.key(12345), det.image_shape)
+  # Randomised weights (Adebayo et al. 2018): the maps must change. Made
+  # like a restored state (jitted, replicated over the run's mesh), so the
+  # integrated-gradients program compiled above serves it too.
+  fresh = run_lib.initial_state(
+    det.run.method, det.image_shape, det.run.mesh, 12345
+  )
   random = explain.explain_images(
     det.run.method,
     fresh,

@@ -3,7 +3,8 @@ methods, methods.register and oneclass.register_classifier.
 
 The end-to-end test copies docs/examples (a small Deep SVDD and a k-NN
 classifier, as docs/extending.md shows them) to a temporary folder, trains
-it through the CLI and reads the run in new processes.
+it through the CLI and, in a new process, predicts, exports, evaluates and
+sweeps it.
 """
 
 import json
@@ -165,8 +166,9 @@ from pathlib import Path
 import numpy as np
 import jax_oneclass
 from jax_oneclass import export
+from jax_oneclass import main as main_lib
 
-workdir, out = Path(sys.argv[1]), Path(sys.argv[2])
+workdir, out, sweep_args = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
 assert "my_lab.classifiers" not in sys.modules
 det = jax_oneclass.Detector.load(workdir)
 assert "my_lab.classifiers" in sys.modules  # Imported by the run's config.
@@ -176,6 +178,25 @@ result = {"scores": sorted(want.scores), "score": want.score.tolist()}
 for fmt in ("jax", "onnx"):
   got = export.load(export.export(det, fmt, out / fmt))(images)
   result[fmt] = np.asarray(got["score"]).tolist()
+# `--mode=eval`, through main's entry point in this process.
+sys.argv = [
+  "jax_oneclass.main",
+  f"--workdir={workdir}",
+  "--mode=eval",
+  f"--results_path={out / 'eval'}",
+]
+try:
+  main_lib.run()
+except SystemExit as e:
+  result["eval_exit_code"] = e.code or 0
+# Then the sweep's command line, as `python -m jax_oneclass.sweep` runs it.
+from jax_oneclass import sweep, sweep_cli
+
+sys.argv = ["jax_oneclass.sweep", *sweep_args]
+try:
+  sweep_cli.run(sweep.run_checked)
+except SystemExit as e:
+  result["sweep_exit_code"] = e.code or 0
 print(json.dumps(result))
 """
 
@@ -215,18 +236,6 @@ def test_an_out_of_tree_method_and_classifier_train_and_are_read_again(
   results = json.loads((workdir / "results.json").read_text())
   assert sorted(results["auroc"]) == ["gde", "knn", "svdd"]
 
-  sweep_dir = tmp_path / "sweep"
-  swept = run(
-    [sys.executable, "-m", "jax_oneclass.sweep", "--classes=0,3", "--seeds=0"]
-    + tiny
-    + [f"--workdir={sweep_dir}"]
-  )
-  assert swept.returncode == 0, swept.stderr[-3000:]
-  assert "**overall**" in (sweep_dir / "sweep_table.md").read_text()
-  for normal_class in (0, 3):
-    member = sweep_dir / f"class_{normal_class}" / "seed_0"
-    member_results = json.loads((member / "results.json").read_text())
-    assert sorted(member_results["auroc"]) == ["gde", "knn", "svdd"]
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["method"] == "my_lab.deep_svdd"
   assert saved["plugins"] == ["my_lab.classifiers"]
@@ -244,27 +253,37 @@ def test_an_out_of_tree_method_and_classifier_train_and_are_read_again(
     assert "'my_lab.classifiers'" in line and str(workdir) in line, line
     assert "PYTHONPATH" in line
 
-  evaluated = run(main + ["--mode=eval", f"--results_path={tmp_path / 'eval'}"])
-  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-  again = json.loads((tmp_path / "eval" / "results.json").read_text())
-  assert again["auroc"] == pytest.approx(results["auroc"], abs=1e-6)
-
+  # A new process predicts, exports and evaluates the run, then sweeps.
+  sweep_dir = tmp_path / "sweep"
   read = run(
     [
       sys.executable,
       "-c",
       _READ_THE_RUN,
       str(workdir),
-      str(tmp_path / "export"),
+      str(tmp_path / "read"),
+      "--classes=0,3",
+      "--seeds=0",
+      *tiny,
+      f"--workdir={sweep_dir}",
     ]
   )
   assert read.returncode == 0, read.stderr[-3000:]
   out = json.loads(read.stdout.strip().splitlines()[-1])
+  assert out["eval_exit_code"] == 0, read.stderr[-3000:]
+  again = json.loads((tmp_path / "read" / "eval" / "results.json").read_text())
+  assert again["auroc"] == pytest.approx(results["auroc"], abs=1e-6)
   assert out["scores"] == ["gde", "knn", "svdd"]
   for fmt in ("jax", "onnx"):
     np.testing.assert_allclose(
       out[fmt], out["score"], rtol=2e-4, atol=2e-4, err_msg=fmt
     )
+  assert out["sweep_exit_code"] == 0, read.stderr[-3000:]
+  assert "**overall**" in (sweep_dir / "sweep_table.md").read_text()
+  for normal_class in (0, 3):
+    member = sweep_dir / f"class_{normal_class}" / "seed_0"
+    member_results = json.loads((member / "results.json").read_text())
+    assert sorted(member_results["auroc"]) == ["gde", "knn", "svdd"]
 
 
 def test_a_run_saved_before_plugins_existed_is_unchanged():

@@ -19,7 +19,7 @@ import jax_oneclass
 from jax_oneclass import data, export, train
 from jax_oneclass import run as run_lib
 from tests.conftest import METHODS, REPO
-from tests.trained import NUM_OVERLAYS, by_method
+from tests.trained import NUM_OVERLAYS, by_method, main_in_process
 
 NUM_IMAGES = 12
 
@@ -167,7 +167,8 @@ def test_every_export_format_reloads_and_matches(method, trained_run, tmp_path):
     path = export.export(det, fmt, tmp_path / fmt)
     signature = json.loads((path / "signature.json").read_text())
     assert signature["scorer"] == want.scorer
-    got = export.load(path)(images)
+    reloaded = export.load(path)
+    got = reloaded(images)
     np.testing.assert_allclose(
       got["score"], want.score, rtol=2e-4, atol=2e-4, err_msg=f"{method} {fmt}"
     )
@@ -188,7 +189,7 @@ def test_every_export_format_reloads_and_matches(method, trained_run, tmp_path):
         err_msg=f"{method} {fmt} map",
       )
     assert len(got["score"]) == len(images)  # Any batch size: 3 works too.
-    assert len(export.load(path)(images[:3])["score"]) == 3
+    assert len(reloaded(images[:3])["score"]) == 3
     if fmt == "onnx":
       _assert_symbolic_batch(path / "model.onnx")
 
@@ -280,34 +281,21 @@ def test_predict_refuses_inputs_with_nothing_to_score(
 
 
 @pytest.mark.xdist_group("run_dgad")
-def test_eval_without_config_reuses_and_refits_the_stage(trained_run, tmp_path):
+def test_eval_without_config_reuses_and_refits_the_stage(
+  trained_run, tmp_path, monkeypatch, capsys
+):
   shared, results = trained("dgad", trained_run)
   workdir = tmp_path / "run"  # Other tests read the shared run meanwhile.
   shutil.copytree(shared, workdir)
-  main = [
-    sys.executable,
-    "-m",
-    "jax_oneclass.main",
-    f"--workdir={workdir}",
-    "--mode=eval",
-  ]
-  again = subprocess.run(
-    main, cwd=REPO, capture_output=True, text=True, timeout=400, check=False
-  )
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert "Using the fitted stage saved for step 4" in again.stdout
+  args = [f"--workdir={workdir}", "--mode=eval"]
+  code, out, err = main_in_process(args, monkeypatch, capsys)
+  assert code == 0, err[-3000:]
+  assert "Using the fitted stage saved for step 4" in out
   rerun = json.loads((workdir / "results.json").read_text())
   assert rerun["auroc"] == pytest.approx(results["auroc"], abs=1e-6)
-  refit = subprocess.run(
-    main + ["--refit"],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=400,
-    check=False,
-  )
-  assert refit.returncode == 0, refit.stderr[-3000:]
-  assert "Using the fitted stage" not in refit.stdout
+  code, out, err = main_in_process(args + ["--refit"], monkeypatch, capsys)
+  assert code == 0, err[-3000:]
+  assert "Using the fitted stage" not in out
 
 
 def test_onnx_export_holds_the_network_once(tmp_path):
@@ -346,6 +334,30 @@ def test_onnx_export_holds_the_network_once(tmp_path):
     sum(1 for init in graph.initializer if sorted(init.dims) == [2, 3, 3, 3])
     == 1
   )
+
+
+def test_onnx_export_leaves_out_what_no_output_needs(tmp_path):
+  """A method's `score` computes every scorer; the graph holds only what
+  the exported outputs need (here: one of two convolutions)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import onnx  # pylint: disable=g-import-not-at-top
+
+  def conv(x, scale):
+    kernel = jnp.full((3, 3, 3, 2), scale, jnp.float32)
+    return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+  def fn(images):
+    x = images.astype(jnp.float32) / 255.0
+    scores = {"used": conv(x, 1.0).mean((1, 2, 3)), "other": conv(x, 2.0)}
+    return {"score": scores["used"]}
+
+  assert export._write_onnx(fn, (8, 8, 3), tmp_path) == ["score"]  # pylint: disable=protected-access
+  graph = onnx.load(str(tmp_path / "model.onnx")).graph
+  ops = [node.op_type for node in graph.node]
+  assert ops.count("Conv") == 1, ops
 
 
 def test_loading_an_onnx_export_prints_nothing(tmp_path, capfd):
