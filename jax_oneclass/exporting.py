@@ -22,7 +22,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src.interpreters import partial_eval as pe
 
 from jax_oneclass import thresholds
 from jax_oneclass.cli_checks import EXPORT_FORMATS as FORMATS
@@ -149,7 +148,15 @@ def _live_only(fn):
   every scorer and the export keeps the headline's: jit drops the rest by
   itself, but jax2onnx converts every equation of the trace (six times the
   graph for the two-stage methods, and its conversion time grows faster
-  than the graph)."""
+  than the graph). Without JAX's (private) dead-code elimination, `fn`
+  itself."""
+  try:
+    from jax._src.interpreters import partial_eval as pe  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return fn
+  eval_jaxpr = getattr(jax.core, "eval_jaxpr", None)
+  if eval_jaxpr is None or not hasattr(pe, "dce_jaxpr"):
+    return fn
 
   def live(*args):
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
@@ -157,7 +164,7 @@ def _live_only(fn):
       closed.jaxpr, [True] * len(closed.jaxpr.outvars), instantiate=True
     )
     kept = [a for a, u in zip(jax.tree.leaves(args), used) if u]
-    outs = jax.core.eval_jaxpr(jaxpr, closed.consts, *kept)
+    outs = eval_jaxpr(jaxpr, closed.consts, *kept)
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
   return live

@@ -125,3 +125,27 @@ if _CPU_LOG:
         f"{item.nodeid}\t{os.environ.get('PYTEST_XDIST_WORKER', '-')}\t"
         f"{start:.1f}\n"
       )
+
+
+# Files whose tests take longest (CPU seconds per test; see
+# JAX_ONECLASS_TEST_CPU_LOG), collected first: xdist then hands out the
+# short tests last, and neither worker waits long for the other at the end.
+_LONGEST_FIRST = (
+  "test_sweep.py",
+  "test_parallel.py",
+  "test_faults.py",
+  "test_extending.py",
+  "test_fitted_faults.py",
+  "test_workdir_faults.py",
+  "test_interrupts.py",
+  "test_two_stage_patch.py",
+  "test_gan.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Puts the files of `_LONGEST_FIRST` first, in that order (a stable
+  sort: each file keeps its own order)."""
+  del config
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
