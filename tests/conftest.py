@@ -67,6 +67,32 @@ def tiny_config(method: str, steps: int = 4, arg: str = "digits"):
   return config
 
 
+def command_in_process(entry, args, monkeypatch, capture, prog="jax_oneclass"):
+  """(exit code, stdout, stderr) of a command line run in this process:
+  `entry()` (e.g. `main.run` for `python -m jax_oneclass.main`) with
+  `args`, from the repository root; `capture` is pytest's capsys or capfd.
+
+  A command defines its config's override flags in absl's process-wide
+  registry and leaves them there; they are removed afterwards so that the
+  next command in this process can define them again.
+  """
+  import sys  # pylint: disable=g-import-not-at-top
+
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.chdir(REPO)
+  monkeypatch.setattr(sys, "argv", [prog, *args])
+  capture.readouterr()
+  try:
+    with pytest.raises(SystemExit) as done:
+      entry()
+  finally:
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+      delattr(flags.FLAGS, name)
+  out, err = capture.readouterr()
+  return done.value.code or 0, out, err
+
+
 def sigterm_once_saved(command, checkpoint, timeout_s: float = 300):
   """Starts `command` in the repository root, sends it SIGTERM as soon as
   the folder `checkpoint` appears (or the process ends) and returns its

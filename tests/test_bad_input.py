@@ -10,11 +10,10 @@ import subprocess
 import sys
 
 import pytest
-from absl import flags
 
 from jax_oneclass import cli_checks, export, predict, sweep_cli
 from jax_oneclass import main as main_lib
-from tests.conftest import REPO, load_config
+from tests.conftest import REPO, command_in_process, load_config
 
 _LIGHT_IMPORTS = """\
 import glob, importlib.util, sys
@@ -393,15 +392,12 @@ _CASES = {
 
 
 def _run_in_process(entry, args, monkeypatch, capfd):
-  """(exit code, stderr) of a command run in this process."""
-  monkeypatch.setattr(sys, "argv", [f"jax_oneclass.{entry}", *args])
-  with pytest.raises(SystemExit) as done:
-    _ENTRIES[entry]()
-  # A command that stops inside the config's parsing leaves its override
-  # flags defined; the next command in this process defines them again.
-  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-    delattr(flags.FLAGS, name)
-  return done.value.code, capfd.readouterr().err
+  """(exit code, stderr) of `python -m jax_oneclass.<entry>` run in this
+  process."""
+  code, _, stderr = command_in_process(
+    _ENTRIES[entry], args, monkeypatch, capfd, prog=f"jax_oneclass.{entry}"
+  )
+  return code, stderr
 
 
 def _assert_one_error_line(code, stderr, message):

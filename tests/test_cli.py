@@ -6,9 +6,10 @@ import shutil
 import pytest
 
 from jax_oneclass import methods
+from jax_oneclass import main as main_lib
 from jax_oneclass import run as run_lib
-from tests.conftest import METHODS, localises
-from tests.trained import by_method, command, main_in_process
+from tests.conftest import METHODS, command_in_process, localises
+from tests.trained import by_method, command
 
 DIGITS_METHODS = [m for m in METHODS if not localises(m)]
 
@@ -43,8 +44,11 @@ def test_each_method_trains_and_evaluates_from_the_command_line(
     copy = tmp_path / "run"  # Other tests read the shared run meanwhile.
     shutil.copytree(workdir, copy)
     flags = command(method, workdir.parent)[3:-1]  # Without --workdir.
-    code, _, err = main_in_process(
-      [*flags, f"--workdir={copy}", "--mode=eval"], monkeypatch, capsys
+    code, _, err = command_in_process(
+      main_lib.run,
+      [*flags, f"--workdir={copy}", "--mode=eval"],
+      monkeypatch,
+      capsys,
     )
     assert code == 0, err[-3000:]
     assert json.loads((copy / "results.json").read_text())["auroc"] == (

@@ -15,13 +15,17 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from absl import flags
 
 from jax_oneclass import checkpointing, train
 from jax_oneclass import main as main_lib
 from jax_oneclass import run as run_lib
 from jax_oneclass.errors import CheckpointError
-from tests.conftest import REPO, sigterm_once_saved, tiny_config
+from tests.conftest import (
+  REPO,
+  command_in_process,
+  sigterm_once_saved,
+  tiny_config,
+)
 
 
 def _config(steps: int, **keys):
@@ -63,19 +67,6 @@ def _run(command, **kwargs):
   )
 
 
-def _main_in_process(args, monkeypatch, capfd) -> tuple[int, str, str]:
-  """(exit code, stdout, stderr) of `python -m jax_oneclass.main *args`,
-  run through its entry point in this process."""
-  monkeypatch.setattr(sys, "argv", ["jax_oneclass.main", *args])
-  with pytest.raises(SystemExit) as done:
-    main_lib.run()
-  # The config's override flags stay defined; the next command defines them.
-  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-    delattr(flags.FLAGS, name)
-  out, err = capfd.readouterr()
-  return done.value.code or 0, out, err
-
-
 def _last_line(text: str) -> str:
   return [line for line in text.splitlines() if line.strip()][-1]
 
@@ -111,7 +102,9 @@ def test_sigterm_saves_and_the_rerun_is_bit_identical(
   assert (tmp_path / "run" / "checkpoints" / str(stopped)).is_dir()
   assert not (tmp_path / "run" / ".lock").exists()  # Released on the way out.
 
-  code, stdout, stderr = _main_in_process(args, monkeypatch, capfd)
+  code, stdout, stderr = command_in_process(
+    main_lib.run, args, monkeypatch, capfd
+  )
   assert code == 0, stderr[-3000:]
   assert f"Resumed from the checkpoint at step {stopped}" in stdout
   config = _config(81, **keys)
@@ -241,7 +234,9 @@ def test_disk_full_during_save_then_a_clean_rerun(tmp_path, monkeypatch, capfd):
   assert "tmp" not in (tmp_path / "left.txt").read_text()  # No partial left.
   # The same command on what it left, with room to spare.
   args[1] = f"--workdir={tmp_path / 'left'}"
-  code, stdout, rerun = _main_in_process(args, monkeypatch, capfd)
+  code, stdout, rerun = command_in_process(
+    main_lib.run, args, monkeypatch, capfd
+  )
   assert code == 0, rerun[-3000:]
   assert "Resumed from the checkpoint at step 2" in stdout
   assert sorted(os.listdir(tmp_path / "left" / "checkpoints")) == ["2", "4"]

@@ -16,10 +16,11 @@ import pytest
 from PIL import Image
 
 import jax_oneclass
-from jax_oneclass import data, export, train
+from jax_oneclass import data, export
+from jax_oneclass import main as main_lib
 from jax_oneclass import run as run_lib
-from tests.conftest import METHODS, REPO
-from tests.trained import NUM_OVERLAYS, by_method, main_in_process
+from tests.conftest import METHODS, REPO, command_in_process
+from tests.trained import NUM_OVERLAYS, by_method
 
 NUM_IMAGES = 12
 
@@ -293,12 +294,14 @@ def test_eval_without_config_reuses_and_refits_the_stage(
   workdir = tmp_path / "run"  # Other tests read the shared run meanwhile.
   shutil.copytree(shared, workdir)
   args = [f"--workdir={workdir}", "--mode=eval"]
-  code, out, err = main_in_process(args, monkeypatch, capsys)
+  code, out, err = command_in_process(main_lib.run, args, monkeypatch, capsys)
   assert code == 0, err[-3000:]
   assert "Using the fitted stage saved for step 4" in out
   rerun = json.loads((workdir / "results.json").read_text())
   assert rerun["auroc"] == pytest.approx(results["auroc"], abs=1e-6)
-  code, out, err = main_in_process(args + ["--refit"], monkeypatch, capsys)
+  code, out, err = command_in_process(
+    main_lib.run, args + ["--refit"], monkeypatch, capsys
+  )
   assert code == 0, err[-3000:]
   assert "Using the fitted stage" not in out
 

@@ -8,13 +8,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
 
 from jax_oneclass import evaluate, methods, sweep, sweep_cli, train
 from jax_oneclass import main as main_lib
 from jax_oneclass import run as run_lib
 from jax_oneclass.errors import ConfigError
-from tests.conftest import METHODS, REPO, sigterm_once_saved, tiny_config
+from tests.conftest import (
+  METHODS,
+  REPO,
+  command_in_process,
+  sigterm_once_saved,
+  tiny_config,
+)
 
 # One method per family is also compared with its single runs.
 _FAMILY_CHECKED = {}
@@ -405,19 +410,6 @@ def test_non_finite_and_early_stopping_members_stop_alone(
   assert again["summary"] == report["summary"]
 
 
-def _in_process(entry, args, monkeypatch):
-  """Runs a command line (`entry()` under `args`) in this process; returns
-  its exit code. The real `python -m jax_oneclass.sweep` runs in
-  test_sigterm_saves_every_member_and_the_rerun_finishes_alike."""
-  monkeypatch.setattr(sys, "argv", ["jax_oneclass", *args])
-  with pytest.raises(SystemExit) as done:
-    entry()
-  # Commands define their config override flags again (see test_bad_input).
-  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-    delattr(flags.FLAGS, name)
-  return done.value.code
-
-
 def test_command_line_sweeps_in_shards_and_evaluates_a_member(
   tmp_path, monkeypatch, capsys
 ):
@@ -431,7 +423,7 @@ def test_command_line_sweeps_in_shards_and_evaluates_a_member(
 
   def sweep_shard(shard):
     """(exit code, sweep_results.json, stdout) of one shard's command."""
-    code = _in_process(
+    code, out, err = command_in_process(
       lambda: sweep_cli.run(sweep.run_checked),
       [
         f"--config={config_file}",
@@ -443,11 +435,11 @@ def test_command_line_sweeps_in_shards_and_evaluates_a_member(
         f"--workdir={workdir}",
       ],
       monkeypatch,
+      capsys,
     )
-    out = capsys.readouterr()
-    assert code in (0, None), out.err[-3000:]
+    assert code == 0, err[-3000:]
     saved = json.loads((workdir / sweep.RESULTS_FILE).read_text())
-    return saved, out.out
+    return saved, out
 
   # Each shard trains its own members; the last one's table has them all.
   first, _ = sweep_shard("0/2")
@@ -466,7 +458,7 @@ def test_command_line_sweeps_in_shards_and_evaluates_a_member(
 
   member = workdir / "class_3" / "seed_0"
   # `--mode=eval` of the member, through main's entry point.
-  code = _in_process(
+  code, _, err = command_in_process(
     main_lib.run,
     [
       f"--workdir={member}",
@@ -474,8 +466,9 @@ def test_command_line_sweeps_in_shards_and_evaluates_a_member(
       f"--results_path={tmp_path / 'eval'}",
     ],
     monkeypatch,
+    capsys,
   )
-  assert code in (0, None)
+  assert code == 0, err[-3000:]
   again = json.loads((tmp_path / "eval" / "results.json").read_text())
   saved = json.loads((member / "results.json").read_text())
   assert again["auroc"] == saved["auroc"] and again["step"] == 2

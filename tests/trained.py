@@ -136,24 +136,3 @@ def by_method(methods):
     pytest.param(m, id=m, marks=pytest.mark.xdist_group(f"run_{m}"))
     for m in methods
   ]
-
-
-def main_in_process(args, monkeypatch, capsys) -> tuple[int, str, str]:
-  """(exit code, stdout, stderr) of `python -m jax_oneclass.main *args`,
-  run through main's entry point in this process (from the repository
-  root, as the subprocesses run)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
-  from jax_oneclass import main as main_lib  # pylint: disable=g-import-not-at-top
-
-  monkeypatch.chdir(REPO)
-  monkeypatch.setattr(sys, "argv", ["jax_oneclass.main", *args])
-  capsys.readouterr()
-  with pytest.raises(SystemExit) as done:
-    main_lib.run()
-  # The config's override flags stay defined; the next command in this
-  # process defines them again.
-  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-    delattr(flags.FLAGS, name)
-  out, err = capsys.readouterr()
-  return done.value.code or 0, out, err
