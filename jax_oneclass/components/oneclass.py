@@ -179,8 +179,13 @@ def _check_positive(name: str, key: str, value: Any) -> float:
   return value
 
 
+# Fitting normalises host features outside any jit: one compiled program per
+# feature shape rather than one per operation and shape.
+_l2_normalize_jitted = jax.jit(l2_normalize)
+
+
 def _maybe_normalize(x: np.ndarray, normalize: bool) -> np.ndarray:
-  return np.asarray(l2_normalize(x)) if normalize else x
+  return np.asarray(_l2_normalize_jitted(x)) if normalize else x
 
 
 def _score_input(
