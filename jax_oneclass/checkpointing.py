@@ -113,6 +113,49 @@ def is_disk_full(error: BaseException) -> bool:
   return False
 
 
+def _listing(directory: Path, pattern: str) -> list:
+  """(path, size) of every file under the folders matching `pattern`."""
+  found = []
+  for folder in directory.glob(pattern):
+    found.append((str(folder), 0))
+    for path in folder.rglob("*"):
+      try:
+        found.append((str(path), path.stat().st_size))
+      except FileNotFoundError:
+        found.append((str(path), -1))
+  return sorted(found)
+
+
+def remove_when_settled(
+  directory: Path, pattern: str, quiet_s: float = 0.3, timeout_s: float = 10.0
+) -> list:
+  """Removes the folders matching `pattern` once no writer changes them.
+
+  A failed save raises on the first failed write while other writer threads
+  (TensorStore's among them) may still be creating files; removing at once
+  lets them recreate the folder. Waits until the listing stays the same for
+  `quiet_s`, removes, and repeats until nothing reappears (or `timeout_s`).
+  Returns the names removed.
+  """
+  removed = set()
+  deadline = time.monotonic() + timeout_s
+  while True:
+    before = _listing(directory, pattern)
+    time.sleep(quiet_s)
+    after = _listing(directory, pattern)
+    if not after:
+      if not before or time.monotonic() > deadline:
+        return sorted(removed)
+      continue
+    if before != after and time.monotonic() < deadline:
+      continue
+    for folder in directory.glob(pattern):
+      shutil.rmtree(folder, ignore_errors=True)
+      removed.add(folder.name)
+    if time.monotonic() > deadline:
+      return sorted(removed)
+
+
 def _size(path: Path) -> int:
   return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -180,9 +223,9 @@ class Checkpointer:
       ) from error
     removed = []
     if step is not None and jax.process_index() == 0:
-      for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-        shutil.rmtree(partial, ignore_errors=True)
-        removed.append(partial.name)
+      removed = remove_when_settled(
+        self.directory, f"{step}.orbax-checkpoint-tmp*"
+      )
       (self.directory / str(step) / CHECKSUMS).unlink(missing_ok=True)
     done = [s for s in self.all_steps() if s != step]
     need = _size(self.directory / str(max(done))) if done else 0

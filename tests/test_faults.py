@@ -11,6 +11,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import jax
 import numpy as np
@@ -262,6 +264,27 @@ def test_disk_full_reported_by_the_writer(tmp_path, monkeypatch):
     checkpointer.save(3, {"x": np.zeros(3)}, {"step": 3})
   assert not partial.exists()
   checkpointer.close()
+
+
+def test_a_partial_still_being_written_is_removed_once_settled(tmp_path):
+  """Writer threads that outlive the failed save must not recreate it."""
+  partial = tmp_path / "4.orbax-checkpoint-tmp"
+
+  def late_writer():
+    for i in range(5):
+      (partial / "state").mkdir(parents=True, exist_ok=True)
+      (partial / "state" / f"chunk{i}").write_bytes(b"x" * 10)
+      time.sleep(0.1)
+
+  writer = threading.Thread(target=late_writer)
+  writer.start()
+  time.sleep(0.05)
+  removed = checkpointing.remove_when_settled(
+    tmp_path, "4.orbax-checkpoint-tmp*"
+  )
+  writer.join()
+  assert removed == ["4.orbax-checkpoint-tmp"]
+  assert not partial.exists()
 
 
 def test_folder_classes_by_name(tmp_path):
