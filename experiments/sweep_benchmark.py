@@ -1,8 +1,11 @@
-"""One stacked sweep vs. sequential single runs: the digits DisAug preset.
+"""One stacked sweep vs. sequential single runs (default: digits DisAug).
 
   python experiments/sweep_benchmark.py            # all 10 classes, 1 seed
   python experiments/sweep_benchmark.py --classes=0,1 --steps=4 \\
       --out_dir=/tmp/sweep_bench                   # a smoke run
+  python experiments/sweep_benchmark.py --name=cifar10_disaug \\
+      --config=configs/disaug.py:folder,folder=/tmp/cifar/cifar10-jpeg \\
+      --classes=0,1,2 --steps=100 --set=model.width=32
 
 Runs `python -m jax_oneclass.sweep` over the classes (one fresh process)
 and then `python -m jax_oneclass.main` once per class (fresh processes, one
@@ -26,7 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = "--config=configs/disaug.py:digits"
 
 
 def _cpu_model() -> str:
@@ -79,6 +81,7 @@ def timed(command: list[str]) -> dict:
 
 def _overrides(args) -> list[str]:
   flags = ["--config.progress_bar=False", f"--config.seed={args.seed}"]
+  flags += [f"--config.{setting}" for setting in args.set]
   if args.steps:
     flags.append(f"--config.num_train_steps={args.steps}")
   return flags
@@ -95,9 +98,11 @@ def _auroc(path: Path) -> dict:
 def markdown(result: dict) -> str:
   sweep, single = result["sweep"], result["sequential"]
   lines = [
-    "## Stacked sweep vs. sequential single runs (digits DisAug)",
+    f"## Stacked sweep vs. sequential single runs ({result['name']})",
     "",
-    f"{len(result['classes'])} classes x seed {result['seed']}, "
+    f"`{result['config']}`"
+    + "".join(f" `--config.{s}`" for s in result["settings"])
+    + f"; {len(result['classes'])} classes x seed {result['seed']}, "
     f"{result['steps'] or 'preset'} steps, --combine={result['combine']}; "
     f"CPU {result['cpu']}, jaxlib {result['jaxlib']}, load before "
     f"{result['load_before']}, after {result['load_after']}.",
@@ -125,6 +130,16 @@ def markdown(result: dict) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", default="configs/disaug.py:digits")
+  parser.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    help="key=value config override for both sides (repeatable)",
+  )
+  parser.add_argument(
+    "--name", default="digits_disaug", help="results file stem and title"
+  )
   parser.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9")
   parser.add_argument("--seed", type=int, default=1)
   parser.add_argument(
@@ -145,11 +160,12 @@ def main():
   print(f"CPU: {cpu}; jaxlib {jaxlib}; load {load_before}", flush=True)
 
   python = [sys.executable, "-m"]
+  config = f"--config={args.config}"
   sweep = timed(
     python
     + [
       "jax_oneclass.sweep",
-      CONFIG,
+      config,
       f"--classes={args.classes}",
       f"--seeds={args.seed}",
       f"--combine={args.combine}",
@@ -164,7 +180,7 @@ def main():
       python
       + [
         "jax_oneclass.main",
-        CONFIG,
+        config,
         f"--config.data.normal_class={c}",
         f"--workdir={work / 'single' / f'class_{c}'}",
         *_overrides(args),
@@ -182,6 +198,9 @@ def main():
     str(c): _auroc(work / "single" / f"class_{c}") for c in classes
   }
   result = {
+    "name": args.name,
+    "config": args.config,
+    "settings": args.set,
     "classes": classes,
     "seed": args.seed,
     "steps": args.steps,
@@ -201,9 +220,10 @@ def main():
   }
   out = Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "sweep_benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
+  stem = f"sweep_benchmark_{args.name}"
+  (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
   text = markdown(result)
-  (out / "sweep_benchmark.md").write_text(text)
+  (out / f"{stem}.md").write_text(text)
   print(text)
 
 

@@ -168,7 +168,16 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True
+        max_to_keep=max_to_keep,
+        create=True,
+        # Orbax names its cross-host barriers by step; a sweep saves the
+        # same step of several members at once, so each folder needs its
+        # own names or their barriers meet and time out.
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix=hashlib.sha1(
+            str(self.directory).encode()
+          ).hexdigest()[:12]
+        ),
       ),
       item_names=("state", "meta"),
     )

@@ -87,3 +87,37 @@ def replicate(mesh: Mesh, tree):
 def to_host(tree):
   """Replicated global arrays -> numpy, on every process."""
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def _identity(tree):
+  return tree
+
+
+def put_global(tree, sharding: NamedSharding):
+  """Arrays with the same value on every process -> global arrays laid out
+  by `sharding` (also from another mesh's global arrays, and PRNG keys).
+
+  One process: `jax.device_put`. Several: `device_put` refuses shardings
+  over other hosts' devices, so host values go through
+  `make_array_from_callback` and global arrays through a jitted copy.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def put(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.jit(_identity, out_shardings=sharding)(x)
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+      data = np.asarray(jax.random.key_data(x))
+      spec = P(*sharding.spec, None)
+      return jax.random.wrap_key_data(
+        put_global(data, NamedSharding(sharding.mesh, spec)),
+        impl=jax.random.key_impl(x),
+      )
+    value = np.asarray(x)
+    return jax.make_array_from_callback(
+      value.shape, sharding, lambda index: value[index]
+    )
+
+  return jax.tree.map(put, tree)

@@ -337,8 +337,7 @@ def _put_batch(mesh: Mesh, host_batches: Sequence[dict]) -> dict:
 
 
 def _put_members(mesh: Mesh, tree):
-  sharding = NamedSharding(mesh, P(MEMBER_AXIS))
-  return jax.device_put(tree, sharding)
+  return parallel.put_global(tree, NamedSharding(mesh, P(MEMBER_AXIS)))
 
 
 def _copy(tree):
@@ -446,6 +445,18 @@ def _finished_results(member: Member, total: int):
   return None
 
 
+def _agreed_choice(mode: str) -> str:
+  """Process 0's combine mode on every process: each times its own steps,
+  and hosts that chose differently would run different programs."""
+  if jax.process_count() == 1:
+    return mode
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  names = sorted(COMBINES)
+  index = multihost_utils.broadcast_one_to_all(np.int32(names.index(mode)))
+  return names[int(index)]
+
+
 class _Combiner:
   """The combine mode: fixed, or chosen once by timing ('auto')."""
 
@@ -474,7 +485,7 @@ class _Combiner:
     }
     self.timings = {name: out[0] for name, out in outs.items()}
     self.difference = max_difference(outs["vmap"][1], outs["unrolled"][1])
-    self.mode = min(self.timings, key=self.timings.get)
+    self.mode = _agreed_choice(min(self.timings, key=self.timings.get))
     why = "faster"
     if self.difference > VMAP_TOLERANCE:
       self.mode, why = (
@@ -532,7 +543,9 @@ def _save(slot: _Slot, state, step: int) -> None:
 def _member_state(stacked, index: int, run: run_lib.Run):
   """Member `index`'s state, replicated over its run's mesh like a single
   run's."""
-  return jax.device_put(unstack(stacked, index), parallel.replicated(run.mesh))
+  return parallel.put_global(
+    unstack(stacked, index), parallel.replicated(run.mesh)
+  )
 
 
 def train_program(
@@ -579,7 +592,7 @@ def train_program(
     state,
     first_batch,
     rngs,
-    jax.device_put(active, replicated),
+    parallel.put_global(active, replicated),
   )
   last_save = time.monotonic()
   every_secs = config.get("checkpoint_every_secs", 0.0)
@@ -596,7 +609,7 @@ def train_program(
         if batch is None:
           batch = _put_batch(mesh, [next(it) for it in iterators])
         state, metrics = step_fn(
-          state, batch, rngs, jax.device_put(active, replicated)
+          state, batch, rngs, parallel.put_global(active, replicated)
         )
         batch = None
         pending.append(metrics)

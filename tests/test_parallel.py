@@ -101,10 +101,12 @@ class _Job:
   lock_holders: list[tuple]  # Each (pid, purpose) the lock file named.
 
 
-def _run_two_processes(flags: list[str], returncode: int = 0, lock=None):
-  """`main` with `flags` as processes 0 and 1 of one job (2 devices each),
-  once both exited with `returncode`; the lock file `lock` is watched
-  while they run."""
+def _run_two_processes(
+  flags: list[str], returncode: int = 0, lock=None, module="jax_oneclass.main"
+):
+  """`module` with `flags` as processes 0 and 1 of one job (2 devices
+  each), once both exited with `returncode`; the lock file `lock` is
+  watched while they run."""
   flags = [
     *flags,
     "--config.progress_bar=False",
@@ -122,7 +124,7 @@ def _run_two_processes(flags: list[str], returncode: int = 0, lock=None):
         [
           sys.executable,
           "-m",
-          "jax_oneclass.main",
+          module,
           *flags,
           f"--process_id={i}",
         ],
@@ -187,6 +189,36 @@ def test_two_processes_train_and_evaluate(tmp_path):
   # it), for the whole run, and releases it.
   assert job.lock_holders == [(job.pids[0], "training")]
   assert not workdir_lock.lock_path(tmp_path).exists()
+
+
+def test_two_processes_sweep_two_members_in_one_program(tmp_path):
+  job = _run_two_processes(
+    [
+      "--config=configs/clr.py:digits",
+      f"--workdir={tmp_path}",
+      "--classes=0,3",
+      "--seeds=0",
+      *_TINY_CLR,
+      "--config.eval.batch_size=64",
+      "--config.eval.plots=False",
+      "--config.eval.num_overlays=0",
+      "--config.eval.rotation_averaging=False",
+      "--config.eval.scorer=pool/gde",
+    ],
+    module="jax_oneclass.sweep",
+  )
+  # Each process times both combine modes; process 0's choice holds.
+  assert "--combine=auto: one step of 2 members" in job.outputs[0]
+  report = json.loads((tmp_path / "sweep_results.json").read_text())
+  assert [(m["class"], m["status"], m["step"]) for m in report["members"]] == [
+    (0, "finished", 3),
+    (3, "finished", 3),
+  ]
+  for member in ("class_0/seed_0", "class_3/seed_0"):
+    results = json.loads((tmp_path / member / "results.json").read_text())
+    assert results["step"] == 3 and results["num_test"] == 599
+  assert "**overall**" in job.outputs[0]  # The table, from process 0 only.
+  assert "**overall**" not in job.outputs[1]
 
 
 def test_two_processes_both_stop_on_a_held_workdir_lock(tmp_path):
