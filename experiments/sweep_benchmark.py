@@ -76,7 +76,19 @@ def timed(command: list[str]) -> dict:
       f"({done.returncode}):\n{done.stderr[-2000:]}"
     )
   cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-  return {"wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1)}
+  return {
+    "wall_seconds": round(wall, 1),
+    "cpu_seconds": round(cpu, 1),
+    "stdout": done.stdout,
+  }
+
+
+def _combine_line(stdout: str) -> str:
+  """The sweep's '--combine=auto: ...' line (the timing it chose by)."""
+  return next(
+    (line for line in stdout.splitlines() if line.startswith("--combine=")),
+    "",
+  )
 
 
 def _overrides(args) -> list[str]:
@@ -116,6 +128,8 @@ def markdown(result: dict) -> str:
     f"| ratio (runs / sweep) | "
     f"{single['wall_seconds'] / max(sweep['wall_seconds'], 1e-9):.2f} | "
     f"{single['cpu_seconds'] / max(sweep['cpu_seconds'], 1e-9):.2f} |",
+    "",
+    f"The sweep said: {result.get('combine_choice') or '(no choice line)'}",
     "",
     f"Per class, AUROC of `{result['scorer']}`:",
     "",
@@ -173,7 +187,8 @@ def main():
       *_overrides(args),
     ]
   )
-  print(f"sweep: {sweep}", flush=True)
+  combine_line = _combine_line(sweep.pop("stdout"))
+  print(f"sweep: {sweep}\n{combine_line}", flush=True)
   sequential = {"wall_seconds": 0.0, "cpu_seconds": 0.0}
   for c in classes:
     one = timed(
@@ -186,6 +201,7 @@ def main():
         *_overrides(args),
       ]
     )
+    one.pop("stdout")
     print(f"class {c}: {one}", flush=True)
     for key in sequential:
       sequential[key] = round(sequential[key] + one[key], 1)
@@ -205,6 +221,7 @@ def main():
     "seed": args.seed,
     "steps": args.steps,
     "combine": args.combine,
+    "combine_choice": combine_line,
     "cpu": cpu,
     "jaxlib": jaxlib,
     "load_before": load_before,

@@ -335,3 +335,36 @@ def test_paper_tables_average_seeds_per_class_and_spread_over_seeds():
   table = "\n".join(paper_comparisons.variant_table(saved))
   assert "| DGAD, model.padding=zeros | 90.0 | **90.0** |" in table
   assert "| DGAD (default: circular, adversarial_weight 1) | 60.0 |" in table
+
+
+def test_sweep_benchmark_table_names_config_choice_and_ratio():
+  from experiments import sweep_benchmark  # pylint: disable=g-import-not-at-top
+
+  line = sweep_benchmark._combine_line(
+    "Training...\n--combine=auto: one step of 3 members took vmap 9.0 ms, "
+    "unrolled 7.0 ms; using unrolled (faster).\nDone.\n"
+  )
+  assert line.endswith("using unrolled (faster).")
+  result = {
+    "name": "cifar10_disaug",
+    "config": "configs/disaug.py:folder,folder=/c",
+    "settings": ["model.width=32"],
+    "classes": [0, 1],
+    "seed": 1,
+    "steps": 100,
+    "combine": "auto",
+    "combine_choice": line,
+    "cpu": "x",
+    "jaxlib": "0",
+    "load_before": "0",
+    "load_after": "0",
+    "sweep": {"wall_seconds": 50.0, "cpu_seconds": 90.0},
+    "sequential": {"wall_seconds": 100.0, "cpu_seconds": 99.0},
+    "scorer": "pool/gde",
+    "auroc": {"sweep": {"0": 0.9, "1": 0.8}, "single": {"0": 0.9, "1": 0.75}},
+  }
+  text = sweep_benchmark.markdown(result)
+  assert "(cifar10_disaug)" in text and "`--config.model.width=32`" in text
+  assert "| ratio (runs / sweep) | 2.00 | 1.10 |" in text
+  assert "using unrolled (faster)" in text
+  assert "| 1 | 0.8000 | 0.7500 | +0.0500 |" in text
