@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jax_oneclass import logging_utils
+from jax_oneclass import logging_utils, parallel
 from jax_oneclass.errors import CheckpointError
 
 CHECKSUMS = "checksums.json"
@@ -160,6 +160,52 @@ def _size(path: Path) -> int:
   return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _alone_among_processes() -> bool:
+  """Inside `parallel.host_local()` of a several-process job: Orbax then
+  refuses this host's arrays, which are not global, so they travel as NumPy."""
+  return parallel.is_host_local() and jax.process_count() > 1
+
+
+def _to_numpy(tree):
+  return jax.tree.map(
+    lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, tree
+  )
+
+
+def _host_placed(restored, target):
+  """NumPy leaves of `restored` put where `target`'s leaves say."""
+  return jax.tree.map(
+    lambda x, t: (
+      jax.device_put(x, t.sharding)
+      if getattr(t, "sharding", None) is not None
+      else x
+    ),
+    restored,
+    target,
+  )
+
+
+def _manager_options(directory: Path, create: bool = True, **options):
+  """Orbax's options, with how processes save: all together, or (inside
+  `parallel.host_local()`) this process alone, as a one-host job."""
+  # Orbax names its cross-host barriers by step; a sweep saves the same
+  # step of several members at once, so each folder needs its own names or
+  # their barriers meet and time out.
+  prefix = hashlib.sha1(str(directory).encode()).hexdigest()[:12]
+  hosts = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)
+  if _alone_among_processes():
+    me = jax.process_index()
+    hosts = ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}, barrier_sync_key_prefix=prefix
+    )
+    if create:  # Orbax leaves it to the caller with active_processes.
+      Path(directory).mkdir(parents=True, exist_ok=True)
+      create = False
+  return ocp.CheckpointManagerOptions(
+    create=create, multiprocessing_options=hosts, **options
+  )
+
+
 class Checkpointer:
   """Periodic saves, keep-last-N, checksums, restore of the latest good step."""
 
@@ -167,18 +213,7 @@ class Checkpointer:
     self.directory = Path(directory).absolute()
     self.manager = ocp.CheckpointManager(
       self.directory,
-      options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        create=True,
-        # Orbax names its cross-host barriers by step; a sweep saves the
-        # same step of several members at once, so each folder needs its
-        # own names or their barriers meet and time out.
-        multiprocessing_options=ocp.options.MultiprocessingOptions(
-          barrier_sync_key_prefix=hashlib.sha1(
-            str(self.directory).encode()
-          ).hexdigest()[:12]
-        ),
-      ),
+      options=_manager_options(self.directory, max_to_keep=max_to_keep),
       item_names=("state", "meta"),
     )
     self._unsummed = []  # Saved steps whose checksums are not written yet.
@@ -194,6 +229,8 @@ class Checkpointer:
   def save(self, step: int, state, meta: dict) -> None:
     """Saves asynchronously; `wait` blocks until written and checksummed."""
     self.wait()
+    if _alone_among_processes():
+      state = _to_numpy(state)
     try:
       self.manager.save(
         step,
@@ -215,7 +252,7 @@ class Checkpointer:
       self._raise_save_error(self._unsummed[-1] if self._unsummed else None, e)
     for step in self._unsummed:
       step_dir = self.directory / str(step)
-      if step_dir.is_dir() and jax.process_index() == 0:
+      if step_dir.is_dir() and parallel.process_index() == 0:
         try:
           write_checksums(step_dir)
         except OSError as e:
@@ -231,7 +268,7 @@ class Checkpointer:
         f"({type(error).__name__}: {str(error)[:300]})."
       ) from error
     removed = []
-    if step is not None and jax.process_index() == 0:
+    if step is not None and parallel.process_index() == 0:
       removed = remove_when_settled(
         self.directory, f"{step}.orbax-checkpoint-tmp*"
       )
@@ -282,6 +319,9 @@ class Checkpointer:
     where the restored arrays go; None restores all arrays as saved, in
     nested dicts (`restore_parts` reads only some subtrees).
     """
+    placed = target
+    if target is not None and _alone_among_processes():
+      target = jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), target)
     try:
       restored = self.manager.restore(
         step,
@@ -289,6 +329,8 @@ class Checkpointer:
           state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
         ),
       )
+      if placed is not target:
+        restored["state"] = _host_placed(restored["state"], placed)
     except Exception as e:  # Orbax raises many types for unreadable files.
       path = self.directory / str(step)
       others = [s for s in self.all_steps() if s != step]
@@ -330,6 +372,7 @@ def restore_parts(directory, step: int, parts: Sequence[tuple[str, ...]]):
   path = Path(directory).absolute() / str(step)
   manager = ocp.CheckpointManager(
     Path(directory).absolute(),
+    options=_manager_options(Path(directory).absolute()),
     item_handlers={
       "state": ocp.PyTreeCheckpointHandler(),
       "meta": ocp.JsonCheckpointHandler(),
@@ -402,8 +445,8 @@ class FittedStore:
     self.directory = Path(directory).absolute()
     self.manager = ocp.CheckpointManager(
       self.directory,
-      options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=False
+      options=_manager_options(
+        self.directory, create=False, max_to_keep=max_to_keep
       ),
       item_names=("fitted", "calibration", "meta"),
       item_handlers={
@@ -441,7 +484,7 @@ class FittedStore:
       force=True,
     )
     self.manager.wait_until_finished()
-    if jax.process_index() == 0:
+    if parallel.process_index() == 0:
       write_checksums(
         self.directory / str(step), checkpoint_sha256=checkpoint_sha256
       )

@@ -142,10 +142,10 @@ class Detector:
       step,
     )
     if batch_size is not None:
-      if batch_size < 1 or batch_size % jax.device_count():
+      if batch_size < 1 or batch_size % parallel.device_count():
         raise ConfigError(
           f"batch_size {batch_size} must be a positive "
-          f"multiple of the {jax.device_count()} devices."
+          f"multiple of the {parallel.device_count()} devices."
         )
       if (
         config.eval.get("batch_norm") == "batch"
@@ -174,7 +174,9 @@ class Detector:
         images[start : start + size], self.image_shape
       )
       padded = (
-        size if whole else padded_size(len(chunk), size, jax.device_count())
+        size
+        if whole
+        else padded_size(len(chunk), size, parallel.device_count())
       )
       batch = np.zeros((padded,) + self.image_shape, np.float32)
       batch[: len(chunk)] = chunk
@@ -182,7 +184,7 @@ class Detector:
 
   def score_images(self, images: list, progress: bool = False) -> Any:
     """The method's raw `Scores` of uint8 images, as host arrays."""
-    if jax.process_count() > 1:
+    if parallel.process_count() > 1:
       raise ConfigError(
         "Detector runs in one process (all its devices); "
         "use --mode=eval for multi-host scoring."

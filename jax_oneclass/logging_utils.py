@@ -17,9 +17,9 @@ import tqdm
 
 
 def is_main_process() -> bool:
-  import jax  # pylint: disable=g-import-not-at-top
+  from jax_oneclass import parallel  # pylint: disable=g-import-not-at-top
 
-  return jax.process_index() == 0
+  return parallel.process_index() == 0
 
 
 def write_json(path, payload: dict) -> None:

@@ -434,9 +434,9 @@ def _run_mode(config):
       file=sys.stderr,
     )
     sys.exit(2)
-  import jax  # pylint: disable=g-import-not-at-top
+  from jax_oneclass import parallel  # pylint: disable=g-import-not-at-top
 
-  if jax.process_index() == 0:
+  if parallel.process_index() == 0:
     print(format_results(results))
     if results and _MODE.value == "eval" and output is False:
       print(

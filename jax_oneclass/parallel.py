@@ -7,6 +7,8 @@ contrastive negatives cover the whole global batch without collectives in
 the method code.
 """
 
+import contextlib
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -14,6 +16,48 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jax_oneclass.errors import ConfigError
 
 DATA_AXIS = "data"
+_host_local = False  # Within `host_local()`: see there.
+
+
+@contextlib.contextmanager
+def host_local():
+  """Within it, this process acts as a one-host job on its own devices.
+
+  A sweep under several processes gives each host its own members: their
+  runs see one process (index 0) and this host's devices, read all of
+  their data, write their own files and meet no other host in a barrier.
+  """
+  global _host_local
+  before, _host_local = _host_local, True
+  try:
+    yield
+  finally:
+    _host_local = before
+
+
+def is_host_local() -> bool:
+  """Whether this process runs inside `host_local()`."""
+  return _host_local
+
+
+def process_count() -> int:
+  """Processes this job spans (1 inside `host_local()`)."""
+  return 1 if _host_local else jax.process_count()
+
+
+def process_index() -> int:
+  """This process's index in the job (0 inside `host_local()`)."""
+  return 0 if _host_local else jax.process_index()
+
+
+def devices() -> list:
+  """The job's devices (this host's inside `host_local()`)."""
+  return jax.local_devices() if _host_local else jax.devices()
+
+
+def device_count() -> int:
+  return len(devices())
+
 
 # Random bits then depend only on the key and the shape, not on how an array
 # is split over devices, so 1 device and 8 devices draw the same numbers.
@@ -46,7 +90,7 @@ def initialize_distributed(
 
 def make_mesh() -> Mesh:
   """A 1-D mesh over every device of every process."""
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+  return Mesh(np.asarray(devices()), (DATA_AXIS,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -59,11 +103,11 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 def check_batch_size(batch_size: int, name: str = "batch_size") -> None:
   """Global batches must split evenly over devices and hosts."""
-  devices, hosts = jax.device_count(), jax.process_count()
-  if batch_size <= 0 or batch_size % devices or batch_size % hosts:
+  num_devices, hosts = device_count(), process_count()
+  if batch_size <= 0 or batch_size % num_devices or batch_size % hosts:
     raise ConfigError(
       f"config.{name}={batch_size} must be a positive multiple of the "
-      f"number of devices ({devices}) and hosts ({hosts})."
+      f"number of devices ({num_devices}) and hosts ({hosts})."
     )
 
 
@@ -101,7 +145,7 @@ def put_global(tree, sharding: NamedSharding):
   over other hosts' devices, so host values go through
   `make_array_from_callback` and global arrays through a jitted copy.
   """
-  if jax.process_count() == 1:
+  if process_count() == 1:
     return jax.device_put(tree, sharding)
 
   def put(x):

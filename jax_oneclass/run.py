@@ -263,14 +263,14 @@ def _memory_problem(batch_size: int, name: str, info) -> str | None:
   image = 4 * math.prod(info.image_shape)
   shape = "x".join(map(str, info.image_shape))
   # (copies held, among how many, the memory, whose)
-  limits = [(2, jax.process_count(), physical_memory(), "this machine's")]
+  limits = [(2, parallel.process_count(), physical_memory(), "this machine's")]
   device = _device_memory()
   if device is not None:
-    limits.append((1, jax.device_count(), device, "one device's"))
+    limits.append((1, parallel.device_count(), device, "one device's"))
   for copies, among, have, whose in limits:
     need = copies * (batch_size // among) * image
     if need > have:
-      devices = jax.device_count()
+      devices = parallel.device_count()
       fits = have // (copies * image) * among // devices * devices
       return (
         f"{name}={batch_size} needs {logging_utils.human_bytes(need)} "

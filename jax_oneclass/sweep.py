@@ -33,8 +33,10 @@ members: 4 x 2; one CPU: 1 x 1): the stacked state is split over
 'member', the batch over ('member', 'data').
 
 Several hosts. Under --coordinator_address/--num_processes/--process_id
-(or JAX's auto-detection) all hosts run every member in one program, split
-over 'data' only; process 0 writes. `--shard=i/n` instead takes every n-th
+(or JAX's auto-detection), with a member per process at least, process i
+trains every n-th member from the i-th on its own devices and writes their
+folders (`parallel.host_local`); then process 0 writes the tables. With
+fewer members, all hosts run every member, split over 'data'. `--shard=i/n` instead takes every n-th
 member (from the i-th) for independent jobs, e.g. a SLURM array without a
 coordinator; each job writes only its members' folders, and the tables
 cover the members finished so far (`--report_only` redraws them).
@@ -244,8 +246,10 @@ def mesh_shape(
 
 def sweep_mesh(num_members: int, batch_size: int) -> Mesh:
   """A (member, data) mesh over every device (see `mesh_shape`)."""
-  devices = np.asarray(jax.devices())
-  shape = mesh_shape(len(devices), num_members, batch_size, jax.process_count())
+  devices = np.asarray(parallel.devices())
+  shape = mesh_shape(
+    len(devices), num_members, batch_size, parallel.process_count()
+  )
   return Mesh(devices.reshape(shape), (MEMBER_AXIS, parallel.DATA_AXIS))
 
 
@@ -448,7 +452,7 @@ def _finished_results(member: Member, total: int):
 def _agreed_choice(mode: str) -> str:
   """Process 0's combine mode on every process: each times its own steps,
   and hosts that chose differently would run different programs."""
-  if jax.process_count() == 1:
+  if parallel.process_count() == 1:
     return mode
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
@@ -719,6 +723,48 @@ def run_sweep(
   members, stack_limit = plan(
     config, workdir, classes, seeds, grid, stack_limit, shard
   )
+  everyone = members_for_report(config, workdir, classes, seeds, grid)
+  if not _spreads_over_hosts(len(members), shard):
+    outcomes, halted = _train_members(
+      config, members, stack_limit, combine, allow_config_change
+    )
+    return {} if halted else write_report(config, workdir, everyone, outcomes)
+  mine = shard_members(members, jax.process_index(), jax.process_count())
+  with parallel.host_local():
+    outcomes, halted = _train_members(
+      config, mine, stack_limit, combine, allow_config_change
+    )
+  if _all_finished_training(workdir, halted):
+    return {}
+  # Every process reads the others' members from disk; process 0 writes.
+  with parallel.host_local():
+    return write_report(
+      config, workdir, everyone, outcomes, write=jax.process_index() == 0
+    )
+
+
+def _spreads_over_hosts(num_members: int, shard: tuple[int, int]) -> bool:
+  """Whether each process trains its own members on its own devices:
+  under several processes, without --shard, with a member for each."""
+  count = jax.process_count()
+  return count > 1 and tuple(shard) == (0, 1) and num_members >= count
+
+
+def _all_finished_training(workdir, halted: bool) -> bool:
+  """Waits for every process's members (their files are then written);
+  whether any process halted."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  flags = multihost_utils.process_allgather(np.int32(halted))
+  multihost_utils.sync_global_devices(f"jax_oneclass sweep {workdir}")
+  return bool(np.any(flags))
+
+
+def _train_members(
+  config, members, stack_limit, combine: str, allow_config_change: bool
+):
+  """Trains and evaluates `members` in stacked programs: ({member workdir:
+  (status, results or None, error)}, whether a member halted)."""
   combiner = _Combiner(combine)
   outcomes = {}  # Member workdir -> (status, results or None, error).
   todo = []
@@ -809,14 +855,7 @@ def run_sweep(
             slot.run.checkpointer.close()
   finally:
     progress.close()
-  if halted:
-    return {}
-  return write_report(
-    config,
-    workdir,
-    members_for_report(config, workdir, classes, seeds, grid),
-    outcomes,
-  )
+  return outcomes, halted
 
 
 def _remaining_work(members: list[Member]) -> int:
@@ -906,9 +945,12 @@ def _row(member: Member, names) -> str:
   return str(c) if name == str(c) else f"{c} ({name})"
 
 
-def write_report(config, workdir, members: list[Member], outcomes: dict):
+def write_report(
+  config, workdir, members: list[Member], outcomes: dict, write: bool = True
+):
   """sweep_results.json, sweep_table.md and sweep_auroc.png from every
-  member's results (this job's `outcomes`, others' results.json)."""
+  member's results (this job's `outcomes`, others' results.json); with
+  `write` False only returns the report."""
   workdir = Path(workdir)
   names = class_names(config)
   entries, sections = [], {}
@@ -972,8 +1014,9 @@ def write_report(config, workdir, members: list[Member], outcomes: dict):
     "seeds; overall: mean over rows, std over seeds of the "
     "per-seed mean over rows.",
   }
-  logging_utils.write_json(workdir / RESULTS_FILE, report)
-  if logging_utils.is_main_process():
+  if write:
+    logging_utils.write_json(workdir / RESULTS_FILE, report)
+  if write and logging_utils.is_main_process():
     (workdir / TABLE_FILE).write_text(format_table(report))
     if headline is not None:
       plot_report(report, workdir / PLOT_FILE)
@@ -1145,7 +1188,7 @@ def run_checked(values, config, classes, shard) -> None:
       file=sys.stderr,
     )
     sys.exit(2)
-  if jax.process_index() == 0:
+  if parallel.process_index() == 0:
     if not report:
       print("Sweep halted early (config.halt_after_step); rerun to go on.")
       return

@@ -114,7 +114,7 @@ def sigterm_requests():
 def _agreed(flags: tuple[bool, ...], step: int, every: int) -> tuple:
   """`flags` or-ed over processes. Saving is collective, so every process
   must decide alike: with several processes they agree at log steps only."""
-  if jax.process_count() == 1:
+  if parallel.process_count() == 1:
     return flags
   if step % every:
     return (False,) * len(flags)
@@ -163,8 +163,8 @@ def train_run(run: run_lib.Run):
     f"{config.method} on {config.data.name}, normal class "
     f"{config.data.normal_class} "
     f"({info.class_names[config.data.normal_class]}): {info.num_train} "
-    f"normal training images, {jax.device_count()} devices in "
-    f"{jax.process_count()} processes, steps {start_step}..{total}, "
+    f"normal training images, {parallel.device_count()} devices in "
+    f"{parallel.process_count()} processes, steps {start_step}..{total}, "
     f"workdir {workdir}."
   )
 

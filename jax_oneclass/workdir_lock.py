@@ -123,14 +123,14 @@ def acquire_everywhere(workdir, purpose: str) -> dict | None:
   """`acquire` on process 0; with several processes every one learns
   whether it got the lock, so that none goes on (and waits for the others
   in a collective) alone."""
-  import jax  # pylint: disable=g-import-not-at-top
+  from jax_oneclass import parallel  # pylint: disable=g-import-not-at-top
 
   failed = None
   try:
     payload = acquire(workdir, purpose)
   except Exception as e:  # pylint: disable=broad-except
     failed, payload = e, None
-  if jax.process_count() > 1:
+  if parallel.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
 

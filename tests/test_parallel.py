@@ -99,14 +99,19 @@ class _Job:
   outputs: list[str]  # Per process, stdout + stderr.
   pids: list[int]
   lock_holders: list[tuple]  # Each (pid, purpose) the lock file named.
+  holders_by_lock: dict  # Lock file -> its holders, for every lock watched.
 
 
 def _run_two_processes(
-  flags: list[str], returncode: int = 0, lock=None, module="jax_oneclass.main"
+  flags: list[str],
+  returncode: int = 0,
+  lock=None,
+  module="jax_oneclass.main",
+  more_locks=(),
 ):
   """`module` with `flags` as processes 0 and 1 of one job (2 devices
-  each), once both exited with `returncode`; the lock file `lock` is
-  watched while they run."""
+  each), once both exited with `returncode`; the lock files `lock` and
+  `more_locks` are watched while they run."""
   flags = [
     *flags,
     "--config.progress_bar=False",
@@ -135,12 +140,15 @@ def _run_two_processes(
       )
       for i, (out, err) in enumerate(streams)
     ]
-    holders, deadline = [], time.monotonic() + 400
+    watched = [path for path in (lock, *more_locks) if path]
+    holders = {path: [] for path in watched}
+    deadline = time.monotonic() + 400
     while any(p.poll() is None for p in procs):
       assert time.monotonic() < deadline
-      holder = workdir_lock.read_holder(lock) if lock else None
-      if holder and (holder["pid"], holder["purpose"]) not in holders:
-        holders.append((holder["pid"], holder["purpose"]))
+      for path in watched:
+        holder = workdir_lock.read_holder(path)
+        if holder and (holder["pid"], holder["purpose"]) not in holders[path]:
+          holders[path].append((holder["pid"], holder["purpose"]))
       time.sleep(0.05)
     outputs = []
     for out, err in streams:
@@ -150,7 +158,10 @@ def _run_two_processes(
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == returncode, err[-3000:]
   return _Job(
-    [out + err for out, err in outputs], [p.pid for p in procs], holders
+    [out + err for out, err in outputs],
+    [p.pid for p in procs],
+    holders.get(lock, []),
+    holders,
   )
 
 
@@ -191,7 +202,8 @@ def test_two_processes_train_and_evaluate(tmp_path):
   assert not workdir_lock.lock_path(tmp_path).exists()
 
 
-def test_two_processes_sweep_two_members_in_one_program(tmp_path):
+def test_two_processes_sweep_each_its_own_member(tmp_path):
+  members = [tmp_path / "class_0" / "seed_0", tmp_path / "class_3" / "seed_0"]
   job = _run_two_processes(
     [
       "--config=configs/clr.py:digits",
@@ -206,17 +218,22 @@ def test_two_processes_sweep_two_members_in_one_program(tmp_path):
       "--config.eval.scorer=pool/gde",
     ],
     module="jax_oneclass.sweep",
+    more_locks=[workdir_lock.lock_path(m) for m in members],
   )
-  # Each process times both combine modes; process 0's choice holds.
-  assert "--combine=auto: one step of 2 members" in job.outputs[0]
+  # Process i trained, evaluated and wrote member i alone, on its own 2
+  # devices (as a one-host job: it read all of its member's images).
+  for i, member in enumerate(members):
+    assert job.holders_by_lock[workdir_lock.lock_path(member)] == [
+      (job.pids[i], "training")
+    ]
+    assert "Scoring the 599 test images" in job.outputs[i]
+    results = json.loads((member / "results.json").read_text())
+    assert results["step"] == 3 and results["num_test"] == 599
   report = json.loads((tmp_path / "sweep_results.json").read_text())
   assert [(m["class"], m["status"], m["step"]) for m in report["members"]] == [
     (0, "finished", 3),
     (3, "finished", 3),
   ]
-  for member in ("class_0/seed_0", "class_3/seed_0"):
-    results = json.loads((tmp_path / member / "results.json").read_text())
-    assert results["step"] == 3 and results["num_test"] == 599
   assert "**overall**" in job.outputs[0]  # The table, from process 0 only.
   assert "**overall**" not in job.outputs[1]
 

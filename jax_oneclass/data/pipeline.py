@@ -9,11 +9,10 @@ position, so `train_batches(config, start_step=k)` resumes exactly.
 import dataclasses
 from typing import Iterator
 
-import jax
 import numpy as np
 import tensorflow as tf
 
-from jax_oneclass import cli_checks
+from jax_oneclass import cli_checks, parallel
 from jax_oneclass.data import augment as augment_lib
 from jax_oneclass.data import sources
 from jax_oneclass.errors import ConfigError, DataError
@@ -135,7 +134,7 @@ def _is_held_out(index, fraction: float):
 
 
 def _local_batch(batch_size: int) -> int:
-  n = jax.process_count()
+  n = parallel.process_count()
   if batch_size <= 0 or batch_size % n:
     raise ConfigError(
       f"Batch size {batch_size} must be a positive multiple of "
@@ -222,7 +221,7 @@ def _one_class_records(config, source, split: str):
   ds = _normal_records(config, source, split)
   if split != "train" or not config.data.get("num_train_images", 0):
     return ds
-  if jax.process_count() > 1:
+  if parallel.process_count() > 1:
     raise ConfigError(
       "config.data.num_train_images is for one-host runs; "
       "leave it at 0 with several hosts."
@@ -245,8 +244,8 @@ def _normal_records(config, source, split: str):
   protocol = _protocol(config)
   ds = source.records(
     "test" if split == "test" else "train",
-    jax.process_count(),
-    jax.process_index(),
+    parallel.process_count(),
+    parallel.process_index(),
   )
   if split == "test":
     return ds
@@ -282,7 +281,7 @@ def _with_rotations(ds, distaug: bool):
 
 def _epoch_seed(seed: int, epoch):
   pair = tf.random.experimental.stateless_fold_in(
-    tf.constant([seed, jax.process_index()], tf.int64), epoch
+    tf.constant([seed, parallel.process_index()], tf.int64), epoch
   )
   return pair[0]
 
@@ -317,14 +316,14 @@ def train_batches(
     # per-file reads of the whole split.
     records = records.cache()
   base = _with_rotations(records, distaug)
-  if jax.process_count() == 1:
+  if parallel.process_count() == 1:
     epoch_size = info.epoch_size
   else:
     epoch_size = _count(base)
   if epoch_size == 0:
     raise DataError(
       f"No training examples of class {c} on host "
-      f"{jax.process_index()}; check config.data.normal_class "
+      f"{parallel.process_index()}; check config.data.normal_class "
       "and config.data.protocol."
     )
   buffer = max(1, min(config.data.get("shuffle_buffer", 10_000), epoch_size))
@@ -344,7 +343,7 @@ def train_batches(
 
   ds = tf.data.Dataset.range(first_epoch, _EPOCHS).flat_map(epoch_ds)
   ds = ds.skip(offset)
-  base_seed = tf.constant([seed, jax.process_index()], tf.int64)
+  base_seed = tf.constant([seed, parallel.process_index()], tf.int64)
 
   def preprocess(position, ex):
     image = _to_float(source.decode(ex["image"]), info.image_shape, source.name)
@@ -376,7 +375,7 @@ def train_batches(
 
 
 def _max_over_hosts(n: int) -> int:
-  if jax.process_count() == 1:
+  if parallel.process_count() == 1:
     return n
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
@@ -464,7 +463,7 @@ def eval_batches(
   c, protocol = _check_class(config, source), _protocol(config)
   ds = _one_class_records(config, source, split)
   num_batches = None
-  if jax.process_count() > 1:
+  if parallel.process_count() > 1:
     num_batches = _max_over_hosts(-(-_count(ds) // local_b))
 
   def preprocess(ex):

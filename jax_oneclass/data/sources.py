@@ -9,7 +9,6 @@ shuffle and skip before paying for decoding; `Source.decode` turns the
 import dataclasses
 import functools
 import os
-import re
 from typing import Callable, Mapping
 
 import numpy as np
