@@ -36,10 +36,11 @@ Several hosts. Under --coordinator_address/--num_processes/--process_id
 (or JAX's auto-detection), with a member per process at least, process i
 trains every n-th member from the i-th on its own devices and writes their
 folders (`parallel.host_local`); then process 0 writes the tables. With
-fewer members, all hosts run every member, split over 'data'. `--shard=i/n` instead takes every n-th
-member (from the i-th) for independent jobs, e.g. a SLURM array without a
-coordinator; each job writes only its members' folders, and the tables
-cover the members finished so far (`--report_only` redraws them).
+fewer members, all hosts run every member, split over 'data'.
+`--shard=i/n` instead takes every n-th member (from the i-th) for
+independent jobs, e.g. a SLURM array without a coordinator; each job
+writes only its members' folders, and the tables cover the members
+finished so far (`--report_only` redraws them).
 
 Faults. SIGTERM (pre-emption) or Ctrl-C saves every member and the same
 command continues; finished members (results.json at their last
