@@ -201,6 +201,9 @@ def _manager_options(directory: Path, create: bool = True, **options):
     if create:  # Orbax leaves it to the caller with active_processes.
       Path(directory).mkdir(parents=True, exist_ok=True)
       create = False
+    # Async saves signal through keys of the job's key-value store that
+    # name no process, so two hosts saving alone meet in them and time out.
+    options.setdefault("enable_async_checkpointing", False)
   return ocp.CheckpointManagerOptions(
     create=create, multiprocessing_options=hosts, **options
   )
