@@ -166,12 +166,6 @@ def _alone_among_processes() -> bool:
   return parallel.is_host_local() and jax.process_count() > 1
 
 
-def _to_numpy(tree):
-  return jax.tree.map(
-    lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, tree
-  )
-
-
 def _host_placed(restored, target):
   """NumPy leaves of `restored` put where `target`'s leaves say."""
   return jax.tree.map(
@@ -233,7 +227,7 @@ class Checkpointer:
     """Saves asynchronously; `wait` blocks until written and checksummed."""
     self.wait()
     if _alone_among_processes():
-      state = _to_numpy(state)
+      state = jax.device_get(state)
     try:
       self.manager.save(
         step,
