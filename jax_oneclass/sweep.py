@@ -577,6 +577,11 @@ def train_program(
       slot.status = "finished" if start >= total else "halted"
     return stack(states)
   mesh = sweep_mesh(len(slots), config.batch_size)
+  logging_utils.info(
+    f"Training {len(slots)} member(s) in one program from step {start}: "
+    + ", ".join(s.member.name for s in slots)
+    + f" (mesh {dict(mesh.shape)})."
+  )
   state = _put_members(mesh, stack(states))
   rngs = _put_members(
     mesh, stack([jax.random.key(s.run.config.seed + 1) for s in slots])

@@ -203,11 +203,38 @@ def _cache_all(tmp_path, monkeypatch, key, paths):
     )
 
 
-def test_a_cached_xla_choice_takes_the_lax_path(tmp_path, monkeypatch):
+def _measured_xla_fastest(op, *key, **kwargs):
+  return {path: [1.0 if path == "xla" else 2.0] for path in conv.PATHS}
+
+
+def test_the_traced_program_is_the_same_before_and_after_measuring(
+  tmp_path, monkeypatch
+):
+  # A sweep groups members by their traced programs: the first trace, which
+  # measures the gradients, must not differ from the later ones.
+  monkeypatch.setenv("JAX_ONECLASS_CACHE", str(tmp_path))
+  monkeypatch.setattr(conv, "_chosen", {})
+  monkeypatch.setattr(conv, "AUTO_MIN_FLOPS", 0.0)
+  monkeypatch.setattr(conv, "measure", _measured_xla_fastest)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 5, 2))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 2, 4))
+  first = _grad_jaxpr(x, w)
+  assert set(conv.chosen_paths().values()) == {"xla"}
+  assert _grad_jaxpr(x, w) == first
+
+  def loss(conv_fn, w):
+    return (conv_fn(x, w, (1, 1), "SAME", dimension_numbers=_DN) ** 2).sum()
+
+  np.testing.assert_allclose(
+    jax.grad(functools.partial(loss, conv.conv_general_dilated))(w),
+    jax.grad(functools.partial(loss, lax.conv_general_dilated))(w),
+    rtol=1e-6,
+  )
+
+
+def test_cached_choices_are_taken_in_the_backward_pass(tmp_path, monkeypatch):
   x, w = jnp.ones((2, 5, 5, 2)), jnp.ones((3, 3, 2, 4))
   key = conv.shape_key(x, w, (1, 1), ((1, 1), (1, 1)))
-  _cache_all(tmp_path, monkeypatch, key, ("xla",) * 3)
-  assert "custom_vjp" not in _grad_jaxpr(x, w)
   _cache_all(tmp_path, monkeypatch, key, ("xla", "taps", "im2col"))
   assert "custom_vjp" in _grad_jaxpr(x, w)
   assert set(conv.chosen_paths().values()) == {"xla", "taps", "im2col"}

@@ -419,8 +419,10 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 def plan(mode: str, lhs, rhs, strides, pads) -> tuple:
   """(forward, input gradient, weight gradient) paths of one convolution
-  under `mode`; an 'auto' gradient not chosen yet stays 'auto' (chosen in
-  the backward pass)."""
+  under `mode`. 'auto' gradients stay 'auto' and are chosen in the backward
+  pass, so a forward-only use never times them, and the traced program is
+  the same whether or not they were measured before (a sweep groups
+  members by their traced programs)."""
   cpu = jax.default_backend() == "cpu"
   static = all(isinstance(d, int) for d in lhs.shape)
   if mode == "im2col_cpu":
@@ -432,8 +434,7 @@ def plan(mode: str, lhs, rhs, strides, pads) -> tuple:
   if conv_flops(lhs.shape, rhs.shape, strides, pads) < AUTO_MIN_FLOPS:
     return _XLA_PLAN
   key = shape_key(lhs, rhs, strides, pads)
-  grads = (choose(op, key, cache_path(), None) or "auto" for op in OPS[1:])
-  return (_auto_path("forward", key), *grads)
+  return (_auto_path("forward", key), "auto", "auto")
 
 
 def shape_key(lhs, rhs, strides, pads) -> tuple:
