@@ -726,10 +726,9 @@ def run_sweep(
   `seeds`: a list of ints ('0,1,2' too) or None (the config's seed);
   `grid`: [(dotted key, [values])] or --grid strings ('key=v1,v2').
   """
-  members, stack_limit = plan(
+  everyone, members = plan(
     config, workdir, classes, seeds, grid, stack_limit, shard
   )
-  everyone = members_for_report(config, workdir, classes, seeds, grid)
   if not _spreads_over_hosts(len(members), shard):
     outcomes, halted = _train_members(
       config, members, stack_limit, combine, allow_config_change
@@ -876,11 +875,11 @@ def _remaining_work(members: list[Member]) -> int:
 
 
 def plan(config, workdir, classes, seeds, grid, stack_limit, shard):
-  """Checked members of this job (its shard) and the stack bound."""
+  """(every member of the sweep, this job's shard of them), checked."""
   sweep_cli.check_stack(stack_limit)
-  members = members_for_report(config, workdir, classes, seeds, grid)
+  everyone = members_for_report(config, workdir, classes, seeds, grid)
   index, count = shard
-  return shard_members(members, index, count), stack_limit
+  return everyone, shard_members(everyone, index, count)
 
 
 def members_for_report(config, workdir, classes, seeds, grid) -> list:

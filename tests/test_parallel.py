@@ -238,6 +238,40 @@ def test_two_processes_sweep_each_its_own_member(tmp_path):
   assert "**overall**" not in job.outputs[1]
 
 
+def test_two_processes_sweep_one_member_data_parallel(tmp_path):
+  # Fewer members than processes: both hosts train the member together,
+  # as a single run over their 4 devices would.
+  member = tmp_path / "class_0" / "seed_0"
+  job = _run_two_processes(
+    [
+      "--config=configs/clr.py:digits",
+      f"--workdir={tmp_path}",
+      "--classes=0",
+      "--seeds=0",
+      *_TINY_CLR,
+      "--config.eval.batch_size=64",
+      "--config.eval.plots=False",
+      "--config.eval.num_overlays=0",
+      "--config.eval.rotation_averaging=False",
+      "--config.eval.scorer=pool/gde",
+    ],
+    module="jax_oneclass.sweep",
+    more_locks=[workdir_lock.lock_path(member)],
+  )
+  assert "(mesh {'member': 1, 'data': 4})" in job.outputs[0]
+  assert job.holders_by_lock[workdir_lock.lock_path(member)] == [
+    (job.pids[0], "training")
+  ]
+  results = json.loads((member / "results.json").read_text())
+  assert results["step"] == 3 and results["num_test"] == 599
+  report = json.loads((tmp_path / "sweep_results.json").read_text())
+  assert [(m["class"], m["status"]) for m in report["members"]] == [
+    (0, "finished")
+  ]
+  assert "**overall**" in job.outputs[0]
+  assert "**overall**" not in job.outputs[1]
+
+
 def test_two_processes_both_stop_on_a_held_workdir_lock(tmp_path):
   sleeper = subprocess.Popen(
     [sys.executable, "-c", "import time; time.sleep(300)"]
