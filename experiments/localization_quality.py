@@ -11,7 +11,7 @@ file (then resnet18 weights are expected).
 
   python experiments/localization_quality.py run --categories=automobile,horse --steps=200
   python experiments/localization_quality.py self_supervised --categories=automobile,horse --steps=200 --ssl_steps=500
-  python experiments/localization_quality.py two_stage --categories=automobile,horse --steps=200
+  python experiments/localization_quality.py two_stage --categories=automobile,horse --steps=200 --seeds=1,2
   python experiments/localization_quality.py report
 """
 
@@ -184,7 +184,8 @@ TWO_STAGE_METHODS = ("rotnet", "disaug")
 
 def part_two_stage(args) -> dict:
   """RotNet and DisAug CLR in patch mode (maps from dense 16 px patches)
-  with the steps and batch of the `run` rows, rendered beside RD and GP."""
+  with the steps and batch of the `run` rows, rendered beside RD and GP;
+  one run per --seeds, runs already in the results file skipped."""
   ensure_folder(Path(args.folder), args.categories)
   budget = {
     "num_train_steps": args.steps,
@@ -194,26 +195,55 @@ def part_two_stage(args) -> dict:
     "eval.num_overlays": 8,
     **TWO_STAGE_PATCH,
   }
-  out = {
-    "command": f"{SCRIPT} two_stage --categories="
-    f"{','.join(args.categories)} --steps={args.steps}",
-    "budget": budget,
-    "runs": {},
-  }
+  path = common.RESULTS_DIR / f"{PART}_two_stage.json"
+  out = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+  out["budget"] = budget
+  out["command"] = (
+    f"{SCRIPT} two_stage --categories={','.join(args.categories)} "
+    f"--steps={args.steps} --seeds={args.seeds}"
+  )
   for category in args.categories:
     for method in TWO_STAGE_METHODS:
-      workdir = Path(args.workdir_root) / category / f"{method}_patch"
-      arg = "mvtec_patch," + _category_arg(args, category).partition(",")[2]
-      start = time.process_time()
-      res = common.run_method(method, arg, workdir, budget)
-      res["cpu_seconds"] = round(time.process_time() - start, 1)
-      out["runs"].setdefault(method, {})[category] = res
-      print(
-        f"{category} {method}: {res['wall_seconds']} s, "
-        f"{json.dumps(res['auroc'])}, {json.dumps(res['localization'])}",
-        flush=True,
-      )
+      for seed in args.seeds.split(","):
+        done = out["runs"].setdefault(method, {}).setdefault(category, {})
+        if seed in done:
+          continue
+        workdir = (
+          Path(args.workdir_root) / category / f"{method}_patch_seed{seed}"
+        )
+        arg = "mvtec_patch," + _category_arg(args, category).partition(",")[2]
+        start = time.process_time()
+        res = common.run_method(
+          method, arg, workdir, {**budget, "seed": int(seed)}
+        )
+        res["cpu_seconds"] = round(time.process_time() - start, 1)
+        done[seed] = res
+        common.save_part(f"{PART}_two_stage", out)
+        print(
+          f"{category} {method} seed {seed}: {res['wall_seconds']} s, "
+          f"{json.dumps(res['auroc'])}, {json.dumps(res['localization'])}",
+          flush=True,
+        )
   return out
+
+
+def _two_stage_figures(res: dict) -> tuple[float, float, float, float]:
+  """(map-max image AUROC, whole-image AUROC, pixel AUROC, AUPRO)."""
+  pixel = res["localization"][TWO_STAGE_MAP]
+  return (
+    res["auroc"][f"{TWO_STAGE_MAP}/map_max"],
+    res["auroc"].get(f"whole/{TWO_STAGE_MAP}", float("nan")),
+    pixel["pixel_auroc"],
+    pixel["aupro"],
+  )
+
+
+def _mean_spread(values) -> str:
+  """'mean' of one value, 'mean ± half range' of several."""
+  mean = sum(values) / len(values)
+  if len(values) == 1:
+    return f"{mean:.3f}"
+  return f"{mean:.3f} ± {(max(values) - min(values)) / 2:.3f}"
 
 
 def render_two_stage(result: dict, rows: dict) -> str:
@@ -232,22 +262,23 @@ def render_two_stage(result: dict, rows: dict) -> str:
     f"{b['eval.max_fit_patches']} training patches), the mean of the "
     "patch scores covering each pixel. Image AUROC: the map's maximum "
     "(`/map_max`) and, beside it, the whole image resized to one patch "
-    "(`whole/`). RD and GP: the table above (random backbone), their main "
-    "scores. One seed; fixed before the runs.",
+    "(`whole/`). Two-stage rows: mean ± half the range over the training "
+    "seeds (wall s: their mean). RD and GP: the table above (random "
+    "backbone, one seed), their main scores. All settings fixed before "
+    "the runs.",
     "",
-    "| method | category | image AUROC (map max) | image AUROC (whole) "
-    "| pixel AUROC | AUPRO | wall s |",
-    "|---|---|---|---|---|---|---|",
+    "| method | category | seeds | image AUROC (map max) | image AUROC "
+    "(whole) | pixel AUROC | AUPRO | wall s |",
+    "|---|---|---|---|---|---|---|---|",
   ]
   for method, per_category in result["runs"].items():
-    for category, res in per_category.items():
-      pixel = res["localization"][TWO_STAGE_MAP]
+    for category, per_seed in per_category.items():
+      figures = [_two_stage_figures(r) for r in per_seed.values()]
+      wall = sum(r["wall_seconds"] for r in per_seed.values()) / len(per_seed)
       lines.append(
-        f"| {method} (patch) | {category} | "
-        f"{res['auroc'][f'{TWO_STAGE_MAP}/map_max']:.3f} | "
-        f"{res['auroc'].get(f'whole/{TWO_STAGE_MAP}', float('nan')):.3f} | "
-        f"{pixel['pixel_auroc']:.3f} | {pixel['aupro']:.3f} | "
-        f"{res['wall_seconds']} |"
+        f"| {method} (patch) | {category} | {','.join(per_seed)} | "
+        + " | ".join(_mean_spread([f[i] for f in figures]) for i in range(4))
+        + f" | {wall:.1f} |"
       )
   for label in ("reverse_distillation", "gradient_preference"):
     for category, res in rows.get(label, {}).items():
@@ -255,7 +286,7 @@ def render_two_stage(result: dict, rows: dict) -> str:
         continue
       image, pixel, aupro = _figures(label, res)
       lines.append(
-        f"| {label} | {category} | {image:.3f} | | {pixel:.3f} | "
+        f"| {label} | {category} | one | {image:.3f} | | {pixel:.3f} | "
         f"{aupro:.3f} | {res['wall_seconds']} |"
       )
   return "\n".join(lines) + "\n"
@@ -412,6 +443,9 @@ def main():
     help="DisAug steps for the self-supervised backbone.",
   )
   parser.add_argument("--workdir_root", default="/tmp/localization_quality")
+  parser.add_argument(
+    "--seeds", default="1", help="two_stage: training seeds (1: the configs')."
+  )
   args = parser.parse_args()
   if args.part == "run":
     common.save_part(PART, part_run(args))
