@@ -242,6 +242,7 @@ def _run_methods(part, methods, args, extra=None):
     saved["seeds"] = args.seeds
     saved["classes"] = args.classes
     saved["test_per_class"] = args.test_per_class
+    saved["combine"] = COMBINE
     saved["machine"] = _machine()
     common.save_part(f"paper_{part}", saved)
   added = extra(saved, args) if extra else None
@@ -662,6 +663,12 @@ def variant_table(saved: dict) -> list[str]:
   return lines + [""]
 
 
+def _combine_env(saved: dict) -> str:
+  """The PAPERS_COMBINE setting of a part's runs, when not the default."""
+  combine = saved.get("combine", "auto")
+  return "" if combine == "auto" else f"PAPERS_COMBINE={combine} "
+
+
 def render_gan(saved: dict) -> list[str]:
   runs = saved.get("runs", {})
   if not runs:
@@ -677,8 +684,9 @@ def render_gan(saved: dict) -> list[str]:
     "",
     f"Claim: {PAPER['gan']}.",
     "",
-    f"Command: `JAX_ONECLASS_DATA=/work/data_cache/cifar10 nice -n 19 "
-    f"{SCRIPT} gan --budget_cpu_s={saved['budget_cpu_s']:g} "
+    f"Command: `{_combine_env(saved)}JAX_ONECLASS_DATA=/work/data_cache/"
+    f"cifar10 nice -n 19 {SCRIPT} gan "
+    f"--budget_cpu_s={saved['budget_cpu_s']:g} "
     f"--seeds={saved['seeds']} --test_per_class={saved['test_per_class']}`"
     f" (each method one `python -m jax_oneclass.sweep` over every class x "
     f"seed). Both: DCGAN width 16, latent 100, batch 64 "
@@ -719,8 +727,9 @@ def render_two_stage(saved: dict) -> list[str]:
     "",
     f"Claim: {PAPER['two_stage']}.",
     "",
-    f"Command: `JAX_ONECLASS_DATA=/work/data_cache/cifar10 nice -n 19 "
-    f"{SCRIPT} two_stage --budget_cpu_s={saved['budget_cpu_s']:g} "
+    f"Command: `{_combine_env(saved)}JAX_ONECLASS_DATA=/work/data_cache/"
+    f"cifar10 nice -n 19 {SCRIPT} two_stage "
+    f"--budget_cpu_s={saved['budget_cpu_s']:g} "
     f"--seeds={saved['seeds']} --classes={saved.get('classes', 'all')} "
     f"--test_per_class={saved['test_per_class']} --stack=10`."
     " ResNet-18 at width 16 (the paper's: 64), heads (128, 128), each "
