@@ -25,6 +25,7 @@ RESULTS.md.
 
 import argparse
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -129,6 +130,7 @@ def trajectories(config, steps: int, members: int) -> list[dict]:
         flush=True,
       )
       rows.append(row)
+  shutil.rmtree(workdir, ignore_errors=True)
   return rows
 
 
