@@ -520,18 +520,15 @@ def pick(seconds: dict, margin: float = MARGIN) -> str:
   return min(faster, key=faster.get) if faster else "xla"
 
 
-def choose(op: str, key: tuple, path: Path, measure_fn) -> str | None:
+def choose(op: str, key: tuple, path: Path, measure_fn) -> str:
   """The path of operation `op` of convolution `key`: this process's
   choice, else the cache file's, else `pick` of `measure_fn(op, *key)`
-  (then saved to the file; with `measure_fn` None, None). Logged once per
-  process."""
+  (then saved to the file). Logged once per process."""
   machine, entry = machine_key(), entry_name(op, key)
   if (machine, entry) in _chosen:
     return _chosen[(machine, entry)]
   record = load_choices(path).get(machine, {}).get(entry)
   if record is None or record.get("path") not in PATHS:
-    if measure_fn is None:
-      return None
     # A fresh thread has no trace in progress, so the timing runs for real
     # even when this call is being traced.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
