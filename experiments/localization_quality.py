@@ -83,9 +83,10 @@ def _budget(args) -> dict:
   }
 
 
-def _category_arg(args, category: str) -> str:
+def _category_arg(args, category: str, preset: str = "mvtec") -> str:
   return (
-    f"mvtec,folder={args.folder},category={category},data_dir={args.data_dir}"
+    f"{preset},folder={args.folder},category={category},"
+    f"data_dir={args.data_dir}"
   )
 
 
@@ -211,10 +212,12 @@ def part_two_stage(args) -> dict:
         workdir = (
           Path(args.workdir_root) / category / f"{method}_patch_seed{seed}"
         )
-        arg = "mvtec_patch," + _category_arg(args, category).partition(",")[2]
         start = time.process_time()
         res = common.run_method(
-          method, arg, workdir, {**budget, "seed": int(seed)}
+          method,
+          _category_arg(args, category, "mvtec_patch"),
+          workdir,
+          {**budget, "seed": int(seed)},
         )
         res["cpu_seconds"] = round(time.process_time() - start, 1)
         done[seed] = res

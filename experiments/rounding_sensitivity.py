@@ -24,9 +24,7 @@ RESULTS.md.
 """
 
 import argparse
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -35,13 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # pylint: disable=g-import-not-at-top
 import jax
-import jax.numpy as jnp
 import jaxlib
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from experiments import common
+from experiments import common, measure
 from jax_oneclass import config as config_lib
 from jax_oneclass import data, parallel, sweep, train
 from jax_oneclass import run as run_lib
@@ -74,10 +71,6 @@ def difference(state, reference) -> tuple[float, float]:
   return absolute, relative
 
 
-def _copy(tree):
-  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
-
-
 def trajectories(config, steps: int, members: int) -> list[dict]:
   """The three trajectories' differences at REPORT_STEPS up to `steps`."""
   workdir = Path(tempfile.mkdtemp(prefix="rounding_sensitivity_"))
@@ -86,7 +79,7 @@ def trajectories(config, steps: int, members: int) -> list[dict]:
     single_state, _ = run_lib.restore_or_init(run)
   finally:
     run.checkpointer.close()
-  nudged_state = _copy(single_state)
+  nudged_state = sweep._copy(single_state)  # pylint: disable=protected-access
   nudged_state = nudged_state.replace(
     params=jax.tree.map(lambda p: p * (1 + 2.0**-23), nudged_state.params)
   )
@@ -140,7 +133,14 @@ def render(result: dict) -> str:
     f"({result['name']})",
     "",
     f"Command: `{result['command']}`. CPU {result['cpu']}, jaxlib "
-    f"{result['jaxlib']}. From one initial state, on the same batches "
+    f"{result['jaxlib']}"
+    + (
+      f", load {' '.join(f'{x:.2f}' for x in result['load_average'])} at "
+      "the start"
+      if "load_average" in result
+      else ""
+    )
+    + ". From one initial state, on the same batches "
     "and key: the single run's step; the same step from parameters times "
     "(1 + 2^-23); member 0 of "
     f"{result['members']} in one unrolled sweep program. Max |difference| "
@@ -171,14 +171,8 @@ def main():
     path, arg or None, dict(s.split("=", 1) for s in args.set)
   )
   config.progress_bar = False
+  machine = measure.machine()  # Before: its load shows what else ran.
   rows = trajectories(config, args.steps, args.members)
-  cpu = subprocess.run(
-    "lscpu | sed -n 's/^Model name: *//p'",
-    shell=True,
-    capture_output=True,
-    text=True,
-    check=False,
-  ).stdout.strip()
   result = {
     "name": args.name,
     "command": "PYTHONPATH=$PWD python experiments/rounding_sensitivity.py "
@@ -188,7 +182,8 @@ def main():
       + [f"--steps={args.steps}", f"--members={args.members}"]
       + [f"--name={args.name}"]
     ),
-    "cpu": cpu or platform.processor(),
+    "cpu": machine["cpu"],
+    "load_average": machine["load_average"],
     "jaxlib": jaxlib.__version__,
     "members": args.members,
     "rows": rows,

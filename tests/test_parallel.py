@@ -202,13 +202,14 @@ def test_two_processes_train_and_evaluate(tmp_path):
   assert not workdir_lock.lock_path(tmp_path).exists()
 
 
-def test_two_processes_sweep_each_its_own_member(tmp_path):
-  members = [tmp_path / "class_0" / "seed_0", tmp_path / "class_3" / "seed_0"]
-  job = _run_two_processes(
+def _run_two_process_sweep(workdir, classes: str, members):
+  """The tiny CLR digits sweep of `classes` x seed 0 in two processes,
+  watching each member folder's lock."""
+  return _run_two_processes(
     [
       "--config=configs/clr.py:digits",
-      f"--workdir={tmp_path}",
-      "--classes=0,3",
+      f"--workdir={workdir}",
+      f"--classes={classes}",
       "--seeds=0",
       *_TINY_CLR,
       "--config.eval.batch_size=64",
@@ -220,6 +221,11 @@ def test_two_processes_sweep_each_its_own_member(tmp_path):
     module="jax_oneclass.sweep",
     more_locks=[workdir_lock.lock_path(m) for m in members],
   )
+
+
+def test_two_processes_sweep_each_its_own_member(tmp_path):
+  members = [tmp_path / "class_0" / "seed_0", tmp_path / "class_3" / "seed_0"]
+  job = _run_two_process_sweep(tmp_path, "0,3", members)
   # Process i trained, evaluated and wrote member i alone, on its own 2
   # devices (as a one-host job: it read all of its member's images).
   for i, member in enumerate(members):
@@ -242,22 +248,7 @@ def test_two_processes_sweep_one_member_data_parallel(tmp_path):
   # Fewer members than processes: both hosts train the member together,
   # as a single run over their 4 devices would.
   member = tmp_path / "class_0" / "seed_0"
-  job = _run_two_processes(
-    [
-      "--config=configs/clr.py:digits",
-      f"--workdir={tmp_path}",
-      "--classes=0",
-      "--seeds=0",
-      *_TINY_CLR,
-      "--config.eval.batch_size=64",
-      "--config.eval.plots=False",
-      "--config.eval.num_overlays=0",
-      "--config.eval.rotation_averaging=False",
-      "--config.eval.scorer=pool/gde",
-    ],
-    module="jax_oneclass.sweep",
-    more_locks=[workdir_lock.lock_path(member)],
-  )
+  job = _run_two_process_sweep(tmp_path, "0", [member])
   assert "(mesh {'member': 1, 'data': 4})" in job.outputs[0]
   assert job.holders_by_lock[workdir_lock.lock_path(member)] == [
     (job.pids[0], "training")
