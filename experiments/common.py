@@ -177,6 +177,49 @@ def time_train_step(
   }, box["state"]
 
 
+def run_step_cpu_s(
+  method_name: str, arg: str, overrides: dict, steps: int, warmup: int
+) -> dict:
+  """CPU seconds (time.process_time) of one jitted train step of a run as
+  `run_method` would train it: the real data, the method's `prepare` on its
+  first batches, then `steps` timed steps on the next batch after `warmup`
+  untimed ones (compilation). The input pipeline is not timed. Returns
+  the median, every step's CPU and wall seconds and the batch size."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  # pylint: disable=g-import-not-at-top
+  from experiments import measure
+  from jax_oneclass import data, parallel
+
+  # pylint: enable=g-import-not-at-top
+  config = config_with(method_name, arg, overrides)
+  with tempfile.TemporaryDirectory() as workdir:
+    run = run_lib.setup(config, workdir)
+    try:
+      state, _ = run_lib.restore_or_init(run)
+      state, batches = train.prepare(run, state, data.train_batches(config, 0))
+      batch = parallel.shard_batch(run.mesh, next(batches))
+      step_fn = train.jit_train_step(run.method, run.mesh)
+      rng = jax.random.key(config.seed + 1)
+      box = {"state": state}
+
+      def step():
+        box["state"], metrics = step_fn(box["state"], batch, rng)
+        jax.block_until_ready(metrics)
+
+      timing = measure.time_steps(
+        step, steps, warmup, config.batch_size, "images"
+      )
+    finally:
+      run.checkpointer.close()
+  return {
+    "cpu_s_per_step": measure.median(timing["step_cpu_s_each"]),
+    "cpu_s_each": timing["step_cpu_s_each"],
+    "wall_s_each": timing["step_s_each"],
+    "batch_size": config.batch_size,
+  }
+
+
 def run_json(command: list[str]) -> dict:
   """Runs a command (from the repository root) that prints one JSON object
   last; returns it."""

@@ -12,6 +12,7 @@ file (then resnet18 weights are expected).
   python experiments/localization_quality.py run --categories=automobile,horse --steps=200
   python experiments/localization_quality.py self_supervised --categories=automobile,horse --steps=200 --ssl_steps=500
   python experiments/localization_quality.py two_stage --categories=automobile,horse --steps=200 --seeds=1,2
+  python experiments/localization_quality.py matched --categories=automobile,horse --seeds=1,2 --budget_cpu_s=60
   python experiments/localization_quality.py report
 """
 
@@ -20,11 +21,12 @@ import json
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments import common  # pylint: disable=g-import-not-at-top
+from experiments import common, measure  # pylint: disable=g-import-not-at-top
 
 SCRIPT = "python experiments/localization_quality.py"
 PART = "localization_quality"
@@ -190,11 +192,8 @@ def part_two_stage(args) -> dict:
   ensure_folder(Path(args.folder), args.categories)
   budget = {
     "num_train_steps": args.steps,
-    "batch_size": args.batch_size,
-    "data.image_size": args.image_size,
     "checkpoint_every_steps": args.steps,
-    "eval.num_overlays": 8,
-    **TWO_STAGE_PATCH,
+    **_two_stage_budget(args),
   }
   path = common.RESULTS_DIR / f"{PART}_two_stage.json"
   out = json.loads(path.read_text()) if path.exists() else {"runs": {}}
@@ -228,6 +227,168 @@ def part_two_stage(args) -> dict:
           flush=True,
         )
   return out
+
+
+def _two_stage_budget(args) -> dict:
+  """The two-stage patch runs' overrides beyond the train steps."""
+  return {
+    "batch_size": args.batch_size,
+    "data.image_size": args.image_size,
+    "eval.num_overlays": 8,
+    **TWO_STAGE_PATCH,
+  }
+
+
+MATCHED_METHODS = (
+  "rotnet",
+  "disaug",
+  "reverse_distillation",
+  "gradient_preference",
+)
+
+
+def _matched_setting(method: str, args, category: str) -> tuple[str, dict]:
+  """(config arg, overrides but the steps) of one method in `matched`:
+  the two-stage family in patch mode as in `two_stage`, RD and GP as the
+  `run` rows (random ResNet-18 backbone)."""
+  if method in TWO_STAGE_METHODS:
+    return _category_arg(args, category, "mvtec_patch"), _two_stage_budget(args)
+  budget = {k: v for k, v in _budget(args).items() if k != "num_train_steps"}
+  return _category_arg(args, category), {**budget, "model.pretrained": ""}
+
+
+def part_matched(args) -> dict:
+  """RotNet, DisAug CLR (patch mode), RD and GP with the same CPU time of
+  train steps per run (--budget_cpu_s; steps from each method's median
+  CPU-s per step, measured here on the first category's data before any
+  run), one run per category x --seeds; runs already saved are skipped."""
+  ensure_folder(Path(args.folder), args.categories)
+  path = common.RESULTS_DIR / f"{PART}_matched.json"
+  out = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+  if out.get("budget_cpu_s") not in (None, args.budget_cpu_s):
+    raise SystemExit(
+      f"{path} holds runs at --budget_cpu_s={out['budget_cpu_s']:g}: pass "
+      "that budget, or move the file away to start again."
+    )
+  out["budget_cpu_s"] = args.budget_cpu_s
+  out["command"] = (
+    f"{SCRIPT} matched --categories={','.join(args.categories)} "
+    f"--seeds={args.seeds} --budget_cpu_s={args.budget_cpu_s:g}"
+  )
+  calibration = out.setdefault("calibration", {})
+  for method in MATCHED_METHODS:
+    if method not in calibration:
+      arg, overrides = _matched_setting(method, args, args.categories[0])
+      calibration[method] = common.run_step_cpu_s(
+        method, arg, {**overrides, "num_train_steps": 10}, steps=5, warmup=2
+      )
+      print(
+        f"{method}: {calibration[method]['cpu_s_per_step']:.3f} CPU-s per step",
+        flush=True,
+      )
+      common.save_part(f"{PART}_matched", out)
+  out["steps"] = {
+    m: max(1, round(args.budget_cpu_s / calibration[m]["cpu_s_per_step"]))
+    for m in MATCHED_METHODS
+  }
+  out["machine"] = {**measure.machine(), "jaxlib": metadata.version("jaxlib")}
+  for category in args.categories:
+    for method in MATCHED_METHODS:
+      for seed in args.seeds.split(","):
+        done = out["runs"].setdefault(method, {}).setdefault(category, {})
+        if seed in done:
+          continue
+        steps = out["steps"][method]
+        arg, overrides = _matched_setting(method, args, category)
+        workdir = (
+          Path(args.workdir_root)
+          / "matched"
+          / category
+          / f"{method}_seed{seed}"
+        )
+        start = time.process_time()
+        res = common.run_method(
+          method,
+          arg,
+          workdir,
+          {
+            **overrides,
+            "num_train_steps": steps,
+            "checkpoint_every_steps": steps,
+            "seed": int(seed),
+          },
+        )
+        res["cpu_seconds"] = round(time.process_time() - start, 1)
+        res["workdir"] = str(workdir)
+        done[seed] = res
+        common.save_part(f"{PART}_matched", out)
+        print(
+          f"{category} {method} seed {seed}: {steps} steps, "
+          f"{res['cpu_seconds']} CPU-s, {json.dumps(res['auroc'])}, "
+          f"{json.dumps(res['localization'])}",
+          flush=True,
+        )
+  return out
+
+
+def _matched_figures(method: str, res: dict) -> tuple[float, float, float]:
+  """(image AUROC of the headline, pixel AUROC, AUPRO) of any method."""
+  if method in TWO_STAGE_METHODS:
+    image, _, pixel, aupro = _two_stage_figures(res)
+    return image, pixel, aupro
+  return _figures(method, res)
+
+
+def render_matched(result: dict) -> str:
+  """The CPU-matched table: per method and category, mean ± half range
+  over the seeds, then each method's mean over the categories."""
+  m = result.get("machine", {})
+  lines = [
+    "### The same four methods at one CPU budget, two seeds",
+    "",
+    (
+      f"Command: `{result['command']}`. Every run gets "
+      f"{result['budget_cpu_s']:g} CPU-s of train steps: its steps are the "
+      "budget over its median CPU-s per jitted train step, measured on "
+      "real batches before any run (input pipeline not timed). RotNet and "
+      "DisAug CLR in patch mode as in the table above; RD and GP as in the "
+      "first table (random ResNet-18 backbone, main scores map_max and "
+      "nn_max; GP may stop early). Cells: mean ± half the range over the "
+      "seeds; CPU-s: the whole run's (train, its `prepare`, evaluation), "
+      "mean over the seeds. All settings fixed before the runs. Machine: "
+      f"{m.get('cpu', '?')}, jaxlib {m.get('jaxlib', '?')}, load "
+      f"{m.get('load_average', ['?'])[0]} when the runs started."
+    ),
+    "",
+    (
+      "| method | CPU-s / step | steps | category | seeds | image AUROC | "
+      "pixel AUROC | AUPRO | run CPU-s |"
+    ),
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  means = {}
+  for method, per_category in result["runs"].items():
+    for category, per_seed in per_category.items():
+      figures = [_matched_figures(method, r) for r in per_seed.values()]
+      means.setdefault(method, []).extend(figures)
+      cpu = sum(r["cpu_seconds"] for r in per_seed.values()) / len(per_seed)
+      steps = sorted({r["step"] for r in per_seed.values()})
+      lines.append(
+        f"| {method} | {result['calibration'][method]['cpu_s_per_step']:.3f}"
+        f" | {','.join(map(str, steps))} | {category} | "
+        f"{','.join(per_seed)} | "
+        + " | ".join(_mean_spread([f[i] for f in figures]) for i in range(3))
+        + f" | {cpu:.0f} |"
+      )
+  for method, figures in means.items():
+    lines.append(
+      f"| **{method}** | | | mean | | "
+      + " | ".join(
+        f"**{sum(f[i] for f in figures) / len(figures):.3f}**" for i in range(3)
+      )
+      + " | |"
+    )
+  return "\n".join(lines) + "\n"
 
 
 def _two_stage_figures(res: dict) -> tuple[float, float, float, float]:
@@ -428,7 +589,8 @@ def render(result: dict) -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument(
-    "part", choices=["run", "self_supervised", "two_stage", "report"]
+    "part",
+    choices=["run", "self_supervised", "two_stage", "matched", "report"],
   )
   parser.add_argument("--folder", default="/tmp/cifar_mvtec")
   parser.add_argument("--data_dir", default="/tmp/cifar_mvtec_tfds")
@@ -449,6 +611,12 @@ def main():
   parser.add_argument(
     "--seeds", default="1", help="two_stage: training seeds (1: the configs')."
   )
+  parser.add_argument(
+    "--budget_cpu_s",
+    type=float,
+    default=60.0,
+    help="matched: CPU seconds of train steps per run.",
+  )
   args = parser.parse_args()
   if args.part == "run":
     common.save_part(PART, part_run(args))
@@ -456,6 +624,8 @@ def main():
     common.save_part(f"{PART}_ssl", part_self_supervised(args))
   elif args.part == "two_stage":
     common.save_part(f"{PART}_two_stage", part_two_stage(args))
+  elif args.part == "matched":
+    common.save_part(f"{PART}_matched", part_matched(args))
   result = json.loads((common.RESULTS_DIR / f"{PART}.json").read_text())
   section = render(result)
   ssl_path = common.RESULTS_DIR / f"{PART}_ssl.json"
@@ -468,6 +638,9 @@ def main():
     section += "\n" + render_two_stage(
       json.loads(two_stage_path.read_text()), result["runs"]
     )
+  matched_path = common.RESULTS_DIR / f"{PART}_matched.json"
+  if matched_path.exists():
+    section += "\n" + render_matched(json.loads(matched_path.read_text()))
   print(common.write_section(PART, section))
 
 

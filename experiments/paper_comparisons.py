@@ -387,6 +387,13 @@ FEW_SHOT_VARIANTS = (
 )
 
 
+def few_shot_part(category: str, seed: int) -> str:
+  """The results part of one few-shot (category, seed); automobile at seed 0
+  (the first runs) is plain 'few_shot'."""
+  name = "few_shot" if category == "automobile" else f"few_shot_{category}"
+  return name if seed == 0 else f"{name}_seed{seed}"
+
+
 def part_few_shot(args):
   from experiments import few_shot_benchmark as fsb  # pylint: disable=g-import-not-at-top
   from experiments.localization_quality import ensure_folder  # pylint: disable=g-import-not-at-top
@@ -399,10 +406,11 @@ def part_few_shot(args):
   # other seed retrains the backbone and every row with that seed and
   # draws the K images with it, in a part of its own.
   seed = args.fs_seed
-  part = "few_shot" if seed == 0 else f"few_shot_seed{seed}"
+  part = few_shot_part(category, seed)
   seeded = {"seed": seed} if seed else {}
   saved = _load(part)
   saved["seed"] = seed
+  saved["category"] = category
   saved["command"] = (
     f"{SCRIPT} few_shot --category={category} --shots={args.shots} "
     f"--ssl_steps={args.ssl_steps} --ssl_batch={args.ssl_batch} "
@@ -772,10 +780,49 @@ def render() -> str:
   ]
   lines += render_gan(_load("gan"))
   lines += render_two_stage(_load("two_stage"))
-  lines += render_few_shot(_load("few_shot"))
-  for path in sorted(common.RESULTS_DIR.glob("paper_few_shot_seed*.json")):
-    lines += render_few_shot(json.loads(path.read_text()))
+  few_shot = [_load("few_shot")] + [
+    json.loads(path.read_text())
+    for path in sorted(common.RESULTS_DIR.glob("paper_few_shot_*.json"))
+  ]
+  for saved in few_shot:
+    lines += render_few_shot(saved)
+  lines += few_shot_summary(few_shot)
   return "\n".join(lines)
+
+
+def few_shot_summary(runs: list[dict]) -> list[str]:
+  """Mean pixel and image AUROC per method and K over every (category,
+  seed) of the few-shot parts that has all K."""
+  complete = [s for s in runs if s.get("runs")]
+  if len(complete) < 2:
+    return []
+  shots = sorted(
+    {int(k) for s in complete for v in s["runs"].values() for k in v}
+  )
+  lines = [
+    f"#### (c) summed up: mean image AUROC / pixel AUROC over the "
+    f"{len(complete)} (category, seed) runs above",
+    "",
+    "| method | " + " | ".join(f"K={k}" for k in shots) + " |",
+    "|---|" + "---|" * len(shots),
+  ]
+  for label in FEW_SHOT_VARIANTS:
+    cells = []
+    for k in shots:
+      rows = [
+        s["runs"][label][str(k)]
+        for s in complete
+        if str(k) in s["runs"].get(label, {})
+      ]
+      if len(rows) < len(complete):
+        cells.append("-")
+        continue
+      cells.append(
+        f"{_mean([r['image_auroc'] for r in rows]):.3f} / "
+        f"{_mean([r['pixel_auroc'] for r in rows]):.3f}"
+      )
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return lines + [""]
 
 
 def render_few_shot(saved: dict) -> list[str]:
@@ -784,10 +831,16 @@ def render_few_shot(saved: dict) -> list[str]:
     return []
   shots = sorted({int(k) for v in runs.values() for k in v})
   seed = saved.get("seed", 0)
-  if seed:
+  category = saved.get("category", "automobile")
+  if seed or category != "automobile":
     title = [
-      f"#### (c), seed {seed}: the backbone and every row retrained with "
-      f"seed {seed}, the K images drawn with it",
+      f"#### (c), {category}, seed {seed}"
+      + (
+        f": the backbone and every row trained with seed {seed}, the K "
+        "images drawn with it"
+        if seed
+        else ": the configs' seeds, the K images drawn with seed 0"
+      ),
       "",
     ]
   else:

@@ -368,3 +368,56 @@ def test_sweep_benchmark_table_names_config_choice_and_ratio():
   assert "| ratio (runs / sweep) | 2.00 | 1.10 |" in text
   assert "using unrolled (faster)" in text
   assert "| 1 | 0.8000 | 0.7500 | +0.0500 |" in text
+
+
+def _few_shot_row(image, pixel):
+  return {"image_auroc": image, "pixel_auroc": pixel, "aupro": 0.1}
+
+
+def test_few_shot_parts_are_named_per_category_and_summed_up():
+  assert paper_comparisons.few_shot_part("automobile", 0) == "few_shot"
+  assert paper_comparisons.few_shot_part("automobile", 2) == "few_shot_seed2"
+  assert paper_comparisons.few_shot_part("horse", 0) == "few_shot_horse"
+  assert paper_comparisons.few_shot_part("horse", 2) == "few_shot_horse_seed2"
+  variants = paper_comparisons.FEW_SHOT_VARIANTS
+  first = {"runs": {v: {"1": _few_shot_row(0.4, 0.6)} for v in variants}}
+  second = {"runs": {v: {"1": _few_shot_row(0.6, 0.8)} for v in variants}}
+  second["runs"][variants[0]]["2"] = _few_shot_row(0.9, 0.9)
+  lines = paper_comparisons.few_shot_summary([first, second, {}])
+  assert "over the 2 (category, seed) runs" in lines[0]
+  # K=2 exists in one run of two only: no mean for it.
+  assert f"| {variants[0]} | 0.500 / 0.700 | - |" in lines
+  assert paper_comparisons.few_shot_summary([first]) == []
+
+
+def test_matched_localisation_table_averages_seeds_and_categories():
+  from experiments import localization_quality as lq  # pylint: disable=g-import-not-at-top
+
+  def rd_run(pixel):
+    return {
+      "auroc": {"map_max": 0.5},
+      "localization": {"anomaly_map": {"pixel_auroc": pixel, "aupro": 0.2}},
+      "step": 7,
+      "cpu_seconds": 100.0,
+    }
+
+  result = {
+    "command": "c",
+    "budget_cpu_s": 60.0,
+    "calibration": {"reverse_distillation": {"cpu_s_per_step": 0.3}},
+    "runs": {
+      "reverse_distillation": {
+        "a": {"1": rd_run(0.6), "2": rd_run(0.8)},
+        "b": {"1": rd_run(0.4)},
+      }
+    },
+  }
+  text = lq.render_matched(result)
+  assert (
+    "| reverse_distillation | 0.300 | 7 | a | 1,2 | 0.500 ± 0.000 | "
+    "0.700 ± 0.100 | 0.200 ± 0.000 | 100 |"
+  ) in text
+  # The mean weighs each run once: (0.6 + 0.8 + 0.4) / 3.
+  assert (
+    "| **reverse_distillation** | | | mean | | **0.500** | **0.600** |" in text
+  )
