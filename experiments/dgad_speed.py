@@ -117,8 +117,15 @@ def headline_only(config) -> None:
   config.classifiers = {name: config.classifiers[name].to_dict()}
 
 
-def run_one(method: str, arg: str, workdir: Path, overrides: dict) -> dict:
-  """Trains one method from scratch, then scores every checkpoint."""
+def run_one(
+  method: str,
+  arg: str,
+  workdir: Path,
+  overrides: dict,
+  score_initial: bool = False,
+) -> dict:
+  """Trains one method from scratch, then scores every checkpoint (and,
+  with `score_initial`, the untrained initial state as step 0)."""
   config = common.config_with(method, arg, overrides)
   config.progress_bar = False
   headline_only(config)
@@ -131,8 +138,14 @@ def run_one(method: str, arg: str, workdir: Path, overrides: dict) -> dict:
   run = run_lib.setup(config, workdir, mode="eval")
   points = []
   try:
+    if score_initial:
+      seconds = {0: 0.0, **seconds}
     for step, secs in seconds.items():
-      state, _ = run_lib.restore(run, step)
+      state = (
+        run_lib.run_initial_state(run)
+        if step == 0
+        else run_lib.restore(run, step)[0]
+      )
       results = evaluate.evaluate_run(run, state, step, output_dir=False)
       points.append(
         {

@@ -12,6 +12,8 @@ re-renders the section of RESULTS.md from them):
              DGAD's other padding modes (--padding_classes, one seed;
              also alone as the part `padding`).
   dgad_grid  DGAD with other values of one key (--grid=key=v1,v2).
+  dgad_curve DGAD's AUROC at every --curve_every steps of a longer run,
+             the default and one change per row (DGAD_CURVE_VARIANTS).
   two_stage  DisAug vs CLR vs RotNet, every CIFAR-10 class x --seeds.
   few_shot   gradient preference vs reverse distillation vs a plain
              nearest-neighbour repository on the MVTec-shaped set, K shots,
@@ -331,6 +333,104 @@ def part_dgad_grid(args):
   saved.setdefault("grids", {})[args.grid] = run
   common.save_part("paper_gan", saved)
   common.write_section("paper_comparisons", render())
+
+
+# DGAD's score over a longer run (the falling score of dgad_speed.py, which
+# used zero padding then): one class, one seed, width 32, the default
+# and one change per row, each fixed before the runs.
+DGAD_CURVE_VARIANTS = {
+  "default": {},
+  "learning_rate=5e-5": {"optimizer.learning_rate": 5e-5},
+  "adversarial_weight=0": {"adversarial_weight": 0.0},
+  "padding=zeros": {"model.padding": "zeros"},
+}
+
+
+def part_dgad_curve(args):
+  """DGAD's headline AUROC at every --curve_every steps of one
+  --curve_steps run per DGAD_CURVE_VARIANTS entry (--curve_variants), on
+  class --curve_class, the subset and sizes of dgad_speed.py's runs:
+  does the score still peak and fall, and which change removes that?"""
+  from experiments import dgad_speed  # pylint: disable=g-import-not-at-top
+
+  saved = _load("dgad_curve")
+  folder = dgad_speed.test_subset_folder(
+    common.cifar_folder(str(DATA)), 300, WORK / "dgad_curve"
+  )
+  overrides = {
+    "num_train_steps": args.curve_steps,
+    "model.width": 32,
+    "checkpoint_every_steps": args.curve_every,
+    "keep_checkpoints": args.curve_steps // args.curve_every + 1,
+    "eval.batch_size": 500,
+    "log_every_steps": args.curve_every,
+  }
+  saved["command"] = (
+    f"{SCRIPT} dgad_curve --curve_class={args.curve_class} "
+    f"--curve_steps={args.curve_steps} --curve_every={args.curve_every}"
+  )
+  saved["overrides"] = overrides
+  saved["class"] = args.curve_class
+  runs = saved.setdefault("runs", {})
+  for name in args.curve_variants.split(","):
+    if name in runs:
+      continue
+    start = time.process_time()
+    run = dgad_speed.run_one(
+      "dgad",
+      f"folder,folder={folder},normal_class={args.curve_class}",
+      WORK / "dgad_curve" / name.replace("=", "_"),
+      {**overrides, **DGAD_CURVE_VARIANTS[name]},
+      score_initial=True,
+    )
+    run["cpu_seconds"] = round(time.process_time() - start, 1)
+    runs[name] = run
+    saved["machine"] = _machine()
+    common.save_part("paper_dgad_curve", saved)
+  common.write_section("paper_comparisons", render())
+
+
+def render_dgad_curve(saved: dict) -> list[str]:
+  """DGAD's AUROC per checkpoint, one row per variant, beside the
+  zero-padded run of dgad_speed.py."""
+  runs = saved.get("runs", {})
+  if not runs:
+    return []
+  steps = sorted({p["step"] for r in runs.values() for p in r["points"]})
+  lines = [
+    "#### (a) DGAD's score over a longer run: padding, learning rate, "
+    "the real/fake term",
+    "",
+    f"Command: `JAX_ONECLASS_DATA=/work/data_cache/cifar10 nice -n 19 "
+    f"{saved['command']} --curve_variants=<rows>`. DGAD on one class, "
+    f"{saved['overrides']['num_train_steps']} steps of batch 64, width 32, "
+    "the configs' seed; headline `latent/gde` at every checkpoint (step "
+    "0: the untrained initial network) on the "
+    "seeded 300 test images per class of `dgad_speed.py` (whose run, "
+    "with the zero padding that was then the default, peaked and fell). "
+    "One change from the default per row, fixed before the runs; one "
+    "seed, so differences of a few points are within noise.",
+    "",
+    "| variant | " + " | ".join(f"step {s}" for s in steps) + " | CPU-s |",
+    "|---|" + "---|" * (len(steps) + 1),
+  ]
+  for name, run in runs.items():
+    auroc = {p["step"]: p["auroc"] for p in run["points"]}
+    lines.append(
+      f"| {name} | "
+      + " | ".join(f"{auroc[s]:.3f}" if s in auroc else "-" for s in steps)
+      + f" | {run['cpu_seconds']:.0f} |"
+    )
+  old = json.loads((common.RESULTS_DIR / "dgad_speed.json").read_text())
+  old_run = old["runs"].get("0", {}).get("dgad")
+  if old_run and saved.get("class", 0) == 0:
+    auroc = {p["step"]: p["auroc"] for p in old_run["points"]}
+    lines.append(
+      "| dgad_speed.py's run (zeros, an earlier commit and CPU) | "
+      + " | ".join(f"{auroc[s]:.3f}" if s in auroc else "-" for s in steps)
+      + " | |"
+    )
+  return lines + ["", _machine_line(saved), ""]
 
 
 def part_gan(args):
@@ -779,6 +879,7 @@ def render() -> str:
     "",
   ]
   lines += render_gan(_load("gan"))
+  lines += render_dgad_curve(_load("dgad_curve"))
   lines += render_two_stage(_load("two_stage"))
   few_shot = [_load("few_shot")] + [
     json.loads(path.read_text())
@@ -907,6 +1008,7 @@ PARTS = {
   "two_stage": part_two_stage,
   "few_shot": part_few_shot,
   "dgad_grid": part_dgad_grid,
+  "dgad_curve": part_dgad_curve,
   "padding": part_padding,
   "report": part_report,
 }
@@ -929,6 +1031,14 @@ def main():
   parser.add_argument("--padding_seeds", default="0")
   parser.add_argument("--rerun", action="store_true")
   parser.add_argument("--stack", type=int, default=0, help="sweep --stack")
+  parser.add_argument("--curve_class", type=int, default=0)
+  parser.add_argument("--curve_steps", type=int, default=600)
+  parser.add_argument("--curve_every", type=int, default=100)
+  parser.add_argument(
+    "--curve_variants",
+    default=",".join(DGAD_CURVE_VARIANTS),
+    help="dgad_curve: rows of DGAD_CURVE_VARIANTS, comma-separated.",
+  )
   parser.add_argument("--category", default="automobile")
   parser.add_argument("--shots", default="1,2,4,8,16")
   parser.add_argument("--ssl_steps", type=int, default=60)

@@ -421,3 +421,25 @@ def test_matched_localisation_table_averages_seeds_and_categories():
   assert (
     "| **reverse_distillation** | | | mean | | **0.500** | **0.600** |" in text
   )
+
+
+def test_dgad_curve_rows_give_every_checkpoint_from_the_untrained_network():
+  def run(*aurocs):
+    return {
+      "points": [
+        {"step": 100 * i, "auroc": a, "train_seconds": 1.0}
+        for i, a in enumerate(aurocs)
+      ],
+      "cpu_seconds": 12.0,
+    }
+
+  saved = {
+    "command": "c",
+    "class": 0,
+    "overrides": {"num_train_steps": 100},
+    "runs": {"default": run(0.7, 0.6), "padding=zeros": run(0.65)},
+  }
+  lines = paper_comparisons.render_dgad_curve(saved)
+  assert "| variant | step 0 | step 100 | CPU-s |" in lines
+  assert "| default | 0.700 | 0.600 | 12 |" in lines
+  assert "| padding=zeros | 0.650 | - | 12 |" in lines
