@@ -12,6 +12,8 @@ re-renders the section of RESULTS.md from them):
              DGAD's other padding modes (--padding_classes, one seed;
              also alone as the part `padding`).
   dgad_grid  DGAD with other values of one key (--grid=key=v1,v2).
+  untrained  The untrained networks' AUROC on the same classes, seeds and
+             test subsets: a reference column in the (a) and (b) tables.
   dgad_curve DGAD's AUROC at every --curve_every steps of a longer run,
              the default and one change per row (DGAD_CURVE_VARIANTS).
   two_stage  DisAug vs CLR vs RotNet, every CIFAR-10 class x --seeds.
@@ -398,18 +400,22 @@ def render_dgad_curve(saved: dict) -> list[str]:
     return []
   steps = sorted({p["step"] for r in runs.values() for p in r["points"]})
   lines = [
-    "#### (a) DGAD's score over a longer run: padding, learning rate, "
-    "the real/fake term",
+    (
+      "#### (a) DGAD's score over a longer run: padding, learning rate, "
+      "the real/fake term"
+    ),
     "",
-    f"Command: `JAX_ONECLASS_DATA=/work/data_cache/cifar10 nice -n 19 "
-    f"{saved['command']} --curve_variants=<rows>`. DGAD on one class, "
-    f"{saved['overrides']['num_train_steps']} steps of batch 64, width 32, "
-    "the configs' seed; headline `latent/gde` at every checkpoint (step "
-    "0: the untrained initial network) on the "
-    "seeded 300 test images per class of `dgad_speed.py` (whose run, "
-    "with the zero padding that was then the default, peaked and fell). "
-    "One change from the default per row, fixed before the runs; one "
-    "seed, so differences of a few points are within noise.",
+    (
+      f"Command: `JAX_ONECLASS_DATA=/work/data_cache/cifar10 nice -n 19 "
+      f"{saved['command']} --curve_variants=<rows>`. DGAD on one class, "
+      f"{saved['overrides']['num_train_steps']} steps of batch 64, width 32, "
+      "the configs' seed; headline `latent/gde` at every checkpoint (step "
+      "0: the untrained initial network) on the "
+      "seeded 300 test images per class of `dgad_speed.py` (whose run, "
+      "with the zero padding that was then the default, peaked and fell). "
+      "One change from the default per row, fixed before the runs; one "
+      "seed, so differences of a few points are within noise."
+    ),
     "",
     "| variant | " + " | ".join(f"step {s}" for s in steps) + " | CPU-s |",
     "|---|" + "---|" * (len(steps) + 1),
@@ -431,6 +437,72 @@ def render_dgad_curve(saved: dict) -> list[str]:
       + " | |"
     )
   return lines + ["", _machine_line(saved), ""]
+
+
+def untrained_aurocs(method_name: str, arg: str, seed: int) -> dict:
+  """Every scorer's AUROC of `method_name`'s untrained initial network
+  (config seed `seed`, the sizes of SIZES), its classifiers fitted and
+  calibrated as after training: what training has to beat."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  from jax_oneclass import evaluate  # pylint: disable=g-import-not-at-top
+  from jax_oneclass import run as run_lib  # pylint: disable=g-import-not-at-top
+
+  config = common.config_with(
+    method_name,
+    arg,
+    {**SIZES[method_name], **_QUIET, "seed": seed, "progress_bar": False},
+  )
+  with tempfile.TemporaryDirectory() as workdir:
+    run = run_lib.setup(config, workdir)
+    try:
+      state = run_lib.run_initial_state(run)
+      results = evaluate.evaluate_run(run, state, 0, output_dir=False)
+    finally:
+      run.checkpointer.close()
+  return {"scorer": config.eval.scorer, "auroc": results["auroc"]}
+
+
+def part_untrained(args):
+  """The untrained networks of --methods on every --classes x --seeds,
+  on the test subset of --test_per_class (200 for `gan`, 100 for
+  `two_stage`): a reference column beside the trained ones."""
+  saved = _load("untrained")
+  classes = (
+    range(10) if args.classes == "all" else map(int, args.classes.split(","))
+  )
+  subset = str(args.test_per_class)
+  for method_name in args.methods.split(","):
+    runs = saved.setdefault("runs", {}).setdefault(method_name, {})
+    per_class = runs.setdefault(subset, {})
+    for c in classes:
+      for seed in args.seeds.split(","):
+        if seed in per_class.get(str(c), {}):
+          continue
+        res = untrained_aurocs(
+          method_name,
+          f"{_cifar_arg(args.test_per_class)},normal_class={c}",
+          int(seed),
+        )
+        per_class.setdefault(str(c), {})[seed] = res
+        print(
+          f"{method_name} class {c} seed {seed}: "
+          f"{res['auroc'][res['scorer']]:.4f}",
+          flush=True,
+        )
+        saved["machine"] = _machine()
+        common.save_part("paper_untrained", saved)
+  common.write_section("paper_comparisons", render())
+
+
+def _untrained_column(method_name: str, test_per_class) -> dict:
+  """{class: {seed: headline AUROC}} of the untrained network on the
+  same test subset, or {} if it was not scored there."""
+  runs = _load("untrained").get("runs", {}).get(method_name, {})
+  return {
+    int(c): {int(s): r["auroc"][r["scorer"]] for s, r in per_seed.items()}
+    for c, per_seed in runs.get(str(test_per_class), {}).items()
+  }
 
 
 def part_gan(args):
@@ -797,6 +869,13 @@ def render_gan(saved: dict) -> list[str]:
     ("DGAD (circular, default)" if k == "dgad" else "GANomaly"): v
     for k, v in columns.items()
   }
+  for name, label in (
+    ("dgad", "DGAD untrained"),
+    ("ganomaly", "GANomaly untrained"),
+  ):
+    untrained = _untrained_column(name, saved.get("test_per_class"))
+    if untrained:
+      columns[label] = untrained
   dgad, ganomaly = (overall(_aurocs(runs[k]))[0] for k in ("dgad", "ganomaly"))
   lines = [
     "### (a) DGAD vs GANomaly, CIFAR-10, 32 px",
@@ -840,6 +919,9 @@ def render_two_stage(saved: dict) -> list[str]:
   labels = {"disaug": "DisAug CLR", "clr": "CLR", "rotnet": "RotNet"}
   columns = {labels[k]: _aurocs(run) for k, run in runs.items()}
   means = {labels[k]: overall(_aurocs(run))[0] for k, run in runs.items()}
+  untrained = _untrained_column("disaug", saved.get("test_per_class"))
+  if untrained:
+    columns["untrained ResNet-18 (DisAug's init)"] = untrained
   order = " > ".join(sorted(means, key=means.get, reverse=True))
   return [
     "### (b) DisAug CLR vs CLR vs RotNet, CIFAR-10",
@@ -1009,6 +1091,7 @@ PARTS = {
   "few_shot": part_few_shot,
   "dgad_grid": part_dgad_grid,
   "dgad_curve": part_dgad_curve,
+  "untrained": part_untrained,
   "padding": part_padding,
   "report": part_report,
 }
