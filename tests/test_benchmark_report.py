@@ -443,3 +443,14 @@ def test_dgad_curve_rows_give_every_checkpoint_from_the_untrained_network():
   assert "| variant | step 0 | step 100 | CPU-s |" in lines
   assert "| default | 0.700 | 0.600 | 12 |" in lines
   assert "| padding=zeros | 0.650 | - | 12 |" in lines
+
+
+def test_training_gain_is_the_trained_mean_minus_the_untrained_mean():
+  columns = {
+    "DGAD (circular, default)": {0: {0: 0.6, 1: 0.6}},
+    "GANomaly": {0: {0: 0.5}},
+    "DGAD untrained": {0: {0: 0.7, 1: 0.7}},
+  }
+  lines = paper_comparisons._training_gain_lines(columns, ("DGAD", "GANomaly"))  # pylint: disable=protected-access
+  # GANomaly has no untrained column: no figure for it.
+  assert lines[0].endswith("DGAD -10.0 AUROC points.")
