@@ -367,8 +367,9 @@ def render_matched(result: dict) -> str:
     "|---|---|---|---|---|---|---|---|---|",
   ]
   means = {}
-  for method, per_category in result["runs"].items():
-    for category, per_seed in per_category.items():
+  methods = [m for m in MATCHED_METHODS if m in result["runs"]]
+  for method in methods:
+    for category, per_seed in result["runs"][method].items():
       figures = [_matched_figures(method, r) for r in per_seed.values()]
       means.setdefault(method, []).extend(figures)
       cpu = sum(r["cpu_seconds"] for r in per_seed.values()) / len(per_seed)
