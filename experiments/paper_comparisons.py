@@ -420,7 +420,8 @@ def render_dgad_curve(saved: dict) -> list[str]:
     "| variant | " + " | ".join(f"step {s}" for s in steps) + " | CPU-s |",
     "|---|" + "---|" * (len(steps) + 1),
   ]
-  for name, run in runs.items():
+  for name in sorted(runs, key=list(DGAD_CURVE_VARIANTS).index):
+    run = runs[name]
     auroc = {p["step"]: p["auroc"] for p in run["points"]}
     lines.append(
       f"| {name} | "
