@@ -355,6 +355,14 @@ def part_dgad_curve(args):
   does the score still peak and fall, and which change removes that?"""
   from experiments import dgad_speed  # pylint: disable=g-import-not-at-top
 
+  unknown = set(args.curve_variants.split(",")) - set(DGAD_CURVE_VARIANTS)
+  if unknown:
+    print(
+      f"error: unknown --curve_variants {sorted(unknown)}; choose from "
+      f"{', '.join(DGAD_CURVE_VARIANTS)}.",
+      file=sys.stderr,
+    )
+    raise SystemExit(2)
   saved = _load("dgad_curve")
   folder = dgad_speed.test_subset_folder(
     common.cifar_folder(str(DATA)), 300, WORK / "dgad_curve"
@@ -470,7 +478,9 @@ def part_untrained(args):
   `two_stage`): a reference column beside the trained ones."""
   saved = _load("untrained")
   classes = (
-    range(10) if args.classes == "all" else map(int, args.classes.split(","))
+    range(10)
+    if args.classes == "all"
+    else [int(c) for c in args.classes.split(",")]
   )
   subset = str(args.test_per_class)
   for method_name in args.methods.split(","):
