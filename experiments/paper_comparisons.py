@@ -522,8 +522,16 @@ def part_gan(args):
 
 
 def part_two_stage(args):
+  """DisAug vs CLR vs RotNet; with --tag, a further run (e.g. a larger
+  budget on fewer classes) in a part of its own, 'two_stage_<tag>'."""
   methods = args.only.split(",") if args.only else ("disaug", "clr", "rotnet")
-  _run_methods("two_stage", methods, args)
+  part = f"two_stage_{args.tag}" if args.tag else "two_stage"
+  _run_methods(part, methods, args)
+  if args.tag:
+    saved = _load(part)
+    saved["tag"] = args.tag
+    common.save_part(f"paper_{part}", saved)
+    common.write_section("paper_comparisons", render())
 
 
 # --- Few-shot localisation (Xu et al.'s claim) ---------------------------------
@@ -953,7 +961,14 @@ def render_two_stage(saved: dict) -> list[str]:
   labels = {"disaug": "DisAug CLR", "clr": "CLR", "rotnet": "RotNet"}
   columns = {labels[k]: _aurocs(run) for k, run in runs.items()}
   means = {labels[k]: overall(_aurocs(run))[0] for k, run in runs.items()}
-  untrained = _untrained_column("disaug", saved.get("test_per_class"))
+  trained = {(c, sd) for v in columns.values() for c in v for sd in v[c]}
+  untrained = {
+    c: {sd: a for sd, a in per_seed.items() if (c, sd) in trained}
+    for c, per_seed in _untrained_column(
+      "disaug", saved.get("test_per_class")
+    ).items()
+  }
+  untrained = {c: v for c, v in untrained.items() if v}
   gain = []
   if untrained:
     columns["untrained ResNet-18 (DisAug's init)"] = untrained
@@ -968,16 +983,30 @@ def render_two_stage(saved: dict) -> list[str]:
       "",
     ]
   order = " > ".join(sorted(means, key=means.get, reverse=True))
+  tag = saved.get("tag", "")
+  title = (
+    [
+      f"#### (b) at {saved['budget_cpu_s']:g} CPU-s per member, classes "
+      f"{saved['classes']}, seeds {saved['seeds']} (`--tag={tag}`)",
+      "",
+    ]
+    if tag
+    else [
+      "### (b) DisAug CLR vs CLR vs RotNet, CIFAR-10",
+      "",
+      f"Claim: {PAPER['two_stage']}.",
+      "",
+    ]
+  )
   return [
-    "### (b) DisAug CLR vs CLR vs RotNet, CIFAR-10",
-    "",
-    f"Claim: {PAPER['two_stage']}.",
-    "",
+    *title,
     f"Command: `{_combine_env(saved)}JAX_ONECLASS_DATA=/work/data_cache/"
     f"cifar10 nice -n 19 {SCRIPT} two_stage "
     f"--budget_cpu_s={saved['budget_cpu_s']:g} "
     f"--seeds={saved['seeds']} --classes={saved.get('classes', 'all')} "
-    f"--test_per_class={saved['test_per_class']} --stack=10`."
+    f"--test_per_class={saved['test_per_class']} --stack=10"
+    + (f" --tag={tag}" if tag else "")
+    + "`."
     " ResNet-18 at width 16 (the paper's: 64), heads (128, 128), each "
     "config's own batch, views, augmentation and SGD; the same "
     f"{saved['budget_cpu_s']:g} CPU-s of train steps per member; headline "
@@ -1009,6 +1038,8 @@ def render() -> str:
   lines += render_gan(_load("gan"))
   lines += render_dgad_curve(_load("dgad_curve"))
   lines += render_two_stage(_load("two_stage"))
+  for path in sorted(common.RESULTS_DIR.glob("paper_two_stage_*.json")):
+    lines += render_two_stage(json.loads(path.read_text()))
   few_shot = [_load("few_shot")] + [
     json.loads(path.read_text())
     for path in sorted(common.RESULTS_DIR.glob("paper_few_shot_*.json"))
@@ -1154,6 +1185,11 @@ def main():
   parser.add_argument("--classes", default="all")
   parser.add_argument(
     "--only", default="", help="gan, two_stage: these methods only"
+  )
+  parser.add_argument(
+    "--tag",
+    default="",
+    help="two_stage: save as the part two_stage_<tag> beside the main one.",
   )
   parser.add_argument("--grid", default="", help="dgad_grid: key=v1,v2")
   parser.add_argument("--padding_classes", default="all")

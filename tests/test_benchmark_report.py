@@ -454,3 +454,28 @@ def test_training_gain_is_the_trained_mean_minus_the_untrained_mean():
   lines = paper_comparisons._training_gain_lines(columns, ("DGAD", "GANomaly"))  # pylint: disable=protected-access
   # GANomaly has no untrained column: no figure for it.
   assert lines[0].endswith("DGAD -10.0 AUROC points.")
+
+
+def test_a_tagged_two_stage_run_compares_only_its_own_classes_and_seeds(
+  monkeypatch,
+):
+  monkeypatch.setattr(
+    paper_comparisons,
+    "_untrained_column",
+    lambda method, subset: {0: {0: 0.5, 1: 0.9}, 1: {0: 0.9}},
+  )
+  run = {**_sweep_run({0: {0: 0.6}}), "steps": 5, "cpu_s": 1.0, "wall_s": 1.0}
+  saved = {
+    "runs": {"disaug": run},
+    "tag": "budget200",
+    "budget_cpu_s": 200,
+    "seeds": "0",
+    "classes": "0",
+    "test_per_class": 100,
+  }
+  lines = paper_comparisons.render_two_stage(saved)
+  assert lines[0].startswith("#### (b) at 200 CPU-s per member, classes 0")
+  assert "--tag=budget200`." in lines[2]
+  # Only class 0, seed 0 of the untrained network: 0.5, not 0.9.
+  assert "| **mean** | **60.0 ± 0.0** | **50.0 ± 0.0** |" in lines
+  assert any(line.endswith("DisAug CLR +10.0 AUROC points.") for line in lines)
