@@ -11,6 +11,10 @@ re-renders the section of RESULTS.md from them):
              --seeds, one `python -m jax_oneclass.sweep` per method; then
              DGAD's other padding modes (--padding_classes, one seed;
              also alone as the part `padding`).
+  gan_mvtec  The same on the MVTec-shaped set (--categories x --seeds at
+             64 px, calibrated there with `calibrate --image_size=64`),
+             DGAD with zero padding beside it and the untrained networks'
+             scores as a reference.
   dgad_grid  DGAD with other values of one key (--grid=key=v1,v2).
   untrained  The untrained networks' AUROC on the same classes, seeds and
              test subsets: a reference column in the (a) and (b) tables.
@@ -83,6 +87,8 @@ SIZES = {
 PAPER = {
   "gan": "Xia et al. 2021: DGAD +6 AUROC points over the best GAN baseline "
   "on CIFAR-10",
+  "gan_mvtec": "Xia et al. 2021: DGAD +2 AUROC points over the best GAN "
+  "baseline on MVTec AD",
   "two_stage": "Sohn et al. 2021: DisAug CLR > CLR > RotNet; DisAug 92.5 "
   "mean AUROC on CIFAR-10 (ResNet-18, 2048 epochs)",
 }
@@ -97,17 +103,29 @@ def _cifar_arg(per_class: int) -> str:
   return f"folder,folder={folder}"
 
 
-def _step_cpu_s(method_name: str, steps: int, warmup: int) -> dict:
-  """One method's jitted train step at SIZES on a fixed random batch:
-  median CPU seconds (time.process_time) of `steps` steps after `warmup`."""
+def calibration_key(method_name: str, image_size: int = 32) -> str:
+  """The calibration row of a method at an image size (32 px: its name)."""
+  return method_name if image_size == 32 else f"{method_name}@{image_size}px"
+
+
+def _step_cpu_s(
+  method_name: str, steps: int, warmup: int, image_size: int = 32
+) -> dict:
+  """One method's jitted train step at SIZES on a fixed random batch of
+  `image_size` px images: median CPU seconds (time.process_time) of
+  `steps` steps after `warmup`."""
   import jax  # pylint: disable=g-import-not-at-top
 
   from jax_oneclass import data, methods, parallel, train  # pylint: disable=g-import-not-at-top
   from jax_oneclass import run as run_lib  # pylint: disable=g-import-not-at-top
 
-  config = common.config_with(method_name, "cifar10", SIZES[method_name])
+  config = common.config_with(
+    method_name,
+    "cifar10",
+    {**SIZES[method_name], "data.image_size": image_size},
+  )
   info = types.SimpleNamespace(
-    image_shape=(32, 32, 3),
+    image_shape=(image_size, image_size, 3),
     num_train=4500,
     epoch_size=data.examples_per_epoch(config, 4500),
     class_names=tuple("abcdefghij"),
@@ -116,7 +134,7 @@ def _step_cpu_s(method_name: str, steps: int, warmup: int) -> dict:
   mesh = parallel.make_mesh()
   state = run_lib.initial_state(method, info.image_shape, mesh, 0)
   step = train.jit_train_step(method, mesh)
-  shape = (config.batch_size, config.data.num_views, 32, 32, 3)
+  shape = (config.batch_size, config.data.num_views, image_size, image_size, 3)
   images = jax.random.uniform(jax.random.key(0), shape)
   batch = parallel.shard_batch(mesh, {"image": images})
   cpu = []
@@ -130,6 +148,7 @@ def _step_cpu_s(method_name: str, steps: int, warmup: int) -> dict:
     "cpu_s_each": [round(c, 3) for c in cpu[warmup:]],
     "batch_size": config.batch_size,
     "views": config.data.num_views,
+    "image_size": image_size,
   }
 
 
@@ -154,7 +173,10 @@ def test_subset(folder: str, per_class: int) -> str:
 
 def part_calibrate(args):
   rows = {
-    m: _step_cpu_s(m, args.steps, args.warmup) for m in args.methods.split(",")
+    calibration_key(m, args.image_size): _step_cpu_s(
+      m, args.steps, args.warmup, args.image_size
+    )
+    for m in args.methods.split(",")
   }
   old = _load("calibrate").get("rows", {})
   common.save_part(
@@ -170,12 +192,16 @@ def _load(part: str) -> dict:
   return json.loads(path.read_text()) if path.exists() else {}
 
 
-def steps_for(method_name: str, budget_cpu_s: float) -> int:
+def steps_for(method_name: str, budget_cpu_s: float, image_size=32) -> int:
   """Train steps that cost `budget_cpu_s` CPU seconds per member."""
   rows = _load("calibrate").get("rows", {})
-  if method_name not in rows:
-    raise SystemExit(f"No calibration for {method_name}: run `calibrate`.")
-  return max(1, round(budget_cpu_s / rows[method_name]["cpu_s_per_step"]))
+  key = calibration_key(method_name, image_size)
+  if key not in rows:
+    raise SystemExit(
+      f"No calibration for {key}: run `calibrate --methods={method_name} "
+      f"--image_size={image_size}`."
+    )
+  return max(1, round(budget_cpu_s / rows[key]["cpu_s_per_step"]))
 
 
 def _flag_value(value) -> str:
@@ -186,14 +212,14 @@ def sweep(
   method_name, arg, workdir, overrides, seeds, classes="all", grid=(), stack=0
 ):
   """One `python -m jax_oneclass.sweep`: its children's CPU seconds, wall
-  seconds and sweep_results.json."""
+  seconds and sweep_results.json. `classes` None: the config's class."""
   command = [
     sys.executable,
     "-m",
     "jax_oneclass.sweep",
     f"--config=configs/{method_name}.py:{arg}",
     f"--workdir={workdir}",
-    f"--classes={classes}",
+    *([f"--classes={classes}"] if classes is not None else []),
     f"--seeds={seeds}",
     f"--combine={COMBINE}",
     *([f"--stack={stack}"] if stack else []),
@@ -448,10 +474,12 @@ def render_dgad_curve(saved: dict) -> list[str]:
   return lines + ["", _machine_line(saved), ""]
 
 
-def untrained_aurocs(method_name: str, arg: str, seed: int) -> dict:
+def untrained_aurocs(
+  method_name: str, arg: str, seed: int, extra: dict | None = None
+) -> dict:
   """Every scorer's AUROC of `method_name`'s untrained initial network
-  (config seed `seed`, the sizes of SIZES), its classifiers fitted and
-  calibrated as after training: what training has to beat."""
+  (config seed `seed`, the sizes of SIZES and `extra`), its classifiers
+  fitted and calibrated as after training: what training has to beat."""
   import tempfile  # pylint: disable=g-import-not-at-top
 
   from jax_oneclass import evaluate  # pylint: disable=g-import-not-at-top
@@ -460,7 +488,13 @@ def untrained_aurocs(method_name: str, arg: str, seed: int) -> dict:
   config = common.config_with(
     method_name,
     arg,
-    {**SIZES[method_name], **_QUIET, "seed": seed, "progress_bar": False},
+    {
+      **SIZES[method_name],
+      **_QUIET,
+      **(extra or {}),
+      "seed": seed,
+      "progress_bar": False,
+    },
   )
   with tempfile.TemporaryDirectory() as workdir:
     run = run_lib.setup(config, workdir)
@@ -534,6 +568,191 @@ def part_two_stage(args):
     common.write_section("paper_comparisons", render())
 
 
+# --- (a) on the MVTec-shaped set ---------------------------------------------
+
+MVTEC_FOLDER = CACHE / "cifar_mvtec"
+MVTEC_TFDS = CACHE / "cifar_mvtec_tfds"
+MVTEC_SIZE = 64  # make_mvtec_like.py's image size.
+# Row label: (method, overrides). One sweep each over categories x seeds.
+GAN_MVTEC_ROWS = {
+  "dgad": ("dgad", {}),
+  "dgad_zeros": ("dgad", {"model.padding": "zeros"}),
+  "ganomaly": ("ganomaly", {}),
+}
+
+
+def mvtec_arg(category: str) -> str:
+  """The config arg of one category of the MVTec-shaped set (made with
+  make_mvtec_like.py's defaults if missing)."""
+  from experiments.localization_quality import ensure_folder  # pylint: disable=g-import-not-at-top
+
+  ensure_folder(MVTEC_FOLDER, [category])
+  return (
+    f"mvtec,folder={MVTEC_FOLDER},category={category},data_dir={MVTEC_TFDS}"
+  )
+
+
+def part_gan_mvtec(args):
+  """DGAD (default and zero padding) vs GANomaly on the MVTec-shaped set,
+  --categories x --seeds, the same CPU budget per member at 64 px; then
+  the untrained networks on the same categories and seeds."""
+  categories = args.categories.split(",")
+  for category in categories:
+    mvtec_arg(category)
+  labels = args.only.split(",") if args.only else list(GAN_MVTEC_ROWS)
+  for label in labels:
+    if label in _load("gan_mvtec").get("runs", {}) and not args.rerun:
+      continue
+    method_name, extra = GAN_MVTEC_ROWS[label]
+    steps = steps_for(method_name, args.budget_cpu_s, MVTEC_SIZE)
+    overrides = {
+      **SIZES[method_name],
+      **_QUIET,
+      "data.image_size": MVTEC_SIZE,
+      **extra,
+      "num_train_steps": steps,
+      "checkpoint_every_steps": steps,
+    }
+    run = sweep(
+      method_name,
+      mvtec_arg(categories[0]),
+      WORK / "gan_mvtec" / label,
+      overrides,
+      args.seeds,
+      classes=None,
+      grid=[f"data.category={args.categories}"],
+    )
+    run.update(steps=steps, method=method_name, overrides=extra)
+    saved = _load("gan_mvtec")
+    saved.setdefault("runs", {})[label] = run
+    saved.update(
+      budget_cpu_s=args.budget_cpu_s,
+      seeds=args.seeds,
+      categories=args.categories,
+      combine=COMBINE,
+      machine=_machine(),
+    )
+    common.save_part("paper_gan_mvtec", saved)
+  for method_name in ("dgad", "ganomaly"):
+    for category in categories:
+      for seed in args.seeds.split(","):
+        saved = _load("gan_mvtec")
+        done = saved.setdefault("untrained", {}).setdefault(method_name, {})
+        if seed in done.get(category, {}):
+          continue
+        res = untrained_aurocs(
+          method_name,
+          mvtec_arg(category),
+          int(seed),
+          {"data.image_size": MVTEC_SIZE},
+        )
+        done.setdefault(category, {})[seed] = res
+        print(
+          f"untrained {method_name} {category} seed {seed}: "
+          f"{res['auroc'][res['scorer']]:.4f}",
+          flush=True,
+        )
+        common.save_part("paper_gan_mvtec", saved)
+  common.write_section("paper_comparisons", render())
+
+
+def _pixel_aurocs(run: dict) -> dict:
+  """{category: {seed: pixel AUROC}} of a sweep's members' first map."""
+  out = {}
+  for member in run["results"]["members"]:
+    maps = member.get("localization", {})
+    if maps:
+      first = maps[sorted(maps)[0]]
+      out.setdefault(_row_key(member), {})[member["seed"]] = first[
+        "pixel_auroc"
+      ]
+  return out
+
+
+def render_gan_mvtec(saved: dict) -> list[str]:
+  runs = saved.get("runs", {})
+  if not runs:
+    return []
+  names = {
+    "dgad": "DGAD (circular, default)",
+    "dgad_zeros": "DGAD, model.padding=zeros",
+    "ganomaly": "GANomaly",
+  }
+  columns = {names[k]: _aurocs(run) for k, run in runs.items()}
+  for method_name, label in (
+    ("dgad", "DGAD untrained"),
+    ("ganomaly", "GANomaly untrained"),
+  ):
+    per_category = saved.get("untrained", {}).get(method_name, {})
+    if per_category:
+      columns[label] = {
+        c: {int(s): r["auroc"][r["scorer"]] for s, r in per_seed.items()}
+        for c, per_seed in per_category.items()
+      }
+  rows = _load("calibrate").get("rows", {})
+  budget = [
+    "| row | CPU-s / step at 64 px (calibrated) | steps | sweep CPU-s / "
+    "member (train + eval) | sweep wall s |",
+    "|---|---|---|---|---|",
+  ]
+  for label, run in runs.items():
+    key = calibration_key(run["method"], MVTEC_SIZE)
+    budget.append(
+      f"| {names[label]} | {rows[key]['cpu_s_per_step']:.3f} | "
+      f"{run['steps']} | {run['cpu_s'] / len(run['results']['members']):.0f}"
+      f" | {run['wall_s']:.0f} |"
+    )
+  lines = [
+    "### (a) DGAD vs GANomaly on the MVTec-shaped set, 64 px",
+    "",
+    f"Claim: {PAPER['gan_mvtec']}. The set is CIFAR-10 categories upscaled "
+    "to 64 px with synthetic defects (`make_mvtec_like.py`; NOT MVTec AD).",
+    "",
+    "Commands: `JAX_ONECLASS_DATA=/work/data_cache/cifar10 nice -n 19 "
+    f"{SCRIPT} calibrate --methods=dgad,ganomaly --image_size=64` then "
+    f"`{_combine_env(saved)}JAX_ONECLASS_DATA=/work/data_cache/cifar10 "
+    f"nice -n 19 {SCRIPT} gan_mvtec --budget_cpu_s={saved['budget_cpu_s']:g}"
+    f" --seeds={saved['seeds']} --categories={saved['categories']}` (each "
+    "row one `python -m jax_oneclass.sweep` over categories x seeds). "
+    "Sizes as (a) on CIFAR-10; the whole test split (100 good, 150 "
+    "defective images per category); the headline image AUROC (DGAD "
+    "latent/gde, GANomaly latent_mse), last step.",
+    "",
+    *class_table(columns),
+    "",
+  ]
+  if "dgad" in runs and "ganomaly" in runs:
+    dgad, ganomaly = (
+      overall(_aurocs(runs[k]))[0] for k in ("dgad", "ganomaly")
+    )
+    lines += [
+      f"DGAD - GANomaly: {100 * (dgad - ganomaly):+.1f} AUROC points "
+      "(paper, MVTec AD: +2).",
+      "",
+    ]
+  lines += _training_gain_lines(columns, ("DGAD", "GANomaly"))
+  pixel = {names[k]: _pixel_aurocs(run) for k, run in runs.items()}
+  pixel = {k: v for k, v in pixel.items() if v}
+  if pixel:
+    lines += [
+      "Pixel AUROC of each method's anomaly map (mean over seeds):",
+      "",
+      *class_table(pixel),
+      "",
+    ]
+  lines += [
+    *budget,
+    "",
+    "Every scorer (mean over categories ± std over seeds):",
+    "",
+    *scorer_table(runs),
+    "",
+    _machine_line(saved),
+    "",
+  ]
+  return lines
+
+
 # --- Few-shot localisation (Xu et al.'s claim) ---------------------------------
 
 
@@ -587,12 +806,10 @@ def few_shot_part(category: str, seed: int) -> str:
 
 def part_few_shot(args):
   from experiments import few_shot_benchmark as fsb  # pylint: disable=g-import-not-at-top
-  from experiments.localization_quality import ensure_folder  # pylint: disable=g-import-not-at-top
 
-  folder, data_dir = CACHE / "cifar_mvtec", CACHE / "cifar_mvtec_tfds"
   category = args.category
-  ensure_folder(folder, [category])
-  arg = f"mvtec,folder={folder},category={category},data_dir={data_dir}"
+  arg = mvtec_arg(category)
+  folder = MVTEC_FOLDER
   # --fs_seed 0: the first runs (the configs' seeds, subset seed 0); any
   # other seed retrains the backbone and every row with that seed and
   # draws the K images with it, in a part of its own.
@@ -683,16 +900,22 @@ def part_few_shot(args):
 # --- Report -------------------------------------------------------------------
 
 
+def _row_key(member: dict):
+  """A member's table row: its MVTec category, else its class."""
+  return member["grid"].get("data.category", member["class"])
+
+
 def _aurocs(run: dict, grid: dict | None = None, scorer: str = "") -> dict:
-  """{class: {seed: AUROC}} of a sweep's members (of one grid point), for
-  `scorer` or each member's headline."""
+  """{class or category: {seed: AUROC}} of a sweep's members (of one grid
+  point, ignoring the category), for `scorer` or each member's headline."""
   out = {}
   for member in run["results"]["members"]:
-    if grid is not None and member["grid"] != grid:
+    point = {k: v for k, v in member["grid"].items() if k != "data.category"}
+    if grid is not None and point != grid:
       continue
     name = scorer or member["scorer"]
     if name in member["auroc"]:
-      out.setdefault(member["class"], {})[member["seed"]] = member["auroc"][
+      out.setdefault(_row_key(member), {})[member["seed"]] = member["auroc"][
         name
       ]
   return out
@@ -726,17 +949,19 @@ def _cell(values: dict) -> str:
   return f"{100 * _mean(values.values()):.1f}" if values else "-"
 
 
-def class_table(columns: dict, names) -> list[str]:
+def class_table(columns: dict, names=None) -> list[str]:
   """Rows: classes (mean over seeds) and the overall mean +- seed std;
-  columns: {label: {class: {seed: AUROC}}}."""
+  columns: {label: {class: {seed: AUROC}}}. `names`: class names, or None
+  where the rows are already names (MVTec categories)."""
   lines = [
-    "| class | " + " | ".join(columns) + " |",
+    f"| {'class' if names else 'category'} | " + " | ".join(columns) + " |",
     "|---|" + "---|" * len(columns),
   ]
   classes = sorted({c for v in columns.values() for c in v})
   for c in classes:
     cells = [_cell(v.get(c, {})) for v in columns.values()]
-    lines.append(f"| {c} ({names[c]}) | " + " | ".join(cells) + " |")
+    label = f"{c} ({names[c]})" if names else str(c)
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
   cells = []
   for v in columns.values():
     mean, std = overall(v)
@@ -1036,6 +1261,7 @@ def render() -> str:
     "",
   ]
   lines += render_gan(_load("gan"))
+  lines += render_gan_mvtec(_load("gan_mvtec"))
   lines += render_dgad_curve(_load("dgad_curve"))
   lines += render_two_stage(_load("two_stage"))
   for path in sorted(common.RESULTS_DIR.glob("paper_two_stage_*.json")):
@@ -1164,6 +1390,7 @@ def part_report(args):
 PARTS = {
   "calibrate": part_calibrate,
   "gan": part_gan,
+  "gan_mvtec": part_gan_mvtec,
   "two_stage": part_two_stage,
   "few_shot": part_few_shot,
   "dgad_grid": part_dgad_grid,
@@ -1205,6 +1432,17 @@ def main():
     help="dgad_curve: rows of DGAD_CURVE_VARIANTS, comma-separated.",
   )
   parser.add_argument("--category", default="automobile")
+  parser.add_argument(
+    "--categories",
+    default="automobile,horse",
+    help="gan_mvtec: categories of the MVTec-shaped set.",
+  )
+  parser.add_argument(
+    "--image_size",
+    type=int,
+    default=32,
+    help="calibrate: the batch's image size (64 for gan_mvtec).",
+  )
   parser.add_argument("--shots", default="1,2,4,8,16")
   parser.add_argument("--ssl_steps", type=int, default=60)
   parser.add_argument("--ssl_batch", type=int, default=8)

@@ -479,3 +479,73 @@ def test_a_tagged_two_stage_run_compares_only_its_own_classes_and_seeds(
   # Only class 0, seed 0 of the untrained network: 0.5, not 0.9.
   assert "| **mean** | **60.0 ± 0.0** | **50.0 ± 0.0** |" in lines
   assert any(line.endswith("DisAug CLR +10.0 AUROC points.") for line in lines)
+
+
+def _category_run(aurocs, pixel=None):
+  """A saved MVTec sweep: {category: {seed: AUROC}}, every member class 0."""
+  run = _sweep_run({0: {}})
+  run["results"]["members"] = [
+    {
+      "class": 0,
+      "seed": s,
+      "grid": {"data.category": category},
+      "scorer": "latent/gde",
+      "auroc": {"latent/gde": a},
+      **(
+        {"localization": {"map": {"pixel_auroc": pixel, "aupro": 0.1}}}
+        if pixel
+        else {}
+      ),
+    }
+    for category, per_seed in aurocs.items()
+    for s, a in per_seed.items()
+  ]
+  return {**run, "steps": 4, "cpu_s": 8.0, "wall_s": 5.0, "method": "dgad"}
+
+
+def test_mvtec_gan_table_has_a_row_per_category_and_the_untrained_column(
+  monkeypatch,
+):
+  calibration = {
+    "rows": {
+      "dgad@64px": {"cpu_s_per_step": 1.5},
+      "ganomaly@64px": {"cpu_s_per_step": 0.5},
+    }
+  }
+  monkeypatch.setattr(
+    paper_comparisons,
+    "_load",
+    lambda part: calibration if part == "calibrate" else {},
+  )
+  saved = {
+    "runs": {
+      "dgad": _category_run(
+        {"automobile": {0: 0.6, 1: 0.8}, "horse": {0: 0.5, 1: 0.5}},
+        pixel=0.7,
+      ),
+      "ganomaly": {
+        **_category_run({"automobile": {0: 0.5, 1: 0.5}, "horse": {0: 0.4}}),
+        "method": "ganomaly",
+      },
+    },
+    "untrained": {
+      "dgad": {
+        "automobile": {"0": {"scorer": "s", "auroc": {"s": 0.9}}},
+        "horse": {"0": {"scorer": "s", "auroc": {"s": 0.7}}},
+      }
+    },
+    "budget_cpu_s": 6,
+    "seeds": "0,1",
+    "categories": "automobile,horse",
+  }
+  lines = paper_comparisons.render_gan_mvtec(saved)
+  header = "| category | DGAD (circular, default) | GANomaly | DGAD untrained |"
+  assert header in lines
+  assert "| automobile | 70.0 | 50.0 | 90.0 |" in lines
+  assert "| horse | 50.0 | 40.0 | 70.0 |" in lines
+  # DGAD 60.0 - GANomaly 45.0; the untrained DGAD 80.0.
+  assert "DGAD - GANomaly: +15.0 AUROC points (paper, MVTec AD: +2)." in lines
+  assert any(line.endswith("DGAD -20.0 AUROC points.") for line in lines)
+  assert "| automobile | 70.0 |" in lines  # The pixel AUROC table.
+  assert "| DGAD (circular, default) | 1.500 | 4 | 2 | 5 |" in lines
+  assert "| GANomaly | 0.500 | 4 | 3 | 5 |" in lines
