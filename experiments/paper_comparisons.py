@@ -243,11 +243,46 @@ def sweep(
   }
 
 
+def merge_runs(old: dict, new: dict) -> dict:
+  """One saved sweep run from two of the same method and steps on other
+  seeds: the members of both (the new one's where they meet), their CPU
+  and wall seconds summed."""
+  if old["steps"] != new["steps"]:
+    raise SystemExit(
+      f"--add_seeds: the saved run trained {old['steps']} steps, this one "
+      f"{new['steps']}; rerun with the same --budget_cpu_s."
+    )
+
+  def key(member):
+    return member["class"], member["seed"], json.dumps(member["grid"])
+
+  fresh = {key(m) for m in new["results"]["members"]}
+  members = [m for m in old["results"]["members"] if key(m) not in fresh]
+  return {
+    **new,
+    "command": f"{old['command']}; {new['command']}",
+    "cpu_s": round(old["cpu_s"] + new["cpu_s"], 1),
+    "wall_s": round(old["wall_s"] + new["wall_s"], 1),
+    "results": {
+      **new["results"],
+      "members": members + new["results"]["members"],
+    },
+  }
+
+
+def _seed_union(*seed_lists: str) -> str:
+  seeds = {int(s) for seeds in seed_lists for s in seeds.split(",") if s}
+  return ",".join(str(s) for s in sorted(seeds))
+
+
 def _run_methods(part, methods, args, extra=None):
-  """One sweep per method at the same CPU budget per member."""
+  """One sweep per method at the same CPU budget per member; with
+  --add_seeds, a sweep of those seeds only, merged into the saved run."""
   saved = _load(part)
+  adding = getattr(args, "add_seeds", "")
   for method_name in methods:
-    if method_name in saved.get("runs", {}) and not args.rerun:
+    old = saved.get("runs", {}).get(method_name)
+    if old and not (args.rerun or adding):
       continue
     steps = steps_for(method_name, args.budget_cpu_s)
     overrides = {
@@ -256,20 +291,26 @@ def _run_methods(part, methods, args, extra=None):
       "num_train_steps": steps,
       "checkpoint_every_steps": steps,
     }
+    seeds = adding or args.seeds
+    folder = f"{method_name}_seeds_{seeds.replace(',', '_')}"
     run = sweep(
       method_name,
       _cifar_arg(args.test_per_class),
-      WORK / part / method_name,
+      WORK / part / (folder if adding else method_name),
       overrides,
-      args.seeds,
+      seeds,
       classes=args.classes,
       stack=args.stack,
     )
     run["steps"] = steps
     saved = _load(part)  # Another job may have added a method meanwhile.
+    old = saved.get("runs", {}).get(method_name)
+    if adding and old:
+      run = merge_runs(old, run)
+      seeds = _seed_union(saved["seeds"], adding)
     saved.setdefault("runs", {})[method_name] = run
     saved["budget_cpu_s"] = args.budget_cpu_s
-    saved["seeds"] = args.seeds
+    saved["seeds"] = seeds
     saved["classes"] = args.classes
     saved["test_per_class"] = args.test_per_class
     saved["combine"] = COMBINE
@@ -1422,6 +1463,12 @@ def main():
   parser.add_argument("--padding_classes", default="all")
   parser.add_argument("--padding_seeds", default="0")
   parser.add_argument("--rerun", action="store_true")
+  parser.add_argument(
+    "--add_seeds",
+    default="",
+    help="gan, two_stage: train these seeds only and add them to the "
+    "saved runs (same budget); the table then covers every seed.",
+  )
   parser.add_argument("--stack", type=int, default=0, help="sweep --stack")
   parser.add_argument("--curve_class", type=int, default=0)
   parser.add_argument("--curve_steps", type=int, default=600)

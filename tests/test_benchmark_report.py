@@ -549,3 +549,26 @@ def test_mvtec_gan_table_has_a_row_per_category_and_the_untrained_column(
   assert "| automobile | 70.0 |" in lines  # The pixel AUROC table.
   assert "| DGAD (circular, default) | 1.500 | 4 | 2 | 5 |" in lines
   assert "| GANomaly | 0.500 | 4 | 3 | 5 |" in lines
+
+
+def test_added_seeds_join_the_saved_run_and_a_budget_change_is_refused():
+  def run(aurocs, steps=5):
+    return {**_sweep_run(aurocs), "steps": steps, "cpu_s": 2.0, "wall_s": 1.0}
+
+  old = {**run({0: {0: 0.6}, 1: {0: 0.4}}), "command": "a"}
+  new = {**run({0: {1: 0.8}, 1: {0: 0.5}}), "command": "b"}
+  merged = paper_comparisons.merge_runs(old, new)
+  # Class 1 seed 0 ran again: the new figure replaces the old one.
+  assert paper_comparisons._aurocs(merged) == {0: {0: 0.6, 1: 0.8}, 1: {0: 0.5}}  # pylint: disable=protected-access
+  assert (merged["cpu_s"], merged["wall_s"], merged["command"]) == (
+    4.0,
+    2.0,
+    "a; b",
+  )
+  assert paper_comparisons._seed_union("0", "2,1") == "0,1,2"  # pylint: disable=protected-access
+  try:
+    paper_comparisons.merge_runs(old, {**new, "steps": 6})
+  except SystemExit as error:
+    assert "--budget_cpu_s" in str(error)
+  else:
+    raise AssertionError("a run of other steps was merged")
