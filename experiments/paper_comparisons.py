@@ -771,7 +771,9 @@ def render_gan_mvtec(saved: dict) -> list[str]:
       "(paper, MVTec AD: +2).",
       "",
     ]
-  lines += _training_gain_lines(columns, ("DGAD", "GANomaly"))
+  lines += _training_gain_lines(
+    columns, ("DGAD", "GANomaly"), "the part's own untrained runs"
+  )
   pixel = {names[k]: _pixel_aurocs(run) for k, run in runs.items()}
   pixel = {k: v for k, v in pixel.items() if v}
   if pixel:
@@ -1145,9 +1147,17 @@ def _combine_env(saved: dict) -> str:
   return "" if combine == "auto" else f"PAPERS_COMBINE={combine} "
 
 
-def _training_gain_lines(columns: dict, names) -> list[str]:
+UNTRAINED_COMMAND = (
+  f"`{SCRIPT} untrained --methods=<method> --seeds=<the table's> "
+  "--test_per_class=<the table's>`"
+)
+
+
+def _training_gain_lines(
+  columns: dict, names, source: str = UNTRAINED_COMMAND
+) -> list[str]:
   """'What training added': each trained column's mean minus its untrained
-  column's (the `untrained` part's), where both exist."""
+  column's (from `source`), where both exist."""
   gains = []
   for name in names:
     trained = next((v for k, v in columns.items() if k.startswith(name)), {})
@@ -1159,8 +1169,7 @@ def _training_gain_lines(columns: dict, names) -> list[str]:
     return []
   return [
     "What training added to the untrained network's score (same scorer, "
-    f"classifier and test subset; `{SCRIPT} untrained --methods=<method> "
-    "--seeds=<the table's> --test_per_class=<the table's>`): "
+    f"classifier and test images; {source}): "
     + ", ".join(gains)
     + " AUROC points.",
     "",
