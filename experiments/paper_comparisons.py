@@ -245,11 +245,11 @@ def sweep(
 
 def merge_runs(old: dict, new: dict) -> dict:
   """One saved sweep run from two of the same method and steps on other
-  seeds: the members of both (the new one's where they meet), their CPU
-  and wall seconds summed."""
+  classes or seeds: the members of both (the new one's where they meet),
+  their CPU and wall seconds summed."""
   if old["steps"] != new["steps"]:
     raise SystemExit(
-      f"--add_seeds: the saved run trained {old['steps']} steps, this one "
+      f"--add: the saved run trained {old['steps']} steps, this one "
       f"{new['steps']}; rerun with the same --budget_cpu_s."
     )
 
@@ -270,16 +270,20 @@ def merge_runs(old: dict, new: dict) -> dict:
   }
 
 
-def _seed_union(*seed_lists: str) -> str:
-  seeds = {int(s) for seeds in seed_lists for s in seeds.split(",") if s}
-  return ",".join(str(s) for s in sorted(seeds))
+def union(*lists: str) -> str:
+  """'0,2' and '1' -> '0,1,2'; 'all' with anything -> 'all'."""
+  if "all" in lists:
+    return "all"
+  values = {int(v) for items in lists for v in str(items).split(",") if v}
+  return ",".join(str(v) for v in sorted(values))
 
 
 def _run_methods(part, methods, args, extra=None):
-  """One sweep per method at the same CPU budget per member; with
-  --add_seeds, a sweep of those seeds only, merged into the saved run."""
+  """One sweep per method at the same CPU budget per member; with --add,
+  a sweep of --classes x --seeds in a workdir of its own, merged into the
+  saved run (the part then covers the union)."""
   saved = _load(part)
-  adding = getattr(args, "add_seeds", "")
+  adding = getattr(args, "add", False)
   for method_name in methods:
     old = saved.get("runs", {}).get(method_name)
     if old and not (args.rerun or adding):
@@ -291,27 +295,34 @@ def _run_methods(part, methods, args, extra=None):
       "num_train_steps": steps,
       "checkpoint_every_steps": steps,
     }
-    seeds = adding or args.seeds
-    folder = f"{method_name}_seeds_{seeds.replace(',', '_')}"
+    folder = (
+      f"{method_name}_classes_{args.classes}_seeds_{args.seeds}".replace(
+        ",", "_"
+      )
+      if adding
+      else method_name
+    )
     run = sweep(
       method_name,
       _cifar_arg(args.test_per_class),
-      WORK / part / (folder if adding else method_name),
+      WORK / part / folder,
       overrides,
-      seeds,
+      args.seeds,
       classes=args.classes,
       stack=args.stack,
     )
     run["steps"] = steps
     saved = _load(part)  # Another job may have added a method meanwhile.
+    seeds, classes = args.seeds, args.classes
     old = saved.get("runs", {}).get(method_name)
     if adding and old:
       run = merge_runs(old, run)
-      seeds = _seed_union(saved["seeds"], adding)
+      seeds = union(saved["seeds"], seeds)
+      classes = union(saved["classes"], classes)
     saved.setdefault("runs", {})[method_name] = run
     saved["budget_cpu_s"] = args.budget_cpu_s
     saved["seeds"] = seeds
-    saved["classes"] = args.classes
+    saved["classes"] = classes
     saved["test_per_class"] = args.test_per_class
     saved["combine"] = COMBINE
     saved["machine"] = _machine()
@@ -1473,10 +1484,10 @@ def main():
   parser.add_argument("--padding_seeds", default="0")
   parser.add_argument("--rerun", action="store_true")
   parser.add_argument(
-    "--add_seeds",
-    default="",
-    help="gan, two_stage: train these seeds only and add them to the "
-    "saved runs (same budget); the table then covers every seed.",
+    "--add",
+    action="store_true",
+    help="gan, two_stage: train --classes x --seeds and add them to the "
+    "saved runs (same budget); the tables then cover the union.",
   )
   parser.add_argument("--stack", type=int, default=0, help="sweep --stack")
   parser.add_argument("--curve_class", type=int, default=0)

@@ -551,7 +551,7 @@ def test_mvtec_gan_table_has_a_row_per_category_and_the_untrained_column(
   assert "| GANomaly | 0.500 | 4 | 3 | 5 |" in lines
 
 
-def test_added_seeds_join_the_saved_run_and_a_budget_change_is_refused():
+def test_added_members_join_the_saved_run_and_a_budget_change_is_refused():
   def run(aurocs, steps=5):
     return {**_sweep_run(aurocs), "steps": steps, "cpu_s": 2.0, "wall_s": 1.0}
 
@@ -565,7 +565,8 @@ def test_added_seeds_join_the_saved_run_and_a_budget_change_is_refused():
     2.0,
     "a; b",
   )
-  assert paper_comparisons._seed_union("0", "2,1") == "0,1,2"  # pylint: disable=protected-access
+  assert paper_comparisons.union("0", "2,1") == "0,1,2"
+  assert paper_comparisons.union("0,1", "all") == "all"
   try:
     paper_comparisons.merge_runs(old, {**new, "steps": 6})
   except SystemExit as error:
