@@ -319,6 +319,9 @@ def _run_methods(part, methods, args, extra=None):
       run = merge_runs(old, run)
       seeds = union(saved["seeds"], seeds)
       classes = union(saved["classes"], classes)
+      earlier = saved.setdefault("earlier_machines", [])
+      if saved.get("machine") and saved["machine"] not in earlier:
+        earlier.append(saved["machine"])
     saved.setdefault("runs", {})[method_name] = run
     saved["budget_cpu_s"] = args.budget_cpu_s
     saved["seeds"] = seeds
@@ -1079,11 +1082,21 @@ def _machine() -> dict:
 def _machine_line(saved: dict) -> str:
   m = saved.get("machine", {})
   load = ", ".join(f"{x:.1f}" for x in m.get("load_average", []))
+  earlier = sorted(
+    {e.get("cpu", "?") for e in saved.get("earlier_machines", [])}
+    - {m.get("cpu")}
+  )
   return (
     f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores shared "
     f"with other jobs (load average {load} at the end), jaxlib "
     f"{m.get('jaxlib', '?')}; every run under nice -n 19, so wall times "
     "are those of a loaded machine; CPU seconds are this job's own."
+    + (
+      f" Members added with --add; earlier ones ran on {', '.join(earlier)} "
+      "(the same steps)."
+      if earlier
+      else ""
+    )
   )
 
 
