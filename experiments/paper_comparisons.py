@@ -651,10 +651,18 @@ def part_gan_mvtec(args):
   """DGAD (default and zero padding) vs GANomaly on the MVTec-shaped set,
   --categories x --seeds, the same CPU budget per member at 64 px; then
   the untrained networks on the same categories and seeds."""
+  labels = args.only.split(",") if args.only else list(GAN_MVTEC_ROWS)
+  unknown = sorted(set(labels) - set(GAN_MVTEC_ROWS))
+  if unknown:
+    print(
+      f"error: unknown --only {unknown} for gan_mvtec; choose from "
+      f"{', '.join(GAN_MVTEC_ROWS)}.",
+      file=sys.stderr,
+    )
+    raise SystemExit(2)
   categories = args.categories.split(",")
   for category in categories:
     mvtec_arg(category)
-  labels = args.only.split(",") if args.only else list(GAN_MVTEC_ROWS)
   for label in labels:
     if label in _load("gan_mvtec").get("runs", {}) and not args.rerun:
       continue

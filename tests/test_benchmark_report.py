@@ -573,3 +573,14 @@ def test_added_members_join_the_saved_run_and_a_budget_change_is_refused():
     assert "--budget_cpu_s" in str(error)
   else:
     raise AssertionError("a run of other steps was merged")
+
+
+def test_an_unknown_mvtec_gan_row_is_refused_before_any_run(capsys):
+  args = paper_comparisons.argparse.Namespace(only="dgad,wgan")
+  try:
+    paper_comparisons.part_gan_mvtec(args)
+  except SystemExit as error:
+    assert error.code == 2
+  else:
+    raise AssertionError("an unknown row ran")
+  assert "unknown --only ['wgan']" in capsys.readouterr().err
