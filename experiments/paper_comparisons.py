@@ -204,6 +204,18 @@ def steps_for(method_name: str, budget_cpu_s: float, image_size=32) -> int:
   return max(1, round(budget_cpu_s / rows[key]["cpu_s_per_step"]))
 
 
+def refuse_unknown(flag: str, given, known) -> None:
+  """Exits with one line and code 2 if `given` names anything not in
+  `known`, before any run."""
+  unknown = sorted(set(given) - set(known))
+  if unknown:
+    print(
+      f"error: unknown {flag} {unknown}; choose from {', '.join(known)}.",
+      file=sys.stderr,
+    )
+    raise SystemExit(2)
+
+
 def _flag_value(value) -> str:
   return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
@@ -436,14 +448,9 @@ def part_dgad_curve(args):
   does the score still peak and fall, and which change removes that?"""
   from experiments import dgad_speed  # pylint: disable=g-import-not-at-top
 
-  unknown = set(args.curve_variants.split(",")) - set(DGAD_CURVE_VARIANTS)
-  if unknown:
-    print(
-      f"error: unknown --curve_variants {sorted(unknown)}; choose from "
-      f"{', '.join(DGAD_CURVE_VARIANTS)}.",
-      file=sys.stderr,
-    )
-    raise SystemExit(2)
+  refuse_unknown(
+    "--curve_variants", args.curve_variants.split(","), DGAD_CURVE_VARIANTS
+  )
   saved = _load("dgad_curve")
   folder = dgad_speed.test_subset_folder(
     common.cifar_folder(str(DATA)), 300, WORK / "dgad_curve"
@@ -595,12 +602,17 @@ def part_untrained(args):
   common.write_section("paper_comparisons", render())
 
 
+def _headlines(per_seed: dict) -> dict:
+  """{seed: headline AUROC} of saved `untrained_aurocs` results."""
+  return {int(s): r["auroc"][r["scorer"]] for s, r in per_seed.items()}
+
+
 def _untrained_column(method_name: str, test_per_class) -> dict:
   """{class: {seed: headline AUROC}} of the untrained network on the
   same test subset, or {} if it was not scored there."""
   runs = _load("untrained").get("runs", {}).get(method_name, {})
   return {
-    int(c): {int(s): r["auroc"][r["scorer"]] for s, r in per_seed.items()}
+    int(c): _headlines(per_seed)
     for c, per_seed in runs.get(str(test_per_class), {}).items()
   }
 
@@ -652,14 +664,7 @@ def part_gan_mvtec(args):
   --categories x --seeds, the same CPU budget per member at 64 px; then
   the untrained networks on the same categories and seeds."""
   labels = args.only.split(",") if args.only else list(GAN_MVTEC_ROWS)
-  unknown = sorted(set(labels) - set(GAN_MVTEC_ROWS))
-  if unknown:
-    print(
-      f"error: unknown --only {unknown} for gan_mvtec; choose from "
-      f"{', '.join(GAN_MVTEC_ROWS)}.",
-      file=sys.stderr,
-    )
-    raise SystemExit(2)
+  refuse_unknown("--only", labels, GAN_MVTEC_ROWS)
   categories = args.categories.split(",")
   for category in categories:
     mvtec_arg(category)
@@ -748,23 +753,7 @@ def render_gan_mvtec(saved: dict) -> list[str]:
   ):
     per_category = saved.get("untrained", {}).get(method_name, {})
     if per_category:
-      columns[label] = {
-        c: {int(s): r["auroc"][r["scorer"]] for s, r in per_seed.items()}
-        for c, per_seed in per_category.items()
-      }
-  rows = _load("calibrate").get("rows", {})
-  budget = [
-    "| row | CPU-s / step at 64 px (calibrated) | steps | sweep CPU-s / "
-    "member (train + eval) | sweep wall s |",
-    "|---|---|---|---|---|",
-  ]
-  for label, run in runs.items():
-    key = calibration_key(run["method"], MVTEC_SIZE)
-    budget.append(
-      f"| {names[label]} | {rows[key]['cpu_s_per_step']:.3f} | "
-      f"{run['steps']} | {run['cpu_s'] / len(run['results']['members']):.0f}"
-      f" | {run['wall_s']:.0f} |"
-    )
+      columns[label] = {c: _headlines(v) for c, v in per_category.items()}
   lines = [
     "### (a) DGAD vs GANomaly on the MVTec-shaped set, 64 px",
     "",
@@ -806,7 +795,7 @@ def render_gan_mvtec(saved: dict) -> list[str]:
       "",
     ]
   lines += [
-    *budget,
+    *budget_lines(saved, MVTEC_SIZE, names),
     "",
     "Every scorer (mean over categories ± std over seeds):",
     "",
@@ -1050,18 +1039,25 @@ def scorer_table(runs: dict) -> list[str]:
   return lines
 
 
-def budget_lines(saved: dict) -> list[str]:
-  """What each method trained and what its whole sweep cost."""
+def budget_lines(
+  saved: dict, image_size: int = 32, names: dict | None = None
+) -> list[str]:
+  """What each run trained and what its whole sweep cost; a run's method
+  (its label unless it saved one) names its calibration row at
+  `image_size`, `names` its label in the table."""
   rows = _load("calibrate").get("rows", {})
+  size = "" if image_size == 32 else f" at {image_size} px"
   lines = [
-    "| method | CPU-s / step (calibrated) | steps | sweep CPU-s / member "
-    "(train + eval) | sweep wall s (loaded machine) |",
+    f"| method | CPU-s / step{size} (calibrated) | steps | sweep CPU-s / "
+    "member (train + eval) | sweep wall s (loaded machine) |",
     "|---|---|---|---|---|",
   ]
   for label, run in saved.get("runs", {}).items():
+    key = calibration_key(run.get("method", label), image_size)
     members = len(run["results"]["members"])
     lines.append(
-      f"| {label} | {rows[label]['cpu_s_per_step']:.3f} | {run['steps']} | "
+      f"| {(names or {}).get(label, label)} | "
+      f"{rows[key]['cpu_s_per_step']:.3f} | {run['steps']} | "
       f"{run['cpu_s'] / members:.0f} | {run['wall_s']:.0f} |"
     )
   return lines
